@@ -1,0 +1,1 @@
+"""Decisions: the accuracy model, the bound search, plans, validation and the `moesz` command line."""

@@ -1,0 +1,95 @@
+"""Atomic file writes and versioned JSON documents.
+
+Every file moesz writes goes to a temporary name in the same directory and is renamed into place, so
+an interrupted run never leaves a half-written profile, policy or plan behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from profiles.errors import ProfileError
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same directory, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def atomic_write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
+    """Call `writer(tmp_path)` to produce a file (parquet, a plot), then rename it onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        writer(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_versioned_json(path: str | os.PathLike, kind: str, schema_version: int) -> dict:
+    """Read a JSON document and check its `kind` and `schema_version`.
+
+    Raises:
+        ProfileError: the file is missing, not JSON, of another kind or of another schema version;
+            the message names the file, the field and what was expected.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ProfileError(f"{path}: no such file; check the path")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"{path}: not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); "
+                           f"regenerate it with moesz") from None
+    if not isinstance(doc, dict):
+        raise ProfileError(f"{path}: expected a JSON object of kind '{kind}'")
+    if doc.get("kind") != kind:
+        raise ProfileError(f"{path}: field 'kind' is {doc.get('kind')!r}, expected {kind!r}")
+    if doc.get("schema_version") != schema_version:
+        raise ProfileError(
+            f"{path}: field 'schema_version' is {doc.get('schema_version')!r}, expected "
+            f"{schema_version}; regenerate the file with this version of moesz")
+    return doc
+
+
+def _json_default(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot serialize {type(obj).__name__} to JSON")
