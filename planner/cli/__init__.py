@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -19,15 +18,16 @@ from profiles.errors import MoeszError
 class _MoeszGroup(TyperGroup):
     """Top-level group that turns library errors into one clean line and a non-zero exit."""
 
-    def invoke(self, ctx: click.Context):
+    # typer 0.29 vendors its own click, so its `Exit` (not click's) is the one it handles cleanly
+    def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except MoeszError as exc:
-            click.echo(f"error: {exc}", err=True)
-            raise click.exceptions.Exit(1) from None
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            click.echo("interrupted; results written so far are kept", err=True)
-            raise click.exceptions.Exit(130) from None
+            typer.echo("interrupted; results written so far are kept", err=True)
+            raise typer.Exit(130) from None
 
 
 app = typer.Typer(
@@ -48,9 +48,25 @@ def _register() -> None:
     from planner.cli import model
 
     app.add_typer(model.app, name="model")
+    from planner.cli import model_eval  # noqa: F401  (adds `model eval` and `model trace`)
     from planner.cli import simulate
 
     app.command("simulate")(simulate.simulate)
+    from planner.cli import profile
+
+    app.add_typer(profile.app, name="profile")
+    from planner.cli import pack, run
+
+    app.command("pack")(pack.pack)
+    app.command("run")(run.run)
+    from planner.cli import demo, report, validate
+
+    app.command("demo")(demo.demo)
+    app.command("validate")(validate.validate)
+    app.command("report")(report.report)
+    from planner.cli import plan as plan_cli
+
+    app.add_typer(plan_cli.app, name="plan")
 
 
 _register()
