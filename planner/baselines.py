@@ -1,0 +1,163 @@
+"""The baselines every plan is compared with, each with its predicted tokens/s and accuracy drop.
+
+- `no compression`: every expert raw.
+- `lossless`: every expert through the lossless codec (bit-exact, so no accuracy change).
+- `uniform CODEC`: one level for every layer, the largest profiled level whose predicted drop
+  bound meets the budget.
+- `protect middle third`: the heuristic of the MoE-compression study (Ma et al., arXiv
+  2509.07727): the middle third of the MoE layers raw, the shallow and deep thirds at the largest
+  level that meets the budget.
+- `rtn8`, `rtn4`: round-to-nearest 8- and 4-bit on every expert.
+
+Throughput is the closed form's prediction; accuracy comes from the same accuracy model as the
+plan (additive, with the additivity correction), and where the profile measured the whole model
+(target `all`) at that setting, that measurement is reported beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from planner.accuracy import AccuracyModel, Constraint, DropPrediction
+from planner.choices import ChoiceTable
+from profiles.errors import MoeszError
+from profiles.policy import Policy, StorageSpec
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """One baseline policy and what is predicted for it."""
+
+    name: str
+    policy: Policy | None
+    tokens_per_s: float | None
+    drop: DropPrediction | None
+    feasible: bool
+    host_bytes: int | None
+    measured_all: dict | None = None
+    note: str = ""
+    choice: tuple[int, ...] | None = None  # in the choice table, when expressible there
+
+    def to_dict(self) -> dict:
+        return {"name": self.name,
+                "policy": None if self.policy is None else _describe(self.policy),
+                "tokens_per_s": self.tokens_per_s,
+                "tokens_per_s_kind": "predicted (closed form)",
+                "accuracy_drop": None if self.drop is None else self.drop.to_dict(),
+                "accuracy_drop_measured_all": self.measured_all,
+                "meets_budget": self.feasible, "host_bytes": self.host_bytes, "note": self.note}
+
+
+def _describe(policy: Policy) -> str:
+    if not policy.layers:
+        return policy.default.describe()
+    specs = {s.describe() for s in policy.layers.values()}
+    return f"{len(policy.layers)} layers: " + ", ".join(sorted(specs)) + \
+        f"; others {policy.default.describe()}"
+
+
+def _table_baseline(name: str, table: ChoiceTable, choice: np.ndarray, evaluate, accuracy,
+                    constraint: Constraint, note: str = "") -> Baseline:
+    tps = evaluate(choice)
+    M, V = table.sums(choice)
+    pred = accuracy.predict_sums(M, V)
+    label = table.specs[int(choice[0])].describe() if len(set(choice.tolist())) == 1 else None
+    meas = accuracy.measured("all", label) if label else None
+    return Baseline(name, table.policy(choice), tps, pred, constraint.feasible(M, V),
+                    table.host_bytes(choice),
+                    None if meas is None else {"value": meas.drop, "sd": meas.sd,
+                                               "kind": "measured (profile, target all)"},
+                    note, tuple(int(c) for c in choice))
+
+
+def _spec_baseline(name: str, spec: StorageSpec, *, geometry, ratios, hardware, serving,
+                   closed_form, accuracy: AccuracyModel, constraint: Constraint) -> Baseline:
+    """A uniform spec outside the choice table (lossless, rtn8, rtn4)."""
+    from sim.costs import build_costs
+
+    label = spec.describe()
+    policy = Policy(default=spec)
+    try:
+        costs = build_costs(geometry, policy, hardware, serving, ratios)
+    except MoeszError as exc:
+        return Baseline(name, policy, None, None, False, None, note=f"not predicted: {exc}")
+    b, g, c = closed_form.inputs_from_costs(costs)
+    tps = float(closed_form.tokens_per_s(b, g, c))
+    host = int(costs.stored_bytes.sum())
+    meas = accuracy.measured("all", label)
+    measured = None if meas is None else {"value": meas.drop, "sd": meas.sd,
+                                          "kind": "measured (profile, target all)"}
+    try:
+        pred = accuracy.predict({layer: label for layer in geometry.moe_layers})
+    except MoeszError:
+        pred = None
+    if pred is None and meas is not None:
+        pred = DropPrediction(accuracy.metric, meas.drop, meas.sd, accuracy.z, meas.drop,
+                              meas.sd ** 2)
+        note = "accuracy from the profile's whole-model measurement (no single-layer rows)"
+    elif pred is None:
+        return Baseline(name, policy, tps, None, False, host, None,
+                        f"the profile has no sensitivity rows for {label}")
+    else:
+        note = ""
+    return Baseline(name, policy, tps, pred, pred.ucb <= constraint.budget, host, measured, note)
+
+
+def compute_baselines(*, table: ChoiceTable, evaluate, accuracy: AccuracyModel,
+                      constraint: Constraint, geometry: Any, ratios: Any, hardware: Any,
+                      serving: Any, closed_form: Any, codecs: Sequence[str]) -> list[Baseline]:
+    """All baselines. `evaluate(choice) -> tokens/s` scores a choice-table assignment."""
+    L = len(table.moe_layers)
+    av = table.available
+    out = [_table_baseline("no compression", table, np.zeros(L, dtype=int), evaluate, accuracy,
+                           constraint)]
+    out.append(_spec_baseline("lossless", StorageSpec("lossless"), geometry=geometry,
+                              ratios=ratios, hardware=hardware, serving=serving,
+                              closed_form=closed_form, accuracy=accuracy, constraint=constraint))
+    thirds = np.array_split(np.arange(L), 3)
+    middle = set(thirds[1].tolist()) if L >= 3 else set()
+    for codec in codecs:
+        idx = [c for c, s in enumerate(table.specs) if s.codec == codec]
+        idx.sort(key=lambda c: table.specs[c].level)
+        full = [c for c in idx if av[:, c].all()]
+        best = None
+        for c in full:
+            ch = np.full(L, c)
+            if constraint.feasible(*table.sums(ch)):
+                best = c
+        if not full:
+            out.append(Baseline(f"uniform {codec}", None, None, None, False, None,
+                                note=f"the profile has no {codec} level with single-layer rows "
+                                     f"at every MoE layer"))
+        elif best is None:
+            lowest = table.specs[full[0]].describe()
+            out.append(Baseline(f"uniform {codec}", None, None, None, False, None,
+                                note=f"no uniform level meets the budget (the lowest, {lowest}, "
+                                     f"does not)"))
+        else:
+            out.append(_table_baseline(f"uniform {codec}", table, np.full(L, best), evaluate,
+                                       accuracy, constraint, "largest uniform level that meets "
+                                       "the budget"))
+        best_h = None
+        for c in full:
+            ch = np.array([0 if pos in middle else c for pos in range(L)])
+            if constraint.feasible(*table.sums(ch)):
+                best_h = ch
+        if best_h is None:
+            why = ("no level on the shallow and deep thirds meets the budget" if full else
+                   f"the profile has no {codec} level with single-layer rows at every MoE layer")
+            out.append(Baseline(f"protect middle third ({codec})", None, None, None, False, None,
+                                note=why))
+        else:
+            out.append(_table_baseline(f"protect middle third ({codec})", table, best_h, evaluate,
+                                       accuracy, constraint, "study heuristic: middle third raw, "
+                                       "shallow and deep thirds at the largest level that meets "
+                                       "the budget"))
+    for codec in ("rtn8", "rtn4"):
+        out.append(_spec_baseline(codec, StorageSpec(codec), geometry=geometry, ratios=ratios,
+                                  hardware=hardware, serving=serving, closed_form=closed_form,
+                                  accuracy=accuracy, constraint=constraint))
+    return out

@@ -1,0 +1,85 @@
+"""`moesz pack`: write a model's routed experts compressed as a policy says (packed checkpoint)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from profiles.errors import ConfigError
+from profiles.serving import format_bytes
+
+MODEL_HELP = "builtin or a local checkpoint directory (safetensors)"
+
+
+def policy_from_options(policy: Optional[str], uniform: Optional[str], no_compression: bool,
+                        required: bool = False):
+    """The Policy named by --policy / --uniform / --no-compression (None when none is given)."""
+    from profiles.policy import Policy, StorageSpec
+
+    given = [x for x in (policy, uniform, no_compression or None) if x]
+    if len(given) > 1:
+        raise ConfigError("give one of --policy, --uniform and --no-compression")
+    if policy:
+        return Policy.load(policy)
+    if uniform:
+        return Policy(default=StorageSpec.parse(uniform))
+    if no_compression:
+        return Policy.none()
+    if required:
+        raise ConfigError("give --policy plan.json (or --uniform CODEC:MODE:LEVEL, "
+                          "--no-compression)")
+    return None
+
+
+def pack(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    policy: Optional[str] = typer.Option(None, "--policy", help="Policy or plan file."),
+    uniform: Optional[str] = typer.Option(
+        None, "--uniform", help="Every expert stored as CODEC[:MODE:LEVEL], e.g. szp:meanabs:0.5."),
+    no_compression: bool = typer.Option(False, "--no-compression", help="Every expert raw."),
+    out: str = typer.Option(..., "--out", help="Directory to write the packed checkpoint to."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                           help="Allow the checkpoint's own Python code."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Pack MODEL's routed experts as the policy says: one blob per expert tensor, a manifest with
+    checksums, and the non-expert weights as safetensors."""
+    from profiles.models import load_model
+    from profiles.packed import pack as pack_model
+
+    pol = policy_from_options(policy, uniform, no_compression, required=True)
+    loaded = load_model(model, trust_remote_code=trust_remote_code)
+    t0 = time.perf_counter()
+    with Progress(transient=True, disable=as_json or not Console().is_terminal) as bar:
+        task = bar.add_task("packing experts", total=len(loaded.expert_map.experts))
+        ckpt = pack_model(loaded, pol, out, progress=lambda d, t, lab: bar.update(
+            task, completed=d, description=f"packing {lab}"))
+    seconds = time.perf_counter() - t0
+    totals = ckpt.manifest["totals"]
+    doc = {"out": str(ckpt.path), "model": loaded.spec, "fingerprint": ckpt.fingerprint,
+           "experts": totals["experts"], "stored_expert_bytes": totals["stored_expert_bytes"],
+           "original_expert_bytes": totals["original_expert_bytes"], "ratio": totals["ratio"],
+           "host_bytes": ckpt.host_bytes, "files": len(ckpt.manifest["files"]) + 1,
+           "pack_s": seconds}
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    t = Table(title=f"packed {loaded.spec} -> {ckpt.path}", show_header=False,
+              title_justify="left")
+    t.add_column("field", style="bold")
+    t.add_column("value")
+    t.add_row("fingerprint", ckpt.fingerprint)
+    t.add_row("routed experts", f"{totals['experts']}")
+    t.add_row("expert bytes, original", format_bytes(totals["original_expert_bytes"]))
+    t.add_row("expert bytes, packed", f"{format_bytes(totals['stored_expert_bytes'])} (measured; "
+                                      f"ratio {totals['ratio']:.2f}x, headers included)")
+    t.add_row("host memory (sum of files)", f"{format_bytes(ckpt.host_bytes)} "
+                                            f"({ckpt.host_bytes} bytes, measured)")
+    t.add_row("time", f"{seconds:.1f} s (measured)")
+    Console(width=110).print(t)

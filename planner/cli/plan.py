@@ -1,0 +1,265 @@
+"""`moesz plan`: choose per-layer codecs and levels that maximize predicted throughput under an
+accuracy budget; `moesz plan show FILE` prints a plan."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from profiles.errors import ConfigError
+
+app = typer.Typer(help="Plan per-layer error bounds under an accuracy budget; `plan show FILE` "
+                       "prints a plan.", add_completion=False)
+
+
+@app.callback(invoke_without_command=True)
+def plan(
+    ctx: typer.Context,
+    profile: Optional[str] = typer.Option(None, "--profile", help="Model profile directory."),
+    hardware: str = typer.Option("preset:h200-published", "--hardware",
+                                 help="Hardware profile: FILE or preset:NAME."),
+    accuracy_budget: Optional[str] = typer.Option(
+        None, "--accuracy-budget", help="Largest allowed drop of the metric averaged over tasks "
+        "(0.01 = one point; nats for --metric kl)."),
+    gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="GPU budget: 24GiB or 25%."),
+    host_mem: str = typer.Option("unlimited", "--host-mem",
+                                 help="Host budget for stored experts: 512GiB or 25%."),
+    cache: str = typer.Option("lru", "--cache", help="lru, lfu or static-hot."),
+    prefetch: str = typer.Option("none", "--prefetch", help="none, next:ACC or oracle."),
+    on_miss: str = typer.Option("fetch", "--on-miss", help="fetch (to the GPU) or cpu."),
+    resident: str = typer.Option("decompressed", "--resident",
+                                 help="Cached experts kept decompressed or compressed."),
+    gpu_decode: str = typer.Option("stream", "--gpu-decode", help="stream or compute."),
+    layer_slots: Optional[str] = typer.Option(None, "--layer-slots",
+                                              help="Per-layer cache: N or N,N,… per MoE layer."),
+    batch: int = typer.Option(1, "--batch", help="Sequences decoded together."),
+    prompt: int = typer.Option(128, "--prompt", help="Prompt tokens per sequence."),
+    tokens: int = typer.Option(256, "--tokens", help="Generated tokens per sequence."),
+    pageable: bool = typer.Option(False, "--pageable", help="Host buffers pageable, not pinned."),
+    metric: str = typer.Option("content", "--metric", help="content, strict or kl."),
+    codecs: Optional[str] = typer.Option(None, "--codecs",
+                                         help="Codecs to consider, e.g. szp,sz3 (default: those "
+                                              "that cut transfer here)."),
+    trials: int = typer.Option(300, "--trials", help="Optuna trials from a cold start."),
+    warm_trials: int = typer.Option(20, "--warm-trials",
+                                    help="Trials after enqueuing the MILP optimum."),
+    storage: Optional[str] = typer.Option(None, "--storage",
+                                          help="Optuna storage URL (sqlite:///plan.db, …) to "
+                                               "resume or share the study."),
+    seed: int = typer.Option(0, "--seed", help="Sampler seed."),
+    sampler: str = typer.Option("tpe", "--sampler", help="tpe, or nsga2 (Pareto front of "
+                                                         "throughput, accuracy, host memory)."),
+    space: str = typer.Option("lagrangian", "--space", help="lagrangian or per-layer."),
+    confidence: float = typer.Option(0.95, "--confidence",
+                                     help="One-sided confidence of the accuracy bound."),
+    rerank: int = typer.Option(3, "--rerank", help="Candidates re-ranked by the simulator."),
+    simulate_baselines: bool = typer.Option(False, "--simulate-baselines",
+                                            help="Also simulate every baseline."),
+    cache_allocation: bool = typer.Option(False, "--cache-allocation",
+                                          help="Also search the per-layer cache allocation."),
+    plots: Optional[str] = typer.Option(None, "--plots",
+                                        help="Plot folder (default: next to --out)."),
+    no_plots: bool = typer.Option(False, "--no-plots", help="Write no plots."),
+    out: Optional[str] = typer.Option(None, "--out", help="Plan file to write (plan.json)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Plan per-layer codecs and levels that maximize predicted decode tokens/s under an
+    accuracy budget."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from scipy.stats import norm
+
+    from planner.pipeline import PlanRequest, make_plan, write_plots
+    from profiles.serving import ServingConfig, parse_mem
+
+    for name, value in (("--profile", profile), ("--accuracy-budget", accuracy_budget),
+                        ("--gpu-mem", gpu_mem), ("--out", out)):
+        if value is None:
+            raise ConfigError(f"{name} is required: moesz plan --profile DIR --hardware "
+                              f"preset:NAME --accuracy-budget 0.01 --gpu-mem 25% --out plan.json")
+    if not 0.5 <= confidence < 1:
+        raise ConfigError(f"--confidence {confidence} must be in [0.5, 1), e.g. 0.95")
+    gb = parse_mem(gpu_mem, what="--gpu-mem")
+    hb = parse_mem(host_mem, what="--host-mem")
+    slots = None
+    if layer_slots:
+        try:
+            slots = tuple(int(v) for v in layer_slots.split(","))
+        except ValueError:
+            raise ConfigError(f"--layer-slots {layer_slots!r}: expected N or N,N,…") from None
+    serving = ServingConfig(cache_policy=cache, resident_form=resident, prefetch=prefetch,
+                            on_miss=on_miss, batch_size=batch, prompt_tokens=prompt,
+                            generated_tokens=tokens, pinned=not pageable,
+                            gpu_decode=gpu_decode).with_budgets(gb, hb)
+    if slots is not None:
+        serving = _with_slots(serving, slots, profile)
+    req = PlanRequest(profile=profile, hardware=hardware, budget=accuracy_budget,
+                      serving=serving, metric=metric,
+                      codecs=tuple(c.strip() for c in codecs.split(",")) if codecs else None,
+                      trials=trials, warm_trials=warm_trials, storage=storage, seed=seed,
+                      sampler=sampler, space=space, z=float(norm.ppf(confidence)), rerank=rerank,
+                      simulate_baselines=simulate_baselines, cache_allocation=cache_allocation,
+                      command="moesz plan " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
+    with Progress(transient=True, disable=as_json) as bar:
+        task = bar.add_task("planning", total=None)
+
+        def progress(done: int, total: int, label: str) -> None:
+            bar.update(task, completed=done, total=total, description=label)
+
+        outcome = make_plan(req, out=out, progress=progress)
+        written = []
+        if not no_plots:
+            bar.update(task, description="plots", total=None)
+            folder = Path(plots) if plots else Path(out).with_name(Path(out).stem + "-plots")
+            written = write_plots(outcome, folder)
+    if as_json:
+        typer.echo(json.dumps(outcome.plan.doc, indent=2))
+        return
+    print_plan(outcome.plan.doc)
+    console = Console(width=140)
+    console.print(f"wrote {out}" + "".join(f"\nwrote {p}" for p in written))
+
+
+def _with_slots(serving, slots, profile):
+    from planner.modelprofile import load_profile
+    from profiles.serving import ServingConfig
+
+    n = len(load_profile(profile).geometry.moe_layers)
+    vals = list(slots) * n if len(slots) == 1 else list(slots)
+    return ServingConfig.from_dict({**serving.to_dict(), "per_layer_cache_slots": vals})
+
+
+@app.command("show")
+def show(
+    file: str = typer.Argument(..., help="A plan file (plan.json)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan file's JSON."),
+) -> None:
+    """Print a plan: layers, predictions, baselines and the search."""
+    from planner.plan import load_plan
+
+    plan = load_plan(file)
+    if as_json:
+        typer.echo(json.dumps(plan.doc, indent=2))
+        return
+    print_plan(plan.doc)
+
+
+def _fmt_drop(d: dict | None) -> tuple[str, str]:
+    if not d:
+        return "n/a", "n/a"
+    return f"{d['value']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]", f"{d['ucb']:.4f}"
+
+
+def _num(v, fmt="{:.2f}") -> str:
+    return "n/a" if v is None else fmt.format(v)
+
+
+def print_plan(doc: dict) -> None:
+    """Render a plan document as tables."""
+    console = Console(width=140)
+    m, b, p = doc["model"], doc["budget"], doc["predicted"]
+    sv = doc["serving"]
+    console.print(f"[bold]plan[/bold] for {m['geometry_name']} (fingerprint {m['fingerprint']}; "
+                  f"{m['profile_source']} profile {m['profile']})")
+    console.print(f"hardware {doc['hardware']['source']} (sha256 "
+                  f"{(doc['hardware']['sha256'] or 'n/a')[:12]}…); GPU budget "
+                  f"{_budget(sv, 'gpu_mem')}, host budget {_budget(sv, 'host_mem')}, cache "
+                  f"{sv['cache_policy']}, prefetch {sv['prefetch']}, batch {sv['batch_size']}, "
+                  f"{sv['generated_tokens']} tokens")
+    console.print(f"budget: {b['metric']} drop <= {b['value']:g} ({b['unit']}), "
+                  f"{b['bound']} z={b['z']:.3f}, averaged over {len(b['averaged_over_tasks'])} "
+                  f"task(s)")
+    t = Table(title="predicted (closed form, and the discrete-event simulation)",
+              title_justify="left")
+    for col in ("policy", "tok/s closed form", "tok/s sim", "drop [95% CI]", "upper bound",
+                "meets budget", "host memory"):
+        t.add_column(col, justify="left" if col == "policy" else "right")
+    t.add_row(f"[bold]plan[/bold] ({p.get('source', 'search')})", _num(p["tokens_per_s_closed_form"]),
+              _num(p["tokens_per_s_simulation"]), *_fmt_drop(p["accuracy_drop"]), "yes",
+              _gib(p["host_bytes"]))
+    for x in doc["baselines"]:
+        t.add_row(x["name"], _num(x["tokens_per_s"]),
+                  _num(x.get("tokens_per_s_simulation")), *_fmt_drop(x["accuracy_drop"]),
+                  "yes" if x["meets_budget"] else "no", _gib(x["host_bytes"]))
+    console.print(t)
+    mi, se = doc["milp"], doc["search"]
+    cs = se["cold_start"]
+    gap = "n/a" if cs["gap_to_milp"] is None else f"{cs['gap_to_milp'] * 100:.2f} %"
+    console.print(f"MILP optimum (HiGHS, exact for the additive model"
+                  f"{'' if mi['exact_for_closed_form'] else ', linearized closed form'}): "
+                  f"{mi['tokens_per_s']:.3f} tok/s predicted, certified {mi['certified']}, "
+                  f"{mi['solves']} MILPs in {mi['wall_s']:.1f} s")
+    console.print(f"Optuna {se['sampler']} ({se['space']} space, seed {se['seed']}): cold start "
+                  f"{cs['trials']} trials -> {_num(cs['best_tokens_per_s'], '{:.3f}')} tok/s, gap "
+                  f"to MILP {gap}, within 1 % after {cs['trials_to_within_1pct'] or 'never'} "
+                  f"trials; warm start (MILP enqueued) -> "
+                  f"{se['warm_start']['best_tokens_per_s']:.3f} tok/s; {se['trials_total']} "
+                  f"trials in study {se['study_name']}")
+    lt = Table(title="layers", title_justify="left")
+    for col in ("layer", "choice", "ratio", "drop (single layer, ±95%)", "layer time/step"):
+        lt.add_column(col, justify="right" if col != "choice" else "left")
+    for x in doc["layers"]:
+        drop = "whole-model row" if x["drop"] is None else \
+            f"{x['drop']:+.4f} ± {1.96 * x['drop_sd']:.4f}"
+        lt.add_row(str(x["layer"]), x["spec"], f"{x['ratio']:.2f}", drop,
+                   "n/a" if x["layer_s_per_step"] is None else
+                   f"{x['layer_s_per_step'] * 1e3:.3f} ms")
+    console.print(lt)
+    for w in doc.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    for n in doc.get("notes", []):
+        console.print(f"note: {n}")
+    console.print("All tokens/s and drops are predicted; ratios come from the profile "
+                  f"({m['profile_source']}).")
+
+
+def _budget(sv: dict, name: str) -> str:
+    from profiles.serving import format_bytes
+
+    if sv.get(f"{name}_bytes") is not None:
+        return format_bytes(sv[f"{name}_bytes"])
+    if sv.get(f"{name}_fraction") is not None:
+        return f"{sv[f'{name}_fraction'] * 100:g}% of expert bytes"
+    return "unlimited"
+
+
+def _gib(n) -> str:
+    from profiles.serving import format_bytes
+
+    return "n/a" if n is None else format_bytes(n)
+
+
+@app.command("synthetic-profile")
+def synthetic_profile(
+    model: str = typer.Argument(..., help="A geometry: preset:NAME, arch:NAME[,k=v…], builtin "
+                                          "or a checkpoint directory (weights are not read)."),
+    out: str = typer.Option(..., "--out", help="Profile directory to write."),
+    levels: str = typer.Option("0.05,0.1,0.2,0.3,0.5,0.8,1,1.5", "--levels",
+                               help="meanabs levels."),
+    codecs: str = typer.Option("szp", "--codecs", help="Error-bounded codecs to measure."),
+    seed: int = typer.Option(0, "--seed", help="Seeds weights, sensitivities and traces."),
+) -> None:
+    """Write a SYNTHETIC model profile for a geometry (ratios measured with the real codecs on
+    Gaussian weights of its shapes, sensitivities from a seeded generator) to plan what-ifs."""
+    from planner.synthetic import write_synthetic_profile
+
+    try:
+        lv = tuple(float(x) for x in levels.split(","))
+    except ValueError:
+        raise ConfigError(f"--levels {levels!r}: expected numbers such as 0.1,0.3,1") from None
+    with Progress(transient=True) as bar:
+        task = bar.add_task("measuring ratios", total=None)
+        path = write_synthetic_profile(
+            model, out, codecs=tuple(c.strip() for c in codecs.split(",")), levels=lv, seed=seed,
+            command="moesz plan " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
+            progress=lambda d, t, label: bar.update(task, completed=d, total=t,
+                                                    description=label))
+    Console().print(f"wrote synthetic profile {path} (labelled synthetic: not measured on a model)")

@@ -1,0 +1,239 @@
+"""`moesz run`: serve a model with the real offloaded runtime and report measured throughput.
+
+`predict_for_run` feeds the simulator exactly what a run saw — the routing it recorded, the
+experts' measured sizes, the same serving configuration, the measured prefetch accuracy — so a
+prediction and a measurement can be compared field by field (`--predict`, `moesz validate
+--throughput`, `benchmarks/gpu_check.py`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Any, Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from profiles.errors import ConfigError
+from profiles.serving import ServingConfig, format_bytes, parse_mem
+
+MODEL_HELP = "a packed-checkpoint directory (moesz pack), builtin, or a checkpoint directory"
+
+
+class MeasuredSizes:
+    """A ratio source (`sim.ratios` duck type) from a run's measured per-expert sizes."""
+
+    def __init__(self, result) -> None:
+        self.result = result
+        self.label = "expert sizes measured on the runtime's packed records"
+
+    def ratio(self, layer: int, spec: Any, geometry: Any) -> float:
+        sizes = [s for (lay, _), (s, _, _) in self.result.expert_sizes.items() if lay == layer]
+        return geometry.bytes_per_expert * len(sizes) / max(1, sum(sizes))
+
+
+def predict_for_run(result, hardware, *, record: bool = False):
+    """Simulate the configuration a `RunResult` measured.
+
+    Args:
+        result: a `profiles.runtime.RunResult` (its routing, sizes, geometry and policy are used).
+        hardware: a `HardwareProfile` (measured on the machine the run used, for a fidelity check).
+        record: keep the simulated timeline (for a side-by-side Perfetto trace).
+
+    Returns:
+        A `sim.api.SimRun` (`.result` is the predicted `SimResult`).
+    """
+    from sim.api import make_workload, simulate
+    from sim.costs import build_costs
+    from sim.engine import SimOptions
+
+    g = result.geometry
+    serving = ServingConfig.from_dict(result.config)
+    serving = replace(serving, batch_size=result.batch_size, prompt_tokens=result.prompt_tokens,
+                      generated_tokens=result.steps)
+    if serving.prefetch_mode[0] == "next":
+        serving = replace(serving, prefetch=f"next:{result.prefetch_accuracy or 0.0:.6f}")
+    wl = make_workload(g, serving, traces=result.routing_frame(),
+                       source="routing recorded by moesz run")
+    costs = build_costs(g, result.storage_policy, hardware, serving, MeasuredSizes(result))
+    L, E = len(g.moe_layers), g.experts_per_layer
+    arrays = [np.zeros((L, E), dtype=np.int64) for _ in range(3)]
+    for (layer, e), sizes in result.expert_sizes.items():
+        for a, v in zip(arrays, sizes):
+            a[g.moe_layers.index(layer), e] = v
+    costs = replace(costs, stored_bytes=arrays[0], link_bytes=arrays[1], resident_bytes=arrays[2])
+    return simulate(geometry=g, hardware=hardware, serving=serving, costs=costs, workload=wl,
+                    options=SimOptions(record=record))
+
+
+def trace_document(result, sim_run=None, meta: dict | None = None) -> dict:
+    """A Chrome trace (Perfetto) of the measured run; with `sim_run`, the prediction alongside as
+    a second process, in the simulator's exporter format."""
+    from sim.timeline import chrome_trace, spans_of
+
+    doc = chrome_trace(result.spans, meta)
+    _rename(doc["traceEvents"], 1, f"moesz runtime (measured on {result.device})")
+    if sim_run is not None:
+        other = chrome_trace(spans_of(sim_run.simulation))["traceEvents"]
+        for ev in other:
+            ev["pid"] = 2
+        _rename(other, 2, "moesz simulation (predicted)")
+        doc["traceEvents"] += other
+    return doc
+
+
+def _rename(events: list, pid: int, name: str) -> None:
+    for ev in events:
+        if ev.get("ph") == "M" and ev.get("name") == "process_name" and ev["pid"] == pid:
+            ev["args"]["name"] = name
+
+
+def run(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    policy: Optional[str] = typer.Option(None, "--policy", help="Policy or plan file."),
+    uniform: Optional[str] = typer.Option(
+        None, "--uniform", help="Every expert stored as CODEC[:MODE:LEVEL], e.g. szp:meanabs:0.5."),
+    no_compression: bool = typer.Option(False, "--no-compression", help="Every expert raw."),
+    gpu_mem: str = typer.Option("unlimited", "--gpu-mem", help="GPU budget: 24GiB or 25%."),
+    host_mem: str = typer.Option("unlimited", "--host-mem", help="Host budget for stored experts."),
+    cache: str = typer.Option("lru", "--cache", help="lru, lfu or static-hot."),
+    prefetch: str = typer.Option("none", "--prefetch",
+                                 help="none, next:ACC (router lookahead), oracle."),
+    on_miss: str = typer.Option("fetch", "--on-miss",
+                                help="fetch (to the device) or cpu (run there)."),
+    resident: str = typer.Option("decompressed", "--resident",
+                                 help="Cached experts kept decompressed or compressed."),
+    gpu_decode: str = typer.Option("stream", "--gpu-decode",
+                                   help="Decode on its own stream, or on the compute one."),
+    layer_slots: Optional[str] = typer.Option(
+        None, "--layer-slots", help="Per-layer cache: N experts per MoE layer, or N,N,…"),
+    batch: int = typer.Option(1, "--batch", help="Sequences decoded together."),
+    prompt: int = typer.Option(16, "--prompt", help="Prompt tokens per sequence (seeded random)."),
+    tokens: int = typer.Option(128, "--tokens", help="Decode steps (tokens per sequence)."),
+    unpinned: bool = typer.Option(False, "--pageable", help="Host buffers pageable, not pinned."),
+    workers: int = typer.Option(8, "--workers", help="CPU decode worker threads."),
+    device: Optional[str] = typer.Option(None, "--device",
+                                         help="cuda or cpu (default: cuda if present)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random prompt."),
+    predict: Optional[str] = typer.Option(
+        None, "--predict",
+        help="Also simulate the same run on this hardware profile (FILE or preset:NAME)."),
+    trace_out: Optional[str] = typer.Option(None, "--trace-out",
+                                            help="Write the run's Chrome trace (Perfetto)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                           help="Allow the checkpoint's own Python code."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Generate with the offloaded runtime; report measured tokens/s, time per output token, bytes
+    moved and hit rate."""
+    from pathlib import Path
+
+    from planner.cli.pack import policy_from_options
+    from profiles.fileio import atomic_write_json
+    from profiles.runtime import measure_throughput
+
+    pol = policy_from_options(policy, uniform, no_compression)
+    gb, hb = parse_mem(gpu_mem, what="--gpu-mem"), parse_mem(host_mem, what="--host-mem")
+    slots = None
+    if layer_slots:
+        try:
+            slots = tuple(int(v) for v in layer_slots.split(","))
+        except ValueError:
+            raise ConfigError(f"--layer-slots {layer_slots!r}: expected N or N,N,… "
+                              f"integers") from None
+    serving = ServingConfig(cache_policy=cache, resident_form=resident, prefetch=prefetch,
+                            on_miss=on_miss, batch_size=batch, prompt_tokens=prompt,
+                            generated_tokens=tokens, pinned=not unpinned, gpu_decode=gpu_decode,
+                            cpu_workers=workers).with_budgets(gb, hb)
+    if slots is not None and len(slots) == 1:
+        from profiles.packed import is_packed, read_packed
+        from profiles.models import resolve_geometry
+
+        g = read_packed(model, verify=False).geometry if is_packed(model) else \
+            resolve_geometry(model)
+        slots = slots * len(g.moe_layers)
+    serving = replace(serving, per_layer_cache_slots=slots)
+    _preflight(model, pol)
+    hw = None
+    if predict:
+        from profiles.hardware import load_hardware
+
+        hw = load_hardware(predict)
+    with Progress(transient=True, disable=as_json or not Console().is_terminal) as bar:
+        task = bar.add_task("running", total=tokens)
+        result = measure_throughput(model, pol, serving, device=device, seed=seed,
+                                    trust_remote_code=trust_remote_code,
+                                    progress=lambda d, t, lab: bar.update(
+                                        task, completed=d, total=t, description=lab))
+    sim_run = predict_for_run(result, hw, record=bool(trace_out)) if hw is not None else None
+    if trace_out:
+        meta = {"model": result.model, "policy": result.policy, "device": result.device,
+                "hardware_for_prediction": getattr(hw, "origin", None)}
+        atomic_write_json(Path(trace_out), trace_document(result, sim_run, meta))
+    if as_json:
+        doc = result.to_dict()
+        if sim_run is not None:
+            doc["predicted"] = sim_run.result.to_dict()
+            doc["predicted"]["hardware"] = hw.origin
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    _print(result, sim_run, hw, trace_out)
+
+
+def _preflight(model: str, policy) -> None:
+    """Fail fast (before loading anything) on a policy that does not fit a packed checkpoint."""
+    from profiles.packed import check_policy_matches, is_packed, read_packed
+
+    if policy is not None and is_packed(model):
+        check_policy_matches(read_packed(model, verify=False), policy)
+
+
+def _print(r, sim_run, hw, trace_out) -> None:
+    console = Console(width=120)
+    console.print(f"{r.model} — {r.policy}; batch {r.batch_size}, prompt {r.prompt_tokens}, "
+                  f"{r.steps} decode steps on {r.device}")
+    t = Table()
+    t.add_column("figure")
+    t.add_column("measured", justify="right")
+    p = sim_run.result if sim_run is not None else None
+    if p is not None:
+        t.add_column(f"predicted ({hw.origin})", justify="right")
+    acc = "n/a" if r.prefetch_accuracy is None else f"{r.prefetch_accuracy:.3f}"
+    gbps = "n/a" if r.link_achieved_gbps is None else f"{r.link_achieved_gbps:.2f}"
+    overlap = "n/a" if r.decode_overlap_fraction is None else f"{r.decode_overlap_fraction:.2f}"
+    cap = "unlimited" if r.cache_capacity_bytes is None else format_bytes(r.cache_capacity_bytes)
+    rows = [
+        ("tokens/s (decode)", f"{r.tokens_per_s:.2f}", p and f"{p.tokens_per_s:.2f}"),
+        ("time per output token", f"{r.tpot_s * 1e3:.2f} ms", p and f"{p.tpot_s * 1e3:.2f} ms"),
+        ("time to first token", f"{r.ttft_s:.3f} s", p and f"{p.ttft_s:.3f} s"),
+        ("bytes moved host->device", format_bytes(r.bytes_h2d), p and format_bytes(p.bytes_h2d)),
+        ("  of which prefetch", format_bytes(r.bytes_h2d_prefetch),
+         p and format_bytes(p.bytes_h2d_prefetch)),
+        ("hit rate (decode)", f"{r.hit_rate:.3f}", p and f"{p.hit_rate:.3f}"),
+        ("misses (decode)", f"{r.misses}", p and f"{p.misses}"),
+        ("experts run on the CPU", f"{r.cpu_expert_runs}", p and f"{p.cpu_expert_runs}"),
+        ("link busy fraction", f"{r.link_busy_fraction:.3f}", p and f"{p.link_busy_fraction:.3f}"),
+        ("link GB/s achieved", gbps, p and f"{p.link_h2d_gbps:g} (fit)"),
+        ("decode/transfer overlap", overlap, None),
+        ("prefetch accuracy", acc, None),
+        ("expert cache capacity", cap,
+         p and ("unlimited" if p.cache_capacity_bytes is None
+                else format_bytes(p.cache_capacity_bytes))),
+        ("expert cache peak (tensors held)", format_bytes(r.resident_peak_bytes), None),
+        ("host memory, packed experts", format_bytes(r.host_expert_bytes), None),
+    ]
+    for name, a, b in rows:
+        t.add_row(*([name, a] + ([b or ""] if p is not None else [])))
+    console.print(t)
+    console.print("measured: wall clock of one run after an unmeasured warm-up pass; tokens/s = "
+                  "decode steps x batch / decode time." + (
+                      " predicted: discrete-event simulation of the same routing, sizes and "
+                      "serving configuration." if p is not None else ""))
+    for note in r.notes:
+        console.print(f"  note: {note}")
+    if trace_out:
+        console.print(f"  wrote Chrome trace (Perfetto): {trace_out}")

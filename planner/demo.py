@@ -1,0 +1,294 @@
+"""`moesz demo`: the whole chain on the built-in model, into one report folder.
+
+1. hardware: measured when a CUDA GPU is present, else the shipped `preset:h200-published`
+   (published figures, labelled so in every output);
+2. profile the built-in model on a small grid (`profiles.profiling.profile_model`): compression
+   ratios of every MoE layer, per-layer sensitivity on the `profile` split, routing traces;
+3. plan for a one-point content budget under a GPU memory budget that forces cache misses — the
+   non-expert weights and KV cache plus a fraction of the routed-expert bytes
+   (`planner.pipeline.make_plan`);
+4. the memory-budget sweep: the plan, no compression, the best uniform level and rtn8 simulated
+   across GPU budgets on the profile's traces (`sim.study.run_study`), and the plan's simulated
+   timeline as a Perfetto trace;
+5. validate the plan for real on the held-out `validate` split (`planner.validate`);
+6. render the report (`planner.report.render_report`).
+
+`size="ci"` shrinks every step (two layers, one level, eight prompts per task, few trials) so the
+chain runs end to end in tests; its figures demonstrate the plumbing, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import socket
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from profiles.errors import ConfigError, MoeszError
+from profiles.fileio import atomic_write_json
+
+Progress = Callable[[int, int, str], None]
+PRESET = "preset:h200-published"
+STAGES = ("hardware", "profile", "plan", "sweep", "validate", "report")
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How much work each step does."""
+
+    layers: str            # MoE layers profiled ("all" or a list)
+    levels: str            # szp meanabs levels profiled
+    groups: str            # multi-layer groups (for the planner's additivity fit)
+    profile_limit: int     # prompts per task on the profile split
+    validate_limit: int    # prompts per task on the validate split
+    trials: int            # Optuna trials (cold start)
+    warm_trials: int
+    tokens: int            # generated tokens per sequence in the simulations
+    sweep_fractions: tuple[str, ...]
+    budget: float          # content accuracy drop, averaged over tasks
+
+
+SIZES = {
+    # one point of content accuracy: the profile needs ~300 prompts per task to resolve it
+    "default": DemoSize("all", "1,2", "thirds", 300, 300, 150, 20, 128,
+                        ("5%", "10%", "25%", "50%", "100%"), 0.01),
+    # 8 prompts per task cannot resolve one point (a single layer's predicted drop has an upper
+    # bound near 0.14), so the smoke run plans for a budget it can meet
+    "ci": DemoSize("0,7", "1", "none", 8, 8, 12, 4, 16, ("10%", "25%", "100%"), 0.3),
+}
+GPU_FRACTION = "25%"   # of the routed-expert bytes, on top of non-expert weights and KV cache
+
+
+def run_demo(out_dir: str | Path, progress: Progress | None = None, size: str = "default",
+             hardware: str | None = None) -> dict:
+    """Run the demo into `out_dir` and return its record (also written as `demo.json`).
+
+    Args:
+        out_dir: the report folder (created; a previous demo's profile there is resumed).
+        progress: `progress(done, total, label)`; labels start with the stage name.
+        size: `default` (a few minutes on 2 CPU cores) or `ci` (tests).
+        hardware: a hardware profile to use instead of measuring / the preset.
+
+    Returns:
+        The demo record: stages with their wall-clock seconds, the headline figures (each
+        labelled measured / predicted / preset) and the files written.
+
+    Raises:
+        ConfigError: an unknown size or an output path that is a file.
+    """
+    if size not in SIZES:
+        raise ConfigError(f"demo size {size!r} is unknown; choose {' or '.join(SIZES)}")
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the report")
+    out.mkdir(parents=True, exist_ok=True)
+    sz, t_start, timings = SIZES[size], time.perf_counter(), {}
+    stage = _StageProgress(progress)
+
+    def timed(name, fn):
+        t = time.perf_counter()
+        stage.begin(name)
+        result = fn()
+        timings[name] = round(time.perf_counter() - t, 2)
+        return result
+
+    hw_spec, hw_note = timed("hardware", lambda: _hardware(out, hardware, stage))
+    profile = timed("profile", lambda: _profile(out, sz, stage))
+    outcome = timed("plan", lambda: _plan(out, sz, hw_spec, stage))
+    sweep = timed("sweep", lambda: _sweep(out, sz, hw_spec, outcome, stage))
+    val = timed("validate", lambda: _validate(out, sz, stage))
+    record = _record(out, size, sz, hw_spec, hw_note, profile, outcome, sweep, val, timings,
+                     t_start)
+    atomic_write_json(out / "demo.json", record)
+    timed("report", lambda: _report(out))
+    record["stages_s"] = timings
+    record["wall_s"] = round(time.perf_counter() - t_start, 2)
+    atomic_write_json(out / "demo.json", record)
+    from planner.report import render_report
+
+    render_report(out)  # once more, so the report lists its own files and the final timings
+    return record
+
+
+class _StageProgress:
+    """Prefix each stage's progress labels with `[k/6] stage:`."""
+
+    def __init__(self, progress: Progress | None):
+        self.progress, self.name = progress, ""
+
+    def begin(self, name: str) -> None:
+        self.name = name
+        self(0, 1, "starting")
+
+    def __call__(self, done: int, total: int, label: str) -> None:
+        if self.progress is not None:
+            k = STAGES.index(self.name) + 1
+            self.progress(done, total, f"[{k}/{len(STAGES)}] {self.name}: {label}")
+
+
+def _hardware(out: Path, hardware: str | None, stage) -> tuple[str, str]:
+    import torch
+
+    if hardware:
+        return hardware, f"given by the caller ({hardware})"
+    if torch.cuda.is_available():
+        from profiles.hardware import save_hardware
+        from profiles.hardware.measure import measure_hardware
+
+        path = out / "hardware.json"
+        hw = measure_hardware("builtin", command="moesz demo", progress=stage)
+        save_hardware(hw, path)
+        return str(path), f"measured on this machine ({hw.gpu.name if hw.gpu else 'GPU'})"
+    return PRESET, ("no CUDA GPU here: throughput predictions use the shipped preset "
+                    "preset:h200-published (published H200 / PCIe Gen5 figures, not measured "
+                    "on this machine)")
+
+
+def _profile(out: Path, sz: DemoSize, stage):
+    from profiles.profiling import ProfileRequest, profile_model
+
+    req = ProfileRequest(model="builtin", out=out / "profile", codecs="szp", mode="meanabs",
+                         levels=sz.levels, layers=sz.layers, groups=sz.groups,
+                         limit=sz.profile_limit, command="moesz demo (profile step)")
+    return profile_model(req, progress=stage)
+
+
+def _plan(out: Path, sz: DemoSize, hw_spec: str, stage):
+    from planner.pipeline import PlanRequest, make_plan, write_plots
+    from profiles.serving import ServingConfig, parse_mem
+
+    serving = ServingConfig(generated_tokens=sz.tokens, prompt_tokens=16).with_budgets(
+        parse_mem(GPU_FRACTION, what="demo GPU budget"), None)
+    req = PlanRequest(profile=str(out / "profile"), hardware=hw_spec, budget=sz.budget,
+                      serving=serving, metric="content", codecs=("szp",), trials=sz.trials,
+                      warm_trials=sz.warm_trials, seed=0, command="moesz demo (plan step)")
+    outcome = make_plan(req, out=str(out / "plan.json"), progress=stage)
+    write_plots(outcome, out / "plan-plots")
+    return outcome
+
+
+def _sweep(out: Path, sz: DemoSize, hw_spec: str, outcome, stage) -> dict:
+    from profiles.hardware import load_hardware
+    from profiles.serving import parse_mem
+    from sim.engine import SimOptions
+    from sim.study import load_model_source, run_study
+    from sim.timeline import spans_of, write_chrome_trace
+
+    hw = load_hardware(hw_spec)
+    source = load_model_source(str(out / "profile"))
+    serving = outcome.plan.serving
+    budgets = [parse_mem(f, what="sweep budget") for f in sz.sweep_fractions]
+    policies = [("plan", outcome.plan.policy)]
+    for b in outcome.baselines:
+        if b.policy is not None and (b.name in ("no compression", "rtn8")
+                                     or (b.name.startswith("uniform") and b.feasible)):
+            policies.append((b.name, b.policy))
+    rows, done, skipped = [], 0, []
+    for label, policy in policies:
+        record = label == "plan"
+        try:
+            study = run_study(hardware=hw, source=source, policy=policy, policy_label=label,
+                              serving=serving, gpu_budgets=budgets,
+                              options=SimOptions(record=record))
+        except MoeszError as exc:  # e.g. a baseline codec the profile has no ratio for
+            if record:
+                raise
+            skipped.append(f"{label} not simulated: {exc}")
+            continue
+        rows += [r.to_dict() for r in study.rows]
+        if record:  # the first run of the plan: at the smallest budget, the most traffic
+            write_chrome_trace(out / "timeline.json", spans_of(study.first_simulation),
+                               {"policy": "plan", "gpu_mem": str(budgets[0]),
+                                "hardware": hw_spec, "prediction": "moesz simulator"})
+        done += 1
+        stage(done, len(policies), f"simulated {label}")
+    doc = {"kind": "budget_sweep", "schema_version": 1, "hardware": hw_spec,
+           "description": (f"Predicted decode tokens/s of the plan and the baselines against the "
+                           f"GPU memory budget (non-expert weights and KV cache plus the given "
+                           f"share of routed-expert bytes), batch {serving.batch_size}, "
+                           f"{serving.generated_tokens} generated tokens, LRU cache, on "
+                           f"{hw_spec}, replaying the profile's routing traces."),
+           "fractions": list(sz.sweep_fractions), "rows": rows, "skipped": skipped}
+    atomic_write_json(out / "sweep.json", doc)
+    return doc
+
+
+def _validate(out: Path, sz: DemoSize, stage) -> dict:
+    from planner.validate import validate_plan
+
+    doc = validate_plan(out / "plan.json", limit=sz.validate_limit, cache_dir=out / "cache",
+                        progress=stage)
+    atomic_write_json(out / "validation.json", doc)
+    return doc
+
+
+def _report(out: Path) -> None:
+    from planner.report import render_report
+
+    render_report(out)
+
+
+def _record(out, size, sz, hw_spec, hw_note, profile, outcome, sweep, val, timings,
+            t_start) -> dict:
+    import torch
+
+    plan = outcome.plan.doc
+    return {
+        "kind": "demo_run", "schema_version": 1, "size": size, "settings": asdict(sz),
+        "command": f"moesz demo --out {out}" + ("" if size == "default" else f" --size {size}"),
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": f"{socket.gethostname()}, {platform.processor() or platform.machine()}, "
+                f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+                f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}",
+        "model": {"spec": "builtin", "fingerprint": plan["model"]["fingerprint"]},
+        "hardware": {"spec": hw_spec, "note": hw_note},
+        "budget": plan["budget"], "gpu_budget": f"{GPU_FRACTION} of routed-expert bytes",
+        "profile": {"points_done": profile.points_done, "points_total": profile.points_total,
+                    "detection_limit": profile.profile.detection_limit},
+        "notes": ([] if size == "default" else [
+            f"{size} size: {sz.profile_limit} prompts per task cannot resolve a one-point "
+            f"budget, so this run plans for {sz.budget:g}; its figures show the chain works, "
+            f"not what the model tolerates"]),
+        "stages_s": timings, "wall_s": round(time.perf_counter() - t_start, 2),
+        "verdict": val["verdict"],
+    }
+
+
+def summary_lines(record: dict, out: Path) -> list[str]:
+    """The short, labelled summary `moesz demo` prints."""
+    from planner.report_sections import iv_text
+
+    out = Path(out)
+    plan = json.loads((out / "plan.json").read_text())
+    val = json.loads((out / "validation.json").read_text())
+    p, m = plan["predicted"], val["measured"]
+    base = {b["name"]: b for b in plan["baselines"]}
+    lines = [f"moesz demo: built-in model, {record['size']} size, {record['wall_s']:.0f} s "
+             f"(measured wall clock)",
+             f"hardware: {record['hardware']['spec']} — {record['hardware']['note']}",
+             f"plan: budget {plan['budget']['value']:g} {plan['budget']['metric']} accuracy, GPU "
+             f"budget {record['gpu_budget']}; layers "
+             + ", ".join(f"{x['layer']}:{x['spec']}" for x in plan["layers"]),
+             f"  decode tokens/s, predicted: plan {_num(p.get('tokens_per_s_simulation'))} "
+             f"(simulation), {_num(p.get('tokens_per_s_closed_form'))} (closed form)"]
+    for name, b in base.items():
+        if b["tokens_per_s"] is not None and (name in ("no compression", "rtn8")
+                                              or name.startswith("uniform")):
+            lines.append(f"    {name}: {b['tokens_per_s']:.1f} (closed form)"
+                         + ("" if b.get("meets_budget") else ", over the accuracy budget"))
+    lines += [f"  content drop: predicted {iv_text(p['accuracy_drop'])}; measured "
+              f"{iv_text(m['accuracy_drop'])} on {val['n_prompts']} held-out prompts",
+              f"  stored expert bytes: measured {m['stored_bytes']:,} ({m['ratio']:.2f}x smaller "
+              f"than bf16)",
+              f"verdict: {val['verdict']} — {val['verdict_detail']['reason']}"]
+    lines += [f"note: {n}" for n in record["notes"] + plan.get("warnings", [])]
+    lines.append(f"report: {out / 'report.md'} and {out / 'report.html'}")
+    return lines
+
+
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:.1f}"

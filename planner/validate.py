@@ -1,0 +1,283 @@
+"""Validate a plan for real: apply its policy with real codec round trips, measure accuracy on the
+held-out `validate` split, and compare with what the plan predicted.
+
+The plan's accuracy prediction comes from the profile's `profile` split; the `validate` split is
+disjoint in its operands and read only here, so the comparison is out of sample. Steps:
+
+1. read the plan, load its model and refuse it when the model's fingerprint differs;
+2. evaluate the unperturbed model once (cached on disk by `profiles.evaluation.cached_baseline`);
+3. apply the policy (`profiles.policy.apply_policy`: every routed expert encoded and decoded by its
+   codec) and evaluate the same prompts, paired: per task the change of strict and content
+   accuracy with Newcombe's paired interval and the exact McNemar p;
+4. average the plan's metric over tasks (MOVER interval, `planner.verdict`), and give the verdict
+   `held` / `violated` / `inconclusive` against the plan's budget.
+
+For a plan whose metric is `kl`, the drop is the mean KL(base || plan) in nats on calibration
+sequences from the validate split, with a t interval over independent groups of sequences.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from planner.verdict import TaskChange, decide, mean_change, negate
+from profiles.errors import ModelError, PlanError
+from profiles.evaluation.accuracy import Interval
+from profiles.evaluation.paired import mcnemar_exact_p
+
+KIND, SCHEMA_VERSION = "validation", 1
+METRICS = ("content", "strict", "kl")
+KL_GROUPS = 8
+DEFAULT_LIMIT = 300  # prompts per task; the profiler's default too
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class PlanFacts:
+    """What validation needs from a plan file."""
+
+    path: Path
+    doc: dict
+    policy: object          # profiles.policy.Policy
+    model_spec: str
+    fingerprint: str | None
+    metric: str
+    budget: float
+    predicted_drop: Interval | None
+
+
+def read_plan(path: str | Path, model: str | None = None) -> PlanFacts:
+    """Read the plan file's policy, model, budget and predicted drop (`planner.plan.load_plan`).
+
+    Args:
+        path: a plan file (`moesz plan --out`).
+        model: the model to validate on instead of the plan's own (its fingerprint must match).
+
+    Raises:
+        PlanError: the file is missing, not a plan, or names no model.
+    """
+    from planner.plan import load_plan
+
+    plan = load_plan(Path(path).expanduser())
+    doc = plan.doc
+    spec = model or doc["model"].get("spec")
+    if not spec:
+        raise PlanError(f"{plan.path}: field 'model.spec' is empty, so the model to load is "
+                        f"unknown; pass --model")
+    budget = doc["budget"]
+    metric, value = budget.get("metric", "content"), budget.get("value")
+    if metric not in METRICS or not isinstance(value, (int, float)) or value < 0:
+        raise PlanError(f"{plan.path}: field 'budget' is {budget!r}; expected {{metric: "
+                        f"{'|'.join(METRICS)}, value: a non-negative number}}")
+    pred = doc["predicted"]["accuracy_drop"]
+    method = " ".join(str(pred[k]) for k in ("kind", "interval") if pred.get(k)) or \
+        "predicted (additive accuracy model)"
+    return PlanFacts(plan.path, doc, plan.policy, spec, plan.fingerprint, metric, float(value),
+                     Interval(float(pred["value"]), float(pred["low"]), float(pred["high"]),
+                              str(pred.get("method", method))))
+
+
+def validate_plan(plan: str | Path, *, split: str = "validate", limit: int | None = None,
+                  tasks: Sequence[str] | None = None, model: str | None = None,
+                  cache_dir: str | Path | None = None, batch_size: int = 64,
+                  threads: int | None = 1, progress: Progress | None = None) -> dict:
+    """Measure a plan's accuracy for real and judge it against its budget.
+
+    Args:
+        plan: the plan file.
+        split: the evaluation split (`validate`, held out from profiling and planning).
+        limit: prompts per task (default: as many as the plan's profile used, else
+            `DEFAULT_LIMIT`: fewer prompts cannot resolve changes as small as the profile could).
+        tasks: built-in tasks (default: all).
+        model: evaluate this model instead of the plan's (must have the plan's fingerprint).
+        cache_dir: where the unperturbed model's result is cached (default ~/.cache/moesz).
+        batch_size: prompts per forward pass.
+        threads: torch intra-op threads while evaluating (None: leave torch's setting).
+        progress: `progress(done, total, label)`.
+
+    Returns:
+        The validation document (kind `validation`): `measured`, `predicted`, `budget`,
+        `verdict`, `verdict_detail`, per-task figures and timings.
+
+    Raises:
+        PlanError: the plan cannot be read or was made for another model fingerprint.
+    """
+    from profiles.evaluation import cached_baseline, evaluate
+    from profiles.models import load_model
+    from profiles.policy import apply_policy
+
+    facts = read_plan(plan, model)
+    limit = limit if limit is not None else _profile_limit(facts)
+    if limit < 1:
+        raise PlanError(f"--limit {limit} must be at least 1 prompt per task")
+    t0 = time.perf_counter()
+    with _threads(threads):
+        try:
+            loaded = load_model(facts.model_spec)
+        except ModelError as exc:
+            raise PlanError(f"{facts.path}: its model {facts.model_spec!r} cannot be loaded "
+                            f"({exc}); pass --model") from None
+        if facts.fingerprint and loaded.fingerprint != facts.fingerprint:
+            raise PlanError(f"{facts.path} was made for model fingerprint {facts.fingerprint}, but "
+                            f"{facts.model_spec} has {loaded.fingerprint}; make a plan for this "
+                            f"model (moesz profile model, then moesz plan)")
+        wide = _wants_fp32(loaded)
+        cache = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "moesz"
+        name = loaded.fingerprint.replace(":", "_")
+        base_file = cache / f"baseline-{name}-{split}-{limit}{'-fp32' if wide else ''}.json"
+        stage = _Stages(progress)
+        view = _view(loaded, wide)
+        base = cached_baseline(view, base_file, tasks, split, limit, batch_size=batch_size,
+                               progress=stage("baseline"))
+        calib = _kl_setup(view, split, limit) if facts.metric == "kl" else None
+        del view
+        t1 = time.perf_counter()
+        with apply_policy(loaded, facts.policy, progress=stage("apply policy")) as report:
+            t2 = time.perf_counter()
+            view = _view(loaded, wide)  # the decoded (bf16) weights, wider arithmetic only
+            result = evaluate(view, tasks=[t.task for t in base.tasks], split=split, limit=limit,
+                              batch_size=batch_size, baseline=base, condition="plan",
+                              progress=stage("plan"))
+            kl = _kl_measure(view, calib) if calib is not None else None
+        t3 = time.perf_counter()
+    doc = _document(facts, loaded, split, limit, base, result, report, kl)
+    doc["compute"] = ("fp32 arithmetic on the checkpoint's (decoded) bf16 weights, on the CPU"
+                      if wide else f"the model's own dtype on {next(loaded.model.parameters()).device}")
+    doc["timings_s"] = {"load_and_baseline": t1 - t0, "apply_policy": t2 - t1,
+                        "evaluate_plan": t3 - t2, "source": "measured (wall clock)"}
+    return doc
+
+
+def _profile_limit(facts: PlanFacts) -> int:
+    """Prompts per task of the profile the plan was made from (if it can be read)."""
+    prof = Path(str(facts.doc["model"].get("profile") or "")) / "profile.json"
+    try:
+        n = int(json.loads(prof.read_text())["prompts_per_task"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return DEFAULT_LIMIT
+    return n if n >= 1 else DEFAULT_LIMIT
+
+
+def _wants_fp32(loaded) -> bool:
+    """On the CPU, bf16/fp16 matrix products are several times slower than fp32 ones, so the
+    evaluation runs on an fp32 copy: the weights keep their checkpoint (or decoded) values, only the
+    arithmetic is wider — as `profiles.profiling` does for the profile the plan was made from."""
+    p = next(loaded.model.parameters())
+    return p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16)
+
+
+def _view(loaded, wide: bool):
+    if not wide:
+        return loaded
+    return replace(loaded, model=copy.deepcopy(loaded.model).float().eval())
+
+
+@contextmanager
+def _threads(n: int | None):
+    """Run with `n` intra-op threads: the built-in model's matrices are small, and on a shared
+    machine extra threads spin instead of working."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Stages:
+    """Turn one progress callback into per-stage callbacks with their stage name in the label."""
+
+    def __init__(self, progress: Progress | None):
+        self.progress = progress
+
+    def __call__(self, name: str) -> Progress | None:
+        if self.progress is None:
+            return None
+        return lambda done, total, label: self.progress(done, total, f"{name}: {label}")
+
+
+def _document(facts: PlanFacts, loaded, split, limit, base, result, report, kl) -> dict:
+    tasks, changes = {}, {"strict": [], "content": []}
+    pooled = {"strict": [0, 0], "content": [0, 0]}
+    for b, r in zip(base.tasks, result.tasks):
+        tasks[r.task] = {"n": r.n, "base": {"strict": b.strict.to_dict(),
+                                            "content": b.content.to_dict()},
+                         "plan": {"strict": r.strict.to_dict(), "content": r.content.to_dict()}}
+        for metric in ("strict", "content"):
+            pc = getattr(r, f"{metric}_change")
+            tasks[r.task][f"{metric}_change"] = pc.change.to_dict()
+            tasks[r.task][f"{metric}_mcnemar_p"] = pc.mcnemar_p
+            tasks[r.task][f"{metric}_discordant"] = {"gained": pc.gained, "lost": pc.lost}
+            changes[metric].append(TaskChange(r.task, r.n, pc.change))
+            pooled[metric][0] += pc.gained
+            pooled[metric][1] += pc.lost
+    drops = {m: negate(mean_change(changes[m])) for m in ("strict", "content")}
+    if facts.metric == "kl":
+        drop, per_task = kl, ()
+    else:
+        drop, per_task = drops[facts.metric], changes[facts.metric]
+    verdict = decide(drop, facts.budget, per_task)
+    n_prompts = sum(t["n"] for t in tasks.values())
+    measured = {
+        "source": "measured", "metric": facts.metric, "accuracy_drop": drop.to_dict(),
+        "strict_drop": drops["strict"].to_dict(), "content_drop": drops["content"].to_dict(),
+        "mcnemar_p": (mcnemar_exact_p(*pooled[facts.metric]) if facts.metric != "kl" else None),
+        "mcnemar_p_method": "exact McNemar on the discordant prompts pooled over tasks",
+        "interval_method": drop.method, "kl_nats": kl.to_dict() if kl else None,
+        "tasks": tasks, "stored_bytes": report.stored_bytes,
+        "original_bytes": report.original_bytes, "ratio": report.ratio,
+        "bytes_method": "real encodes of every routed expert (headers counted)"}
+    pred = facts.doc.get("predicted") or {}
+    predicted = {"source": "predicted (from the plan file)", "metric": facts.metric,
+                 "accuracy_drop": facts.predicted_drop.to_dict() if facts.predicted_drop else None,
+                 "tokens_per_s": pred.get("tokens_per_s"),
+                 "tokens_per_s_kind": pred.get("tokens_per_s_kind"),
+                 "host_mem_bytes": pred.get("host_bytes")}
+    return {"kind": KIND, "schema_version": SCHEMA_VERSION, "plan": str(facts.path),
+            "model": {"spec": facts.model_spec, "fingerprint": loaded.fingerprint},
+            "split": split, "limit": limit, "n_prompts": n_prompts, "tasks": list(tasks),
+            "metric": facts.metric, "budget": facts.doc.get("budget"),
+            "measured": measured, "predicted": predicted, "verdict": verdict.verdict,
+            "verdict_detail": verdict.to_dict()}
+
+
+def _kl_setup(loaded, split: str, limit: int):
+    """Base distributions on KL_GROUPS independent groups of validate-split sequences."""
+    from profiles.evaluation import base_distributions, builtin_calibration
+    from profiles.evaluation.fidelity import Calibration
+
+    calib = builtin_calibration(loaded.model, loaded.tokenizer, per_task=max(4, min(limit, 32)),
+                                split=split)
+    rows = calib.input_ids.shape[0]
+    groups = []
+    for g in range(min(KL_GROUPS, rows)):
+        idx = list(range(g, rows, KL_GROUPS))
+        sub = Calibration(calib.input_ids[idx], calib.attention_mask[idx],
+                          f"{calib.description}, group {g + 1}")
+        groups.append(base_distributions(loaded.model, sub))
+    return groups
+
+
+def _kl_measure(loaded, groups) -> Interval:
+    """Mean KL(base || plan) in nats, t interval over the groups' means."""
+    from scipy.stats import t as student
+
+    from profiles.evaluation import fidelity
+
+    means = [fidelity(loaded.model, g).mean_kl_nats for g in groups]
+    k = len(means)
+    m = sum(means) / k
+    sd = math.sqrt(sum((x - m) ** 2 for x in means) / (k - 1)) if k > 1 else 0.0
+    half = float(student.ppf(0.975, k - 1)) * sd / math.sqrt(k) if k > 1 else 0.0
+    return Interval(m, max(0.0, m - half), m + half,
+                    f"t interval over {k} groups of calibration sequences (95%)")

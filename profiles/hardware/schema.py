@@ -1,0 +1,220 @@
+"""The hardware profile: frozen dataclasses for the JSON document of kind `hardware_profile`.
+
+Every number carries a `source`: `measured` (by `moesz profile hardware` on this machine),
+`published` (a datasheet or paper; `note` names it) or `estimated` (derived; `note` says how).
+Links follow FlexGen's lesson and are fitted from samples rather than taken from datasheets:
+`time_s(bytes) = latency_s + bytes / (gbps * 1e9)`. Codec throughputs are in GB/s of the
+original data at 2 bytes per value (bf16), whatever dtype the samples had, so one figure serves
+every model. The JSON layout is documented in `docs/hardware-profile.md`; parsing lives in
+`profiles.hardware.parse`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+SCHEMA_VERSION = 1
+KIND = "hardware_profile"
+SOURCES = ("measured", "published", "estimated")
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One number with its provenance."""
+
+    value: float
+    source: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class LinkFit:
+    """A transfer-time fit `latency_s + bytes / (gbps * 1e9)`; `fit_rel_error` is the largest
+    relative error of the fit over its samples (None for published or estimated fits)."""
+
+    latency_s: float
+    gbps: float
+    source: str
+    note: str = ""
+    fit_rel_error: float | None = None
+
+    def time_s(self, nbytes: float) -> float:
+        # bytes / (GB/s * 1e9 B/GB) -> seconds
+        return self.latency_s + nbytes / (self.gbps * 1e9)
+
+
+@dataclass(frozen=True)
+class LevelCurve:
+    """Codec throughput against error-bound level, in GB/s of original bf16 bytes.
+
+    Interpolated linearly in log(level) and clamped at the ends; one point means a flat curve.
+    """
+
+    levels: tuple[float, ...]
+    gbps: tuple[float, ...]
+    source: str
+    mode: str | None = None
+    note: str = ""
+
+    def at(self, level: float | None) -> float:
+        if len(self.levels) == 1 or level is None or level <= 0:
+            return self.gbps[0]
+        x = math.log(level)
+        xs = [math.log(v) for v in self.levels]
+        if x <= xs[0]:
+            return self.gbps[0]
+        if x >= xs[-1]:
+            return self.gbps[-1]
+        i = bisect.bisect_right(xs, x)
+        t = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+        return self.gbps[i - 1] + t * (self.gbps[i] - self.gbps[i - 1])
+
+
+@dataclass(frozen=True)
+class TokenCurve:
+    """Seconds against a token count; piecewise linear, constant below the first point and
+    extrapolated with the last segment's slope above the last."""
+
+    tokens: tuple[int, ...]
+    seconds: tuple[float, ...]
+    source: str
+    note: str = ""
+
+    def at(self, tokens: float) -> float:
+        ts, ss = self.tokens, self.seconds
+        if len(ts) == 1 or tokens <= ts[0]:
+            return ss[0]
+        i = bisect.bisect_left(ts, tokens)
+        if i >= len(ts):
+            i = len(ts) - 1
+        slope = (ss[i] - ss[i - 1]) / (ts[i] - ts[i - 1])
+        return max(0.0, ss[i - 1] + slope * (tokens - ts[i - 1]))
+
+
+@dataclass(frozen=True)
+class CodecSpeed:
+    """Host (CPU, one thread) encode and decode throughput of one codec."""
+
+    decode: LevelCurve
+    encode: LevelCurve | None = None
+
+
+@dataclass(frozen=True)
+class CpuExpertFFN:
+    """CPU time of one expert FFN of a reference shape against tokens; other shapes scale by
+    parameter count (both the weight-read and the FLOP term are proportional to it)."""
+
+    hidden_size: int
+    intermediate_size: int
+    curve: TokenCurve
+    dtype: str = "bf16"
+
+    @property
+    def params(self) -> int:
+        # gate, up and down projections: 3 * H * I
+        return 3 * self.hidden_size * self.intermediate_size
+
+    def seconds(self, tokens: float, params: int) -> float:
+        return self.curve.at(tokens) * params / self.params
+
+
+@dataclass(frozen=True)
+class HostProfile:
+    cpu: str
+    cores: Figure
+    memory_bytes: Figure
+    memcpy_gbps: Figure
+    disk_read: LinkFit
+    codecs: Mapping[str, CodecSpeed] = field(default_factory=dict)
+    cpu_expert_ffn: CpuExpertFFN | None = None
+
+
+@dataclass(frozen=True)
+class GpuProfile:
+    name: str
+    memory_bytes: Figure
+    h2d_pinned: LinkFit
+    h2d_pageable: LinkFit
+    d2h_pinned: LinkFit
+    d2h_pageable: LinkFit
+    h2d_under_compute_gbps: Figure
+    bf16_gemm_tflops: Figure
+    d2d_gbps: Figure
+    decode: Mapping[str, LevelCurve] = field(default_factory=dict)
+
+    def h2d(self, pinned: bool) -> LinkFit:
+        return self.h2d_pinned if pinned else self.h2d_pageable
+
+
+@dataclass(frozen=True)
+class AttentionTimings:
+    """Seconds of one decoder layer's attention + router against batch and context length;
+    `seconds[i][j]` is for `batch[i]` and `context_tokens[j]`. Bilinear, linear extrapolation."""
+
+    batch: tuple[int, ...]
+    context_tokens: tuple[int, ...]
+    seconds: tuple[tuple[float, ...], ...]
+    source: str
+    note: str = ""
+
+    def at(self, batch: float, context: float) -> float:
+        rows = [TokenCurve(self.context_tokens, row, self.source).at(context)
+                for row in self.seconds]
+        return TokenCurve(self.batch, tuple(rows), self.source).at(batch)
+
+
+@dataclass(frozen=True)
+class ModelTimings:
+    """Timings of one model's shapes on this machine (measured, or estimated for big ones)."""
+
+    model: str
+    hidden_size: int
+    expert_intermediate_size: int
+    expert_ffn: TokenCurve
+    attention_router: AttentionTimings
+    lm_head: TokenCurve | None = None
+
+    def matches(self, geometry: Any) -> bool:
+        return (self.model == getattr(geometry, "name", None)
+                or (self.hidden_size == geometry.hidden_size
+                    and self.expert_intermediate_size == geometry.expert_intermediate_size))
+
+
+@dataclass(frozen=True)
+class ProfileSource:
+    """Where the profile came from: a preset's citation or a measuring run's command and host."""
+
+    kind: str  # "preset" or "measured"
+    description: str
+    date: str
+    command: str | None = None
+    hostname: str | None = None
+    packages: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """A whole hardware profile. `origin` is the path or `preset:NAME` it was loaded from."""
+
+    name: str
+    host: HostProfile
+    source: ProfileSource
+    gpu: GpuProfile | None = None
+    model_timings: tuple[ModelTimings, ...] = ()
+    raw: Mapping[str, Any] = field(default_factory=dict)
+    origin: str = ""
+
+    def timings_for(self, geometry: Any) -> ModelTimings | None:
+        """The model timings measured for this geometry's shapes, if any."""
+        for mt in self.model_timings:
+            if mt.matches(geometry):
+                return mt
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        from profiles.hardware.parse import profile_to_dict
+
+        return profile_to_dict(self)

@@ -1,0 +1,194 @@
+"""The host-side expert store: every routed expert as its packed record in (pinned) host memory.
+
+One record per expert holds its tensors' blobs exactly as a packed checkpoint stores them
+(`profiles.packed`: codec-layer blobs, payloads 16-byte aligned). On a miss the runtime copies the
+whole record to the device in one transfer and decodes the payloads in place, so the bytes that
+cross the link are the record's bytes. Records come from a packed checkpoint's files (read once
+into page-locked buffers) or are encoded from an in-memory model under a policy (the same
+`profiles.packed.encode_expert`, so both paths hold identical bytes).
+
+Where an expert decodes: on the device when every blob has an in-place device decoder (`raw`,
+`szp`, `cuszp`; see `device_decode`); otherwise (`sz3`, `lossless`, a lossless fallback inside a
+record, and `rtn8`/`rtn4`, which have no in-place decoder yet) on host worker threads, after which
+the raw decoded bytes are sent — as the simulator's cost model says for CPU codecs
+(`sim/costs.py`; it models rtn as GPU-decoded, a known difference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+
+from profiles.errors import PolicyError
+
+Key = tuple[int, int]
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class TensorBlob:
+    """One tensor of an expert record: its parsed blob (payload viewing the record) and where its
+    payload starts inside the record."""
+
+    name: str
+    blob: Any                # profiles.codecs.Blob
+    payload_offset: int
+
+
+@dataclass(frozen=True)
+class ExpertRecord:
+    """One routed expert in host memory."""
+
+    layer: int
+    expert: int
+    spec: str
+    host: torch.Tensor       # uint8 record bytes (page-locked when CUDA is used)
+    tensors: tuple[TensorBlob, ...]
+    original_nbytes: int     # the expert in its original dtype
+    device_decodable: bool   # every payload decodes on the device
+
+    @property
+    def key(self) -> Key:
+        return (self.layer, self.expert)
+
+    @property
+    def stored_nbytes(self) -> int:
+        """Bytes held in host memory (blobs and alignment padding)."""
+        return int(self.host.numel())
+
+    @property
+    def link_nbytes(self) -> int:
+        """Bytes copied host -> device on a miss: the record, or the decoded bytes (CPU codecs)."""
+        return self.stored_nbytes if self.device_decodable else self.original_nbytes
+
+    @property
+    def codecs(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(t.blob.codec for t in self.tensors))
+
+
+def _device_decodable(blobs: Iterable[Any]) -> bool:
+    from profiles.runtime.device_decode import decodes_in_place
+
+    return all(decodes_in_place(b.codec) and not b.lossless_fallback for b in blobs)
+
+
+def _record(layer: int, expert: int, spec: str, host: torch.Tensor, entries, original: int,
+            where: str) -> ExpertRecord:
+    from profiles.packed import parse_blob
+
+    tensors = tuple(TensorBlob(b.name, parse_blob(host, b, f"{where} {b.name}"),
+                               b.payload_offset) for b in entries)
+    return ExpertRecord(layer, expert, spec, host, tensors, original,
+                        _device_decodable(t.blob for t in tensors))
+
+
+class ExpertStore:
+    """All routed experts of one model under one policy, in host memory.
+
+    Attributes:
+        records: (layer, expert) -> `ExpertRecord`.
+        policy: the `Policy` the records were encoded with.
+        fingerprint: the original model's fingerprint.
+        source: where the records came from (a packed directory, or "encoded in memory").
+    """
+
+    def __init__(self, records: dict[Key, ExpertRecord], policy, fingerprint: str | None,
+                 source: str) -> None:
+        self.records = records
+        self.policy = policy
+        self.fingerprint = fingerprint
+        self.source = source
+
+    def __getitem__(self, key: Key) -> ExpertRecord:
+        return self.records[key]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory held by the expert records (pinned when CUDA is used)."""
+        return sum(r.stored_nbytes for r in self.records.values())
+
+    @property
+    def original_bytes(self) -> int:
+        return sum(r.original_nbytes for r in self.records.values())
+
+    @classmethod
+    def from_loaded(cls, loaded, policy, pin: bool = False, progress: Progress | None = None,
+                    encode_device: torch.device | None = None) -> "ExpertStore":
+        """Encode every routed expert of a `LoadedModel` under `policy` into host records.
+
+        Raises:
+            PolicyError: the policy does not fit the model (fingerprint, layers, experts).
+        """
+        emap = loaded.expert_map
+        policy.check(emap.moe_layers, emap.experts_per_layer, loaded.fingerprint)
+        return cls.from_tensors(((r.layer, r.expert, r.tensors) for r in emap.experts), policy,
+                                loaded.fingerprint, pin, len(emap.experts), progress,
+                                encode_device)
+
+    @classmethod
+    def from_tensors(cls, experts: Iterable[tuple[int, int, dict[str, torch.Tensor]]], policy,
+                     fingerprint: str | None, pin: bool = False, total: int | None = None,
+                     progress: Progress | None = None,
+                     encode_device: torch.device | None = None) -> "ExpertStore":
+        """Encode (layer, expert, tensors) triples under `policy` into host records.
+
+        Args:
+            encode_device: move each tensor there to encode (a CUDA device encodes `szp` with the
+                fused Triton kernel; streams are byte-identical to the CPU encoder's).
+        """
+        import dataclasses
+
+        import numpy as np
+
+        from profiles.packed import encode_expert
+
+        pin = pin and torch.cuda.is_available()
+        records: dict[Key, ExpertRecord] = {}
+        for i, (layer, expert, tensors) in enumerate(experts):
+            spec = policy.spec_for(layer, expert)
+            if encode_device is not None:
+                tensors = {n: t.to(encode_device) for n, t in tensors.items()}
+            enc = encode_expert(tensors, spec, digests=False)
+            host = torch.zeros(enc.size, dtype=torch.uint8, pin_memory=pin)
+            arr = host.numpy()
+            for off, raw in enc.parts:
+                arr[off: off + len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+            blobs = tuple(
+                TensorBlob(e.name, dataclasses.replace(
+                    b, payload=arr[e.payload_offset: e.payload_offset + b.payload_nbytes]),
+                    e.payload_offset)
+                for e, b in zip(enc.entries, enc.blobs))
+            records[(layer, expert)] = ExpertRecord(
+                layer, expert, spec.describe(), host, blobs, enc.original_nbytes,
+                _device_decodable(t.blob for t in blobs))
+            if progress is not None:
+                progress(i + 1, total or 0, f"layer {layer} expert {expert}")
+        return cls(records, policy, fingerprint, "encoded in memory")
+
+    @classmethod
+    def from_packed(cls, ckpt, pin: bool = False) -> "ExpertStore":
+        """Read a packed checkpoint's expert files into (pinned) host memory and parse every blob
+        (CRC32 checked); `ckpt` is a `profiles.packed.PackedCheckpoint`."""
+        from profiles.packed import read_expert_files
+
+        files = read_expert_files(ckpt, pin=pin)
+        records = {}
+        for e in ckpt.experts:
+            host = files[e.file][e.offset: e.offset + e.size]
+            records[e.key] = _record(e.layer, e.expert, e.spec, host, e.blobs, e.original_bytes,
+                                     f"{ckpt.path / e.file} layer {e.layer} expert {e.expert}")
+        return cls(records, ckpt.policy, ckpt.fingerprint, str(ckpt.path))
+
+    def check_model(self, moe_layers, experts_per_layer: int) -> None:
+        """Raise PolicyError unless the store holds every expert of a model with this shape."""
+        want = {(layer, e) for layer in moe_layers for e in range(experts_per_layer)}
+        missing = sorted(want - set(self.records))
+        if missing:
+            layer, e = missing[0]
+            raise PolicyError(f"expert store ({self.source}) lacks layer {layer} expert {e}; it "
+                              f"was packed for another model")

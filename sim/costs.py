@@ -1,0 +1,174 @@
+"""Per-expert sizes and decode times under a `Policy`: what one miss costs on each resource.
+
+For every MoE layer and expert: the bytes stored in host memory (and read from SSD), the bytes
+that cross the host-to-device link (compressed for GPU codecs; original for CPU codecs, which
+decode on the host and send raw bytes), the GPU or CPU decode time of one expert, and the bytes
+it occupies in the GPU cache (`resident_form`). Decode rates come from the hardware profile in
+GB/s of original bf16 bytes (2 bytes per value), so time = values * 2 / (gbps * 1e9); CPU
+codec rates are per thread, and one expert's chunks decode on `cpu_workers` threads at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from profiles.errors import ConfigError
+from profiles.hardware import HardwareProfile, LevelCurve
+from profiles.serving import ServingConfig
+from sim.shape import expert_params
+
+NONE, GPU, CPU = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class ExpertCosts:
+    """Arrays indexed [position in moe_layers, expert]."""
+
+    moe_layers: tuple[int, ...]
+    original_bytes: int  # one expert in the checkpoint dtype
+    stored_bytes: np.ndarray  # bytes kept in host memory / on SSD
+    link_bytes: np.ndarray  # bytes copied host -> device per miss
+    resident_bytes: np.ndarray  # bytes held in the GPU cache
+    decode_where: np.ndarray  # NONE, GPU or CPU
+    gpu_decode_s: np.ndarray  # GPU decode of one expert (0 when none)
+    cpu_decode_s: np.ndarray  # CPU decode of one expert, split over cpu_workers threads (0: none)
+    hit_decode_s: np.ndarray  # GPU decode on every use (compressed residency), else 0
+    cpu_miss_decode_s: np.ndarray  # CPU decode before CPU execution (on-miss cpu), else 0
+    labels: tuple[str, ...] = field(default=())
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.stored_bytes.shape
+
+
+def _gpu_rate(hardware: HardwareProfile, codec: str, level: float | None,
+              labels: set[str]) -> float:
+    gpu = hardware.gpu
+    curve: LevelCurve | None = gpu.decode.get(codec)
+    if curve is not None:
+        labels.add(f"{codec} GPU decode: {curve.source}" + (f" ({curve.note})" if curve.note else ""))
+        return curve.at(level)
+    if codec in ("rtn8", "rtn4"):
+        # dequantization reads the packed bytes and writes bf16: bandwidth-bound, about d2d / 2
+        labels.add(f"{codec} GPU decode: estimated as half the d2d copy bandwidth "
+                   f"({gpu.d2d_gbps.value:g} GB/s, {gpu.d2d_gbps.source})")
+        return gpu.d2d_gbps.value / 2
+    raise ConfigError(f"hardware profile {hardware.origin or hardware.name} has no GPU decode speed "
+                      f"for codec {codec!r} (gpu.decode.{codec}); measure it with `moesz profile "
+                      f"hardware` or choose another codec")
+
+
+def _cpu_rate(hardware: HardwareProfile, codec: str, level: float | None, labels: set[str],
+              why: str) -> float:
+    speed = hardware.host.codecs.get(codec)
+    if speed is None:
+        raise ConfigError(f"hardware profile {hardware.origin or hardware.name} has no CPU decode "
+                          f"speed for codec {codec!r} (host.codecs.{codec}.decode), needed {why}; "
+                          f"measure it with `moesz profile hardware` or choose another codec")
+    c = speed.decode
+    labels.add(f"{codec} CPU decode: {c.source}" + (f" ({c.note})" if c.note else ""))
+    return c.at(level)
+
+
+def _codec_flags(codec: str) -> tuple[bool, bool]:
+    """(gpu_decodable, cpu_only) of a codec from the codec registry."""
+    if codec == "raw":
+        return False, False
+    from profiles.codecs import get_codec
+
+    c = get_codec(codec)
+    return bool(c.gpu_decodable) and not bool(c.cpu_only), bool(c.cpu_only)
+
+
+def build_costs(geometry: Any, policy: Any, hardware: HardwareProfile, serving: ServingConfig,
+                ratios: Any) -> ExpertCosts:
+    """Sizes and decode times of every routed expert under `policy`.
+
+    Args:
+        geometry: a `ModelGeometry` (or an object with its fields).
+        policy: a `profiles.policy.Policy` (anything with `spec_for(layer, expert)`).
+        hardware: profile with a `gpu` section.
+        serving: serving configuration (resident form, decode slowdown, on-miss).
+        ratios: a `sim.ratios.RatioTable` or `SyntheticRatios`.
+
+    Raises:
+        ConfigError: the hardware profile lacks a decode speed the policy needs.
+    """
+    L, E = len(geometry.moe_layers), geometry.experts_per_layer
+    orig = int(geometry.bytes_per_expert)
+    # decode work is per value: values * 2 bytes at a rate quoted in bf16 bytes per second
+    bf16_bytes = 2.0 * expert_params(geometry)
+    arrays = {n: np.zeros((L, E)) for n in ("stored", "link", "resident", "where", "gdec", "cdec",
+                                             "hdec", "mdec")}
+    labels: set[str] = set()
+    memo: dict[tuple, tuple] = {}
+    for li, layer in enumerate(geometry.moe_layers):
+        for e in range(E):
+            spec = policy.spec_for(layer, e)
+            key = (li, spec.codec, getattr(spec, "mode", None), getattr(spec, "level", None),
+                   tuple(sorted((getattr(spec, "codec_options", None) or {}).items())))
+            row = memo.get(key)
+            if row is None:
+                row = _expert_row(geometry, layer, spec, hardware, serving, ratios, orig,
+                                  bf16_bytes, labels)
+                memo[key] = row
+            for name, v in zip(arrays, row):
+                arrays[name][li, e] = v
+    if any(key[1] != "raw" for key in memo):
+        labels.add(f"sizes: {ratios.label}")
+    return ExpertCosts(
+        moe_layers=tuple(geometry.moe_layers), original_bytes=orig,
+        stored_bytes=arrays["stored"].astype(np.int64), link_bytes=arrays["link"].astype(np.int64),
+        resident_bytes=arrays["resident"].astype(np.int64),
+        decode_where=arrays["where"].astype(np.int8), gpu_decode_s=arrays["gdec"],
+        cpu_decode_s=arrays["cdec"], hit_decode_s=arrays["hdec"], cpu_miss_decode_s=arrays["mdec"],
+        labels=tuple(sorted(labels)))
+
+
+def _expert_row(geometry, layer, spec, hardware, serving, ratios, orig, bf16_bytes, labels):
+    codec = spec.codec
+    ratio = ratios.ratio(layer, spec, geometry)
+    stored = int(round(orig / ratio))
+    gpu_ok, _ = _codec_flags(codec)
+    level = getattr(spec, "level", None)
+    where, gdec, cdec, hdec, mdec = NONE, 0.0, 0.0, 0.0, 0.0
+    link = resident = orig
+    if codec != "raw":
+        if gpu_ok:
+            where = GPU
+            link = stored
+            gdec = bf16_bytes / (_gpu_rate(hardware, codec, level, labels) * 1e9)
+            gdec *= serving.gpu_decode_slowdown if serving.gpu_decode == "stream" else 1.0
+            if serving.resident_form == "compressed":
+                resident, hdec = stored, gdec
+        else:
+            where = CPU
+            # one expert's chunks decode in parallel on cpu_workers threads (linear scaling)
+            cdec = bf16_bytes / (_cpu_rate(hardware, codec, level, labels,
+                                           "because it decodes on the CPU") * 1e9)
+            cdec /= serving.cpu_workers
+        if serving.on_miss == "cpu":
+            mdec = cdec if where == CPU else bf16_bytes / serving.cpu_workers / (
+                _cpu_rate(hardware, codec, level, labels, "to run missed experts on the CPU") * 1e9)
+    return stored, link, resident, where, gdec, cdec, hdec, mdec
+
+
+def uniform_costs(moe_layers: tuple[int, ...], experts_per_layer: int, *, original_bytes: int,
+                  stored_bytes: int | None = None, gpu_decode_s: float = 0.0,
+                  cpu_decode_s: float = 0.0, resident_compressed: bool = False,
+                  label: str = "explicit sizes") -> ExpertCosts:
+    """Costs with the same size and decode time for every expert (tests, what-if by hand)."""
+    L, E = len(moe_layers), experts_per_layer
+    stored = original_bytes if stored_bytes is None else stored_bytes
+    where = GPU if gpu_decode_s > 0 else (CPU if cpu_decode_s > 0 else NONE)
+    full = lambda v, dt=np.float64: np.full((L, E), v, dtype=dt)  # noqa: E731
+    link = original_bytes if where == CPU else stored
+    resident = stored if (resident_compressed and where == GPU) else original_bytes
+    return ExpertCosts(tuple(moe_layers), int(original_bytes), full(stored, np.int64),
+                       full(link, np.int64), full(resident, np.int64), full(where, np.int8),
+                       full(gpu_decode_s if where == GPU else 0.0), full(cpu_decode_s),
+                       full(gpu_decode_s if resident_compressed and where == GPU else 0.0),
+                       full(cpu_decode_s), (label,))

@@ -1,0 +1,405 @@
+"""The discrete-event simulation (simpy) of an offloaded MoE model's forward passes.
+
+Per step (a prefill of the whole batch, or one decode token for every sequence) and decoder
+layer: attention + router on the GPU compute stream; then, for an MoE layer, the union of the
+batch's experts. A resident expert is computed at once (after a decode when it is held
+compressed). A missing one is fetched: read from SSD if it is not in host memory, decoded by CPU
+workers for CPU codecs, copied over the host-to-device link (one copy engine), decoded on the
+GPU (its own stream, or in line on the compute stream), inserted into the cache, then computed.
+Transfers of later experts overlap decode and compute of earlier ones (pipelining); the first
+demand miss cannot start before the router, so nothing hides it. With `on_miss = cpu`, missed
+experts run on the CPU instead (and, for LRU/LFU, are copied to the GPU in the background).
+Prefetches of the next MoE layer are issued after the router and yield to demand traffic;
+concurrent requests for the same expert share one transfer. The layer ends when its last
+expert is computed. Modelled after the structure of Vidur and LLMServingSim: profiled operator
+times, simulated on the CPU; the simulator never calls the closed-form model.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import simpy
+
+from profiles.cache import ExpertCache, PerLayerCache, make_cache
+from profiles.errors import ConfigError
+from profiles.hardware import HardwareProfile, LinkFit
+from profiles.serving import ServingConfig
+from sim.costs import CPU, GPU, ExpertCosts
+from sim.memory import MemoryLayout, memory_layout
+from sim.prefetch import make_prefetcher
+from sim.results import SimResult
+from sim.servers import DEMAND, PREFETCH, Recorder, Server
+from sim.timing import TimeModel
+from sim.workload import Workload
+
+
+@dataclass(frozen=True)
+class SimOptions:
+    """Simulator-only knobs (the serving configuration is shared with the runtime).
+
+    Attributes:
+        seed: seeds the prefetch predictor's errors.
+        pipeline: overlap transfers with decode and compute (False: one expert at a time).
+        record: keep the per-event timeline for Chrome-trace and Gantt export.
+        ssd_gbps, ssd_latency_s: override the hardware profile's disk read fit.
+    """
+
+    seed: int = 0
+    pipeline: bool = True
+    record: bool = False
+    ssd_gbps: float | None = None
+    ssd_latency_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.ssd_gbps is not None and not self.ssd_gbps > 0:
+            raise ConfigError(f"--ssd-gbps is {self.ssd_gbps!r}; a link needs a bandwidth > 0 GB/s")
+        if self.ssd_latency_s is not None and not self.ssd_latency_s >= 0:
+            raise ConfigError(f"--ssd-latency-s is {self.ssd_latency_s!r}; expected seconds >= 0")
+
+
+class _Job:
+    """An expert moving through stages (fetch: ssd, cpu decode, link, gpu decode; or use)."""
+
+    __slots__ = ("kind", "key", "li", "e", "prio", "stages", "i", "waiters", "entry", "server",
+                 "done")
+
+    def __init__(self, kind: str, key: tuple[int, int], li: int, e: int, prio: int,
+                 stages: tuple, done: Callable[["_Job"], None]) -> None:
+        self.kind = kind
+        self.key = key
+        self.li = li
+        self.e = e
+        self.prio = prio
+        self.stages = stages
+        self.i = 0
+        self.done = done
+        self.waiters: list[Callable[[], None]] = []
+
+
+class _Countdown:
+    """Calls `then(None)` when `one` has been called `remaining` times."""
+
+    __slots__ = ("remaining", "then")
+
+    def __init__(self, n: int, then: Callable[[Any], None]) -> None:
+        self.remaining = n
+        self.then = then
+
+    def one(self, _: Any) -> None:
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.then(None)
+
+
+class Simulation:
+    """One run: build with the inputs, call `run()` once."""
+
+    def __init__(self, *, geometry: Any, hardware: HardwareProfile, serving: ServingConfig,
+                 costs: ExpertCosts, workload: Workload, times: TimeModel | None = None,
+                 options: SimOptions = SimOptions()) -> None:
+        self.g, self.hw, self.serving, self.costs, self.wl = geometry, hardware, serving, costs, workload
+        self.opt = options
+        self.times = times or TimeModel(hardware, geometry)
+        if costs.shape != (len(geometry.moe_layers), geometry.experts_per_layer):
+            raise ConfigError(f"expert costs have shape {costs.shape}; the model has "
+                              f"{len(geometry.moe_layers)} MoE layers x {geometry.experts_per_layer} experts")
+        self.mem: MemoryLayout = memory_layout(
+            geometry, serving, costs, workload.hot_order(), hardware.gpu.memory_bytes.value)
+        self.link: LinkFit = hardware.gpu.h2d(serving.pinned)
+        disk = hardware.host.disk_read
+        self.ssd_latency = disk.latency_s if options.ssd_latency_s is None else options.ssd_latency_s
+        self.ssd_gbps = disk.gbps if options.ssd_gbps is None else options.ssd_gbps
+
+    # -- setup -------------------------------------------------------------------------------
+    def _build(self) -> None:
+        env = self.env = simpy.Environment()
+        rec = self.recorder = Recorder() if self.opt.record else None
+        s = self.serving
+        self.compute = Server(env, "GPU compute", 1, rec)
+        self.h2d = Server(env, "H2D link", 1, rec)
+        self.gpu_dec = Server(env, "GPU decode", 1, rec) if s.gpu_decode == "stream" else self.compute
+        # one expert at a time, its chunks spread over cpu_workers threads (see sim.costs)
+        self.cpu_dec = Server(env, "CPU decode", 1, rec)
+        self.cpu = Server(env, "CPU compute", 1, rec)
+        self.ssd = Server(env, "SSD read", 1, rec)
+        c, layers = self.costs, self.g.moe_layers
+        L = len(layers)
+        # per-expert stage durations as nested lists (fast scalar access in the event loop)
+        self._link_s = [[self.link.time_s(float(b)) for b in row] for row in c.link_bytes]
+        self._ssd_s = [[self.ssd_latency + float(b) / (self.ssd_gbps * 1e9) for b in row]
+                       for row in c.stored_bytes]
+        self._gdec = c.gpu_decode_s.tolist()
+        self._cdec = c.cpu_decode_s.tolist()
+        self._hdec = c.hit_decode_s.tolist()
+        self._mdec = c.cpu_miss_decode_s.tolist()
+        self._where = c.decode_where.tolist()
+        self._resident = c.resident_bytes.tolist()
+        self._linkb = c.link_bytes.tolist()
+        self._storedb = c.stored_bytes.tolist()
+        self._in_host = self.mem.in_host.tolist()
+        self._layer_pos = {layer: i for i, layer in enumerate(layers)}
+        hot = [((layers[li], e), int(c.resident_bytes[li, e])) for li, e in self.wl.hot_order()]
+        if self.mem.layer_capacity_bytes is not None:
+            caps = {layers[li]: cap for li, cap in enumerate(self.mem.layer_capacity_bytes)}
+            self.cache: ExpertCache = PerLayerCache(s.cache_policy, caps, hot)
+        else:
+            self.cache = make_cache(s.cache_policy, self.mem.cache_capacity_bytes, hot)
+        preload = getattr(self.cache, "preload", None)
+        self.preloaded = preload() if preload else []
+        self.cache_peak = self.cache.used_bytes
+        self.inflight: dict[tuple[int, int], _Job] = {}
+        self._stage_cache: list[list] = [[None] * self.g.experts_per_layer for _ in range(L)]
+        self.staged: dict[int, set] = {li: set() for li in range(L)}
+        self.prefetcher = make_prefetcher(s.prefetch)
+        self._prefetching = self.prefetcher.name != "none"
+        self.rng = random.Random(self.opt.seed)
+        self.background_fetch = s.on_miss == "cpu" and s.cache_policy != "static-hot"
+        self.stats = dict(bytes_h2d=0, bytes_h2d_prefetch=0, bytes_ssd=0, transfers=0, ssd_reads=0,
+                          cpu_runs=0)
+        self.hm = {"prefill": [0, 0], "decode": [0, 0]}  # phase -> [hits, misses]
+        self.step_marks: list[tuple[str, float, float]] = []
+
+    # -- job plumbing --------------------------------------------------------------------------
+    def _advance(self, job: _Job) -> None:
+        stages = job.stages
+        i = job.i
+        n = len(stages)
+        while i < n:
+            server, dur = stages[i]
+            i += 1
+            if dur > 0:
+                job.i = i
+                job.server = server
+                job.entry = server.submit(job, dur, job.prio, self._advance)
+                return
+        job.i = i
+        job.done(job)
+
+    def _fetch_stages(self, li: int, e: int) -> tuple:
+        """The stages of fetching expert e of layer position li (cached: they never change)."""
+        stages = self._stage_cache[li][e]
+        if stages is None:
+            st = []
+            if not self._in_host[li][e]:
+                st.append((self.ssd, self._ssd_s[li][e]))
+            where = self._where[li][e]
+            if where == CPU:
+                st.append((self.cpu_dec, self._cdec[li][e]))
+            st.append((self.h2d, self._link_s[li][e]))
+            if where == GPU and self._hdec[li][e] == 0:
+                st.append((self.gpu_dec, self._gdec[li][e]))
+            stages = self._stage_cache[li][e] = tuple(st)
+        return stages
+
+    def _fetch(self, li: int, e: int, prio: int) -> _Job:
+        key = (self.g.moe_layers[li], e)
+        stats = self.stats
+        nbytes = self._linkb[li][e]
+        stats["bytes_h2d"] += nbytes
+        stats["transfers"] += 1
+        if prio == PREFETCH:
+            stats["bytes_h2d_prefetch"] += nbytes
+        if not self._in_host[li][e]:
+            stats["bytes_ssd"] += self._storedb[li][e]
+            stats["ssd_reads"] += 1
+        job = _Job("prefetch" if prio == PREFETCH else "fetch", key, li, e, prio,
+                   self._fetch_stages(li, e), self._arrive)
+        self.inflight[key] = job
+        self._advance(job)
+        return job
+
+    def _arrive(self, job: _Job) -> None:
+        key = job.key
+        del self.inflight[key]
+        job.entry = job.server = None  # drop the job <-> queue-entry cycle
+        cache = self.cache
+        cache.insert(key, self._resident[job.li][job.e])
+        if cache.used_bytes > self.cache_peak:
+            self.cache_peak = cache.used_bytes
+        if key not in cache:
+            self.staged[job.li].add(key)
+        for w in job.waiters:
+            w()
+
+    def _promote(self, job: _Job) -> None:
+        if job.prio == PREFETCH:
+            job.prio = DEMAND
+            server = getattr(job, "server", None)  # unset until the job reaches a server
+            if server is not None:
+                server.promote(job.entry)
+
+    def _use(self, li: int, e: int, tokens: int, then: Callable) -> None:
+        """Decode (compressed residency) and compute one resident expert on the GPU."""
+        hdec = self._hdec[li][e]
+        if hdec > 0:
+            stages = [(self.gpu_dec, hdec), (self.compute, self.times.expert_s(tokens))]
+            self._advance(_Job("use", (self.g.moe_layers[li], e), li, e, DEMAND, stages, then))
+        else:  # the common case: one compute span, no job object
+            self.compute.submit((self.g.moe_layers[li], e), self.times.expert_s(tokens), DEMAND,
+                                then)
+
+    def _cpu_run(self, li: int, e: int, tokens: int, then: Callable) -> None:
+        stages = []
+        if not self._in_host[li][e]:
+            stages.append((self.ssd, self._ssd_s[li][e]))
+        stages.append((self.cpu_dec, self._mdec[li][e]))
+        stages.append((self.cpu, self.times.cpu_expert_s(tokens)))
+        self.stats["cpu_runs"] += 1
+        if not self._in_host[li][e]:
+            self.stats["bytes_ssd"] += self._storedb[li][e]
+            self.stats["ssd_reads"] += 1
+        self._advance(_Job("cpu", (self.g.moe_layers[li], e), li, e, DEMAND, stages, then))
+
+    # -- one MoE layer -----------------------------------------------------------------------
+    def _expert(self, li: int, e: int, tokens: int, hm: list, then: Callable) -> None:
+        """Serve one expert of the current layer; call `then(_)` once it is computed.
+        `hm` is the [hits, misses] counter of the current phase."""
+        key = (self.g.moe_layers[li], e)
+        if self.cache.access(key) or key in self.staged[li]:
+            hm[0] += 1
+            self._use(li, e, tokens, then)
+            return
+        hm[1] += 1
+        job = self.inflight.get(key)
+        if self.serving.on_miss == "cpu":
+            self._cpu_run(li, e, tokens, then)
+            if self.background_fetch and job is None:
+                self._fetch(li, e, PREFETCH)
+            return
+        if job is None:
+            job = self._fetch(li, e, DEMAND)
+        else:
+            self._promote(job)
+        job.waiters.append(lambda: self._use(li, e, tokens, then))
+
+    def _layer(self, step_idx: int, li: int, phase: str, then: Callable[[Any], None]) -> None:
+        experts, counts = self.wl.steps[step_idx].layers[li]
+        done = _Countdown(len(experts), then)
+        hm = self.hm[phase]
+        if self.opt.pipeline:
+            expert, one = self._expert, done.one
+            for e, n in zip(experts, counts):
+                expert(li, e, n, hm, one)
+        else:
+            order = list(zip(experts, counts))
+
+            def nxt(_: Any = None) -> None:
+                if order:
+                    e, n = order.pop(0)
+                    self._expert(li, e, n, hm, nxt)
+                done.one(None)
+
+            done.remaining += 1
+            nxt()
+        if self._prefetching and li + 1 < len(self.g.moe_layers):
+            nxt_layer, staged = self.g.moe_layers[li + 1], self.staged[li + 1]
+            for e in self.prefetcher.predict(self.wl, step_idx, li + 1, self.rng):
+                key = (nxt_layer, e)
+                if key not in self.cache and key not in self.inflight and key not in staged:
+                    self._fetch(li + 1, e, PREFETCH)
+
+    # The forward pass is a chain of callbacks rather than a simpy process: each finished span
+    # starts the next, which saves two events per layer over yielding on them.
+    def _start_layer(self) -> None:
+        if self._layer_idx == self.g.num_layers:
+            self.compute.submit(("lm_head", -1), self.times.lm_head_s(self.serving.batch_size),
+                                DEMAND, self._end_step)
+            return
+        self.compute.submit(("attention", self._layer_idx), self._attention_s, DEMAND,
+                            self._after_attention)
+
+    def _after_attention(self, _: Any) -> None:
+        li = self._layer_pos.get(self._layer_idx)
+        if li is None:
+            self._layer_idx += 1
+            self._start_layer()
+        else:
+            self._layer(self._step_idx, li, self._step.phase, self._after_layer)
+
+    def _after_layer(self, _: Any) -> None:
+        self.staged[self._layer_pos[self._layer_idx]].clear()
+        self._layer_idx += 1
+        self._start_layer()
+
+    def _begin_step(self) -> None:
+        self._step = step = self.wl.steps[self._step_idx]
+        self._step_start = self.env.now
+        # every decoder layer of a step has the same shapes, so one attention time per step
+        self._attention_s = self.times.attention_s(step.tokens, self.serving.batch_size,
+                                                   step.context, step.phase)
+        self._layer_idx = 0
+        self._start_layer()
+
+    def _end_step(self, _: Any) -> None:
+        self.step_marks.append((self._step.phase, self._step_start, self.env.now))
+        self._step_idx += 1
+        if self._step_idx < len(self.wl.steps):
+            self._begin_step()
+
+    # -- run -----------------------------------------------------------------------------------
+    def run(self) -> SimResult:
+        self._build()
+        self._step_idx = 0
+        # The event loop allocates many short-lived objects and no cycles that outlive a step;
+        # pausing the cyclic garbage collector saves about a third of the run time.
+        gc_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._begin_step()
+            self.env.run()
+        finally:
+            if gc_enabled:
+                gc.enable()
+        return self._result()
+
+    def _result(self) -> SimResult:
+        end = self.env.now
+        marks = self.step_marks
+        prefill_end = max((m[2] for m in marks if m[0] == "prefill"), default=0.0)
+        decode_marks = [m for m in marks if m[0] == "decode"]
+        decode_s = end - prefill_end
+        steps = len(decode_marks)
+        B = self.serving.batch_size
+        tokens = B * steps
+        ttft = decode_marks[0][2] if decode_marks else end
+        dh, dm = self.hm["decode"]
+        ph, pm = self.hm["prefill"]
+        mem = self.mem
+        gpu_used = mem.non_expert_bytes + mem.kv_bytes + mem.staging_bytes + self.cache_peak
+        notes = list(self.wl.notes) + list(mem.notes)
+        if self.preloaded:
+            notes.append(f"static-hot pinned {len(self.preloaded)} experts before the run "
+                         f"(not counted as transfers)")
+        labels = [lab for lab in self.times.labels
+                  if self.serving.on_miss == "cpu" or not lab.startswith("CPU expert")]
+        labels += list(self.costs.labels) + [
+            f"H2D link: {self.link.source}, {self.link.gbps:g} GB/s + {self.link.latency_s:g} s "
+            f"({'pinned' if self.serving.pinned else 'pageable'})"]
+        if not mem.in_host.all():
+            labels.append(f"SSD read: {self.ssd_gbps:g} GB/s + {self.ssd_latency:g} s")
+        return SimResult(
+            tokens=tokens, time_s=end, prefill_s=prefill_end, decode_s=decode_s,
+            tokens_per_s=tokens / decode_s if decode_s > 0 else float("inf"),
+            ttft_s=ttft, tpot_s=decode_s / steps if steps else 0.0,
+            bytes_h2d=self.stats["bytes_h2d"], bytes_h2d_prefetch=self.stats["bytes_h2d_prefetch"],
+            bytes_ssd=self.stats["bytes_ssd"], transfers=self.stats["transfers"],
+            ssd_reads=self.stats["ssd_reads"], cpu_expert_runs=self.stats["cpu_runs"],
+            hits=dh, misses=dm, hit_rate=dh / (dh + dm) if dh + dm else 0.0,
+            prefill_hit_rate=ph / (ph + pm) if ph + pm else 0.0,
+            link_h2d_gbps=self.link.gbps,
+            link_busy_fraction=self.h2d.busy_fraction(end),
+            decode_busy_fraction=(self.gpu_dec.busy_fraction(end)
+                                  if self.gpu_dec is not self.compute else 0.0),
+            cpu_decode_busy_fraction=self.cpu_dec.busy_fraction(end),
+            cpu_compute_busy_fraction=self.cpu.busy_fraction(end),
+            compute_busy_fraction=self.compute.busy_fraction(end),
+            gpu_mem_bytes=int(gpu_used), gpu_budget_bytes=mem.gpu_budget_bytes,
+            cache_capacity_bytes=(None if mem.cache_capacity_bytes == float("inf")
+                                  else float(mem.cache_capacity_bytes)),
+            kv_cache_bytes=mem.kv_bytes, host_mem_bytes=mem.host_used_bytes,
+            host_budget_bytes=mem.host_budget_bytes, labels=tuple(labels),
+            notes=tuple(dict.fromkeys(notes)), config=self.serving.to_dict())

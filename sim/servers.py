@@ -1,0 +1,90 @@
+"""Serial resources for the simulator: a link, a decoder, a compute stream, a pool of CPU workers.
+
+A `Server` runs at most `capacity` jobs at once, each for a fixed duration, and queues the rest
+in two FIFO queues: demand (priority 0) before prefetch (priority 1). It is driven by simpy
+timeouts with callbacks rather than one process per job, which keeps the event count per expert
+transfer small (one timeout per stage). `promote` moves a queued prefetch job to the demand
+queue, so a demand that finds its expert already queued for prefetch does not wait behind other
+prefetches.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable
+
+import simpy
+from simpy.events import Timeout
+
+DEMAND, PREFETCH = 0, 1
+
+
+class Recorder:
+    """Collects (track, item, start_s, end_s) spans for the timeline export."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, Any, float, float]] = []
+
+    def add(self, track: str, item: Any, start: float, end: float) -> None:
+        self.spans.append((track, item, start, end))
+
+
+class Server:
+    """A resource with `capacity` parallel units and demand-before-prefetch FIFO queues."""
+
+    __slots__ = ("env", "name", "capacity", "busy", "busy_s", "queues", "recorder")
+
+    def __init__(self, env: simpy.Environment, name: str, capacity: int = 1,
+                 recorder: Recorder | None = None) -> None:
+        self.env = env
+        self.name = name
+        self.capacity = capacity
+        self.busy = 0
+        self.busy_s = 0.0
+        self.queues: tuple[deque, deque] = (deque(), deque())
+        self.recorder = recorder
+
+    def submit(self, item: Any, duration: float, prio: int, then: Callable[[Any], None]) -> list:
+        """Run `item` for `duration` seconds when a unit is free; call `then(item)` after.
+
+        Returns the queue entry (usable with `promote`).
+        """
+        entry = [item, duration, then, 0.0]
+        if self.busy < self.capacity:  # start at once (inlined _start: this is the hot path)
+            self.busy += 1
+            entry[3] = self.env._now
+            Timeout(self.env, duration, entry).callbacks.append(self._finish)
+        else:
+            self.queues[prio].append(entry)
+        return entry
+
+    def promote(self, entry: list) -> None:
+        """Move a queued prefetch entry to the demand queue (no-op once it has started)."""
+        low = self.queues[PREFETCH]
+        for i, other in enumerate(low):
+            if other is entry:
+                del low[i]
+                self.queues[DEMAND].append(entry)
+                return
+
+    def _start(self, entry: list) -> None:
+        self.busy += 1
+        entry[3] = self.env.now
+        ev = Timeout(self.env, entry[1], entry)
+        ev.callbacks.append(self._finish)
+
+    def _finish(self, ev: Timeout) -> None:
+        entry = ev._value
+        self.busy -= 1
+        self.busy_s += entry[1]
+        if self.recorder is not None:
+            self.recorder.add(self.name, entry[0], entry[3], self.env.now)
+        high, low = self.queues
+        if high:
+            self._start(high.popleft())
+        elif low:
+            self._start(low.popleft())
+        entry[2](entry[0])
+
+    def busy_fraction(self, makespan_s: float) -> float:
+        return self.busy_s / (self.capacity * makespan_s) if makespan_s > 0 else 0.0

@@ -1,0 +1,63 @@
+"""`moesz plan` and `moesz plan show` through typer's test runner."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from planner.cli import app
+from tests.planner.planner_fixtures import tiny_profile
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    prof = tiny_profile(tmp_path_factory.mktemp("prof"))
+    out = tmp_path_factory.mktemp("plan") / "plan.json"
+    r = runner.invoke(app, ["plan", "--profile", str(prof), "--hardware", "preset:h200-published",
+                            "--accuracy-budget", "0.01", "--gpu-mem", "25%", "--tokens", "64",
+                            "--trials", "20", "--warm-trials", "2", "--rerank", "1",
+                            "--out", str(out)])
+    return prof, out, r
+
+
+def test_plan_writes_a_plan_and_plots(planned):
+    _, out, r = planned
+    assert r.exit_code == 0, r.output
+    assert out.is_file() and "wrote" in r.output and "plan" in r.output
+    for name in ("pareto.png", "levels.png", "budget.png"):
+        assert (out.parent / "plan-plots" / name).stat().st_size > 1000
+    assert "predicted" in r.output and "MILP optimum" in r.output
+
+
+def test_plan_show_json_has_the_documented_fields(planned):
+    _, out, _ = planned
+    r = runner.invoke(app, ["plan", "show", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert all({"layer", "codec", "level"} <= set(x) for x in doc["layers"])
+    assert isinstance(doc["predicted"]["tokens_per_s"], float)
+    assert {"value", "low", "high"} <= set(doc["predicted"]["accuracy_drop"])
+    assert doc["budget"]["value"] == 0.01 and doc["budget"]["metric"] == "content"
+    assert all("tokens_per_s" in b and "accuracy_drop" in b for b in doc["baselines"])
+    r = runner.invoke(app, ["plan", "show", str(out)])
+    assert r.exit_code == 0 and "baselines" not in r.output.lower().split("plan")[0]
+    assert "no compression" in r.output
+
+
+def test_errors_are_one_line(planned, tmp_path):
+    prof, _, _ = planned
+    r = runner.invoke(app, ["plan", "--profile", str(prof), "--accuracy-budget", "-1",
+                            "--gpu-mem", "25%", "--out", str(tmp_path / "p.json")])
+    assert r.exit_code == 1 and "error: --accuracy-budget" in r.output
+    r = runner.invoke(app, ["plan", "--accuracy-budget", "0.01", "--gpu-mem", "25%",
+                            "--out", str(tmp_path / "p.json")])
+    assert r.exit_code == 1 and "error: --profile is required" in r.output
+    r = runner.invoke(app, ["plan", "show", str(tmp_path / "nope.json")])
+    assert r.exit_code == 1 and "error:" in r.output and "no such file" in r.output
+    r = runner.invoke(app, ["plan", "--profile", str(tmp_path), "--accuracy-budget", "0.01",
+                            "--gpu-mem", "25%", "--out", str(tmp_path / "p.json")])
+    assert r.exit_code == 1 and "profile.json" in r.output

@@ -1,0 +1,99 @@
+"""`moesz pack` and `moesz run` on a tiny model, and the simulator fed with what a run measured."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from planner.cli import app
+from planner.cli.run import predict_for_run, trace_document
+from profiles.hardware import load_hardware
+from profiles.models import load_model
+from profiles.policy import Policy
+from profiles.runtime import measure_throughput, synthetic_prompt
+from profiles.serving import ServingConfig
+from tests.fixtures_models import save_tiny_model
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_model("olmoe", tmp_path_factory.mktemp("olmoe"))
+
+
+@pytest.fixture(scope="module")
+def packed_dir(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("packed") / "ckpt"
+    res = runner.invoke(app, ["pack", str(tiny_dir), "--uniform", "szp:meanabs:0.5",
+                              "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert doc["host_bytes"] == sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    assert doc["ratio"] > 1
+    return out
+
+
+def test_run_reports_measured_figures_and_writes_a_perfetto_trace(packed_dir, tmp_path):
+    trace = tmp_path / "run.json"
+    res = runner.invoke(app, ["run", str(packed_dir), "--gpu-mem", "40%", "--prompt", "4",
+                              "--tokens", "4", "--device", "cpu", "--json",
+                              "--trace-out", str(trace)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    for key in ("tokens_per_s", "tpot_s", "bytes_h2d", "hit_rate", "misses", "measurement"):
+        assert key in doc
+    assert doc["steps"] == 4 and doc["tokens_per_s"] > 0
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {e["args"]["name"] for e in events if e.get("name") == "thread_name"}
+    assert {"H2D link", "GPU compute", "GPU decode", "steps"} <= names
+    assert any(e.get("name", "").startswith("fetch L") for e in events)
+    procs = [e["args"]["name"] for e in events if e.get("name") == "process_name"]
+    assert procs == ["moesz runtime (measured on cpu)"]
+
+
+def test_run_refuses_a_plan_for_another_model(packed_dir, tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"kind": "plan", "policy": Policy.uniform(
+        "szp", "meanabs", 0.5, fingerprint="fp1:0123456789abcdef").to_dict()}))
+    res = runner.invoke(app, ["run", str(packed_dir), "--policy", str(plan), "--tokens", "2",
+                              "--device", "cpu"])
+    assert res.exit_code == 1
+    assert res.output.startswith("error:") and "fingerprint" in res.output
+
+
+def test_pack_refuses_missing_policy(tiny_dir, tmp_path):
+    res = runner.invoke(app, ["pack", str(tiny_dir), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 1 and "--policy" in res.output
+
+
+@pytest.mark.parametrize("cache", ["lru", "lfu", "static-hot"])
+def test_simulator_sees_the_same_cache_traffic_for_the_same_routing(tiny_dir, cache):
+    """Same routing, sizes, budget and cache policy, no prefetch: the simulator's hits, misses and
+    bytes moved equal the runtime's exactly (the cache logic is shared and mirrored)."""
+    lm = load_model(str(tiny_dir))
+    ids = synthetic_prompt(1, 5, lm.geometry.vocab_size, seed=3)
+    sv = ServingConfig(gpu_mem_fraction=0.4, cache_policy=cache, prompt_tokens=5,
+                       generated_tokens=8)
+    r = measure_throughput(lm, Policy.uniform("szp", "meanabs", 0.5), sv, prompt_ids=ids,
+                           device="cpu")
+    sim = predict_for_run(r, load_hardware("preset:h200-published"), record=True)
+    p = sim.result
+    assert (p.hits, p.misses) == (r.hits, r.misses)
+    assert p.bytes_h2d == r.bytes_h2d
+    assert p.cache_capacity_bytes == r.cache_capacity_bytes
+    doc = trace_document(r, sim)
+    procs = {e["pid"]: e["args"]["name"] for e in doc["traceEvents"]
+             if e.get("name") == "process_name"}
+    assert procs == {1: "moesz runtime (measured on cpu)", 2: "moesz simulation (predicted)"}

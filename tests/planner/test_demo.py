@@ -1,0 +1,94 @@
+"""`moesz demo` end to end at the reduced `ci` size: every stage runs for real on the built-in
+model and leaves its files; the summary labels its figures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from planner.demo import SIZES, STAGES, run_demo, summary_lines
+from profiles.errors import ConfigError
+from tests.planner.demo_folder import demo_folder
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return demo_folder(tmp_path_factory)
+
+
+@pytest.mark.slow
+def test_demo_writes_every_stage_file(demo):
+    out, record, _ = demo
+    for name in ("profile/profile.json", "profile/ratios.parquet", "profile/sensitivity.parquet",
+                 "profile/traces.parquet", "plan.json", "plan-plots/pareto.png", "sweep.json",
+                 "timeline.json", "validation.json", "demo.json", "report.md", "report.html"):
+        assert (out / name).is_file(), name
+    assert set(record["stages_s"]) == set(STAGES)
+    assert record["wall_s"] >= sum(record["stages_s"].values()) * 0.99
+
+
+@pytest.mark.slow
+def test_demo_chain_is_consistent(demo):
+    out, record, _ = demo
+    plan = json.loads((out / "plan.json").read_text())
+    profile = json.loads((out / "profile" / "profile.json").read_text())
+    val = json.loads((out / "validation.json").read_text())
+    # one model throughout: profile -> plan -> validation
+    assert plan["model"]["fingerprint"] == profile["model"]["fingerprint"]
+    assert val["model"]["fingerprint"] == plan["model"]["fingerprint"]
+    assert plan["budget"]["value"] == SIZES["ci"].budget
+    # the plan's GPU budget forces misses: at the plan's budget the simulated hit rate is < 1
+    sweep = json.loads((out / "sweep.json").read_text())
+    plan_rows = [r for r in sweep["rows"] if r["policy"] == "plan"]
+    assert len(plan_rows) == len(SIZES["ci"].sweep_fractions)
+    assert min(r["hit_rate"] for r in plan_rows) < 1.0
+    assert any(r["policy"] == "no compression" for r in sweep["rows"])
+    # validation evaluated every task on the validate split, paired
+    assert val["split"] == "validate" and val["limit"] == SIZES["ci"].validate_limit
+    assert val["verdict"] in ("held", "violated", "inconclusive")
+    assert val["n_prompts"] == 4 * SIZES["ci"].validate_limit
+    trace = json.loads((out / "timeline.json").read_text())
+    assert trace["traceEvents"]
+
+
+@pytest.mark.slow
+def test_without_gpu_the_demo_says_it_used_the_preset(demo):
+    import torch
+
+    out, record, _ = demo
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the demo measures the hardware instead")
+    assert record["hardware"]["spec"] == "preset:h200-published"
+    assert "preset" in record["hardware"]["note"] and "not measured" in record["hardware"]["note"]
+    assert "preset:h200-published" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_progress_covers_every_stage_in_order(demo):
+    _, _, calls = demo
+    seen = []
+    for _, _, label in calls:
+        name = label.split("] ", 1)[1].split(":", 1)[0]
+        if not seen or seen[-1] != name:
+            seen.append(name)
+    assert seen == list(STAGES)
+
+
+@pytest.mark.slow
+def test_summary_labels_every_figure(demo):
+    out, record, _ = demo
+    lines = summary_lines(record, out)
+    text = "\n".join(lines)
+    assert "predicted" in text and "measured" in text and "preset" in text
+    for line in lines:
+        if any(ch.isdigit() for ch in line) and "tokens/s" in line:
+            assert "predicted" in line or "closed form" in line or "simulation" in line, line
+
+
+def test_unknown_size_and_file_as_folder_refused(tmp_path):
+    with pytest.raises(ConfigError, match="size"):
+        run_demo(tmp_path, size="huge")
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        run_demo(f, size="ci")

@@ -1,0 +1,115 @@
+"""Hardware measurement: the link fit, a quick host profile without a GPU, model timings."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from profiles.hardware import load_hardware, save_hardware
+from profiles.hardware.fit import fit_link, median_seconds
+from profiles.hardware.measure import measure_hardware
+from profiles.hardware.timings import model_timings
+from profiles.models import resolve_geometry
+
+
+def test_fit_link_recovers_latency_and_bandwidth():
+    sizes = [64 << 10, 1 << 20, 16 << 20, 256 << 20]
+    times = [20e-6 + n / 25e9 for n in sizes]          # 20 us + bytes / (25 GB/s)
+    fit = fit_link(sizes, times)
+    assert fit.latency_s == pytest.approx(20e-6, rel=1e-6)
+    assert fit.gbps == pytest.approx(25.0, rel=1e-6)
+    assert fit.max_rel_error < 1e-9
+
+
+def test_fit_link_reports_its_error_and_never_a_negative_latency():
+    sizes = [1 << 10, 1 << 20, 1 << 30]
+    times = [1e-7, 1.1e-4, 0.09]                       # not a line: the fit must say so
+    fit = fit_link(sizes, times)
+    assert fit.latency_s >= 0 and fit.gbps > 0
+    assert fit.max_rel_error > 0.05
+    with pytest.raises(ValueError):
+        fit_link([4096, 4096], [1e-3, 2e-3])
+
+
+def test_median_seconds_runs_warmup_and_repeats():
+    calls = []
+    med, samples = median_seconds(lambda: calls.append(1), repeats=3, warmup=2)
+    assert len(calls) == 5 and len(samples) == 3 and med >= 0
+
+
+@pytest.fixture(scope="module")
+def quick_profile(tmp_path_factory):
+    disk = tmp_path_factory.mktemp("disk")
+    return measure_hardware(None, quick=True, disk_dir=disk, gpu=False, command="pytest")
+
+
+def test_quick_profile_without_gpu_has_no_gpu_section(quick_profile, tmp_path):
+    prof = quick_profile
+    assert prof.gpu is None
+    h = prof.host
+    for fig in (h.cores, h.memory_bytes, h.memcpy_gbps):
+        assert fig.source == "measured" and fig.value > 0
+    assert h.disk_read.source == "measured" and h.disk_read.gbps > 0
+    assert h.disk_read.fit_rel_error is not None
+    assert set(h.codecs) == {"sz3", "lossless"}
+    sz3 = h.codecs["sz3"]
+    assert sz3.decode.levels == (0.1, 0.3, 1.0, 2.0, 3.0) and sz3.decode.mode == "meanabs"
+    assert all(g > 0 for g in sz3.decode.gbps + sz3.encode.gbps)
+    ffn = h.cpu_expert_ffn
+    assert ffn.curve.source == "measured" and len(ffn.curve.tokens) == len(ffn.curve.seconds)
+    # raw samples behind the fits, and the command
+    assert prof.raw["command"] == "pytest"
+    assert len(prof.raw["host.disk_read"]["bytes"]) == len(prof.raw["host.disk_read"]["seconds"])
+    out = tmp_path / "hw.json"
+    save_hardware(prof, out)
+    doc = json.loads(out.read_text())
+    assert "gpu" not in doc and doc["kind"] == "hardware_profile" and doc["schema_version"] == 1
+    again = load_hardware(out)
+    assert again.host.disk_read == prof.host.disk_read and again.gpu is None
+
+
+def test_model_timings_measured_for_a_small_model_estimated_for_a_big_one(quick_profile):
+    raw: dict = {}
+    small = resolve_geometry("arch:qwen3_moe,hidden_size=64,moe_intermediate_size=32,"
+                             "num_hidden_layers=2,num_experts=4,num_attention_heads=4,"
+                             "num_key_value_heads=2,head_dim=16,vocab_size=50")
+    mt = model_timings(small, quick_profile.host, None, raw, quick=True)
+    assert mt.expert_ffn.source == "measured" and mt.attention_router.source == "measured"
+    assert mt.matches(small)
+    assert all(s > 0 for s in mt.expert_ffn.seconds)
+    assert f"model_timings.{small.name}" in raw
+
+    big = resolve_geometry("preset:deepseek-v3")
+    mt = model_timings(big, quick_profile.host, None, raw, quick=True)
+    assert mt.expert_ffn.source == "estimated" and mt.attention_router.source == "estimated"
+    assert "roofline" in mt.expert_ffn.note
+    # the estimate grows with tokens once compute-bound, and never below the weight-read time
+    rate = 2 * quick_profile.host.cpu_expert_ffn.params * quick_profile.host.cpu_expert_ffn.curve.tokens[-1] \
+        / quick_profile.host.cpu_expert_ffn.curve.seconds[-1]
+    params = 3 * big.hidden_size * big.expert_intermediate_size
+    assert mt.expert_ffn.seconds[-1] == pytest.approx(
+        max(2 * params * mt.expert_ffn.tokens[-1] / rate,
+            params * 2 / (quick_profile.host.memcpy_gbps.value * 1e9)))
+    assert mt.attention_router.seconds[-1][-1] >= mt.attention_router.seconds[0][0]
+
+
+def test_bad_disk_dir_is_a_clear_error(tmp_path):
+    from profiles.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="does not exist"):
+        measure_hardware(None, quick=True, disk_dir=tmp_path / "nope", gpu=False)
+
+
+@pytest.mark.gpu
+def test_gpu_section_is_measured_with_fits():
+    prof = measure_hardware(None, quick=True, gpu=True)
+    g = prof.gpu
+    assert g is not None and g.memory_bytes.value > 0
+    for lf in (g.h2d_pinned, g.h2d_pageable, g.d2h_pinned, g.d2h_pageable):
+        assert lf.source == "measured" and lf.gbps > 0 and lf.fit_rel_error is not None
+    assert g.bf16_gemm_tflops.value > 0 and g.d2d_gbps.value > 0
+    assert "szp" in g.decode and not math.isnan(g.decode["szp"].gbps[0])
+    assert torch.cuda.is_available()

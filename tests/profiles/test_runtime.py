@@ -1,0 +1,215 @@
+"""The offloaded runtime on the CPU (the CPU is the device): same tokens as the in-memory model
+with the policy applied, misses under a small budget, bytes moved = the missed experts' packed
+sizes, resident bytes within the budget; GPU tests run only with CUDA.
+
+Tolerance: greedy tokens must be identical and every step's logits within 2e-2 (absolute) of the
+in-memory model with the same policy applied. The runtime computes each expert separately
+(transformers' grouped matrix product over all experts is not bit-identical to per-expert
+products); on the CPU the two agree to a bf16 ulp or exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from profiles.errors import ConfigError, PolicyError
+from profiles.models import load_model
+from profiles.packed import pack
+from profiles.policy import Policy, apply_policy
+from profiles.runtime import greedy_generate, measure_throughput, synthetic_prompt
+from profiles.runtime.memory import device_budget
+from profiles.serving import ServingConfig
+from tests.fixtures_models import save_tiny_model
+
+SZP = Policy.uniform("szp", "meanabs", 0.5)
+LOGIT_ATOL = 2e-2
+STEPS, PROMPT = 6, 5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # 2 shared cores: torch's default 2 intra-op threads spin against other processes
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+_MODELS: dict[str, object] = {}
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tmp_path_factory):
+    def get(arch: str = "mixtral"):
+        if arch not in _MODELS:
+            _MODELS[arch] = load_model(str(save_tiny_model(arch, tmp_path_factory.mktemp(arch))))
+        return _MODELS[arch]
+    return get
+
+
+def serving(**kw) -> ServingConfig:
+    base = dict(gpu_mem_fraction=0.5, prompt_tokens=PROMPT, generated_tokens=STEPS)
+    base.update(kw)
+    return ServingConfig(**base)
+
+
+def prompt(loaded):
+    return synthetic_prompt(1, PROMPT, loaded.geometry.vocab_size, seed=1)
+
+
+def reference(loaded, policy, ids):
+    with apply_policy(loaded, policy):
+        return greedy_generate(loaded.model, ids, STEPS, record_logits=True)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_same_tokens_as_the_in_memory_model_with_the_policy(tiny_loaded, arch):
+    lm = tiny_loaded(arch)
+    ids = prompt(lm)
+    ref = reference(lm, SZP, ids)
+    got = measure_throughput(lm, SZP, serving(prefetch="next:1"), prompt_ids=ids,
+                             record_logits=True, device="cpu")
+    assert got.output_ids == ref.ids.tolist()
+    for a, b in zip(ref.logits, got.logits):
+        torch.testing.assert_close(b, a, atol=LOGIT_ATOL, rtol=0)
+    assert got.misses > 0                      # a 50 % budget cannot hold every expert
+    # the model's own experts modules are back afterwards
+    for layer in lm.geometry.moe_layers:
+        block = lm.model.get_submodule(lm.expert_map.block_names[layer])
+        assert block.experts is lm.expert_map.expert_modules[layer]
+
+
+def test_misses_move_exactly_the_missed_experts_packed_bytes(tiny_loaded):
+    lm = tiny_loaded()
+    r = measure_throughput(lm, SZP, serving(gpu_mem_fraction=0.3), prompt_ids=prompt(lm),
+                           device="cpu")
+    assert r.misses > 0 and r.hit_rate < 1.0
+    demand = [f for f in r.fetches if f[1] == "fetch"]
+    assert len(demand) == len(r.fetches)        # no prefetch configured
+    # one transfer per miss (prefill and decode), each of the expert's whole packed record
+    assert len(demand) == r.misses + r.prefill_misses
+    assert r.bytes_h2d == sum(r.expert_sizes[key][0] for key, _, _ in demand)
+    assert r.bytes_h2d == sum(n for _, _, n in demand)
+    # ...which is what the codec layer says those experts compress to (plus alignment padding)
+    for key, _, n in demand[:5]:
+        ref = lm.expert_map.get(*key)
+        blobs = sum(_blob_nbytes(t) for t in ref.tensors.values())
+        assert blobs <= n < blobs + 16 * len(ref.tensors)
+
+
+def _blob_nbytes(t) -> int:
+    from profiles.codecs import compressed_nbytes
+
+    return compressed_nbytes(t, "szp", "meanabs", 0.5)
+
+
+@pytest.mark.parametrize("cache,resident", [("lru", "decompressed"), ("lfu", "compressed"),
+                                            ("static-hot", "decompressed")])
+def test_resident_bytes_never_exceed_the_budget(tiny_loaded, cache, resident):
+    lm = tiny_loaded()
+    r = measure_throughput(lm, SZP, serving(gpu_mem_fraction=0.4, cache_policy=cache,
+                                            resident_form=resident),
+                           prompt_ids=prompt(lm), device="cpu")
+    assert r.cache_capacity_bytes is not None and r.cache_capacity_bytes > 0
+    assert 0 < r.resident_peak_bytes <= r.cache_capacity_bytes
+    assert r.cache_peak_bytes <= r.cache_capacity_bytes
+    if cache == "static-hot":
+        assert r.preload_bytes > 0 and r.bytes_h2d_prefetch == 0
+
+
+def test_unlimited_memory_fetches_each_expert_once(tiny_loaded):
+    lm = tiny_loaded()
+    r = measure_throughput(lm, SZP, serving(gpu_mem_fraction=None), prompt_ids=prompt(lm),
+                           device="cpu")
+    keys = [f[0] for f in r.fetches]
+    assert len(keys) == len(set(keys))
+    assert r.cache_capacity_bytes is None
+
+
+def test_host_codec_and_cpu_execution_of_misses(tiny_loaded):
+    lm = tiny_loaded()
+    pol = Policy.uniform("sz3", "meanabs", 0.5)
+    ids = prompt(lm)
+    ref = reference(lm, pol, ids)
+    r = measure_throughput(lm, pol, serving(gpu_mem_fraction=0.3), prompt_ids=ids, device="cpu")
+    assert r.output_ids == ref.ids.tolist()
+    # host codecs decode on the CPU and send the decoded (original) bytes
+    assert all(n == lm.geometry.bytes_per_expert for _, _, n in r.fetches)
+    assert any(s[0] == "CPU decode" for s in r.spans)
+    cpu = measure_throughput(lm, pol, serving(gpu_mem_fraction=0.3, on_miss="cpu"),
+                             prompt_ids=ids, device="cpu")
+    assert cpu.output_ids == ref.ids.tolist()
+    assert cpu.cpu_expert_runs > 0
+    assert all(kind == "prefetch" for _, kind, _ in cpu.fetches)   # background copies only
+
+
+def test_packed_directory_serves_the_same_tokens(tiny_loaded, tmp_path):
+    lm = tiny_loaded()
+    ids = prompt(lm)
+    ckpt = pack(lm, SZP, tmp_path / "ckpt")
+    a = measure_throughput(ckpt.path, None, serving(), prompt_ids=ids, device="cpu")
+    b = measure_throughput(lm, SZP, serving(), prompt_ids=ids, device="cpu")
+    assert a.output_ids == b.output_ids
+    assert a.host_expert_bytes == ckpt.stored_expert_bytes
+    with pytest.raises(PolicyError, match="was packed with"):
+        measure_throughput(ckpt.path, Policy.none(), serving(), prompt_ids=ids, device="cpu")
+
+
+def test_bad_budgets_are_refused(tiny_loaded):
+    lm = tiny_loaded()
+    with pytest.raises(ConfigError, match="raise --gpu-mem"):
+        measure_throughput(lm, SZP, serving(gpu_mem_fraction=None, gpu_mem_bytes=1000),
+                           device="cpu")
+    with pytest.raises(ConfigError, match="no SSD tier"):
+        measure_throughput(lm, SZP, serving(host_mem_bytes=10), device="cpu")
+    with pytest.raises(PolicyError, match="fingerprint"):
+        measure_throughput(lm, SZP.with_fingerprint("fp1:0000000000000000"), serving(),
+                           device="cpu")
+
+
+def test_cache_capacity_is_the_simulators(tiny_loaded):
+    from sim.costs import uniform_costs
+    from sim.memory import memory_layout
+
+    g = tiny_loaded().geometry
+    for sv in (serving(), serving(gpu_mem_fraction=0.8, batch_size=3, staging_slots=1),
+               serving(gpu_mem_fraction=None, gpu_mem_bytes=200_000)):
+        sizes = {(layer, e): g.bytes_per_expert for layer in g.moe_layers
+                 for e in range(g.experts_per_layer)}
+        ours = device_budget(g, sv, sizes)
+        costs = uniform_costs(g.moe_layers, g.experts_per_layer, original_bytes=g.bytes_per_expert)
+        theirs = memory_layout(g, sv, costs, [])
+        assert ours.cache_capacity_bytes == theirs.cache_capacity_bytes
+        assert ours.kv_bytes == theirs.kv_bytes
+
+
+def test_timeline_uses_the_simulators_tracks(tiny_loaded):
+    lm = tiny_loaded()
+    r = measure_throughput(lm, Policy.uniform("szp", "meanabs", 0.5), serving(gpu_mem_fraction=0.3),
+                           prompt_ids=prompt(lm), device="cpu")
+    tracks = {s[0] for s in r.spans}
+    assert {"steps", "GPU compute", "GPU decode", "H2D link"} <= tracks
+    assert sum(1 for s in r.spans if s[0] == "steps") == STEPS + 1
+    assert all(s[3] >= s[2] for s in r.spans)
+    frame = r.routing_frame()
+    assert len(frame) == (PROMPT + STEPS) * len(lm.geometry.moe_layers) * lm.geometry.top_k
+
+
+@pytest.mark.gpu
+def test_gpu_runtime_matches_the_in_memory_model(tiny_loaded):
+    lm = tiny_loaded()
+    ids = prompt(lm).cuda()
+    lm.model.to("cuda")
+    try:
+        ref = reference(lm, SZP, ids)          # the policy applied on the GPU, same kernels
+        r = measure_throughput(lm, SZP, serving(prefetch="next:1"), prompt_ids=ids,
+                               record_logits=True, device="cuda")
+    finally:
+        lm.model.to("cpu")
+    assert r.output_ids == ref.ids.tolist()
+    for a, b in zip(ref.logits, r.logits):
+        torch.testing.assert_close(b, a, atol=LOGIT_ATOL, rtol=0)
+    assert r.misses > 0 and r.bytes_h2d > 0
+    assert r.device_peak_bytes is not None and r.link_achieved_gbps is not None
+    assert {"H2D link", "GPU decode", "GPU compute"} <= {s[0] for s in r.spans}

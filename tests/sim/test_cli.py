@@ -1,0 +1,94 @@
+"""`moesz simulate` end to end on a model profile directory, and the ratio sources."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from planner.cli import app
+from profiles.fileio import atomic_write_json
+from profiles.policy import Policy, StorageSpec
+from sim.ratios import RatioTable, SyntheticRatios
+from sim.synthetic import SyntheticSpec, synthetic_traces
+from tests.sim.conftest import MB, make_geometry
+
+
+@pytest.fixture
+def profile_dir(tmp_path):
+    """A model profile directory: profile.json with the geometry, ratios and traces."""
+    g = make_geometry(num_layers=4, experts=8, top_k=2, bytes_per_expert=20 * MB, name="tiny")
+    d = tmp_path / "profile"
+    atomic_write_json(d / "profile.json", {"kind": "model_profile", "schema_version": 1,
+                                           "model": {"spec": "tiny"}, "geometry": g.to_dict()})
+    rows = [(layer, "szp", "meanabs", lv, r) for layer in range(4)
+            for lv, r in ((0.5, 4.0), (1.0, 5.0))]
+    rows += [(layer, "lossless", None, None, 1.4) for layer in range(4)]
+    pd.DataFrame(rows, columns=["layer", "codec", "mode", "level", "ratio"]).to_parquet(
+        d / "ratios.parquet")
+    synthetic_traces(g.moe_layers, 8, 2, prompts=3, prompt_tokens=6, decode_tokens=20,
+                     spec=SyntheticSpec(1.0, 0.1, 1)).to_parquet(d / "traces.parquet")
+    return d
+
+
+def _run(*args):
+    return CliRunner().invoke(app, ["simulate", "--hardware", "preset:h200-published", *args])
+
+
+def test_simulate_json_on_profile_dir(profile_dir, tmp_path):
+    res = _run("--model", str(profile_dir), "--gpu-mem", "20%,60%", "--tokens", "70",
+               "--prompt", "6", "--json", "--plot", str(tmp_path / "sweep.png"),
+               "--trace-out", str(tmp_path / "trace.json"))
+    assert res.exit_code == 0, res.output
+    runs = json.loads(res.output)
+    assert len(runs) == 2
+    for r in runs:
+        for key in ("tokens_per_s", "time_s", "tokens", "bytes_h2d", "link_h2d_gbps",
+                    "link_busy_fraction", "hit_rate", "gpu_mem_bytes", "closed_form_tokens_per_s"):
+            assert key in r
+        assert r["tokens"] == 70 and r["link_h2d_gbps"] == 50.0
+        assert any("replay cycles" in n for n in r["notes"])  # 3 x 20 recorded tokens, 70 asked
+    assert runs[1]["tokens_per_s"] > runs[0]["tokens_per_s"]
+    assert json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    assert (tmp_path / "sweep.png").exists()
+
+
+def test_simulate_uniform_uses_profiled_ratios(profile_dir):
+    base = json.loads(_run("--model", str(profile_dir), "--gpu-mem", "20%", "--tokens", "20",
+                           "--prompt", "6", "--json").output)[0]
+    res = _run("--model", str(profile_dir), "--gpu-mem", "20%", "--tokens", "20", "--prompt", "6",
+               "--uniform", "szp:meanabs:1.0", "--json")
+    assert res.exit_code == 0, res.output
+    comp = json.loads(res.output)[0]
+    assert comp["bytes_h2d"] == pytest.approx(base["bytes_h2d"] / 5.0, rel=0.01)
+    assert any("ratios from" in lab for lab in comp["labels"])
+
+
+def test_simulate_table_and_errors(profile_dir):
+    res = _run("--model", str(profile_dir), "--gpu-mem", "50%", "--tokens", "10", "--prompt", "4",
+               "--cache", "lru,static-hot")
+    assert res.exit_code == 0, res.output
+    assert "tok/s sim" in res.output and "static-hot" in res.output and "predicted" in res.output
+    bad = _run("--model", str(profile_dir), "--gpu-mem", "-5GiB", "--tokens", "10")
+    assert bad.exit_code == 1 and "error: --gpu-mem" in bad.output and "negative" in bad.output
+    bad = _run("--model", str(profile_dir), "--gpu-mem", "50%", "--synthetic", "zipf:1",
+               "--traces", "x.parquet")
+    assert bad.exit_code == 1 and "not both" in bad.output
+
+
+def test_ratio_sources(profile_dir):
+    g = make_geometry(num_layers=4, experts=8)
+    table = RatioTable.from_parquet(profile_dir / "ratios.parquet")
+    assert table.ratio(2, StorageSpec("szp", "meanabs", 1.0), g) == 5.0
+    assert table.ratio(2, StorageSpec("lossless"), g) == 1.4
+    mid = table.ratio(2, StorageSpec("szp", "meanabs", 0.7071067811865476), g)
+    assert mid == pytest.approx(4.5) and "interpolated" in table.label
+    with pytest.raises(Exception, match="no ratio for codec 'rtn8'"):
+        table.ratio(0, StorageSpec("rtn8"), g)
+    syn = SyntheticRatios(seed=0)
+    r = syn.ratio(0, StorageSpec("szp", "meanabs", 1.0), g)
+    assert r > 2.0 and "synthetic Gaussian" in syn.label
+    assert syn.ratio(0, StorageSpec("raw"), g) == 1.0
+    assert Policy.none().spec_for(0, 0).codec == "raw"
