@@ -18,6 +18,7 @@ _FILE_NOTES = {
     "sensitivity.parquet": "accuracy change per target x codec x level x task (measured)",
     "traces.parquet": "routing traces of the profile split (measured)",
     "sweep.db": "Optuna storage of the sensitivity sweep",
+    "baseline.json": "the unperturbed model's answers on the profile split (measured, cached)",
     "plan.json": "the plan: policy, serving configuration, predictions, baselines",
     "plan.db": "Optuna storage of the plan search",
     "sweep.json": "memory-budget sweep (predicted by the simulator)",
@@ -126,9 +127,10 @@ def summary(view, val, thr, sweep) -> list[str]:
                   f"| — | **{v}** |")
         m, p = val.get("measured", {}), val.get("predicted", {})
         if m.get("stored_bytes") is not None:
-            md.append(f"| stored expert bytes (host memory) | {_bytes(p.get('host_mem_bytes'))} "
-                      f"(the profile's ratios, sampled experts) | {_bytes(m['stored_bytes'])} "
-                      f"(every expert encoded) |")
+            pb, mb = p.get("host_mem_bytes"), m["stored_bytes"]
+            diff = f"; {(mb - pb) / pb * 100:+.1f} % vs predicted" if pb else ""
+            md.append(f"| stored expert bytes (host memory) | {_exact(pb)} (the profile's ratios, "
+                      f"sampled experts) | {_exact(mb)} (every expert encoded{diff}) |")
     if view and view["tokens_per_s"] is not None:
         p = view["predicted"]
         parts = [(p.get("tokens_per_s_simulation"), "simulation"),
@@ -140,6 +142,10 @@ def summary(view, val, thr, sweep) -> list[str]:
             meas = f"{thr['measured']['tokens_per_s']:.1f} ({thr['measured'].get('where', 'runtime')})"
         md.append(f"| decode tokens/s at the plan's budget | {text} | {meas} |")
     return md + [""]
+
+
+def _exact(n) -> str:
+    return "n/a" if n is None else f"{_bytes(n)} ({int(n):,} B)"
 
 
 def _bytes(n) -> str:
@@ -218,7 +224,8 @@ def sweep_table(rows: list[dict]) -> list[str]:
           "bytes host→GPU |", "|---|--:|--:|--:|--:|--:|"]
     for r in rows:
         cf = r.get("closed_form_tokens_per_s")
-        md.append(f"| {esc(r['policy'])} | {_bytes(r.get('gpu_budget_bytes'))} | "
+        md.append(f"| {esc(r['policy'])} | {esc(r.get('gpu_mem', ''))} = "
+                  f"{_bytes(r.get('gpu_budget_bytes'))} | "
                   f"{r['tokens_per_s']:.1f} | {'n/a' if cf is None else f'{cf:.1f}'} | "
                   f"{r['hit_rate']:.2f} | {_bytes(r['bytes_h2d'])} |")
     return md + ["", "All figures predicted (moesz discrete-event simulator; closed form alongside)."
@@ -244,5 +251,7 @@ def files_section(root: Path) -> list[str]:
         if p.is_file() and not p.name.startswith("."):
             rel = p.relative_to(root).as_posix()
             note = _FILE_NOTES.get(p.name, "figure" if p.suffix == ".png" else "")
+            if rel.startswith("cache/baseline-"):
+                note = "the unperturbed model's answers on the validate split (measured, cached)"
             md.append(f"| `{rel}` | {p.stat().st_size} | {note} |")
     return md + [""]

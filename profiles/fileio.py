@@ -15,6 +15,13 @@ from typing import Any, Callable
 from profiles.errors import ProfileError
 
 
+def _umask_mode() -> int:
+    """Permissions a plain `open()` would give a new file (mkstemp's default is owner-only)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same directory, then rename."""
     path = Path(path)
@@ -25,6 +32,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -48,6 +56,7 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -
     os.close(fd)
     try:
         writer(Path(tmp))
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import simpy
+from simpy.events import Timeout
 
 from profiles.cache import ExpertCache, PerLayerCache, make_cache
 from profiles.errors import ConfigError
@@ -81,18 +82,46 @@ class _Job:
 
 
 class _Countdown:
-    """Calls `then(None)` when `one` has been called `remaining` times."""
+    """Calls `then(None)` once `remaining` experts are done: `one(_)` = done now, `at(t)` = done
+    at simulated time t (a booked compute span); the call comes at the latest of them."""
 
-    __slots__ = ("remaining", "then")
+    __slots__ = ("env", "remaining", "then", "last")
 
-    def __init__(self, n: int, then: Callable[[Any], None]) -> None:
+    def __init__(self, env: simpy.Environment, n: int, then: Callable[[Any], None]) -> None:
+        self.env = env
         self.remaining = n
         self.then = then
+        self.last = env.now
 
     def one(self, _: Any) -> None:
+        self.at(self.env.now)
+
+    def at(self, t: float) -> None:
+        if t > self.last:
+            self.last = t
         self.remaining -= 1
         if self.remaining == 0:
+            if self.last > self.env.now:
+                Timeout(self.env, self.last - self.env.now).callbacks.append(self.then)
+            else:
+                self.then(None)
+
+
+class _Sequence:
+    """Non-pipelined layer: start each expert only when the previous one is done."""
+
+    def __init__(self, env: simpy.Environment, items: list, start: Callable, then: Callable) -> None:
+        self.env, self.items, self.start, self.then = env, items, start, then
+
+    def one(self, _: Any = None) -> None:
+        if self.items:
+            e, n = self.items.pop(0)
+            self.start(e, n, self)
+        else:
             self.then(None)
+
+    def at(self, t: float) -> None:
+        Timeout(self.env, t - self.env.now).callbacks.append(self.one)
 
 
 class Simulation:
@@ -122,6 +151,9 @@ class Simulation:
         self.compute = Server(env, "GPU compute", 1, rec)
         self.h2d = Server(env, "H2D link", 1, rec)
         self.gpu_dec = Server(env, "GPU decode", 1, rec) if s.gpu_decode == "stream" else self.compute
+        # With decompression on its own stream, the compute stream only ever runs demand work in
+        # submission order, so its spans are booked (`Server.reserve`) rather than simulated.
+        self._booked = s.gpu_decode == "stream"
         # one expert at a time, its chunks spread over cpu_workers threads (see sim.costs)
         self.cpu_dec = Server(env, "CPU decode", 1, rec)
         self.cpu = Server(env, "CPU compute", 1, rec)
@@ -232,15 +264,23 @@ class Simulation:
             if server is not None:
                 server.promote(job.entry)
 
-    def _use(self, li: int, e: int, tokens: int, then: Callable) -> None:
-        """Decode (compressed residency) and compute one resident expert on the GPU."""
+    def _use(self, li: int, e: int, tokens: int, done: Any) -> None:
+        """Decode (compressed residency) and compute one resident expert on the GPU; report to
+        `done` (a `_Countdown` or `_Sequence`)."""
+        key = (self.g.moe_layers[li], e)
+        dur = self.times.expert_s(tokens)
         hdec = self._hdec[li][e]
-        if hdec > 0:
-            stages = [(self.gpu_dec, hdec), (self.compute, self.times.expert_s(tokens))]
-            self._advance(_Job("use", (self.g.moe_layers[li], e), li, e, DEMAND, stages, then))
-        else:  # the common case: one compute span, no job object
-            self.compute.submit((self.g.moe_layers[li], e), self.times.expert_s(tokens), DEMAND,
-                                then)
+        if self._booked:
+            if hdec > 0:
+                self._advance(_Job("use", key, li, e, DEMAND, ((self.gpu_dec, hdec),),
+                                   lambda _: done.at(self.compute.reserve(key, dur))))
+            else:  # the common case: book the compute span, no event
+                done.at(self.compute.reserve(key, dur))
+        elif hdec > 0:
+            stages = ((self.gpu_dec, hdec), (self.compute, dur))
+            self._advance(_Job("use", key, li, e, DEMAND, stages, done.one))
+        else:
+            self.compute.submit(key, dur, DEMAND, done.one)
 
     def _cpu_run(self, li: int, e: int, tokens: int, then: Callable) -> None:
         stages = []
@@ -255,18 +295,18 @@ class Simulation:
         self._advance(_Job("cpu", (self.g.moe_layers[li], e), li, e, DEMAND, stages, then))
 
     # -- one MoE layer -----------------------------------------------------------------------
-    def _expert(self, li: int, e: int, tokens: int, hm: list, then: Callable) -> None:
-        """Serve one expert of the current layer; call `then(_)` once it is computed.
+    def _expert(self, li: int, e: int, tokens: int, hm: list, done: Any) -> None:
+        """Serve one expert of the current layer and report to `done` once it is computed.
         `hm` is the [hits, misses] counter of the current phase."""
         key = (self.g.moe_layers[li], e)
         if self.cache.access(key) or key in self.staged[li]:
             hm[0] += 1
-            self._use(li, e, tokens, then)
+            self._use(li, e, tokens, done)
             return
         hm[1] += 1
         job = self.inflight.get(key)
         if self.serving.on_miss == "cpu":
-            self._cpu_run(li, e, tokens, then)
+            self._cpu_run(li, e, tokens, done.one)
             if self.background_fetch and job is None:
                 self._fetch(li, e, PREFETCH)
             return
@@ -274,27 +314,19 @@ class Simulation:
             job = self._fetch(li, e, DEMAND)
         else:
             self._promote(job)
-        job.waiters.append(lambda: self._use(li, e, tokens, then))
+        job.waiters.append(lambda: self._use(li, e, tokens, done))
 
     def _layer(self, step_idx: int, li: int, phase: str, then: Callable[[Any], None]) -> None:
         experts, counts = self.wl.steps[step_idx].layers[li]
-        done = _Countdown(len(experts), then)
         hm = self.hm[phase]
         if self.opt.pipeline:
-            expert, one = self._expert, done.one
+            done = _Countdown(self.env, len(experts), then)
+            expert = self._expert
             for e, n in zip(experts, counts):
-                expert(li, e, n, hm, one)
+                expert(li, e, n, hm, done)
         else:
-            order = list(zip(experts, counts))
-
-            def nxt(_: Any = None) -> None:
-                if order:
-                    e, n = order.pop(0)
-                    self._expert(li, e, n, hm, nxt)
-                done.one(None)
-
-            done.remaining += 1
-            nxt()
+            _Sequence(self.env, list(zip(experts, counts)),
+                      lambda e, n, seq: self._expert(li, e, n, hm, seq), then).one()
         if self._prefetching and li + 1 < len(self.g.moe_layers):
             nxt_layer, staged = self.g.moe_layers[li + 1], self.staged[li + 1]
             for e in self.prefetcher.predict(self.wl, step_idx, li + 1, self.rng):
@@ -306,11 +338,18 @@ class Simulation:
     # starts the next, which saves two events per layer over yielding on them.
     def _start_layer(self) -> None:
         if self._layer_idx == self.g.num_layers:
-            self.compute.submit(("lm_head", -1), self.times.lm_head_s(self.serving.batch_size),
-                                DEMAND, self._end_step)
-            return
-        self.compute.submit(("attention", self._layer_idx), self._attention_s, DEMAND,
-                            self._after_attention)
+            self._compute_then(("lm_head", -1), self.times.lm_head_s(self.serving.batch_size),
+                               self._end_step)
+        else:
+            self._compute_then(("attention", self._layer_idx), self._attention_s,
+                               self._after_attention)
+
+    def _compute_then(self, item: Any, dur: float, then: Callable[[Any], None]) -> None:
+        if self._booked:
+            end = self.compute.reserve(item, dur)
+            Timeout(self.env, end - self.env.now).callbacks.append(then)
+        else:
+            self.compute.submit(item, dur, DEMAND, then)
 
     def _after_attention(self, _: Any) -> None:
         li = self._layer_pos.get(self._layer_idx)

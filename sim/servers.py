@@ -5,7 +5,9 @@ in two FIFO queues: demand (priority 0) before prefetch (priority 1). It is driv
 timeouts with callbacks rather than one process per job, which keeps the event count per expert
 transfer small (one timeout per stage). `promote` moves a queued prefetch job to the demand
 queue, so a demand that finds its expert already queued for prefetch does not wait behind other
-prefetches.
+prefetches. A server that only ever sees FIFO demand work in submission order (the GPU compute
+stream when decompression has its own stream) is booked with `reserve` instead, which computes
+start and end times without scheduling an event.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class Recorder:
 class Server:
     """A resource with `capacity` parallel units and demand-before-prefetch FIFO queues."""
 
-    __slots__ = ("env", "name", "capacity", "busy", "busy_s", "queues", "recorder")
+    __slots__ = ("env", "name", "capacity", "busy", "busy_s", "queues", "recorder", "free_at")
 
     def __init__(self, env: simpy.Environment, name: str, capacity: int = 1,
                  recorder: Recorder | None = None) -> None:
@@ -43,6 +45,7 @@ class Server:
         self.busy_s = 0.0
         self.queues: tuple[deque, deque] = (deque(), deque())
         self.recorder = recorder
+        self.free_at = 0.0  # for `reserve`
 
     def submit(self, item: Any, duration: float, prio: int, then: Callable[[Any], None]) -> list:
         """Run `item` for `duration` seconds when a unit is free; call `then(item)` after.
@@ -57,6 +60,21 @@ class Server:
         else:
             self.queues[prio].append(entry)
         return entry
+
+    def reserve(self, item: Any, duration: float) -> float:
+        """Book `duration` seconds at the earliest time the server is free; return the end time.
+
+        No event is scheduled: valid only for a capacity-1 server whose every job is booked this
+        way, in order, with one priority (then FIFO start times are exactly these).
+        """
+        now = self.env._now
+        start = self.free_at if self.free_at > now else now
+        end = start + duration
+        self.free_at = end
+        self.busy_s += duration
+        if self.recorder is not None:
+            self.recorder.add(self.name, item, start, end)
+        return end
 
     def promote(self, entry: list) -> None:
         """Move a queued prefetch entry to the demand queue (no-op once it has started)."""

@@ -1,6 +1,6 @@
 """The built-in model: a small trained `qwen3_moe` model shipped inside the package.
 
-`load_builtin()` returns the model (eval mode, bf16 weights as shipped, computing in fp32 by default)
+`load_builtin()` returns the model (eval mode, bf16 weights as shipped and bf16 compute by default)
 and its character tokenizer. The weights are produced by `python -m profiles.builtin.train` (see
 that module); `MOESZ_BUILTIN_DIR` points at another directory with the same three files.
 """
@@ -37,6 +37,9 @@ def load_builtin(dtype: torch.dtype = torch.bfloat16):
         ModelError: the weights are missing (train them with `python -m profiles.builtin.train`).
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # moesz reports its own progress
 
     from profiles.tasks import CharTokenizer
 
