@@ -68,7 +68,8 @@ def deepseek(args) -> None:
           "synthetic profile: 8 szp meanabs levels " "(0.05-1.5) + raw per layer, ratios measured "
           "with the real codec on Gaussian weights of its shapes, sensitivities from a seeded "
           "generator (labelled synthetic); hardware `preset:h200-published`; GPU budget "
-          f"{args.gpu_mem} of the expert bytes; content budget {args.budget}; batch 1, 256 tokens.\n")
+          f"{args.gpu_mem} of the expert bytes; content budget {args.budget}; batch 1, 256 "
+          f"tokens.\n")
     print("| seed | space | wall s (process) | plan s (library) | MILP tok/s | MILP solves, s | "
           "cold trials | cold best tok/s | gap to MILP | trials to <= 1 % | final tok/s (closed "
           "form / sim) |")
@@ -88,7 +89,7 @@ def deepseek(args) -> None:
             print(f"| {seed} | {space} | {wall:.1f} | {doc['timings_s']['total_s']:.1f} | "
                   f"{m['tokens_per_s']:.3f} | {m['solves']}, {m['wall_s']:.1f} | {cs['trials']} | "
                   f"{cs['best_tokens_per_s'] or float('nan'):.3f} | "
-                  f"{(cs['gap_to_milp'] if cs['gap_to_milp'] is not None else float('nan')) * 100:.2f} % | "
+                  f"{_pct(cs['gap_to_milp'])} | "
                   f"{cs['trials_to_within_1pct'] or 'not reached'} | "
                   f"{p['tokens_per_s_closed_form']:.3f} / "
                   f"{'n/a' if sim is None else f'{sim:.3f}'} |")
@@ -112,7 +113,12 @@ def _baselines(doc) -> None:
         drop = "n/a" if d is None else f"{d['value']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
         print(f"| {b['name']} | {_f(b['tokens_per_s'])} | {_f(b.get('tokens_per_s_simulation'))} "
               f"| {drop} | {'n/a' if d is None else format(d['ucb'], '.4f')} | "
-              f"{'yes' if b['meets_budget'] else 'no'}{' (' + b['note'] + ')' if b['note'] else ''} |")
+              f"{'yes' if b['meets_budget'] else 'no'}"
+              f"{' (' + b['note'] + ')' if b['note'] else ''} |")
+
+
+def _pct(v) -> str:
+    return "no feasible trial" if v is None else f"{v * 100:.2f} %"
 
 
 def _f(v) -> str:
@@ -133,10 +139,10 @@ def builtin(args) -> None:
     for name in ("uniform szp", "rtn8"):
         b = next((x for x in doc["baselines"] if x["name"] == name), None)
         if b and b["tokens_per_s"]:
+            ps, bs = p["tokens_per_s_simulation"], b.get("tokens_per_s_simulation")
+            sim = f", {ps / bs:.3f}x (simulation)" if ps and bs else ""
             print(f"\nplan vs {name}: {p['tokens_per_s_closed_form'] / b['tokens_per_s']:.3f}x "
-                  f"(closed form)" + (f", {p['tokens_per_s_simulation'] / b['tokens_per_s_simulation']:.3f}x (simulation)"
-                                      if p['tokens_per_s_simulation'] and b.get('tokens_per_s_simulation') else "")
-                  + f"; {name} meets the budget: {b['meets_budget']}")
+                  f"(closed form){sim}; {name} meets the budget: {b['meets_budget']}")
 
 
 def main() -> None:

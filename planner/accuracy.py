@@ -2,7 +2,8 @@
 
 A policy that stores MoE layer l with choice c (a codec at a level) is predicted to lose
 
-    drop = alpha * sum_l mu[l, c_l],   sd = sqrt(alpha^2 * sum_l sigma[l, c_l]^2 + se_alpha^2 * (sum mu)^2)
+    drop = alpha * M,   sd = sqrt(alpha^2 * V + se_alpha^2 * M^2),
+    M = sum_l mu[l, c_l],   V = sum_l sigma[l, c_l]^2
 
 of the chosen metric, averaged over the profiled tasks, where mu and sigma are the task-averaged
 single-layer changes and their standard errors (from each row's paired 95 % interval), and alpha

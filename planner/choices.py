@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from planner.accuracy import RAW, AccuracyModel
+from planner.accuracy import AccuracyModel
 from profiles.errors import ConfigError, MoeszError
 from profiles.policy import Policy, StorageSpec
 
@@ -81,7 +81,7 @@ class ChoiceTable:
         return float(self.mu[rows, ch].sum()), float(self.var[rows, ch].sum())
 
     def host_bytes(self, choice: Sequence[int]) -> int:
-        """Host memory the routed experts occupy when stored this way (all experts of all layers)."""
+        """Host memory of all routed experts (every layer) when stored this way."""
         b, _, _ = self.inputs(np.asarray(choice))
         return int(b.sum() * self.experts_per_layer)
 

@@ -164,7 +164,7 @@ def _plan(out: Path, sz: DemoSize, hw_spec: str, stage):
     serving = ServingConfig(generated_tokens=sz.tokens, prompt_tokens=16).with_budgets(
         parse_mem(GPU_FRACTION, what="demo GPU budget"), None)
     req = PlanRequest(profile=str(out / "profile"), hardware=hw_spec, budget=sz.budget,
-                      serving=serving, metric="content", codecs=("szp",), trials=sz.trials,
+                      serving=serving, metric="content", trials=sz.trials,
                       warm_trials=sz.warm_trials, seed=0, command="moesz demo (plan step)")
     outcome = make_plan(req, out=str(out / "plan.json"), progress=stage)
     write_plots(outcome, out / "plan-plots")
@@ -271,8 +271,8 @@ def summary_lines(record: dict, out: Path) -> list[str]:
              f"(measured wall clock)",
              f"hardware: {record['hardware']['spec']} — {record['hardware']['note']}",
              f"plan: budget {plan['budget']['value']:g} {plan['budget']['metric']} accuracy, GPU "
-             f"budget {record['gpu_budget']}; layers "
-             + ", ".join(f"{x['layer']}:{x['spec']}" for x in plan["layers"]),
+             f"budget {record['gpu_budget']}",
+             "  layers: " + _grouped(plan["layers"]),
              f"  decode tokens/s, predicted: plan {_num(p.get('tokens_per_s_simulation'))} "
              f"(simulation), {_num(p.get('tokens_per_s_closed_form'))} (closed form)"]
     for name, b in base.items():
@@ -280,6 +280,11 @@ def summary_lines(record: dict, out: Path) -> list[str]:
                                               or name.startswith("uniform")):
             lines.append(f"    {name}: {b['tokens_per_s']:.1f} (closed form)"
                          + ("" if b.get("meets_budget") else ", over the accuracy budget"))
+    milp = plan.get("milp") or {}
+    if milp.get("tokens_per_s") is not None and milp.get("layers") and \
+            [x.get("spec") for x in plan["layers"]] != milp["layers"]:
+        lines.append(f"    per-layer optimum of {', '.join(plan.get('codecs', []))}: "
+                     f"{milp['tokens_per_s']:.1f} (closed form)")
     lines += [f"  content drop: predicted {iv_text(p['accuracy_drop'])}; measured "
               f"{iv_text(m['accuracy_drop'])} on {val['n_prompts']} held-out prompts",
               f"  stored expert bytes: measured {m['stored_bytes']:,} ({m['ratio']:.2f}x smaller "
@@ -288,6 +293,16 @@ def summary_lines(record: dict, out: Path) -> list[str]:
     lines += [f"note: {n}" for n in record["notes"] + plan.get("warnings", [])]
     lines.append(f"report: {out / 'report.md'} and {out / 'report.html'}")
     return lines
+
+
+def _grouped(layers: list[dict]) -> str:
+    """`szp:meanabs:2 on 1,3-5; raw on 0,2,6,7`."""
+    from profiles.models.expert_map import format_ranges
+
+    by: dict[str, list[int]] = {}
+    for x in layers:
+        by.setdefault(x.get("spec") or x["codec"], []).append(int(x["layer"]))
+    return "; ".join(f"{spec} on {format_ranges(ls)}" for spec, ls in by.items())
 
 
 def _num(x) -> str:

@@ -21,7 +21,8 @@ KIND = "model_profile"
 SCHEMA_VERSION = 1
 
 SENSITIVITY_COLUMNS = (
-    "target", "target_kind", "layers", "experts", "codec", "mode", "level", "surrogate", "task", "n",
+    "target", "target_kind", "layers", "experts", "codec", "mode", "level", "surrogate", "task",
+    "n",
     "strict_change", "strict_change_low", "strict_change_high", "content_change",
     "content_change_low", "content_change_high", "strict_mcnemar_p", "content_mcnemar_p",
     "kl_nats")
@@ -94,8 +95,8 @@ def load_profile(path: str | Path) -> ModelProfile:
     sens = _read_table(path / "sensitivity.parquet", SENSITIVITY_COLUMNS)
     rows = _read_table(path / "ratios.parquet", RATIO_COLUMNS)
     if sens.empty:
-        raise ProfileError(f"{path / 'sensitivity.parquet'}: no rows; the sensitivity sweep has not "
-                           f"run (rerun `moesz profile model`)")
+        raise ProfileError(f"{path / 'sensitivity.parquet'}: no rows; the sensitivity sweep has "
+                           f"not run (rerun `moesz profile model`)")
     model = doc.get("model") or {}
     synthetic = bool(doc.get("synthetic")) or (
         "source" in rows.columns and (rows["source"] == "synthetic").any())

@@ -14,7 +14,6 @@ import json
 import math
 import time
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from typing import Any, Callable
 
 import numpy as np
@@ -24,7 +23,8 @@ from planner.baselines import Baseline, compute_baselines
 from planner.choices import ChoiceTable, build_table, default_codecs
 from planner.milp import MilpResult, solve_knapsack
 from planner.modelprofile import ModelProfile, load_profile
-from planner.plan import KIND, SCHEMA_VERSION, Plan, hardware_source, plan_from_dict, save_plan
+from planner.plan import Plan, hardware_source, plan_from_dict, save_plan
+from planner.plan_document import from_baseline, from_candidate, plan_document, progress_iter
 from planner.search import PlanSearch, SearchResult, run_search
 from profiles.errors import ConfigError, PlanError
 from profiles.serving import ServingConfig
@@ -255,17 +255,17 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
     # the best search candidates, and any feasible baseline the choice table cannot express
     # (lossless, rtn8, rtn4 on every layer), re-ranked by the discrete-event simulation
     t = time.perf_counter()
-    options = [_from_candidate(c, table, accuracy, cf, prof, req.serving)
+    options = [from_candidate(c, table, accuracy, cf, prof, req.serving)
                for c in final.top[:max(req.rerank, 1)]]
     best_cf = max(o.tokens_per_s for o in options)
-    options += [_from_baseline(b, prof, cf, req.serving) for b in baselines
+    options += [from_baseline(b, prof, cf, req.serving) for b in baselines
                 if b.feasible and b.choice is None and b.policy is not None
                 and b.tokens_per_s is not None and b.drop is not None
                 and b.tokens_per_s >= 0.95 * best_cf]  # only those that could win
     if req.rerank > 0:
         options = [replace(o, tokens_per_s_simulation=_simulate(prof, hw, o.serving, o.policy,
                                                                 cf.workload))
-                   for o in _progress(options, progress)]
+                   for o in progress_iter(options, progress)]
         order = sorted(range(len(options)),
                        key=lambda i: (-options[i].tokens_per_s_simulation, i))
     else:
@@ -282,218 +282,16 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
     timings["simulation_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
 
-    doc = _document(req, prof, hw_src, hw, accuracy, table, chosen, options, milp, milp_tps,
-                    cold, cold_best, final, baselines, base_sims, cf, codecs, budget, timings)
+    doc = plan_document(req, prof, hw_src, hw, accuracy, table, chosen, options, milp, milp_tps,
+                        cold, cold_best, final, baselines, base_sims, cf, codecs, budget,
+                        timings)
     plan = save_plan(doc, out) if out else plan_from_dict(doc)
     return PlanOutcome(plan, table, milp, cold, final, baselines, accuracy, cf, prof, search.study,
                        timings)
 
 
-def _serving_for(serving: ServingConfig, cand) -> ServingConfig:
-    if cand.per_layer_cache_slots is None:
-        return serving
-    return ServingConfig.from_dict({**serving.to_dict(),
-                                    "per_layer_cache_slots": list(cand.per_layer_cache_slots)})
+# re-exported: the demo and the CLI import the plots from here
+from planner.plots import budget_sweep, write_plots  # noqa: E402,F401
 
-
-@dataclass(frozen=True)
-class _Option:
-    """A policy competing to become the plan: a search candidate or a feasible baseline."""
-
-    source: str
-    policy: Any
-    serving: ServingConfig
-    tokens_per_s: float  # closed form
-    drop: Any  # DropPrediction
-    host_bytes: int
-    layers: list
-    tokens_per_s_simulation: float | None = None
-    trial: int | None = None
-
-
-def _progress(items, progress):
-    for i, x in enumerate(items):
-        yield x
-        if progress:
-            progress(i + 1, len(items), "simulating candidates")
-
-
-def _from_candidate(c, table: ChoiceTable, accuracy, cf, prof, serving) -> _Option:
-    layers = []
-    for pos, (layer, k) in enumerate(zip(table.moe_layers, c.choice)):
-        spec = table.specs[k]
-        layers.append({"layer": int(layer), "codec": spec.codec, "mode": spec.mode,
-                       "level": spec.level, "spec": spec.describe(),
-                       "drop": float(table.mu[pos, k]), "drop_sd": math.sqrt(table.var[pos, k]),
-                       "stored_bytes_per_expert": float(table.stored_bytes[pos, k]),
-                       "ratio": float(cf.original_bytes / table.stored_bytes[pos, k]),
-                       "layer_s_per_step": float(table.layer_s[pos, k])})
-    return _Option(f"search trial {c.trial}", table.policy(c.choice, prof.fingerprint),
-                   _serving_for(serving, c), c.tokens_per_s, accuracy.predict_sums(c.M, c.V),
-                   c.host_bytes, layers, trial=c.trial)
-
-
-def _from_baseline(b: Baseline, prof, cf, serving) -> _Option:
-    spec = b.policy.default
-    layers = []
-    for layer in prof.geometry.moe_layers:
-        ratio = float(prof.ratios.ratio(layer, spec, prof.geometry))
-        layers.append({"layer": int(layer), "codec": spec.codec, "mode": spec.mode,
-                       "level": spec.level, "spec": spec.describe(), "drop": None,
-                       "drop_sd": None, "stored_bytes_per_expert": cf.original_bytes / ratio,
-                       "ratio": ratio, "layer_s_per_step": None})
-    return _Option(f"baseline: {b.name}", b.policy.with_fingerprint(prof.fingerprint), serving,
-                   float(b.tokens_per_s), b.drop, int(b.host_bytes), layers)
-
-
-def _document(req, prof, hw_src, hw, accuracy, table, chosen: _Option, options, milp, milp_tps,
-              cold, cold_best, final, baselines, base_sims, cf, codecs, budget, timings) -> dict:
-    pred = chosen.drop
-    warnings = []
-    w = accuracy.detection_warning(budget, prof.detection_limit)
-    if w:
-        warnings.append(w)
-    if prof.synthetic:
-        warnings.append("the model profile is SYNTHETIC (generated, not measured): accuracy "
-                        "figures are illustrations, not predictions for a real model")
-    if all(x["codec"] == "raw" for x in chosen.layers):
-        warnings.append("the plan keeps every layer raw: compression does not raise predicted "
-                        "throughput in this configuration (experts fit in GPU memory, or the "
-                        "link is not the bottleneck)")
-    if chosen.source.startswith("baseline"):
-        warnings.append(f"the plan is the {chosen.source}: it meets the budget and is predicted "
-                        f"faster than every per-layer assignment of the codecs searched "
-                        f"({', '.join(codecs)})")
-    notes = list(dict.fromkeys(list(cf.notes) + list(table.notes) + [accuracy.additivity.note]))
-    if req.serving.cache_policy == "lfu" or req.serving.prefetch != "none":
-        notes.append("the search scores LFU as LRU and ignores prefetch (closed-form proxy); the "
-                     "simulation re-ranks under the requested configuration")
-    metric_unit = "nats" if req.metric == "kl" else "fraction of prompts"
-    cold_gap = (1 - cold_best / milp_tps) if math.isfinite(cold_best) and milp_tps > 0 else None
-    search_doc = {
-        "sampler": req.sampler, "space": req.space, "seed": req.seed, "storage": req.storage,
-        "study_name": final.study_name, "trials_total": final.trials,
-        "cold_start": {"trials": req.trials,
-                       "best_tokens_per_s": cold_best if math.isfinite(cold_best) else None,
-                       "gap_to_milp": cold_gap,
-                       "trials_to_within_1pct": cold.trials_to_within(milp_tps, 0.01),
-                       "wall_s": timings.get("search_cold_s")},
-        "warm_start": {"enqueued": ["milp"] + [b.name for b in baselines
-                                               if b.choice is not None and b.feasible],
-                       "best_tokens_per_s": final.best.tokens_per_s},
-    }
-    candidates = [{"rank": rank + 1, "source": o.source, "trial": o.trial,
-                   "tokens_per_s_closed_form": o.tokens_per_s,
-                   "tokens_per_s_simulation": o.tokens_per_s_simulation,
-                   "accuracy_drop": o.drop.to_dict(), "host_bytes": o.host_bytes,
-                   "layers": [x["spec"] for x in o.layers]} for rank, o in enumerate(options)]
-    pareto = [{"trial": c.trial, "tokens_per_s": c.tokens_per_s,
-               "accuracy_drop": accuracy.predict_sums(c.M, c.V).drop, "host_bytes": c.host_bytes}
-              for c in final.pareto]
-    base_docs = []
-    for b in baselines:
-        d = b.to_dict()
-        d["tokens_per_s_simulation"] = base_sims.get(b.name)
-        base_docs.append(d)
-    sim_tps = chosen.tokens_per_s_simulation
-    return {
-        "kind": KIND, "schema_version": SCHEMA_VERSION,
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": req.command,
-        "model": {"fingerprint": prof.fingerprint, "spec": prof.doc.get("model", {}).get("spec"),
-                  "geometry_name": prof.geometry.name, "profile": str(prof.path),
-                  "profile_source": prof.source_label, "moe_layers": list(table.moe_layers)},
-        "policy": chosen.policy.to_dict(),
-        "serving": chosen.serving.to_dict(),
-        "hardware": {**hw_src, "name": hw.name},
-        "budget": {"metric": req.metric, "value": budget, "unit": metric_unit,
-                   "bound": "one-sided upper confidence bound", "z": accuracy.z,
-                   "averaged_over_tasks": accuracy.tasks},
-        "codecs": list(codecs),
-        "layers": chosen.layers,
-        "predicted": {
-            "source": chosen.source,
-            "tokens_per_s": sim_tps if sim_tps is not None else chosen.tokens_per_s,
-            "tokens_per_s_kind": "predicted (discrete-event simulation)" if sim_tps is not None
-            else "predicted (closed form)",
-            "tokens_per_s_closed_form": chosen.tokens_per_s,
-            "tokens_per_s_simulation": sim_tps,
-            "accuracy_drop": pred.to_dict(),
-            "host_bytes": chosen.host_bytes,
-            "host_bytes_uncompressed": int(cf.original_bytes * table.experts_per_layer
-                                           * len(table.moe_layers)),
-            "workload": cf.workload.source,
-        },
-        "accuracy_model": {"metric": req.metric, "additivity": accuracy.additivity.to_dict(),
-                           "holm_alpha": accuracy.holm_alpha, "notes": accuracy.notes},
-        "milp": {"tokens_per_s": milp_tps, "certified": bool(milp.certified), "gap": milp.gap,
-                 "solves": milp.solves, "wall_s": milp.wall_s, "exact_for_closed_form":
-                 table.separable, "accuracy_drop": accuracy.predict_sums(milp.M, milp.V).to_dict(),
-                 "layers": [table.specs[c].describe() for c in milp.choice]},
-        "search": search_doc,
-        "candidates": candidates,
-        "pareto": pareto,
-        "baselines": base_docs,
-        "warnings": warnings,
-        "notes": notes,
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-    }
-
-
-def budget_sweep(outcome: PlanOutcome, budgets) -> list[dict]:
-    """MILP plan and best uniform level at each budget (same profile, table and cost model)."""
-    table, acc, cf = outcome.table, outcome.accuracy, outcome.closed_form
-    L = len(table.moe_layers)
-    raw = _tps(cf, table, np.zeros(L, dtype=int))
-    rows = []
-    for b in budgets:
-        con = acc.constraint(float(b))
-        res = solve_knapsack(table.layer_s, table.mu, table.var, con)
-        uni = None
-        for c in range(1, len(table.specs)):
-            ch = np.full(L, c)
-            if table.available[:, c].all() and con.feasible(*table.sums(ch)):
-                tps = _tps(cf, table, ch)
-                uni = tps if uni is None else max(uni, tps)
-        rows.append({"budget": float(b), "plan_tokens_per_s": _tps(cf, table, res.choice)
-                     if res is not None else None, "uniform_tokens_per_s": uni,
-                     "raw_tokens_per_s": raw, "certified": bool(res.certified) if res else None})
-    return rows
-
-
-def write_plots(outcome: PlanOutcome, directory, sweep_factors=(0.25, 0.5, 1.0, 2.0, 4.0)
-                ) -> list:
-    """The plan's plots into `directory`: pareto.png, levels.png, budget.png."""
-    from pathlib import Path
-
-    import optuna
-
-    from planner.plots import plot_budget_sweep, plot_levels, plot_pareto
-
-    directory = Path(directory)
-    doc = outcome.plan.doc
-    acc = outcome.accuracy
-    budget = doc["budget"]["value"]
-    name = doc["model"]["geometry_name"]
-    trials = []
-    for t in outcome.study.get_trials(deepcopy=False):  # every phase of the study
-        if t.state == optuna.trial.TrialState.COMPLETE and "M" in t.user_attrs:
-            ok = all(v <= 0 for v in t.constraints.values())
-            trials.append((acc.predict_sums(t.user_attrs["M"], t.user_attrs["V"]).drop,
-                           float(t.values[0]), ok))
-    bases = [(b["name"], b["accuracy_drop"]["value"], b["tokens_per_s"]) for b in doc["baselines"]
-             if b["tokens_per_s"] is not None and b["accuracy_drop"] is not None]
-    plan_pt = (doc["predicted"]["accuracy_drop"]["value"],
-               doc["predicted"]["tokens_per_s_closed_form"])
-    src = doc["model"]["profile_source"]
-    out = [plot_pareto(directory / "pareto.png", trials, bases, plan_pt, budget,
-                       doc["budget"]["metric"], f"{name}: predicted tokens/s vs accuracy drop "
-                       f"({src} profile)"),
-           plot_levels(directory / "levels.png", doc["layers"],
-                       f"{name}: planned level per MoE layer (budget {budget:g})")]
-    budgets = [budget * f for f in sweep_factors if budget * f > 0]
-    if budgets:
-        rows = budget_sweep(outcome, budgets)
-        out.append(plot_budget_sweep(directory / "budget.png", rows, doc["budget"]["metric"],
-                                     f"{name}: predicted tokens/s against the accuracy budget"))
-    return out
+__all__ = ["PlanOutcome", "PlanRequest", "budget_sweep", "check_budget", "make_plan",
+           "write_plots"]

@@ -71,7 +71,10 @@ def hardware_source(spec: str) -> dict:
     from profiles.hardware import PRESET_DIR
 
     text = str(spec)
-    path = PRESET_DIR / f"{text[len('preset:'):]}.json" if text.startswith("preset:") else Path(text)
+    if text.startswith("preset:"):
+        path = PRESET_DIR / f"{text[len('preset:'):]}.json"
+    else:
+        path = Path(text)
     try:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:

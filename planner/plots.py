@@ -1,12 +1,16 @@
 """Plan plots (matplotlib, Agg): the Pareto front, the level per layer, throughput against budget.
 
 Every figure is of predictions (closed form unless labelled simulation); titles say so.
+`write_plots` draws all three for a `planner.pipeline.PlanOutcome`; the budget sweep re-solves
+the knapsack (`planner.milp`) at budgets around the plan's.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
+
+import numpy as np
 
 from profiles.fileio import atomic_write_with
 
@@ -99,3 +103,64 @@ def plot_budget_sweep(path: str | Path, rows: Sequence[dict], metric: str, title
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def _tps(cf, table, choice) -> float:
+    return float(cf.tokens_per_s_many(*table.inputs(np.asarray(choice)))[0])
+
+
+def budget_sweep(outcome, budgets) -> list[dict]:
+    """MILP plan and best uniform level at each budget (same profile, table and cost model)."""
+    from planner.milp import solve_knapsack
+
+    table, acc, cf = outcome.table, outcome.accuracy, outcome.closed_form
+    L = len(table.moe_layers)
+    raw = _tps(cf, table, np.zeros(L, dtype=int))
+    rows = []
+    for b in budgets:
+        con = acc.constraint(float(b))
+        res = solve_knapsack(table.layer_s, table.mu, table.var, con)
+        uni = None
+        for c in range(1, len(table.specs)):
+            ch = np.full(L, c)
+            if table.available[:, c].all() and con.feasible(*table.sums(ch)):
+                tps = _tps(cf, table, ch)
+                uni = tps if uni is None else max(uni, tps)
+        rows.append({"budget": float(b), "plan_tokens_per_s": _tps(cf, table, res.choice)
+                     if res is not None else None, "uniform_tokens_per_s": uni,
+                     "raw_tokens_per_s": raw, "certified": bool(res.certified) if res else None})
+    return rows
+
+
+def write_plots(outcome, directory, sweep_factors=(0.25, 0.5, 1.0, 2.0, 4.0)
+                ) -> list:
+    """The plan's plots into `directory`: pareto.png, levels.png, budget.png."""
+    import optuna
+
+    directory = Path(directory)
+    doc = outcome.plan.doc
+    acc = outcome.accuracy
+    budget = doc["budget"]["value"]
+    name = doc["model"]["geometry_name"]
+    trials = []
+    for t in outcome.study.get_trials(deepcopy=False):  # every phase of the study
+        if t.state == optuna.trial.TrialState.COMPLETE and "M" in t.user_attrs:
+            ok = all(v <= 0 for v in t.constraints.values())
+            trials.append((acc.predict_sums(t.user_attrs["M"], t.user_attrs["V"]).drop,
+                           float(t.values[0]), ok))
+    bases = [(b["name"], b["accuracy_drop"]["value"], b["tokens_per_s"]) for b in doc["baselines"]
+             if b["tokens_per_s"] is not None and b["accuracy_drop"] is not None]
+    plan_pt = (doc["predicted"]["accuracy_drop"]["value"],
+               doc["predicted"]["tokens_per_s_closed_form"])
+    src = doc["model"]["profile_source"]
+    out = [plot_pareto(directory / "pareto.png", trials, bases, plan_pt, budget,
+                       doc["budget"]["metric"], f"{name}: predicted tokens/s vs accuracy drop "
+                       f"({src} profile)"),
+           plot_levels(directory / "levels.png", doc["layers"],
+                       f"{name}: planned level per MoE layer (budget {budget:g})")]
+    budgets = [budget * f for f in sweep_factors if budget * f > 0]
+    if budgets:
+        rows = budget_sweep(outcome, budgets)
+        out.append(plot_budget_sweep(directory / "budget.png", rows, doc["budget"]["metric"],
+                                     f"{name}: predicted tokens/s against the accuracy budget"))
+    return out

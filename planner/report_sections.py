@@ -49,12 +49,13 @@ def to_interval(d: dict) -> Interval:
     return Interval(float(d["value"]), float(d["low"]), float(d["high"]), method)
 
 
-def iv_text(d, scale: float = 100.0, unit: str = " pts") -> str:
+def iv_text(d, scale: float = 100.0, unit: str = " pts", digits: int = 2) -> str:
     """`+0.50 [−1.20, +2.10] pts` from an interval dict or `Interval`."""
     if d is None:
         return "n/a"
     iv = d if isinstance(d, Interval) else to_interval(d)
-    return f"{iv.value * scale:+.2f} [{iv.low * scale:+.2f}, {iv.high * scale:+.2f}]{unit}"
+    f = f"+.{digits}f"
+    return f"{iv.value * scale:{f}} [{iv.low * scale:{f}}, {iv.high * scale:{f}}]{unit}"
 
 
 def model_name(plan, val, demo, profile_dir) -> str:
@@ -114,13 +115,16 @@ def summary(view, val, thr, sweep) -> list[str]:
     md = ["## Predicted against measured", "",
           "| figure | predicted | measured |", "|---|---|---|"]
     if view and view["drop"] is not None or val:
-        pred = iv_text(view["drop"]) if view and view["drop"] else "n/a"
-        meas = iv_text((val or {}).get("measured", {}).get("accuracy_drop")) if val else \
-            "not validated"
         metric = (view or {}).get("metric") or (val or {}).get("metric", "content")
-        md.append(f"| {metric} accuracy drop, mean over tasks (95 % interval) | {pred} "
-                  f"(additive accuracy model, `profile` split) | {meas} (paired, "
-                  f"`{(val or {}).get('split', 'validate')}` split) |")
+        unit = (1.0, " nats", 4) if metric == "kl" else (100.0, " pts", 2)
+        pred = iv_text(view["drop"], *unit) if view and view["drop"] else "n/a"
+        meas = iv_text((val or {}).get("measured", {}).get("accuracy_drop"), *unit) if val else \
+            "not validated"
+        what = "mean KL(base ‖ plan)" if metric == "kl" else \
+            f"{metric} accuracy drop, mean over tasks"
+        md.append(f"| {what} (95 % interval) | {pred} (additive accuracy model, `profile` split) "
+                  f"| {meas} ({'t interval over sequence groups' if metric == 'kl' else 'paired'},"
+                  f" `{(val or {}).get('split', 'validate')}` split) |")
     if val:
         v = val.get("verdict", "?")
         md.append(f"| verdict against the budget {view['budget'] if view else val.get('budget')} "
@@ -209,6 +213,11 @@ def plan_tables(view: dict) -> list[str]:
         if p.get("tokens_per_s_closed_form") is not None:
             md.append(f"| **plan** | {p['tokens_per_s_closed_form']:.1f} | {iv_text(view['drop'])} "
                       f"| yes |")
+        milp = view["milp"]
+        if milp.get("tokens_per_s") is not None and milp.get("layers"):
+            md.append(f"| per-layer optimum of the codecs searched (MILP: "
+                      f"{esc(_grouped(milp['layers']))}) | {milp['tokens_per_s']:.1f} | "
+                      f"{iv_text(milp.get('accuracy_drop'))} | yes |")
         for b in view["baselines"]:
             tps = "n/a" if b["tokens_per_s"] is None else f"{b['tokens_per_s']:.1f}"
             drop = iv_text(b["drop_iv"]) if isinstance(b["drop_iv"], dict) else "n/a"
@@ -217,6 +226,14 @@ def plan_tables(view: dict) -> list[str]:
             md.append(f"| {esc(b['name'])}{note} | {tps} | {drop} | {feas} |")
         md.append("")
     return md
+
+
+def _grouped(specs: list[str]) -> str:
+    """`raw on 0, 2; szp:meanabs:2 on 1, 3-5` from one spec per MoE layer position."""
+    by: dict[str, list[int]] = {}
+    for pos, spec in enumerate(specs):
+        by.setdefault(spec, []).append(pos)
+    return "; ".join(f"{spec} on {', '.join(map(str, ps))}" for spec, ps in by.items())
 
 
 def sweep_table(rows: list[dict]) -> list[str]:

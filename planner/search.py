@@ -124,7 +124,8 @@ class PlanSearch:
             raise ConfigError(f"--sampler {sampler!r} is unknown; choose {', '.join(SAMPLERS)}")
         if space not in SPACES:
             raise ConfigError(f"--space {space!r} is unknown; choose {', '.join(SPACES)}")
-        self.table, self.cf, self.constraint, self.accuracy = table, closed_form, constraint, accuracy
+        self.table, self.cf = table, closed_form
+        self.constraint, self.accuracy = constraint, accuracy
         self.sampler_name, self.space, self.seed = sampler, space, seed
         self.cache_allocation = cache_allocation
         self.orders = [_order(table, pos) for pos in range(len(table.moe_layers))]

@@ -205,8 +205,11 @@ class Simulation:
             i += 1
             if dur > 0:
                 job.i = i
-                job.server = server
-                job.entry = server.submit(job, dur, job.prio, self._advance)
+                if job.prio:  # a prefetch may be promoted later: remember where it waits
+                    job.server = server
+                    job.entry = server.submit(job, dur, PREFETCH, self._advance)
+                else:
+                    server.submit(job, dur, DEMAND, self._advance)
                 return
         job.i = i
         job.done(job)

@@ -182,7 +182,8 @@ def print_plan(doc: dict) -> None:
     for col in ("policy", "tok/s closed form", "tok/s sim", "drop [95% CI]", "upper bound",
                 "meets budget", "host memory"):
         t.add_column(col, justify="left" if col == "policy" else "right")
-    t.add_row(f"[bold]plan[/bold] ({p.get('source', 'search')})", _num(p["tokens_per_s_closed_form"]),
+    t.add_row(f"[bold]plan[/bold] ({p.get('source', 'search')})",
+              _num(p["tokens_per_s_closed_form"]),
               _num(p["tokens_per_s_simulation"]), *_fmt_drop(p["accuracy_drop"]), "yes",
               _gib(p["host_bytes"]))
     for x in doc["baselines"]:

@@ -21,13 +21,16 @@ from rich.table import Table
 app = typer.Typer(help="Measure hardware and models into the profile files the simulator and "
                        "planner read.", no_args_is_help=True)
 MODEL_HELP = "builtin, a local checkpoint directory (see `moesz model info`)"
-_out = Console(width=110)
+_out = Console(width=120)
 
 
 def _command(ctx: typer.Context) -> str:
     """The command line as parsed (canonical form: arguments, then options that were given)."""
-    words = ctx.command_path.split()
-    words[0] = "moesz"
+    names, c = [], ctx
+    while c.parent is not None:        # sub-command names; the root is `moesz` however invoked
+        names.append(c.info_name)
+        c = c.parent
+    words = ["moesz"] + names[::-1]
     for p in ctx.command.params:
         value = ctx.params.get(p.name)
         if getattr(p, "param_type_name", "") == "argument":
@@ -246,7 +249,9 @@ def _print_model_profile(prof) -> None:
     for title, header, rows in (ratio_table(prof), sensitivity_table(prof), paper_table(prof)):
         if not rows:
             continue
-        t = Table(*header, title=title, title_justify="left")
+        t = Table(title=title, title_justify="left")
+        for name in header:
+            t.add_column(name, no_wrap=True)
         for r in rows:
             t.add_row(*r)
         _out.print(t)

@@ -92,20 +92,22 @@ def print_validation(doc: dict, console: Console) -> None:
 
     m, p = doc["measured"], doc["predicted"]
     t = Table(title=f"{doc['plan']} on {doc['model']['spec']}, split {doc['split']}, "
-                    f"{doc['limit']} prompts per task (measured, real codec round trips)",
+                    f"{doc['limit']} prompts per task (measured, real codec round trips; "
+                    f"base → plan, paired change, exact McNemar p)",
               title_justify="left")
-    for col in ("task", "strict base → plan", "strict change [95 %]", "p", "content base → plan",
-                "content change [95 %]", "p"):
+    for col in ("task", "strict %", "Δ strict, pts [95 %]", "p", "content %",
+                "Δ content, pts [95 %]", "p"):
         t.add_column(col, justify="left" if col == "task" else "right")
     for task, r in m["tasks"].items():
-        t.add_row(task, _pair(r, "strict"), iv_text(r["strict_change"]),
-                  f"{r['strict_mcnemar_p']:.3g}", _pair(r, "content"),
-                  iv_text(r["content_change"]), f"{r['content_mcnemar_p']:.3g}")
+        t.add_row(task, _pair(r, "strict"), iv_text(r["strict_change"], unit=""),
+                  f"{r['strict_mcnemar_p']:.2g}", _pair(r, "content"),
+                  iv_text(r["content_change"], unit=""), f"{r['content_mcnemar_p']:.2g}")
     console.print(t)
     metric = doc["metric"]
-    unit = (1.0, " nats") if metric == "kl" else (100.0, " pts")
+    unit = (1.0, " nats", 4) if metric == "kl" else (100.0, " pts", 2)
+    what = "mean KL(base || plan)" if metric == "kl" else f"{metric} drop, mean over tasks"
     pred = iv_text(p["accuracy_drop"], *unit) if p.get("accuracy_drop") else "not in the plan"
-    console.print(f"{metric} drop, mean over tasks: measured {iv_text(m['accuracy_drop'], *unit)}"
+    console.print(f"{what}: measured {iv_text(m['accuracy_drop'], *unit)}"
                   f" ({m['interval_method']}); predicted by the plan {pred}")
     if m.get("mcnemar_p") is not None:
         console.print(f"exact McNemar p (discordant prompts pooled over tasks): {m['mcnemar_p']:.3g}")
@@ -118,7 +120,7 @@ def print_validation(doc: dict, console: Console) -> None:
 
 
 def _pair(r: dict, metric: str) -> str:
-    return f"{r['base'][metric]['value'] * 100:.1f} → {r['plan'][metric]['value'] * 100:.1f} %"
+    return f"{r['base'][metric]['value'] * 100:.1f} → {r['plan'][metric]['value'] * 100:.1f}"
 
 
 def _throughput(plan, model, policy, uniform, hardware, gpu_mem, host_mem, cache, prefetch,

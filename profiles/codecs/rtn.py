@@ -73,10 +73,12 @@ class RtnCodec(Codec):
         if n == 0:
             return torch.empty(0, dtype=dtype, device=device)
         ncode = n if self.bits == 8 else (n + 1) // 2
-        if payload.size != 4 * rows + ncode:
-            raise CodecError(f"{self.name} blob: payload of {payload.size} bytes, expected "
+        # the offloaded runtime passes a payload already copied to the device (a uint8 tensor)
+        size = payload.numel() if isinstance(payload, torch.Tensor) else payload.size
+        if size != 4 * rows + ncode:
+            raise CodecError(f"{self.name} blob: payload of {size} bytes, expected "
                              f"{4 * rows + ncode}; the blob is corrupt")
-        t = payload_tensor(payload).to(device)
+        t = (payload if isinstance(payload, torch.Tensor) else payload_tensor(payload)).to(device)
         scale = t[: 4 * rows].clone().view(torch.float32)
         codes = t[4 * rows:]
         if self.bits == 8:

@@ -29,8 +29,9 @@ from profiles.hardware.schema import AttentionTimings, GpuProfile, HostProfile, 
 FFN_TOKENS = (1, 4, 16, 64, 256)
 BATCHES = (1, 4, 16, 64)
 CONTEXTS = (128, 512, 2048)
-# Largest working set measured for real: above it the figures are estimated.
+# Largest weights, and KV cache, measured for real: above them the figures are estimated.
 _BUDGET_BYTES = {"cpu": 64 << 20, "cuda": 24 << 30}
+_KV_BUDGET_BYTES = {"cpu": 512 << 20, "cuda": 48 << 30}
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -73,7 +74,7 @@ def model_timings(geometry, host: HostProfile, gpu: GpuProfile | None, raw: dict
                      for t in tokens)
         ffn = TokenCurve(tokens, secs, "estimated", _roof_note(rate, bw, where))
 
-    if (attn_params * esize + kv_bytes) * 1.5 <= budget:
+    if attn_params * esize * 2 <= budget and kv_bytes <= _KV_BUDGET_BYTES[device]:
         secs_grid, samples = _time_attention(g, device, dtype, batches, contexts)
         raw[key]["attention_router"] = samples
         attn = AttentionTimings(batches, contexts, secs_grid, "measured",

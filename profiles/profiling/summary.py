@@ -36,8 +36,8 @@ def ratio_table(prof) -> Table:
 def sensitivity_table(prof) -> Table:
     """One row per point: mean content and strict change over tasks, KL, Holm verdicts."""
     s = prof.sensitivity
-    header = ["target", "experts", "codec", "level", "content change (pts)", "strict change (pts)",
-              "KL nats", "top-1", "Holm"]
+    header = ["target", "experts", "storage", "content Δ pts [95%]", "strict Δ", "KL nats",
+              "top-1", "Holm"]
     if s is None or len(s) == 0 or prof.doc.get("design") == "paper":
         return "accuracy sensitivity (measured, paired vs the unperturbed model)", header, []
     verdicts = _holm(s)
@@ -51,13 +51,16 @@ def sensitivity_table(prof) -> Table:
         flags = [f"{task}{'-' if v == 'degraded' else '+'}"
                  for task, v in ((r.task, verdicts[i]) for i, r in zip(grp.index, grp.itertuples()))
                  if v != "no significant change"]
-        stopped = " (stopped early)" if grp.stopped_early.any() else ""
-        rows.append([key[0], key[1], key[2] + ("" if key[5] == "none" else f" ({key[5]})"),
-                     "-" if _nan(key[4]) else f"{key[4]:g}", _pts(c) + stopped, _pts(st),
+        stopped = " E" if grp.stopped_early.any() else ""
+        storage = key[2] + ("" if _nan(key[4]) else f":{key[4]:g}") + \
+            ("" if key[5] == "none" else f" ({key[5]})")
+        rows.append([key[0], key[1], storage, _pts(c) + stopped, f"{100 * st[0]:+.1f}",
                      f"{grp.kl_nats.mean():.3g}", f"{grp.top1_agreement.mean():.3f}",
-                     ", ".join(flags) or "-"])
-    return ("accuracy sensitivity (measured; change vs the unperturbed model, mean over tasks "
-            "with its 95% paired interval)", header, rows)
+                     " ".join(flags) or "-"])
+    return ("accuracy sensitivity (measured; change vs the unperturbed model in points, mean over "
+            "tasks with its 95% paired interval; E = stopped early as catastrophic; Holm: tasks "
+            "whose content change survives a Holm correction over the profile, - worse, + better)",
+            header, rows)
 
 
 def paper_table(prof) -> Table:
@@ -103,7 +106,7 @@ def _holm(s) -> dict:
 
 def _pts(interval) -> str:
     mean, lo, hi = interval
-    return f"{100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+    return f"{100 * mean:+.1f} [{100 * lo:+.1f},{100 * hi:+.1f}]"
 
 
 def _nan(v) -> bool:

@@ -17,7 +17,8 @@ def tiny_geometry(layers: int = 4, experts: int = 8, top_k: int = 2) -> ModelGeo
         moe_layers=tuple(range(layers)), experts_per_layer=experts, top_k=top_k,
         hidden_size=HIDDEN, expert_intermediate_size=INTER, dtype="bf16",
         bytes_per_expert=2 * params,
-        expert_tensor_shapes=(("gate_up_proj", (2 * INTER, HIDDEN)), ("down_proj", (HIDDEN, INTER))),
+        expert_tensor_shapes=(("gate_up_proj", (2 * INTER, HIDDEN)),
+                              ("down_proj", (HIDDEN, INTER))),
         shared_expert_bytes=0, non_expert_bytes=4 * 2**20, num_attention_heads=8,
         num_key_value_heads=8, head_dim=128, vocab_size=256)
 

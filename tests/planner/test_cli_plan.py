@@ -61,3 +61,21 @@ def test_errors_are_one_line(planned, tmp_path):
     r = runner.invoke(app, ["plan", "--profile", str(tmp_path), "--accuracy-budget", "0.01",
                             "--gpu-mem", "25%", "--out", str(tmp_path / "p.json")])
     assert r.exit_code == 1 and "profile.json" in r.output
+
+
+def test_synthetic_profile_command(tmp_path):
+    out = tmp_path / "syn"
+    r = runner.invoke(app, ["plan", "synthetic-profile", "builtin", "--out", str(out),
+                            "--levels", "0.5,1"])
+    assert r.exit_code == 0, r.output
+    assert "not measured on a model" in r.output
+    doc = json.loads((out / "profile.json").read_text())
+    assert doc["synthetic"] is True and doc["model"]["fingerprint"].startswith("synthetic:")
+    from planner.modelprofile import load_profile
+
+    prof = load_profile(out)
+    assert prof.synthetic and len(prof.geometry.moe_layers) == 8
+    assert set(prof.ratio_rows["source"]) == {"synthetic"}
+    r = runner.invoke(app, ["plan", "synthetic-profile", "builtin", "--out", str(out),
+                            "--levels", "a,b"])
+    assert r.exit_code == 1 and "error: --levels" in r.output

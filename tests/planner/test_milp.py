@@ -70,10 +70,10 @@ def test_larger_instance_is_certified_and_feasible():
     assert con.g(res.M, res.V) <= 0.02 * (1 + 1e-9)
     # no single-layer change of the optimum is both feasible and cheaper
     rows = np.arange(L)
-    for l in range(L):
+    for layer in range(L):
         for c in range(C):
             ch = res.choice.copy()
-            ch[l] = c
+            ch[layer] = c
             if con.feasible(mu[rows, ch].sum(), var[rows, ch].sum(), tol=1e-9):
                 assert cost[rows, ch].sum() >= res.cost - 1e-9
 

@@ -213,3 +213,23 @@ def test_gpu_runtime_matches_the_in_memory_model(tiny_loaded):
     assert r.misses > 0 and r.bytes_h2d > 0
     assert r.device_peak_bytes is not None and r.link_achieved_gbps is not None
     assert {"H2D link", "GPU decode", "GPU compute"} <= {s[0] for s in r.spans}
+
+
+@pytest.mark.parametrize("codec", ["rtn8", "rtn4"])
+def test_rtn_experts_cross_the_link_compressed_and_decode_on_the_device(tiny_loaded, codec):
+    # the planner and simulator cost rtn as GPU-decoded; the runtime must move its packed bytes,
+    # not the decoded bf16 ones, and produce what the in-memory policy produces
+    lm = tiny_loaded()
+    policy = Policy.uniform(codec)
+    ids = prompt(lm)
+    ref = reference(lm, policy, ids)
+    r = measure_throughput(lm, policy, serving(gpu_mem_fraction=0.3), prompt_ids=ids,
+                           record_logits=True, device="cpu")
+    assert r.output_ids == ref.ids.tolist()
+    demand = [f for f in r.fetches if f[1] == "fetch"]
+    assert demand and r.bytes_h2d == sum(n for _, _, n in demand)
+    from profiles.codecs import compressed_nbytes
+
+    for key, _, n in demand[:5]:
+        blobs = sum(compressed_nbytes(t, codec) for t in lm.expert_map.get(*key).tensors.values())
+        assert blobs <= n < blobs + 16 * 2 < lm.geometry.bytes_per_expert

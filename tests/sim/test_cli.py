@@ -21,13 +21,18 @@ def profile_dir(tmp_path):
     """A model profile directory: profile.json with the geometry, ratios and traces."""
     g = make_geometry(num_layers=4, experts=8, top_k=2, bytes_per_expert=20 * MB, name="tiny")
     d = tmp_path / "profile"
-    atomic_write_json(d / "profile.json", {"kind": "model_profile", "schema_version": 1,
-                                           "model": {"spec": "tiny"}, "geometry": g.to_dict()})
-    rows = [(layer, "szp", "meanabs", lv, r) for layer in range(4)
-            for lv, r in ((0.5, 4.0), (1.0, 5.0))]
-    rows += [(layer, "lossless", None, None, 1.4) for layer in range(4)]
-    pd.DataFrame(rows, columns=["layer", "codec", "mode", "level", "ratio"]).to_parquet(
-        d / "ratios.parquet")
+    atomic_write_json(d / "profile.json", {
+        "kind": "model_profile", "schema_version": 1,
+        "model": {"spec": "tiny", "fingerprint": None, "geometry": g.to_dict()}})
+    # the layout of docs/model-profile.md: unbounded codecs have mode "none" and level NaN
+    rows = [(layer, "szp", "meanabs", lv, '{"variant": "fixed"}', r, "measured")
+            for layer in range(4) for lv, r in ((0.5, 4.0), (1.0, 5.0))]
+    rows += [(layer, "szp", "meanabs", 1.0, '{"variant": "plain"}', 3.0, "measured")
+             for layer in range(4)]
+    rows += [(layer, "lossless", "none", float("nan"), '{"zstd_level": 3}', 1.4, "measured")
+             for layer in range(4)]
+    pd.DataFrame(rows, columns=["layer", "codec", "mode", "level", "codec_options", "ratio",
+                                "source"]).to_parquet(d / "ratios.parquet")
     synthetic_traces(g.moe_layers, 8, 2, prompts=3, prompt_tokens=6, decode_tokens=20,
                      spec=SyntheticSpec(1.0, 0.1, 1)).to_parquet(d / "traces.parquet")
     return d
@@ -82,6 +87,7 @@ def test_ratio_sources(profile_dir):
     g = make_geometry(num_layers=4, experts=8)
     table = RatioTable.from_parquet(profile_dir / "ratios.parquet")
     assert table.ratio(2, StorageSpec("szp", "meanabs", 1.0), g) == 5.0
+    assert table.ratio(2, StorageSpec("szp", "meanabs", 1.0, {"variant": "plain"}), g) == 3.0
     assert table.ratio(2, StorageSpec("lossless"), g) == 1.4
     mid = table.ratio(2, StorageSpec("szp", "meanabs", 0.7071067811865476), g)
     assert mid == pytest.approx(4.5) and "interpolated" in table.label

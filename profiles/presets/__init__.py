@@ -1,0 +1,1 @@
+"""Shipped hardware presets (`--hardware preset:NAME`)."""
