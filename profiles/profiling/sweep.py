@@ -91,14 +91,17 @@ def open_storage(url: str | None, default_path: str | Path):
         if text.startswith("sqlite"):
             Path(text.split(":///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
             engine_kwargs = {"connect_args": {"timeout": 120}}
-        from sqlalchemy.exc import OperationalError
+        from sqlalchemy.exc import IntegrityError, OperationalError
 
         for attempt in range(8):
             try:
-                return RDBStorage(text, engine_kwargs=engine_kwargs)
-            except OperationalError:
-                # two workers creating the schema of a new database at once: one of them loses
-                # the race on the first table; the schema exists a moment later
+                storage = RDBStorage(text, engine_kwargs=engine_kwargs)
+                if text.startswith("sqlite"):
+                    _serialize_sqlite(storage.engine)
+                return storage
+            except (OperationalError, IntegrityError):
+                # workers creating the schema of a new database at once: the losers of the race
+                # on a table or on the schema version row find the schema a moment later
                 if attempt == 7:
                     raise
                 time.sleep(0.2 + 0.3 * attempt)
@@ -107,6 +110,28 @@ def open_storage(url: str | None, default_path: str | Path):
     except Exception as exc:  # sqlalchemy and driver errors have many types
         raise ConfigError(f"storage {text!r} cannot be opened ({str(exc).splitlines()[0]}); "
                           f"check the URL and that its database driver is installed") from None
+
+
+def _serialize_sqlite(engine) -> None:
+    """Make every SQLite transaction `BEGIN IMMEDIATE` (SQLAlchemy's recipe for pysqlite).
+
+    Python's sqlite3 driver starts a transaction only at the first write, so Optuna's
+    read-check-write that moves a trial from WAITING to RUNNING is not atomic across processes on
+    SQLite: two workers can both read WAITING and both claim the trial (seen here with three
+    workers). Taking the write lock when the transaction begins serializes those transactions,
+    as the row lock (`SELECT … FOR UPDATE`) does on PostgreSQL and MySQL.
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_driver_transactions(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()   # connections opened before the listeners existed are replaced
 
 
 class Sweep:
@@ -226,8 +251,11 @@ class Sweep:
             self.storage.set_trial_system_attr(t._trial_id, HEARTBEAT_ATTR, time.time())
             first = self._first_owner(key, t.number)
             if first is not None:
-                self.storage.set_trial_user_attr(t._trial_id, "duplicate_of", first)
-                self.storage.set_trial_state_values(t._trial_id, TrialState.PRUNED)
+                try:
+                    self.storage.set_trial_user_attr(t._trial_id, "duplicate_of", first)
+                    self.storage.set_trial_state_values(t._trial_id, TrialState.PRUNED)
+                except UpdateFinishedTrialError:
+                    pass
                 return False
             return t._trial_id, key
         return None

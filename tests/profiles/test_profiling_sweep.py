@@ -22,6 +22,7 @@ from profiles.profiling.sweep import Sweep, open_storage
 
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = [f"level={lv}" for lv in (0.1, 0.2, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0)]
+MANY = [f"level={0.05 * (i + 1):.2f}" for i in range(40)]
 
 
 def compute_point(key: str, log: str | None = None, delay: float = 0.0) -> tuple[float, list[dict]]:
@@ -42,17 +43,18 @@ def compute_point(key: str, log: str | None = None, delay: float = 0.0) -> tuple
     return blob.ratio, [{"key": key, "ratio": blob.ratio, "pid": os.getpid()}]
 
 
-def worker_main(url: str, log: str, delay: float, grace: float) -> None:
+def worker_main(url: str, log: str, delay: float, grace: float, many: bool = False) -> None:
     """Entry point of a worker process (run with `python -c`)."""
     sweep = Sweep(open_storage(url, "unused.db"), "t", {"grid": "test"}, heartbeat_s=0.3,
                   grace_s=grace, poll_s=0.1)
-    stats = sweep.run(KEYS, lambda k: compute_point(k, log, delay))
+    stats = sweep.run(MANY if many else KEYS, lambda k: compute_point(k, log, delay))
     print(f"RAN {len(stats.ran)} COMPLETE {stats.complete}")
 
 
-def _spawn(url: str, log: Path, delay: float, grace: float = 2.0) -> subprocess.Popen:
+def _spawn(url: str, log: Path, delay: float, grace: float = 2.0,
+           many: bool = False) -> subprocess.Popen:
     code = (f"from tests.profiles.test_profiling_sweep import worker_main; "
-            f"worker_main({url!r}, {str(log)!r}, {delay}, {grace})")
+            f"worker_main({url!r}, {str(log)!r}, {delay}, {grace}, {many})")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -81,22 +83,24 @@ def test_resume_runs_only_missing_points(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
-def test_two_workers_share_a_sweep_without_repeats(tmp_path, kind):
+def test_workers_share_a_sweep_without_repeats(tmp_path, kind):
+    """Three workers racing for 40 instant points on a fresh storage: every point runs once.
+    (Without BEGIN IMMEDIATE on SQLite, two workers could both claim one WAITING trial.)"""
     url = f"sqlite:///{tmp_path / 'sweep.db'}" if kind == "sqlite" else \
         f"journal:{tmp_path / 'sweep.journal'}"
     log = tmp_path / "log"
-    procs = [_spawn(url, log, delay=0.2) for _ in range(2)]
+    procs = [_spawn(url, log, delay=0.0, many=True) for _ in range(3)]
     outs = [p.communicate(timeout=240) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err
         assert "COMPLETE True" in out
     ev = _events(log)
-    for k in KEYS:
+    for k in MANY:
         assert ev[("start", k)] == 1 and ev[("finish", k)] == 1, (k, ev)
     ran = [int(o.split()[1]) for o, _ in outs]
-    assert sum(ran) == len(KEYS)
+    assert sum(ran) == len(MANY)
     assert set(Sweep(open_storage(url, tmp_path / "x.db"), "t", {"grid": "test"}).completed()) \
-        == set(KEYS)
+        == set(MANY)
 
 
 def test_killed_worker_point_is_retried_once(tmp_path):
