@@ -205,7 +205,8 @@ def show(
     from profiles.profiling import read_profile
 
     kind = _kind_of(path)
-    if kind == "hardware_profile":
+    if kind == "hardware_profile" or (path.is_file() and path.name != "profile.json"
+                                      and kind != "model_profile"):
         prof = load_hardware(path)
         if as_json:
             typer.echo(json.dumps(prof.to_dict(), indent=2))

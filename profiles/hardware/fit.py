@@ -27,14 +27,19 @@ class Fit:
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], None] | None = None,
-                   warmup: int = 1) -> tuple[float, list[float]]:
-    """Median wall time of `fn` over `repeats` runs after `warmup` untimed runs.
+                   warmup: int = 1, min_total_s: float = 0.0,
+                   max_repeats: int = 200) -> tuple[float, list[float]]:
+    """Median wall time of `fn` over at least `repeats` runs after `warmup` untimed runs.
 
     Args:
         fn: the work to time.
         repeats: timed runs (at least 1).
         sync: called after each run before the clock stops (e.g. `torch.cuda.synchronize`).
         warmup: untimed runs first (allocator, caches, kernel compilation).
+        min_total_s: keep repeating (up to `max_repeats`) until the samples add up to this many
+            seconds, so that short operations get enough samples for a median that one
+            descheduled run cannot move.
+        max_repeats: the most timed runs.
 
     Returns:
         (median seconds, every timed sample in seconds).
@@ -43,8 +48,9 @@ def median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], No
         fn()
         if sync:
             sync()
-    samples = []
-    for _ in range(max(1, repeats)):
+    samples: list[float] = []
+    while len(samples) < max(1, repeats) or (sum(samples) < min_total_s
+                                            and len(samples) < max_repeats):
         t0 = time.perf_counter()
         fn()
         if sync:

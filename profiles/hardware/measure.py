@@ -5,10 +5,10 @@ labelled `measured`; the samples go into the profile's `raw` section):
 
 - host: CPU model and cores, host memory (from the OS); memory-copy GB/s (`numpy.copyto` of a
   64 MiB buffer, one thread); disk reads of 4 KiB ... 16 MiB from a scratch file, bypassing the
-  page cache (O_DIRECT, or `posix_fadvise(DONTNEED)` where O_DIRECT is refused), fitted to
-  `latency_s + bytes / gbps`; SZ3 and lossless encode / decode GB/s per level on Gaussian bf16
-  weights (σ = 0.02); the CPU time of one SwiGLU expert FFN of Moonlight's shape (hidden 2048,
-  expert width 1408, the study's model) in bf16 against the number of tokens.
+  page cache, fitted to `latency_s + bytes / gbps` (`profiles.hardware.disk`); SZ3 and lossless
+  encode / decode GB/s per level on Gaussian bf16 weights (σ = 0.02); the CPU time of one SwiGLU
+  expert FFN of Moonlight's shape (hidden 2048, expert width 1408, the study's model) in bf16
+  against the number of tokens.
 - gpu (only when `torch.cuda.is_available()`): see `profiles.hardware.measure_gpu`.
 - model_timings (with a model): see `profiles.hardware.timings`.
 
@@ -18,13 +18,9 @@ The host part takes well under a minute on a 2-core machine.
 from __future__ import annotations
 
 import datetime as _dt
-import mmap
 import os
 import platform
-import random
 import socket
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,10 +28,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from profiles.errors import ConfigError
-from profiles.hardware.fit import fit_link, median_seconds
+from profiles.errors import CodecError, ConfigError
+from profiles.hardware.disk import disk_read
+from profiles.hardware.fit import median_seconds
 from profiles.hardware.schema import (CodecSpeed, CpuExpertFFN, Figure, HardwareProfile,
-                                      HostProfile, LevelCurve, LinkFit, ProfileSource, TokenCurve)
+                                      HostProfile, LevelCurve, ProfileSource, TokenCurve)
 
 Progress = Callable[[int, int, str], None]
 DEFAULT_LEVELS = (0.1, 0.3, 1.0, 2.0, 3.0)
@@ -119,7 +116,7 @@ def measure_hardware(model: str | None = None, *, name: str | None = None,
     step("host basics")
     memcpy = _memcpy_gbps(sizes, raw)
     step("memory copy")
-    disk = _disk_read(disk_dir, sizes, raw)
+    disk = disk_read(disk_dir, sizes.disk_file_bytes, sizes.disk_sizes, raw)
     step("disk read")
     codecs = _host_codecs(levels, mode, sizes, raw)
     step("host codecs")
@@ -214,89 +211,6 @@ def _memcpy_gbps(sizes: Sizes, raw: dict) -> Figure:
                   f"{len(samples)} after a warm-up; GB/s of bytes copied")
 
 
-# --- disk -----------------------------------------------------------------------------------------
-
-def _disk_read(disk_dir, sizes: Sizes, raw: dict) -> LinkFit:
-    """Fit reads of several sizes from a scratch file with the page cache bypassed."""
-    directory = Path(disk_dir) if disk_dir is not None else Path(tempfile.gettempdir())
-    if not directory.is_dir():
-        raise ConfigError(f"disk directory {directory} does not exist; give an existing directory "
-                          f"on the drive that will hold offloaded experts")
-    fd, path = tempfile.mkstemp(prefix=".moesz-disk-", dir=directory)
-    try:
-        block = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
-        with os.fdopen(fd, "wb") as fh:
-            for _ in range(sizes.disk_file_bytes >> 20):
-                fh.write(block)
-            fh.flush()
-            os.fsync(fh.fileno())
-        method, reader = _direct_reader(path, max(sizes.disk_sizes))
-        rng = random.Random(0)
-        nbytes, times = [], []
-        for size in sizes.disk_sizes:
-            reps = 5 if size <= (1 << 20) else 3
-            for _ in range(reps):
-                offset = rng.randrange(0, (sizes.disk_file_bytes - size) // 4096 + 1) * 4096
-                nbytes.append(size)
-                times.append(reader(offset, size))
-        reader(0, 0)  # close
-        fit = fit_link(nbytes, times)
-        raw["host.disk_read"] = {"bytes": nbytes, "seconds": times, "method": method,
-                                 "directory": str(directory)}
-        return LinkFit(latency_s=fit.latency_s, gbps=fit.gbps, source="measured",
-                       fit_rel_error=fit.max_rel_error,
-                       note=f"reads of {_sizes_text(sizes.disk_sizes)} at random offsets of a "
-                            f"{sizes.disk_file_bytes >> 20} MiB file in {directory} ({method}); "
-                            f"least-relative-error fit")
-    finally:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-
-
-def _direct_reader(path: str, biggest: int):
-    """(method, read(offset, size) -> seconds) that bypasses the page cache where it can."""
-    flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
-    try:
-        fd = os.open(path, flags)
-        buf = mmap.mmap(-1, biggest)   # page-aligned, as O_DIRECT needs
-        os.preadv(fd, [memoryview(buf)[:4096]], 0)
-        method = "O_DIRECT"
-    except OSError:
-        fd = os.open(path, os.O_RDONLY)
-        buf = mmap.mmap(-1, biggest)
-        method = "posix_fadvise(DONTNEED) before each read"
-
-    def read(offset: int, size: int) -> float:
-        if size == 0:
-            os.close(fd)
-            buf.close()
-            return 0.0
-        if method != "O_DIRECT" and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        view = memoryview(buf)[:size]
-        t0 = time.perf_counter()
-        got = os.preadv(fd, [view], offset)
-        elapsed = time.perf_counter() - t0
-        view.release()
-        if got != size:
-            raise ConfigError(f"{path}: short read of {got} of {size} bytes while measuring the disk")
-        return elapsed
-
-    return method, read
-
-
-def _sizes_text(sizes) -> str:
-    def one(n: int) -> str:
-        for unit, s in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-            if n >= s:
-                return f"{n // s} {unit}"
-        return f"{n} B"
-
-    return f"{one(min(sizes))} ... {one(max(sizes))}"
-
-
 # --- codecs on the CPU ----------------------------------------------------------------------------
 
 def _host_codecs(levels, mode: str, sizes: Sizes, raw: dict) -> dict[str, CodecSpeed]:
@@ -310,8 +224,12 @@ def _host_codecs(levels, mode: str, sizes: Sizes, raw: dict) -> dict[str, CodecS
         codec = get_codec(name)
         if not codec.availability()[0]:
             continue
-        rows = bench([("gaussian", tensor)], [name], mode, levels, repeats=sizes.repeats,
-                     device="cpu")
+        try:
+            rows = bench([("gaussian", tensor)], [name], mode, levels, repeats=sizes.repeats,
+                         device="cpu")
+        except (ImportError, CodecError) as exc:   # e.g. zstandard missing on this machine
+            raw[f"host.codecs.{name}"] = {"skipped": f"{type(exc).__name__}: {exc}"}
+            continue
         note = (f"one thread, {tensor.numel()} Gaussian bf16 values (sigma 0.02), median "
                 f"of {sizes.repeats} after a warm-up; GB/s of original bf16 bytes")
         raw[f"host.codecs.{name}"] = [r.to_dict() for r in rows]
@@ -337,7 +255,7 @@ def swiglu_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> to
 
 
 def time_expert_ffn(hidden: int, width: int, tokens, device: str | torch.device, dtype,
-                    repeats: int = 3) -> tuple[list[float], dict]:
+                    repeats: int = 3, min_total_s: float = 0.0) -> tuple[list[float], dict]:
     """Median seconds of one expert FFN at each token count, with the samples."""
     dev = torch.device(device)
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -348,7 +266,8 @@ def time_expert_ffn(hidden: int, width: int, tokens, device: str | torch.device,
     with torch.inference_mode():
         for t in tokens:
             x = (torch.randn(t, hidden, generator=gen)).to(dev, dtype)
-            med, s = median_seconds(lambda: swiglu_ffn(x, gate_up, down), repeats, sync)
+            med, s = median_seconds(lambda: swiglu_ffn(x, gate_up, down), repeats, sync,
+                                    min_total_s=min_total_s)
             meds.append(med)
             samples[str(t)] = s
     return meds, samples

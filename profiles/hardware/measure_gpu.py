@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from profiles.errors import CodecError
 from profiles.hardware.fit import fit_link, median_seconds
 from profiles.hardware.schema import Figure, GpuProfile, LevelCurve, LinkFit
 
@@ -109,30 +110,35 @@ def _h2d_under_compute(dev: torch.device, raw: dict) -> Figure:
 
 
 def _gemm_and_d2d(dev: torch.device, raw: dict) -> tuple[Figure, Figure]:
-    sync = lambda: torch.cuda.synchronize(dev)  # noqa: E731
-    a = torch.randn(_GEMM_N, _GEMM_N, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(_GEMM_N, _GEMM_N, device=dev, dtype=torch.bfloat16)
     batch = 10
-
-    def gemms():
-        for _ in range(batch):
-            a @ b
-
-    med, s = median_seconds(gemms, 5, sync)
+    med, s = _time_gemms(dev, batch)
     tflops = 2 * _GEMM_N ** 3 * batch / med / 1e12   # [n,n]@[n,n] = 2 n^3 FLOP
     raw["gpu.bf16_gemm"] = {"n": _GEMM_N, "gemms_per_sample": batch, "seconds": s}
-    del a, b
     n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device=dev).fill_(1)
-    dst = torch.empty_like(src)
-    med_c, sc = median_seconds(lambda: dst.copy_(src), 5, sync)
+    med_c, sc = _time_d2d(dev, n)
     raw["gpu.d2d"] = {"bytes": n, "seconds": sc}
-    del src, dst
     torch.cuda.empty_cache()
     return (Figure(tflops, "measured", f"{_GEMM_N}^3 bf16 torch.matmul, {batch} per sample, "
                                        f"median of 5 after a warm-up"),
             Figure(2 * n / med_c / 1e9, "measured", "1 GiB device-to-device copy_, read + write "
                                                     "bytes counted, median of 5"))
+
+
+def _time_gemms(dev: torch.device, batch: int) -> tuple[float, list[float]]:
+    a = torch.randn(_GEMM_N, _GEMM_N, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(_GEMM_N, _GEMM_N, device=dev, dtype=torch.bfloat16)
+
+    def gemms():
+        for _ in range(batch):
+            a @ b
+
+    return median_seconds(gemms, 5, lambda: torch.cuda.synchronize(dev))
+
+
+def _time_d2d(dev: torch.device, n: int) -> tuple[float, list[float]]:
+    src = torch.empty(n, dtype=torch.uint8, device=dev).fill_(1)
+    dst = torch.empty_like(src)
+    return median_seconds(lambda: dst.copy_(src), 5, lambda: torch.cuda.synchronize(dev))
 
 
 def _gpu_codecs(dev: torch.device, levels, mode: str, raw: dict) -> dict[str, LevelCurve]:
@@ -146,8 +152,12 @@ def _gpu_codecs(dev: torch.device, levels, mode: str, raw: dict) -> dict[str, Le
     for codec in list_codecs():
         if not codec.gpu_decodable or codec.name == "raw" or not codec.availability()[0]:
             continue
-        rows = bench([("gaussian", tensor)], [codec.name], mode, levels, repeats=5,
-                     device=str(dev))
+        try:
+            rows = bench([("gaussian", tensor)], [codec.name], mode, levels, repeats=5,
+                         device=str(dev))
+        except (ImportError, CodecError) as exc:   # recorded; the other figures still count
+            raw[f"gpu.decode.{codec.name}"] = {"skipped": f"{type(exc).__name__}: {exc}"}
+            continue
         raw[f"gpu.decode.{codec.name}"] = [r.to_dict() for r in rows]
         note = (f"decode on the GPU of {tensor.numel() >> 20} Mi Gaussian bf16 values (sigma "
                 f"0.02), median of 5 after a warm-up; GB/s of original bf16 bytes")

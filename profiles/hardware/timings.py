@@ -64,10 +64,11 @@ def model_timings(geometry, host: HostProfile, gpu: GpuProfile | None, raw: dict
     where = f"on {device}" + (f" ({gpu.name})" if gpu is not None else "")
 
     if expert_params * esize * 2 <= budget:
-        meds, samples = time_expert_ffn(hidden, width, tokens, device, dtype)
+        meds, samples = time_expert_ffn(hidden, width, tokens, device, dtype, min_total_s=0.05)
         raw[key]["expert_ffn"] = samples
         ffn = TokenCurve(tokens, tuple(meds), "measured",
-                         f"SwiGLU expert {hidden}x{width} {where}, median of 3")
+                         f"SwiGLU expert {hidden}x{width} {where}, median of at least 3 "
+                         f"runs and 50 ms")
     else:
         rate, bw = _roofline_rates(host, gpu)
         secs = tuple(max(2 * expert_params * t / rate, expert_params * esize / bw)
@@ -80,7 +81,8 @@ def model_timings(geometry, host: HostProfile, gpu: GpuProfile | None, raw: dict
         attn = AttentionTimings(batches, contexts, secs_grid, "measured",
                                 f"decode step, GQA attention {g.num_attention_heads}/"
                                 f"{g.num_key_value_heads} heads of dim {g.head_dim} plus router "
-                                f"over {g.experts_per_layer} experts {where}, median of 3")
+                                f"over {g.experts_per_layer} experts {where}, median of at least 3 "
+                                f"runs and 50 ms")
     else:
         rate, bw = _roofline_rates(host, gpu)
         grid = []
@@ -100,7 +102,8 @@ def model_timings(geometry, host: HostProfile, gpu: GpuProfile | None, raw: dict
         meds, samples = _time_lm_head(hidden, g.vocab_size, device, dtype, tokens)
         raw[key]["lm_head"] = samples
         lm = TokenCurve(tokens, tuple(meds), "measured",
-                        f"output projection {hidden}x{g.vocab_size} {where}, median of 3")
+                        f"output projection {hidden}x{g.vocab_size} {where}, median of at "
+                        f"least 3 runs and 50 ms")
     else:
         rate, bw = _roofline_rates(host, gpu)
         lm = TokenCurve(tokens, tuple(max(2 * head_params * t / rate, head_params * esize / bw)
@@ -157,7 +160,7 @@ def _time_attention(g, device: str, dtype, batches, contexts
                     logits = (y @ wr.T).float().softmax(-1)                   # router
                     return logits.topk(min(g.top_k, g.experts_per_layer), -1), k_new, v_new
 
-                med, s = median_seconds(step, 3, _sync(device))
+                med, s = median_seconds(step, 3, _sync(device), min_total_s=0.05)
                 row.append(med)
                 samples[f"{b}x{c}"] = s
             rows.append(tuple(row))
@@ -173,7 +176,7 @@ def _time_lm_head(hidden: int, vocab: int, device: str, dtype, tokens
     with torch.inference_mode():
         for t in tokens:
             x = torch.randn(t, hidden, generator=gen).to(dev, dtype)
-            med, s = median_seconds(lambda: x @ head.T, 3, _sync(device))
+            med, s = median_seconds(lambda: x @ head.T, 3, _sync(device), min_total_s=0.05)
             meds.append(med)
             samples[str(t)] = s
     return meds, samples

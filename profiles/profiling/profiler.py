@@ -21,13 +21,9 @@ on CPUs without bf16 units.
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
-import socket
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -35,13 +31,13 @@ import torch
 
 from profiles.errors import ConfigError, ProfileError
 from profiles.profiling import format as fmt
-from profiles.profiling.grid import (PAPER_LEVELS, GridSpec, Point, build_points, parse_experts,
+from profiles.profiling import steps
+from profiles.profiling.grid import (PAPER_LEVELS, GridSpec, build_points, parse_experts,
                                      parse_groups, parse_layers, parse_levels)
 
 Progress = Callable[[int, int, str], None]
 DEFAULT_LIMIT = 300
 STUDY_NAME = "moesz-sensitivity"
-BASELINE_FILE = "baseline.json"
 
 
 @dataclass(frozen=True)
@@ -152,40 +148,41 @@ def _profile(req: ProfileRequest, progress: Progress | None, t0: float) -> Profi
     points = build_points(spec, g.moe_layers, g.experts_per_layer)
     keys = [p.key for p in points]
     by_key = {p.key: p for p in points}
-    _check_out(out, loaded)
-    out.mkdir(parents=True, exist_ok=True)
     compute = _compute_dtype(req.compute_dtype, loaded)
-
-    ratios = _ratios(out, loaded, spec, req, progress)
-    warnings: list[str] = []
     evalset = {"split": req.split, "tasks": tasks, "limit": limit, "seed": req.seed}
-    view = _compute_view(loaded, compute)
-    baseline, traces = _baseline_and_traces(out, view, evalset, req, progress)
+    _check_out(out, loaded, evalset)
 
     from profiles.evaluation import base_distributions, builtin_calibration
-    from profiles.profiling.sensitivity import SensitivityRunner, detection_limit, top_experts
+    from profiles.profiling.sensitivity import SensitivityRunner, top_experts
     from profiles.profiling.sweep import Sweep, open_storage
 
-    calib = builtin_calibration(view.model, view.tokenizer, per_task=16, split=req.split,
-                                seed=req.seed)
-    base_fid = base_distributions(view.model, calib)
-    top = top_experts(traces, g.moe_layers, g.experts_per_layer)
+    # the storage's settings are checked before anything in DIR is written
     storage = open_storage(req.storage, out / fmt.SWEEP_DB)
     identity = {"fingerprint": loaded.fingerprint, "split": req.split, "tasks": tasks,
                 "prompts_per_task": limit, "seed": req.seed, "compute_dtype": compute,
                 "catastrophic_drop": req.catastrophic_drop}
     sweep = Sweep(storage, STUDY_NAME, identity, heartbeat_s=req.heartbeat_s, grace_s=req.grace_s)
+    out.mkdir(parents=True, exist_ok=True)
+
+    steps.ratios_step(out, loaded, spec, req, progress)
+    warnings: list[str] = []
+    view = steps.compute_view(loaded, compute)
+    baseline, traces = steps.baseline_and_traces(out, view, evalset, req, progress)
+    calib = builtin_calibration(view.model, view.tokenizer, per_task=16, split=req.split,
+                                seed=req.seed)
+    base_fid = base_distributions(view.model, calib)
+    top = top_experts(traces, g.moe_layers, g.experts_per_layer)
     runner = SensitivityRunner(loaded, baseline, base_fid, top, seed=req.seed,
                                batch_size=req.batch_size, catastrophic_drop=req.catastrophic_drop)
-    base_digests = _layer_digests(loaded, g.moe_layers)
-    meta = _meta(req, loaded, spec, points, tasks, limit, compute, baseline)
+    base_digests = steps.layer_digests(loaded, g.moe_layers)
+    meta = steps.profile_meta(req, loaded, spec, points, tasks, limit, compute, baseline)
 
     def run_point(key: str) -> tuple[float, list[dict]]:
         point = by_key[key]
-        return _run_point(point, runner, view, loaded, compute, sweep, base_digests)
+        return steps.run_point(point, runner, view, loaded, compute, sweep, base_digests)
 
     def write(completed: dict) -> None:
-        _write_outputs(out, meta, completed, keys, baseline)
+        steps.write_outputs(out, meta, completed, keys, baseline)
 
     write(sweep.completed())
     ts = time.perf_counter()
@@ -196,7 +193,7 @@ def _profile(req: ProfileRequest, progress: Progress | None, t0: float) -> Profi
     sweep_s = time.perf_counter() - ts
     completed = sweep.completed()
     write(completed)
-    _plots(out, progress)
+    steps.plots_step(out, progress)
     prof = fmt.read_profile(out)
     lim = prof.detection_limit
     if lim["half_width"] > 0.01:
@@ -283,7 +280,8 @@ def _grid_spec(req: ProfileRequest, g) -> GridSpec:
                     experts=parse_experts(req.target, g.experts_per_layer), design=req.design)
 
 
-def _check_out(out: Path, loaded) -> None:
+def _check_out(out: Path, loaded, evalset: dict) -> None:
+    """Refuse an `out` that holds a profile of another model or evaluation set (before writing)."""
     if not (out / fmt.PROFILE_FILE).exists():
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out {out} is a file; give a directory")
@@ -293,6 +291,12 @@ def _check_out(out: Path, loaded) -> None:
     if theirs != loaded.fingerprint:
         raise ProfileError(f"{out} holds a profile of another model (fingerprint {theirs}, this "
                            f"model's is {loaded.fingerprint}); use another --out")
+    for field, want in (("split", evalset["split"]), ("tasks", list(evalset["tasks"])),
+                        ("prompts_per_task", evalset["limit"]), ("seed", evalset["seed"])):
+        if doc.get(field) != want:
+            raise ProfileError(f"{out} was profiled with {field}={doc.get(field)!r}, this run "
+                               f"asks for {want!r}; use another --out, or rerun with the same "
+                               f"settings")
 
 
 def _compute_dtype(requested: str, loaded) -> str:
@@ -304,181 +308,6 @@ def _compute_dtype(requested: str, loaded) -> str:
                                                                             torch.float16)):
         return "fp32"
     return str(dtype).replace("torch.", "")
-
-
-def _compute_view(loaded, compute: str):
-    """The model evaluation runs on: the loaded one, or an fp32 copy of its current weights."""
-    if compute != "fp32" or next(loaded.model.parameters()).dtype == torch.float32:
-        return loaded
-    from profiles.models.expert_map import build_expert_map
-
-    model = copy.deepcopy(loaded.model).float().eval()
-    return replace(loaded, model=model, expert_map=build_expert_map(model, loaded.spec))
-
-
-def _ratios(out: Path, loaded, spec: GridSpec, req: ProfileRequest, progress):
-    import pandas as pd
-
-    from profiles.profiling.ratios import measure_ratios
-
-    path = out / fmt.RATIOS_FILE
-    codecs = [c for c in spec.codecs if c != "noise"]
-    done, old = set(), None
-    if path.exists():
-        try:
-            old = pd.read_parquet(path)
-            done = {(int(r.layer), r.codec, None if pd.isna(r.level) else float(r.level))
-                    for r in old.itertuples()}
-        except Exception:
-            old = None
-    sample = req.ratio_sample if req.ratio_sample is not None else 16
-    layers = spec.layers if spec.design == "grid" else None
-    new = measure_ratios(loaded, codecs, spec.mode, spec.levels, sample=sample, seed=req.seed,
-                         layers=layers, done_keys=done, progress=None if progress is None else
-                         (lambda d, t, label: progress(d, t, label)))
-    frame = new if old is None or len(old) == 0 else pd.concat([old, new], ignore_index=True)
-    fmt.write_table(out, fmt.RATIOS_FILE, frame)
-    return frame
-
-
-def _baseline_and_traces(out: Path, view, evalset: dict, req: ProfileRequest, progress):
-    from profiles.evaluation import EvalResult
-    from profiles.profiling.sensitivity import baseline_from_recording
-    from profiles.traces import read_traces, record_traces, write_traces
-
-    bpath, tpath = out / BASELINE_FILE, out / fmt.TRACES_FILE
-    if bpath.exists() and tpath.exists():
-        try:
-            base = EvalResult.load(bpath)
-            if (base.fingerprint, base.split, base.limit, base.seed,
-                    [t.task for t in base.tasks]) == (view.fingerprint, evalset["split"],
-                                                      evalset["limit"], evalset["seed"],
-                                                      list(evalset["tasks"])):
-                return base, read_traces(tpath)
-        except ProfileError:
-            pass
-    rec = record_traces(view, evalset["tasks"], evalset["split"], evalset["limit"],
-                        evalset["seed"], batch_size=req.batch_size,
-                        progress=None if progress is None else
-                        (lambda d, t, label: progress(d, t, f"baseline and traces: {label}")))
-    base = baseline_from_recording(view, rec, evalset["split"], evalset["limit"], evalset["seed"])
-    write_traces(rec.frame, tpath)
-    base.save(bpath)
-    return base, rec.frame
-
-
-def _layer_digests(loaded, layers) -> dict[int, str]:
-    """blake2b of each MoE layer's routed expert bytes (to recognise identical perturbations)."""
-    out = {}
-    for layer in layers:
-        h = hashlib.blake2b(digest_size=16)
-        for ref in (r for r in loaded.expert_map.experts if r.layer == layer):
-            for name in sorted(ref.tensors):
-                t = ref.tensors[name].detach().contiguous()
-                h.update(t.view(torch.uint8).numpy().tobytes())
-        out[layer] = h.hexdigest()
-    return out
-
-
-def _run_point(point: Point, runner, view, loaded, compute: str, sweep, base_digests
-               ) -> tuple[float, list[dict]]:
-    """Apply the point's policy, recognise weights seen before, evaluate on the compute view."""
-    from profiles.policy import apply_policy
-    from profiles.profiling.sensitivity import point_policy
-
-    policy, surrogate = point_policy(point, runner.top, loaded.fingerprint)
-    with apply_policy(loaded, policy, surrogate=surrogate, seed=runner.seed, measure_bytes=False):
-        digests = _layer_digests(loaded, point.layers)
-        digest = hashlib.blake2b("|".join(f"{k}:{v}" for k, v in sorted(digests.items()))
-                                 .encode(), digest_size=16).hexdigest()
-        same = _same_weights(sweep, digest)
-        if same is not None:
-            value, rows = same
-            rows = [{**r, **_point_fields(point), "reused_from": r.get("point_key"),
-                     "point_key": point.key, "weights_digest": digest} for r in rows]
-            return value, rows
-        unchanged = all(digests[x] == base_digests[x] for x in point.layers)
-        # the fp32 view is a fresh copy of the weights as perturbed now
-        target = _compute_view(loaded, compute) if view is not loaded else loaded
-        value, rows = runner.evaluate_current(point, target, unchanged=unchanged)
-    rows = [{**r, "point_key": point.key, "weights_digest": digest, "reused_from": None,
-             "weights_unchanged": unchanged} for r in rows]
-    return value, rows
-
-
-def _point_fields(point: Point) -> dict:
-    return {"target": point.target, "target_kind": point.target_kind,
-            "layers": ",".join(map(str, point.layers)), "experts": point.experts,
-            "codec": point.codec, "mode": point.mode,
-            "level": float("nan") if point.level is None else float(point.level),
-            "surrogate": point.surrogate}
-
-
-def _same_weights(sweep, digest: str):
-    for key, rows in sweep.completed().items():
-        if rows and rows[0].get("weights_digest") == digest and not rows[0].get("reused_from"):
-            return sum(r["content_change"] for r in rows) / len(rows), rows
-    return None
-
-
-def _meta(req, loaded, spec: GridSpec, points, tasks, limit, compute, baseline) -> dict:
-    from profiles.hardware.measure import cpu_model, package_versions
-
-    targets = sorted({p.target for p in points}, key=lambda t: (t != "all", t))
-    return {
-        "model": {"spec": req.model, "fingerprint": loaded.fingerprint,
-                  "geometry": loaded.geometry.to_dict()},
-        "command": req.command,
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "host": {"hostname": socket.gethostname(), "cpu": cpu_model(),
-                 "threads": torch.get_num_threads()},
-        "packages": package_versions(),
-        "split": req.split, "tasks": list(tasks), "prompts_per_task": limit, "seed": req.seed,
-        "codecs": list(spec.codecs), "mode": spec.mode, "levels": list(spec.levels),
-        "targets": targets, "experts": spec.experts,
-        "groups": {k: list(v) for k, v in spec.groups.items()},
-        "design": spec.design, "compute_dtype": compute,
-        "catastrophic_drop": req.catastrophic_drop,
-        "ratio_sample": req.ratio_sample if req.ratio_sample is not None else 16,
-        "storage": req.storage or f"sqlite:///{(Path(req.out) / fmt.SWEEP_DB).resolve()}",
-        "baseline": {t.task: {"strict": t.strict.to_dict(), "content": t.content.to_dict(),
-                              "n": t.n} for t in baseline.tasks},
-        "points": [p.key for p in points],
-    }
-
-
-def _write_outputs(out: Path, meta: dict, completed: dict, keys: Sequence[str], baseline) -> None:
-    import pandas as pd
-
-    from profiles.profiling.sensitivity import detection_limit
-
-    rows = [r for k in keys if k in completed for r in completed[k]]
-    frame = pd.DataFrame(rows)
-    for col in fmt.SENSITIVITY_COLUMNS:
-        if col not in frame.columns:
-            frame[col] = pd.Series(dtype="float64")
-    front = list(fmt.SENSITIVITY_COLUMNS)
-    frame = frame[front + [c for c in frame.columns if c not in front]]
-    fmt.write_table(out, fmt.SENSITIVITY_FILE, frame)
-    done = [completed[k] for k in keys if k in completed]
-    doc = {**meta, "detection_limit": detection_limit(baseline, done),
-           "points_total": len(keys), "points_done": len(done),
-           "complete": len(done) >= len(keys)}
-    fmt.write_profile_json(out, doc)
-
-
-def _plots(out: Path, progress) -> None:
-    import pandas as pd
-
-    from profiles.profiling.plots import ratio_curves, sensitivity_heatmap
-
-    _report(progress, 0, 1, "plots")
-    ratios = pd.read_parquet(out / fmt.RATIOS_FILE)
-    sens = pd.read_parquet(out / fmt.SENSITIVITY_FILE)
-    ratio_curves(ratios, out / fmt.PLOTS_DIR / "ratios.png")
-    sensitivity_heatmap(sens, out / fmt.PLOTS_DIR / "sensitivity_content.png", "content")
-    sensitivity_heatmap(sens, out / fmt.PLOTS_DIR / "sensitivity_strict.png", "strict")
-    _report(progress, 1, 1, "plots")
 
 
 def _report(progress, done: int, total: int, label: str) -> None:

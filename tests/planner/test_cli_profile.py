@@ -73,3 +73,10 @@ def test_errors_are_one_line(tmp_path, args, match):
     lines = r.output.strip().splitlines()     # (a transient progress bar leaves a blank line)
     assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0]
     assert "Traceback" not in r.output
+
+
+def test_show_refuses_other_files(tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"kind": "plan", "schema_version": 1}')
+    r = runner.invoke(app, ["profile", "show", str(plan)])
+    assert r.exit_code == 1 and "field 'kind' is 'plan', expected 'hardware_profile'" in r.output

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from profiles.errors import ConfigError, ProfileError
+from profiles.errors import ProfileError
 from profiles.profiling import ProfileRequest, profile_model, read_profile
 from profiles.profiling.format import RATIOS_FILE, SENSITIVITY_COLUMNS, SENSITIVITY_FILE
 
@@ -130,6 +130,15 @@ def test_another_model_in_the_same_out_is_refused(tiny):
     (other / "profile.json").write_text(json.dumps(doc))
     with pytest.raises(ProfileError, match="another model"):
         profile_model(ProfileRequest(out=other, **TINY))
+
+
+def test_other_settings_in_the_same_out_are_refused_before_writing(tiny):
+    out = tiny[0]
+    stamps = {f: (out / f).stat().st_mtime_ns for f in ("traces.parquet", "baseline.json",
+                                                        "profile.json", RATIOS_FILE)}
+    with pytest.raises(ProfileError, match="prompts_per_task=8, this run asks for 9"):
+        profile_model(ProfileRequest(out=out, **{**TINY, "limit": 9}))
+    assert stamps == {f: (out / f).stat().st_mtime_ns for f in stamps}
 
 
 @pytest.mark.parametrize("field,value,match", [
