@@ -270,3 +270,61 @@ def _check_budget(name: str, nbytes: int | None, fraction: float | None) -> None
         raise ConfigError(f"serving config: {name}_bytes is {nbytes!r}; expected bytes >= 0")
     if fraction is not None and not (0.0 <= fraction <= 1.0):
         raise ConfigError(f"serving config: {name}_fraction is {fraction!r}; expected 0..1")
+
+
+# The KV cache is kept in bf16. Multi-head latent attention (DeepSeek-V2/V3, Moonlight) caches one
+# latent (kv_lora_rank 512) + the rope key (64) per layer and token instead of per-head K and V.
+KV_DTYPE_BYTES = 2
+MLA_ARCHITECTURES = {"deepseek_v2": 512 + 64, "deepseek_v3": 512 + 64}
+
+
+def kv_bytes_per_token(g: Any) -> int:
+    """KV-cache bytes one token adds over all layers (bf16)."""
+    mla = MLA_ARCHITECTURES.get(getattr(g, "architecture", ""))
+    if mla is not None:
+        return int(g.num_layers * mla * KV_DTYPE_BYTES)
+    # K and V, every layer: 2 * layers * kv_heads * head_dim values of KV_DTYPE_BYTES bytes
+    return int(2 * g.num_layers * g.num_key_value_heads * g.head_dim * KV_DTYPE_BYTES)
+
+
+@dataclass(frozen=True)
+class GpuSplit:
+    """A GPU budget split into its fixed parts and what is left for the expert cache."""
+
+    budget_bytes: float | None       # None: unlimited
+    non_expert_bytes: int
+    kv_cache_bytes: int
+    staging_bytes: int
+    cache_capacity_bytes: float      # inf when the budget is unlimited
+
+
+def split_gpu_budget(geometry: Any, serving: "ServingConfig", staging_expert_bytes: int) -> GpuSplit:
+    """Resolve the GPU budget and subtract the non-expert weights, KV cache and staging buffers.
+
+    The simulator and the real runtime both call this, so their expert caches have one capacity.
+
+    Args:
+        geometry: a `ModelGeometry` (or anything with its fields).
+        serving: budgets, batch, prompt and generated tokens, staging slots.
+        staging_expert_bytes: bytes of one staging buffer (one uncompressed expert).
+
+    Raises:
+        ConfigError: the budget cannot hold the non-expert weights, KV cache and staging buffers.
+    """
+    non_expert = int(geometry.non_expert_bytes)
+    # [batch, prompt + generated] tokens, each adding kv_bytes_per_token over all layers
+    kv = kv_bytes_per_token(geometry) * serving.batch_size * (
+        serving.prompt_tokens + serving.generated_tokens)
+    staging = serving.staging_slots * int(staging_expert_bytes)
+    routed = int(len(geometry.moe_layers) * geometry.experts_per_layer * geometry.bytes_per_expert)
+    budget = serving.resolve_gpu_bytes(non_expert, kv, routed)
+    if budget is None:
+        return GpuSplit(None, non_expert, int(kv), staging, float("inf"))
+    cap = budget - non_expert - kv - staging
+    if cap < 0:
+        raise ConfigError(
+            f"GPU budget {format_bytes(budget)} is below the non-expert weights "
+            f"({format_bytes(non_expert)}) + KV cache ({format_bytes(kv)}) + "
+            f"{serving.staging_slots} staging buffers ({format_bytes(staging)}) = "
+            f"{format_bytes(non_expert + kv + staging)}; raise --gpu-mem")
+    return GpuSplit(budget, non_expert, int(kv), staging, cap)

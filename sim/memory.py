@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from profiles.errors import ConfigError
-from profiles.serving import ServingConfig, format_bytes
+from profiles.serving import ServingConfig, format_bytes, split_gpu_budget
 from sim.costs import ExpertCosts
-from sim.shape import kv_bytes_per_token, routed_expert_bytes
+from sim.shape import routed_expert_bytes
 
 
 @dataclass(frozen=True)
@@ -52,25 +52,13 @@ def memory_layout(geometry: Any, serving: ServingConfig, costs: ExpertCosts,
             buffers, or per-layer slots exceed the cache.
     """
     notes = []
-    non_expert = int(geometry.non_expert_bytes)
-    kv = kv_bytes_per_token(geometry) * serving.batch_size * (
-        serving.prompt_tokens + serving.generated_tokens)
-    staging = serving.staging_slots * int(costs.original_bytes)
+    split = split_gpu_budget(geometry, serving, int(costs.original_bytes))
+    budget, non_expert, kv = split.budget_bytes, split.non_expert_bytes, split.kv_cache_bytes
+    staging, cap = split.staging_bytes, split.cache_capacity_bytes
     routed = routed_expert_bytes(geometry)
-    budget = serving.resolve_gpu_bytes(non_expert, kv, routed)
-    if budget is None:
-        cap = float("inf")
-    else:
-        cap = budget - non_expert - kv - staging
-        if cap < 0:
-            raise ConfigError(
-                f"GPU budget {format_bytes(budget)} is below the non-expert weights "
-                f"({format_bytes(non_expert)}) + KV cache ({format_bytes(kv)}) + {serving.staging_slots} "
-                f"staging buffers ({format_bytes(staging)}) = {format_bytes(non_expert + kv + staging)}; "
-                f"raise --gpu-mem")
-        if gpu_memory_bytes is not None and budget > gpu_memory_bytes:
-            notes.append(f"GPU budget {format_bytes(budget)} exceeds the device's "
-                         f"{format_bytes(gpu_memory_bytes)}")
+    if budget is not None and gpu_memory_bytes is not None and budget > gpu_memory_bytes:
+        notes.append(f"GPU budget {format_bytes(budget)} exceeds the device's "
+                     f"{format_bytes(gpu_memory_bytes)}")
     layer_caps = None
     if serving.per_layer_cache_slots is not None:
         slots = serving.per_layer_cache_slots

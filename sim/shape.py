@@ -12,10 +12,10 @@ import math
 from typing import Any
 
 from profiles.errors import ModelError
+from profiles.serving import KV_DTYPE_BYTES, kv_bytes_per_token  # noqa: F401  (shared with the runtime)
 
 # bytes per stored value; mxfp4 = 4 bits + one 8-bit scale per 32 values
 DTYPE_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp32": 4.0, "fp8_e4m3": 1.0, "mxfp4": 4.25 / 8}
-KV_DTYPE_BYTES = 2  # the KV cache is kept in bf16
 
 
 def dtype_bytes(dtype: str) -> float:
@@ -30,20 +30,6 @@ def expert_params(g: Any) -> int:
     shapes = getattr(g, "expert_tensor_shapes", None) or ()
     total = sum(math.prod(shape) for _, shape in shapes)
     return int(total) if total else 3 * g.hidden_size * g.expert_intermediate_size
-
-
-# Multi-head latent attention caches one compressed latent (kv_lora_rank 512) plus the shared
-# rope key (64) per layer and token instead of per-head K and V (DeepSeek-V2/V3, Moonlight).
-MLA_ARCHITECTURES = {"deepseek_v2": 512 + 64, "deepseek_v3": 512 + 64}
-
-
-def kv_bytes_per_token(g: Any) -> int:
-    """KV-cache bytes one token adds over all layers (bf16)."""
-    mla = MLA_ARCHITECTURES.get(getattr(g, "architecture", ""))
-    if mla is not None:
-        return int(g.num_layers * mla * KV_DTYPE_BYTES)
-    # K and V, every layer: 2 * layers * kv_heads * head_dim values of KV_DTYPE_BYTES bytes
-    return int(2 * g.num_layers * g.num_key_value_heads * g.head_dim * KV_DTYPE_BYTES)
 
 
 def routed_expert_bytes(g: Any) -> int:

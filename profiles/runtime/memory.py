@@ -1,7 +1,7 @@
 """The device memory budget as the runtime applies it: what is left for the expert cache.
 
-The arithmetic is the simulator's (`sim/memory.py`), so that the same `ServingConfig` gives the
-same cache in both: the GPU budget (bytes, or the non-expert weights + KV cache + a fraction of
+The fixed parts come from `profiles.serving.split_gpu_budget`, which the simulator
+(`sim/memory.py`) calls too, so that the same `ServingConfig` gives the same cache in both: the GPU budget (bytes, or the non-expert weights + KV cache + a fraction of
 the routed-expert bytes) must hold the non-expert weights, the KV cache for the full context
 (batch x (prompt + generated) tokens, bf16, reserved up front) and `staging_slots` decompressed
 expert buffers; the rest is the expert cache. With per-layer slots, each MoE layer gets slots x
@@ -14,20 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from profiles.errors import ConfigError
-from profiles.serving import ServingConfig, format_bytes
-
-KV_DTYPE_BYTES = 2
-# multi-head latent attention caches one latent (kv_lora_rank 512) + the rope key (64) per layer
-MLA_ARCHITECTURES = {"deepseek_v2": 512 + 64, "deepseek_v3": 512 + 64}
-
-
-def kv_bytes_per_token(g: Any) -> int:
-    """KV-cache bytes one token adds over all layers (bf16), as the simulator counts them."""
-    mla = MLA_ARCHITECTURES.get(getattr(g, "architecture", ""))
-    if mla is not None:
-        return int(g.num_layers * mla * KV_DTYPE_BYTES)
-    # K and V for every layer: 2 * layers * kv_heads * head_dim values of 2 bytes
-    return int(2 * g.num_layers * g.num_key_value_heads * g.head_dim * KV_DTYPE_BYTES)
+from profiles.serving import ServingConfig, format_bytes, split_gpu_budget
 
 
 @dataclass(frozen=True)
@@ -55,22 +42,9 @@ def device_budget(geometry: Any, serving: ServingConfig,
         ConfigError: the budget cannot hold the non-expert weights, KV cache and staging buffers,
             or per-layer slots do not fit the cache.
     """
-    non_expert = int(geometry.non_expert_bytes)
-    kv = kv_bytes_per_token(geometry) * serving.batch_size * (
-        serving.prompt_tokens + serving.generated_tokens)
-    staging = serving.staging_slots * int(geometry.bytes_per_expert)
-    routed = len(geometry.moe_layers) * geometry.experts_per_layer * int(geometry.bytes_per_expert)
-    budget = serving.resolve_gpu_bytes(non_expert, kv, routed)
-    if budget is None:
-        cap = float("inf")
-    else:
-        cap = budget - non_expert - kv - staging
-        if cap < 0:
-            raise ConfigError(
-                f"GPU budget {format_bytes(budget)} is below the non-expert weights "
-                f"({format_bytes(non_expert)}) + KV cache ({format_bytes(kv)}) + "
-                f"{serving.staging_slots} staging buffers ({format_bytes(staging)}); "
-                f"raise --gpu-mem")
+    split = split_gpu_budget(geometry, serving, int(geometry.bytes_per_expert))
+    budget, non_expert, kv = split.budget_bytes, split.non_expert_bytes, split.kv_cache_bytes
+    staging, cap = split.staging_bytes, split.cache_capacity_bytes
     layer_caps = None
     if serving.per_layer_cache_slots is not None:
         slots = serving.per_layer_cache_slots
