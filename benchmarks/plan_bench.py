@@ -2,6 +2,7 @@
 
     python benchmarks/plan_bench.py deepseek [--work DIR] [--budget 0.01] [--seeds 0,1,2]
     python benchmarks/plan_bench.py builtin --profile DIR [--gpu-mem 25%] [--budget 0.01]
+    python benchmarks/plan_bench.py spaces [--presets olmoe-1b-7b,mixtral-8x7b,...] [--seeds 0,1,2]
 
 `deepseek` writes a synthetic model profile of `preset:deepseek-v3` (58 MoE layers x 8 levels;
 ratios measured with the real szp codec on Gaussian weights of its shapes; sensitivities from a
@@ -9,6 +10,9 @@ seeded generator), then times `moesz plan` on it end to end (a fresh process, im
 and reports the MILP optimum, Optuna's cold-start gap to it and the trials it took, for each seed
 and for both search spaces. `builtin` plans on a measured profile under a GPU budget that forces
 misses and compares the plan with the best uniform level and rtn8 (closed form and simulation).
+`spaces` compares the two search spaces (Lagrangian prices against one parameter per layer) by
+their cold-start gap to the MILP optimum on synthetic profiles of several preset geometries (in
+one process, through the library: the study alone is timed).
 Prints markdown for benchmarks/RESULTS.md.
 """
 
@@ -145,9 +149,52 @@ def builtin(args) -> None:
                   f"(closed form){sim}; {name} meets the budget: {b['meets_budget']}")
 
 
+def spaces(args) -> None:
+    import math
+
+    import numpy as np
+
+    from planner.pipeline import PlanRequest, make_plan
+    from planner.search import PlanSearch, run_search
+    from planner.synthetic import write_synthetic_profile
+    from profiles.models import resolve_geometry
+    from profiles.serving import ServingConfig, parse_mem
+
+    serving = ServingConfig().with_budgets(parse_mem(args.gpu_mem), parse_mem(None))
+    print(f"\n### Search spaces: cold-start gap to the MILP optimum\n\n{date.today().isoformat()}, "
+          f"{_machine()}; synthetic profiles (labelled synthetic), `preset:h200-published`, GPU "
+          f"budget {args.gpu_mem}, content budget {args.budget}, {args.trials} cold-start trials, "
+          f"TPE multivariate; `python benchmarks/plan_bench.py spaces`.\n")
+    print("| geometry | MoE layers x choices | MILP tok/s | space | seed | best tok/s | gap | "
+          "trials to <= 1 % | search s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for preset in args.presets.split(","):
+        prof = Path(args.work) / f"synthetic-{preset}"
+        if not (prof / "profile.json").exists():
+            write_synthetic_profile(resolve_geometry(f"preset:{preset}"), prof, seed=0,
+                                    command="benchmarks/plan_bench.py spaces")
+        req = PlanRequest(profile=str(prof), hardware="preset:h200-published",
+                          budget=args.budget, serving=serving, trials=1, warm_trials=0, rerank=0)
+        out = make_plan(req)  # the table, the closed form and the certified MILP optimum
+        table, cf, acc = out.table, out.closed_form, out.accuracy
+        ref = float(cf.tokens_per_s_many(*table.inputs(np.asarray(out.milp.choice)))[0])
+        shape = f"{len(table.moe_layers)} x {table.mu.shape[1]}"
+        for space in ("lagrangian", "per-layer"):
+            for seed in [int(s) for s in args.seeds.split(",")]:
+                search = PlanSearch(table, cf, acc.constraint(args.budget), acc, space=space,
+                                    seed=seed, study_name=f"{preset}-{space}-{seed}")
+                res = run_search(search, args.trials)
+                best = res.best.tokens_per_s if res.best else math.nan
+                gap = "no feasible trial" if res.best is None else f"{(1 - best / ref) * 100:.2f} %"
+                shown = "—" if res.best is None else f"{best:.3f}"
+                print(f"| {preset} | {shape} | {ref:.3f} | {space} | {seed} | {shown} | {gap} | "
+                      f"{res.trials_to_within(ref, 0.01) or 'not reached'} | {res.wall_s:.1f} |",
+                      flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("which", choices=("deepseek", "builtin"))
+    ap.add_argument("which", choices=("deepseek", "builtin", "spaces"))
     ap.add_argument("--work", default="/tmp/moesz-plan-bench")
     ap.add_argument("--profile")
     ap.add_argument("--budget", type=float, default=0.01)
@@ -156,10 +203,13 @@ def main() -> None:
     ap.add_argument("--rerank", type=int, default=2)
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--spaces", default="lagrangian")
+    ap.add_argument("--presets", default="olmoe-1b-7b,mixtral-8x7b,qwen3-30b-a3b,deepseek-v3")
     args = ap.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
     if args.which == "deepseek":
         deepseek(args)
+    elif args.which == "spaces":
+        spaces(args)
     else:
         if not args.profile:
             raise SystemExit("builtin needs --profile DIR (moesz profile model builtin --out DIR)")
