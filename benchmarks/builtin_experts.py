@@ -15,9 +15,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a checkout too
 
 from profiles.evaluation import evaluate
 from profiles.models import load_model

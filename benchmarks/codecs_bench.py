@@ -14,11 +14,14 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a checkout too
 
 from profiles.codecs import decode, encode, szp_torch
 from profiles.fileio import atomic_write_json

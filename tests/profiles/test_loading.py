@@ -131,3 +131,16 @@ def test_builtin_loads_or_says_it_is_not_built():
             load_model("builtin")
         with pytest.raises(ModelError, match="built-in model weights are not built yet"):
             resolve_geometry("builtin")
+
+
+def test_builtin_geometry_follows_moesz_builtin_dir(tmp_path, monkeypatch):
+    """`MOESZ_BUILTIN_DIR` moves the built-in model for geometry as for weights."""
+    cfg = json.loads((builtin_dir() / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.setenv("MOESZ_BUILTIN_DIR", str(tmp_path))
+    assert builtin_dir() == tmp_path
+    assert len(resolve_geometry("builtin").moe_layers) == 3
+    monkeypatch.setenv("MOESZ_BUILTIN_DIR", str(tmp_path / "absent"))
+    with pytest.raises(ModelError, match="not built yet"):
+        resolve_geometry("builtin")
