@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -70,7 +69,7 @@ def main() -> None:
     layers = list(loaded.geometry.moe_layers)
     base = evaluate(loaded, split=args.split, limit=args.limit)
     tasks = [t.task for t in base.tasks]
-    lines = [f"| condition | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|",
+    lines = ["| condition | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|",
              "| base accuracy (content) | " + " | ".join(
                  f"{t.content.value * 100:.1f} [{t.content.low * 100:.1f}, "
                  f"{t.content.high * 100:.1f}]" for t in base.tasks) + " |"]

@@ -236,7 +236,7 @@ def check_szp_speed_1gib(ctx: Ctx) -> dict:
 # --- runtime fidelity (issue 8; owned by the runtime's contributor) ---------------------------
 # The real offloaded runtime (profiles.runtime) and the simulator (sim) on the same configuration:
 # the simulator replays the routing the runtime recorded, with the experts' measured sizes and the
-# same serving configuration (planner.cli.run.predict_for_run), on two hardware profiles:
+# same serving configuration (sim.replay.predict_for_run), on two hardware profiles:
 #   micro      - the GPU section measured on this machine by microbenchmarks
 #                (profiles.hardware.measure_gpu) and the model's timings by microbenchmarks
 #                (profiles.hardware.timings.model_timings): an out-of-sample prediction;
@@ -285,7 +285,7 @@ def _rt_err(pred: float, meas: float) -> float | None:
 def check_runtime_fidelity(ctx: Ctx) -> dict:
     from dataclasses import replace
 
-    from planner.cli.run import predict_for_run, trace_document
+    from sim.replay import predict_for_run, trace_document
     from profiles.errors import ModelError
     from profiles.hardware.timings import model_timings
     from profiles.models import load_model

@@ -4,7 +4,7 @@ on one configuration (issue 8, "Fidelity").
 The runtime (`profiles.runtime.measure_throughput`) serves the model under the policy and serving
 configuration and records what it did: routing, per-expert sizes, misses, bytes moved and wall-clock
 timings. The simulator is then fed exactly that — the recorded routing as its trace, the measured
-sizes, the same budget, cache and prefetch (`planner.cli.run.predict_for_run`) — on a hardware
+sizes, the same budget, cache and prefetch (`sim.replay.predict_for_run`) — on a hardware
 profile, and the two are compared field by field, as Vidur and LLMServingSim validate (REFERENCE
 section 6).
 
@@ -56,7 +56,7 @@ def check_throughput(model: Any, policy: Any, serving: ServingConfig, hardware: 
         A document (kind `throughput_check`): `measured` (runtime), `predicted` (simulator),
         per-field relative errors, `comparable` flags and notes.
     """
-    from planner.cli.run import predict_for_run, trace_document
+    from sim.replay import predict_for_run, trace_document
     from profiles.fileio import atomic_write_json
     from profiles.hardware import load_hardware
     from profiles.runtime import measure_throughput

@@ -17,8 +17,6 @@ training log `train_log.json` with the loss curve and periodic accuracies on the
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import random
 import time
 from pathlib import Path

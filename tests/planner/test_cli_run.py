@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from planner.cli import app
-from planner.cli.run import predict_for_run, trace_document
+from sim.replay import predict_for_run, trace_document
 from profiles.hardware import load_hardware
 from profiles.models import load_model
 from profiles.policy import Policy
