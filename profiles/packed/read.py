@@ -1,0 +1,228 @@
+"""Reading a packed checkpoint back: the manifest verified file by file, expert records into
+(optionally pinned) host memory, blobs parsed in place, and the model rebuilt around them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from profiles.errors import MoeszError, PolicyError, ProfileError
+from profiles.fileio import read_versioned_json
+from profiles.packed.records import (
+    KIND,
+    MANIFEST,
+    NON_EXPERT,
+    SCHEMA_VERSION,
+    BlobEntry,
+    ExpertEntry,
+    PackedCheckpoint,
+    PackedError,
+    Progress,
+    routed_parameter_names,
+    sha256_file,
+)
+
+
+def read_packed(path: str | os.PathLike, verify: bool = True) -> PackedCheckpoint:
+    """Read a packed checkpoint's manifest; with `verify`, check every file's size and SHA-256.
+
+    Raises:
+        PackedError: no manifest, a manifest of another kind or version, a missing file, a file
+            whose size or SHA-256 differs from the manifest (corrupt or truncated).
+    """
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise PackedError(f"{path}: no {MANIFEST}; not a packed checkpoint (make one with "
+                          f"`moesz pack MODEL --policy plan.json --out DIR`)")
+    try:
+        manifest = read_versioned_json(path / MANIFEST, KIND, SCHEMA_VERSION)
+        experts = tuple(
+            ExpertEntry(int(e["layer"]), int(e["expert"]), str(e["spec"]), str(e["file"]),
+                        int(e["offset"]), int(e["size"]), int(e["original_bytes"]),
+                        tuple(BlobEntry(str(b["name"]), int(b["offset"]), int(b["size"]),
+                                        int(b["payload_offset"]), str(b["crc32"]), str(b["sha256"]))
+                              for b in e["blobs"]))
+            for e in manifest["experts"])
+        files = dict(manifest["files"])
+    except ProfileError as exc:
+        raise PackedError(str(exc)) from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PackedError(f"{path / MANIFEST}: malformed manifest ({type(exc).__name__}: {exc}); "
+                          f"repack the model") from None
+    if verify:
+        for rel, info in files.items():
+            f = path / rel
+            if not f.is_file():
+                raise PackedError(f"{f}: listed in the manifest but missing; repack the model")
+            if f.stat().st_size != int(info["size"]):
+                raise PackedError(f"{f}: {f.stat().st_size} bytes, the manifest says "
+                                  f"{info['size']}; "
+                                  f"the file is truncated or corrupt — repack the model")
+            if sha256_file(f) != info["sha256"]:
+                raise PackedError(f"{f}: SHA-256 differs from the manifest; the file is "
+                                  f"corrupt — "
+                                  f"repack the model")
+    return PackedCheckpoint(path, manifest, experts)
+
+
+def read_expert_files(ckpt: PackedCheckpoint, pin: bool = False
+                      ) -> dict[str, torch.Tensor]:
+    """Each expert file's bytes as one uint8 tensor (page-locked when `pin` and CUDA is present)."""
+    out = {}
+    for rel in sorted({e.file for e in ckpt.experts}):
+        f = ckpt.path / rel
+        size = f.stat().st_size
+        buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin and torch.cuda.is_available())
+        with open(f, "rb") as fh:
+            n = fh.readinto(memoryview(buf.numpy()))
+        if n != size:
+            raise PackedError(f"{f}: read {n} of {size} bytes; the file is truncated")
+        out[rel] = buf
+    return out
+
+
+def parse_blob(record: torch.Tensor, entry: BlobEntry, where: str):
+    """Parse (and CRC-check) one blob inside an expert record; the payload views the record."""
+    from profiles.codecs import Blob
+
+    raw = record[entry.offset: entry.offset + entry.size].numpy()
+    try:
+        blob = Blob.from_bytes(raw, source=where)
+    except MoeszError as exc:
+        raise PackedError(str(exc)) from None
+    stored = int.from_bytes(raw[-4:].tobytes(), "little")
+    if entry.crc32 and f"{stored:08x}" != entry.crc32:
+        raise PackedError(f"{where}: CRC32 {stored:08x} differs from the manifest's "
+                          f"{entry.crc32}; the checkpoint is inconsistent — repack the model")
+    return blob
+
+
+def build_model(ckpt: PackedCheckpoint, trust_remote_code: bool = False):
+    """The transformers model of a packed checkpoint with its non-expert weights loaded.
+
+    Routed-expert parameters are allocated but not initialised (their pages stay untouched until
+    written); the caller fills them (`load_packed`) or replaces their modules (the runtime).
+
+    Returns:
+        (model in eval mode, its expert map).
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5.20 kept it in modeling_utils
+        from transformers.modeling_utils import no_init_weights
+
+    from profiles.models import build_expert_map
+
+    dtype = getattr(torch, ckpt.manifest["model"].get("dtype", "bfloat16"))
+    try:
+        config = AutoConfig.from_pretrained(ckpt.path, trust_remote_code=trust_remote_code)
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                     trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise PackedError(f"{ckpt.path}/config.json: cannot build the model "
+                          f"({str(exc).splitlines()[0]})") from None
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()  # no_init_weights skips the tying that from_config would do
+    emap = build_expert_map(model, str(ckpt.path))
+    state = load_file(str(ckpt.path / NON_EXPERT))
+    result = model.load_state_dict(state, strict=False)
+    routed = routed_parameter_names(model, emap)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded_ptrs = {params[n].data_ptr() for n in state if n in params}
+    tied = {n for n in result.missing_keys if n in params and params[n].data_ptr() in loaded_ptrs}
+    missing = sorted(set(result.missing_keys) - routed - tied)
+    if missing or result.unexpected_keys:
+        what = missing[0] if missing else result.unexpected_keys[0]
+        raise PackedError(f"{ckpt.path / NON_EXPERT}: weights do not match config.json "
+                          f"({'missing' if missing else 'unexpected'} {what}); repack the model")
+    model.eval()
+    return model, emap
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    """The tokenizer saved with a packed checkpoint, or None."""
+    f = path / "tokenizer.json"
+    if f.is_file():
+        try:
+            if json.loads(f.read_text()).get("kind") == "char_tokenizer":
+                from profiles.tasks import CharTokenizer
+
+                return CharTokenizer.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            pass
+    if any((path / n).exists() for n in ("tokenizer.json", "tokenizer_config.json",
+                                         "tokenizer.model")):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return None
+
+
+def load_packed(path: str | os.PathLike, device: str | torch.device | None = None,
+                trust_remote_code: bool = False, progress: Progress | None = None):
+    """Read a packed checkpoint back into a working transformers model (experts decoded).
+
+    Every file's SHA-256 and every blob's CRC32 are checked first. The experts hold the decoded
+    weights, i.e. exactly what the runtime computes with; the fingerprint is the ORIGINAL model's
+    (from the manifest), so plans made for that model still apply.
+
+    Returns:
+        A `profiles.models.LoadedModel` (`spec` is the directory).
+
+    Raises:
+        PackedError: the checkpoint is missing, corrupt or inconsistent with its config.
+    """
+    from profiles.codecs import decode
+    from profiles.models import LoadedModel
+
+    ckpt = read_packed(path, verify=True)
+    model, emap = build_model(ckpt, trust_remote_code)
+    files = read_expert_files(ckpt)
+    with torch.no_grad():
+        for i, entry in enumerate(ckpt.experts):
+            record = files[entry.file][entry.offset: entry.offset + entry.size]
+            ref = emap.get(entry.layer, entry.expert)
+            for b in entry.blobs:
+                where = (f"{ckpt.path / entry.file} layer {entry.layer} expert {entry.expert} "
+                         f"{b.name}")
+                blob = parse_blob(record, b, where)
+                if b.name not in ref.tensors:
+                    raise PackedError(f"{where}: the model has no expert tensor {b.name!r}; repack")
+                ref.tensors[b.name].copy_(decode(blob).reshape(ref.tensors[b.name].shape))
+            if progress is not None:
+                progress(i + 1, len(ckpt.experts), f"layer {entry.layer} expert {entry.expert}")
+    if len(ckpt.experts) != len(emap.experts):
+        raise PackedError(f"{ckpt.path}: manifest lists {len(ckpt.experts)} experts, the model has "
+                          f"{len(emap.experts)}; repack the model")
+    if device is not None:
+        model = model.to(device)
+    return LoadedModel(model=model, tokenizer=load_tokenizer(ckpt.path, trust_remote_code),
+                       geometry=ckpt.geometry, expert_map=emap, fingerprint=ckpt.fingerprint,
+                       spec=str(ckpt.path))
+
+
+def check_policy_matches(ckpt: PackedCheckpoint, policy, where: str = "--policy") -> None:
+    """Refuse a policy that differs from the one the checkpoint was packed with.
+
+    Raises:
+        PolicyError: another model's fingerprint, or other storage specs than those packed.
+    """
+    packed = ckpt.policy
+    if policy.fingerprint is not None and policy.fingerprint != ckpt.fingerprint:
+        raise PolicyError(f"{where} was made for model fingerprint {policy.fingerprint}; the "
+                          f"packed "
+                          f"checkpoint {ckpt.path} holds model {ckpt.fingerprint}")
+    g = ckpt.geometry
+    for layer in g.moe_layers:
+        for e in range(g.experts_per_layer):
+            a, b = policy.spec_for(layer, e), packed.spec_for(layer, e)
+            if a != b:
+                raise PolicyError(f"{where} stores layer {layer} expert {e} as {a.describe()}, but "
+                                  f"{ckpt.path} was packed with {b.describe()}; repack with "
+                                  f"`moesz pack` or drop --policy")
