@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -30,20 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-
-def _machine() -> str:
-    import os
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{cpu}, {os.cpu_count()} cores, load average {load:.1f} at start"
+from machine import describe  # noqa: E402  (benchmarks/machine.py)
 
 
 def _moesz(args: list[str]) -> tuple[float, str]:
@@ -67,7 +53,7 @@ def deepseek(args) -> None:
         write_synthetic_profile(resolve_geometry("preset:deepseek-v3"), prof, seed=0,
                                 command="benchmarks/plan_bench.py deepseek")
         print(f"synthetic profile written in {time.perf_counter() - t0:.1f} s (measured)")
-    print(f"## Planner\n\n{date.today().isoformat()}, {_machine()}.\n")
+    print(f"## Planner\n\n{date.today().isoformat()}, {describe()}.\n")
     print("DeepSeek-V3 geometry (`preset:deepseek-v3`, 58 MoE layers x 256 experts, top-8), "
           "synthetic profile: 8 szp meanabs levels " "(0.05-1.5) + raw per layer, ratios measured "
           "with the real codec on Gaussian weights of its shapes, sensitivities from a seeded "
@@ -136,7 +122,7 @@ def builtin(args) -> None:
            str(args.trials), "--simulate-baselines", "--out", str(out)]
     wall, _ = _moesz(cmd)
     doc = json.loads(out.read_text())
-    print(f"\n### Built-in model, measured profile\n\n{date.today().isoformat()}, {_machine()}; "
+    print(f"\n### Built-in model, measured profile\n\n{date.today().isoformat()}, {describe()}; "
           f"`moesz {' '.join(cmd)}` ({wall:.1f} s).\n")
     _baselines(doc)
     p = doc["predicted"]
@@ -162,7 +148,7 @@ def spaces(args) -> None:
 
     serving = ServingConfig().with_budgets(parse_mem(args.gpu_mem), parse_mem(None))
     print(f"\n### Search spaces: cold-start gap to the MILP optimum\n\n{date.today().isoformat()}, "
-          f"{_machine()}; synthetic profiles (labelled synthetic), `preset:h200-published`, GPU "
+          f"{describe()}; synthetic profiles (labelled synthetic), `preset:h200-published`, GPU "
           f"budget {args.gpu_mem}, content budget {args.budget}, {args.trials} cold-start trials, "
           f"TPE multivariate; `python benchmarks/plan_bench.py spaces`.\n")
     print("| geometry | MoE layers x choices | MILP tok/s | space | seed | best tok/s | gap | "

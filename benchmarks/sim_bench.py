@@ -11,7 +11,6 @@ reported: on a loaded machine the CPU time is the fairer measure of one core's s
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from machine import describe  # noqa: E402  (benchmarks/machine.py)
 from profiles.hardware import load_hardware  # noqa: E402
 from profiles.models import resolve_geometry  # noqa: E402
 from profiles.policy import Policy, StorageSpec  # noqa: E402
@@ -35,21 +35,9 @@ from sim.timing import TimeModel  # noqa: E402
 HW = "preset:h200-published"
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, Python {platform.python_version()}"
-
-
 def bench_speed() -> None:
     hw = load_hardware(HW)
-    print(f"machine: {machine()}")
+    print(f"machine: {describe()}")
     print("| model | budget | cache | decode tokens | transfers | wall s | CPU s | transfers/s (wall) | transfers/s (CPU) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, frac, tokens in (("mixtral-8x7b", 0.1, 512), ("deepseek-v3", 0.05, 128)):
@@ -75,7 +63,7 @@ def bench_speed() -> None:
 
 def bench_closed_form() -> None:
     hw = load_hardware(HW)
-    print(f"machine: {machine()}")
+    print(f"machine: {describe()}")
     print("| model | residency | cache | init s | scalar evals/s | vectorized evals/s (batch 10,000) |")
     print("|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
@@ -117,7 +105,7 @@ def _policy(text):
 def bench_whatif(tokens: int, prompt: int) -> None:
     hw = load_hardware(HW)
     ratios = SyntheticRatios(seed=0)
-    print(f"machine: {machine()}")
+    print(f"machine: {describe()}")
     print(f"hardware: {HW}; synthetic traces zipf:1.1, batch 1, prompt {prompt}, {tokens} tokens; "
           f"cache static-hot; tokens/s predicted (simulation), closed form in brackets")
     models = {"mixtral-8x7b": ("10%", "25%", "50%"), "qwen3-30b-a3b": ("10%", "25%", "50%"),
