@@ -28,6 +28,7 @@ from sim.reuse import reuse_stats
 from sim.results import SimResult
 from sim.synthetic import SyntheticSpec
 from sim.timing import TimeModel
+from sim.workload import with_placement
 
 Progress = Callable[[int, int, str], None]
 
@@ -113,12 +114,14 @@ def run_study(*, hardware: HardwareProfile, source: ModelSource, policy: Any, po
               host_budgets: Sequence[MemBudget] = (MemBudget(),),
               caches: Sequence[str] | None = None, traces_path: str | None = None,
               synthetic: SyntheticSpec | None = None, options: SimOptions = SimOptions(),
+              placement_traces_path: str | None = None,
               progress: Progress | None = None) -> Study:
     """Simulate every (cache, GPU budget, host budget) combination under one policy.
 
     Traces: `traces_path` if given, else `synthetic`, else the profile directory's traces, else
-    synthetic `zipf:1.1`. The first run keeps its `Simulation` (for the timeline when
-    `options.record`).
+    synthetic `zipf:1.1`. Static placements rank experts by `placement_traces_path` when given,
+    else by the replayed traces (an oracle). The first run keeps its `Simulation` (for the
+    timeline when `options.record`).
     """
     g = source.geometry
     if traces_path is not None and synthetic is not None:
@@ -129,6 +132,9 @@ def run_study(*, hardware: HardwareProfile, source: ModelSource, policy: Any, po
         wl = make_workload(g, serving, traces=source.traces, source=source.traces_path or "traces")
     else:
         wl = make_workload(g, serving, synthetic=synthetic or SyntheticSpec())
+    if placement_traces_path is not None:
+        wl = with_placement(wl, load_traces(placement_traces_path), top_k=g.top_k,
+                            source=placement_traces_path)
     if hasattr(policy, "check"):
         policy.check(g.moe_layers, g.experts_per_layer, None, where=policy_label)
     times = TimeModel(hardware, g)

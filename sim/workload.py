@@ -9,7 +9,7 @@ replay cycles, and the workload says so in `notes`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -40,14 +40,20 @@ class Workload:
     decode_counts: np.ndarray = field(repr=False)  # [moe layer, expert] decode activations
     source: str = ""
     notes: tuple[str, ...] = ()
+    placement_counts: np.ndarray | None = field(default=None, repr=False)  # [layer, expert]
+    placement_source: str = ""  # where placement_counts came from ("" = the replayed traces)
 
     @property
     def decode_steps(self) -> tuple[Step, ...]:
         return tuple(s for s in self.steps if s.phase == "decode")
 
     def hot_order(self) -> list[tuple[int, int]]:
-        """(layer position, expert) by decode activations, most first; ties by position."""
-        counts = self.decode_counts
+        """(layer position, expert) by decode activations, most first; ties by position.
+
+        The activations are the placement traces' when the workload has them
+        (`with_placement`), else the replayed traces' own — an oracle: static placements then
+        know the workload they are measured on."""
+        counts = self.decode_counts if self.placement_counts is None else self.placement_counts
         flat = np.lexsort((np.arange(counts.size), -counts.ravel()))
         E = counts.shape[1]
         return [(int(i // E), int(i % E)) for i in flat]
@@ -150,6 +156,31 @@ def build_workload(traces: pd.DataFrame, *, moe_layers: tuple[int, ...], experts
         steps.append(Step("decode", B, prompt_tokens + t + 1, layers))
     return Workload(tuple(moe_layers), E, B, prompt_tokens, tuple(steps), counts, source,
                     tuple(dict.fromkeys(notes)))
+
+
+def with_placement(workload: Workload, traces: pd.DataFrame, *, top_k: int,
+                   source: str) -> Workload:
+    """`workload` with static placements (static-hot, hot-first host placement) ranked by the
+    decode activations of other traces — e.g. another split's — instead of the replayed ones.
+
+    Every decode token of the placement traces counts once (laid out in batches of the
+    workload's size), and they are checked against the model as the replayed traces are.
+
+    Raises:
+        ProfileError: the placement traces do not fit the model (see `build_workload`).
+    """
+    tokens = 0
+    if {"phase", "prompt_id", "token_idx"} <= set(traces.columns):
+        dec = traces[traces["phase"] == "decode"]
+        tokens = dec.groupby(["prompt_id", "token_idx"]).ngroups
+    steps = max(1, -(-tokens // workload.batch_size))  # every decode token of the traces once
+    other = build_workload(traces, moe_layers=workload.moe_layers,
+                           experts_per_layer=workload.experts_per_layer, top_k=top_k,
+                           batch_size=workload.batch_size, prompt_tokens=0,
+                           generated_tokens=steps, source=source)
+    note = f"static placements ranked by the decode activations of {source}"
+    return replace(workload, placement_counts=other.decode_counts, placement_source=source,
+                   notes=tuple(dict.fromkeys(workload.notes + (note,))))
 
 
 def _split(mat: np.ndarray, ids: list) -> dict[int, np.ndarray]:

@@ -45,6 +45,9 @@ def simulate(
         None, "--layer-slots", help="Per-layer cache: N experts per MoE layer, or N,N,… per layer."),
     batch: int = typer.Option(1, "--batch", help="Sequences decoded together."),
     traces: Optional[str] = typer.Option(None, "--traces", help="Routing traces (parquet)."),
+    placement_traces: Optional[str] = typer.Option(
+        None, "--placement-traces", help="Rank static placements (static-hot, hot-first host "
+        "placement) by these traces instead of the replayed ones, e.g. another split's."),
     synthetic: Optional[str] = typer.Option(
         None, "--synthetic", help="Synthetic traces zipf:S[,locality:P][,seed:N]."),
     prompt: int = typer.Option(128, "--prompt", help="Prompt tokens per sequence."),
@@ -104,6 +107,7 @@ def simulate(
         study = run_study(hardware=hw, source=source, policy=pol, policy_label=label,
                           serving=serving, gpu_budgets=gpu_budgets, host_budgets=host_budgets,
                           caches=caches, traces_path=traces, synthetic=syn, options=options,
+                          placement_traces_path=placement_traces,
                           progress=lambda d, t, lab: bar.update(task, completed=d, description=lab))
     sim0 = study.first_simulation
     meta = {"model": source.label, "hardware": hw.origin, "policy": label,

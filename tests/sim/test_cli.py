@@ -98,3 +98,24 @@ def test_ratio_sources(profile_dir):
     assert r > 2.0 and "synthetic Gaussian" in syn.label
     assert syn.ratio(0, StorageSpec("raw"), g) == 1.0
     assert Policy.none().spec_for(0, 0).codec == "raw"
+
+
+def test_placement_traces_option(profile_dir, tmp_path):
+    """--placement-traces ranks static-hot by other traces: the same traces give the oracle's
+    figures; traces of a different routing give fewer hits, and the run says what ranked it."""
+    g_layers = (0, 1, 2, 3)
+    same = profile_dir / "traces.parquet"
+    other = tmp_path / "other.parquet"
+    synthetic_traces(g_layers, 8, 2, prompts=3, prompt_tokens=6, decode_tokens=20,
+                     spec=SyntheticSpec(1.0, 0.0, 7)).assign(
+        expert=lambda d: 7 - d["expert"]).to_parquet(other)  # the hot experts become cold
+    args = ("--model", str(profile_dir), "--gpu-mem", "40%", "--cache", "static-hot", "--tokens",
+            "60", "--prompt", "6", "--json")  # 60 = every recorded decode token, once
+    oracle, as_same, shifted = (json.loads(_run(*args, *extra).output)[0] for extra in
+                                ((), ("--placement-traces", str(same)),
+                                 ("--placement-traces", str(other))))
+    assert as_same["hit_rate"] == oracle["hit_rate"]
+    assert shifted["hit_rate"] < oracle["hit_rate"]
+    assert any(str(other) in n for n in shifted["notes"])
+    bad = _run(*args, "--placement-traces", str(tmp_path / "missing.parquet"))
+    assert bad.exit_code == 1 and "Traceback" not in bad.output

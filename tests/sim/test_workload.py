@@ -87,3 +87,22 @@ def test_stack_distances_by_hand():
     # hot order: expert 0 (3 uses), 1 (2), 2 (1): static-hot with 1 slot hits 3 of 6
     assert st.rank_lt[0, 1] == 3 and st.layer_rank_lt[0, 2] == 5
     assert np.all(np.diff(st.hit_le[0]) >= 0)
+
+
+def test_placement_traces_rank_static_placements():
+    """Placement traces change which experts rank hot; the replayed steps stay the same."""
+    from sim.workload import with_placement
+
+    replay = trace_df([[(0, 1)], [(0, 2)], [(0, 1)]])
+    other = pd.concat([trace_df([[(3, 2)], [(3, 1)]], prompt_id=5),
+                       trace_df([[(3, 2)]], prompt_id=6)], ignore_index=True)
+    wl = build_workload(replay, moe_layers=(0,), experts_per_layer=4, top_k=2, batch_size=1,
+                        prompt_tokens=0, generated_tokens=3)
+    assert wl.hot_order()[:2] == [(0, 0), (0, 1)]  # the oracle: the replayed traces' own counts
+    placed = with_placement(wl, other, top_k=2, source="other.parquet")
+    assert placed.steps == wl.steps and placed.decode_counts.tolist() == [[3, 2, 1, 0]]
+    assert placed.placement_counts.tolist() == [[0, 1, 2, 3]]  # every placement token once
+    assert placed.hot_order() == [(0, 3), (0, 2), (0, 1), (0, 0)]
+    assert any("other.parquet" in n for n in placed.notes)
+    with pytest.raises(ProfileError, match="expert 7"):
+        with_placement(wl, trace_df([[(7, 1)]]), top_k=2, source="bad.parquet")
