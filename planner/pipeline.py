@@ -53,6 +53,8 @@ class PlanRequest:
         rerank: candidates re-ranked by the simulator (0: none).
         simulate_baselines: also simulate the baselines (slower).
         cache_allocation: also search the per-layer cache allocation.
+        placement_traces: rank static placements by this trace file instead of the profile's
+            traces (which are an oracle for the workload they describe).
         command: the command line, recorded in the plan.
     """
 
@@ -72,6 +74,7 @@ class PlanRequest:
     rerank: int = 3
     simulate_baselines: bool = False
     cache_allocation: bool = False
+    placement_traces: str | None = None
     command: str = ""
 
 
@@ -158,8 +161,22 @@ def _infeasible_message(table: ChoiceTable, accuracy: AccuracyModel, budget: flo
 def _study_name(req: PlanRequest, prof: ModelProfile, hw_sha: str | None, codecs) -> str:
     key = json.dumps([prof.fingerprint, req.budget, req.metric, list(codecs),
                       req.serving.to_dict(), hw_sha, req.sampler, req.space, req.seed, req.z,
-                      req.cache_allocation], sort_keys=True, default=str)
+                      req.cache_allocation, req.placement_traces], sort_keys=True, default=str)
     return "moesz-plan-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def _workload(req: PlanRequest, prof: ModelProfile):
+    """The profile's traces laid out for the serving configuration; static placements ranked by
+    `req.placement_traces` when given."""
+    from sim.api import load_traces, make_workload
+    from sim.workload import with_placement
+
+    wl = make_workload(prof.geometry, req.serving, traces=prof.traces,
+                       source=f"{req.profile} traces")
+    if req.placement_traces:
+        wl = with_placement(wl, load_traces(req.placement_traces), top_k=prof.geometry.top_k,
+                            source=req.placement_traces)
+    return wl
 
 
 def _simulate(prof, hw, serving, policy, workload) -> float:
@@ -192,7 +209,7 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
     hw_src = hardware_source(req.hardware)
     accuracy = AccuracyModel(prof.sensitivity, req.metric, z=req.z)
     constraint = accuracy.constraint(budget)
-    cf = ClosedFormModel(hw, prof.geometry, req.serving, prof.traces)
+    cf = ClosedFormModel(hw, prof.geometry, req.serving, _workload(req, prof))
     timings["setup_s"] = time.perf_counter() - t0
     routed = prof.geometry.bytes_per_expert * prof.geometry.experts_per_layer * len(
         prof.geometry.moe_layers)

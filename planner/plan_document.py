@@ -154,6 +154,8 @@ def plan_document(req, prof, hw_src, hw, accuracy, table, chosen: Option, option
             "host_bytes_uncompressed": int(cf.original_bytes * table.experts_per_layer
                                            * len(table.moe_layers)),
             "workload": cf.workload.source,
+            "static_placement_ranked_by": cf.workload.placement_source
+            or "the replayed traces themselves (an oracle)",
         },
         "accuracy_model": {"metric": req.metric, "additivity": accuracy.additivity.to_dict(),
                            "holm_alpha": accuracy.holm_alpha, "notes": accuracy.notes},

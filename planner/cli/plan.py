@@ -44,6 +44,9 @@ def plan(
     prompt: int = typer.Option(128, "--prompt", help="Prompt tokens per sequence."),
     tokens: int = typer.Option(256, "--tokens", help="Generated tokens per sequence."),
     pageable: bool = typer.Option(False, "--pageable", help="Host buffers pageable, not pinned."),
+    placement_traces: Optional[str] = typer.Option(
+        None, "--placement-traces", help="Rank static placements by these traces instead of the "
+        "profile's own (which the plan is predicted on)."),
     metric: str = typer.Option("content", "--metric", help="content, strict or kl."),
     codecs: Optional[str] = typer.Option(None, "--codecs",
                                          help="Codecs to consider, e.g. szp,sz3 (default: those "
@@ -107,6 +110,7 @@ def plan(
                       trials=trials, warm_trials=warm_trials, storage=storage, seed=seed,
                       sampler=sampler, space=space, z=float(norm.ppf(confidence)), rerank=rerank,
                       simulate_baselines=simulate_baselines, cache_allocation=cache_allocation,
+                      placement_traces=placement_traces,
                       command="moesz plan " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
     with Progress(transient=True, disable=as_json) as bar:
         task = bar.add_task("planning", total=None)

@@ -79,3 +79,28 @@ def test_synthetic_profile_command(tmp_path):
     r = runner.invoke(app, ["plan", "synthetic-profile", "builtin", "--out", str(out),
                             "--levels", "a,b"])
     assert r.exit_code == 1 and "error: --levels" in r.output
+
+
+def test_plan_placement_traces(planned, tmp_path):
+    """Static-hot plans rank pinned experts by --placement-traces and record it; by default the
+    plan says its placement is the oracle's."""
+    import pandas as pd
+
+    prof, _, _ = planned
+    traces = pd.read_parquet(prof / "traces.parquet")
+    E = int(traces["expert"].max()) + 1
+    shifted = tmp_path / "other.parquet"
+    traces.assign(expert=E - 1 - traces["expert"]).to_parquet(shifted)  # hot experts turn cold
+    docs = []
+    for extra in ((), ("--placement-traces", str(shifted))):
+        out = tmp_path / f"plan{len(docs)}.json"
+        r = runner.invoke(app, ["plan", "--profile", str(prof), "--accuracy-budget", "0.01",
+                                "--gpu-mem", "25%", "--cache", "static-hot", "--tokens", "64",
+                                "--trials", "10", "--warm-trials", "0", "--rerank", "1",
+                                "--no-plots", "--out", str(out), *extra])
+        assert r.exit_code == 0, r.output
+        docs.append(json.loads(out.read_text()))
+    oracle, placed = (d["predicted"] for d in docs)
+    assert "oracle" in oracle["static_placement_ranked_by"]
+    assert placed["static_placement_ranked_by"] == str(shifted)
+    assert placed["tokens_per_s_closed_form"] < oracle["tokens_per_s_closed_form"]
