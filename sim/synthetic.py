@@ -104,7 +104,9 @@ def synthetic_traces(moe_layers: tuple[int, ...], experts_per_layer: int, top_k:
         "prompt_id": p_idx.ravel().astype(np.int64),
         "task": task,
         "phase": np.where(decode, "decode", "prefill").ravel(),
-        "token_idx": np.where(decode, t_idx - prompt_tokens, t_idx).ravel().astype(np.int64),
+        # the position in the prompt's own sequence: generated tokens continue after the prompt,
+        # as in recorded traces (profiles.traces)
+        "token_idx": t_idx.ravel().astype(np.int64),
         "layer": np.asarray(moe_layers, dtype=np.int64)[l_idx.ravel()],
         "rank": r_idx.ravel().astype(np.int64),
         "expert": experts.ravel().astype(np.int64),

@@ -106,3 +106,12 @@ def test_placement_traces_rank_static_placements():
     assert any("other.parquet" in n for n in placed.notes)
     with pytest.raises(ProfileError, match="expert 7"):
         with_placement(wl, trace_df([[(7, 1)]]), top_k=2, source="bad.parquet")
+
+
+def test_synthetic_token_idx_continues_after_the_prompt():
+    """Synthetic traces number tokens as recorded ones do: one sequence per prompt."""
+    df = synthetic_traces((0, 1), 8, 2, prompts=2, prompt_tokens=3, decode_tokens=4)
+    for _, rows in df.groupby("prompt_id"):
+        pre, dec = rows[rows["phase"] == "prefill"], rows[rows["phase"] == "decode"]
+        assert sorted(pre["token_idx"].unique()) == [0, 1, 2]
+        assert sorted(dec["token_idx"].unique()) == [3, 4, 5, 6]
