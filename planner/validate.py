@@ -22,7 +22,6 @@ import copy
 import json
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -33,6 +32,7 @@ from planner.verdict import TaskChange, decide, mean_change, negate
 from profiles.errors import ModelError, PlanError
 from profiles.evaluation.accuracy import Interval
 from profiles.evaluation.paired import mcnemar_exact_p
+from profiles.evaluation.threads import torch_threads
 
 KIND, SCHEMA_VERSION = "validation", 1
 METRICS = ("content", "strict", "kl")
@@ -120,7 +120,7 @@ def validate_plan(plan: str | Path, *, split: str = "validate", limit: int | Non
     if limit < 1:
         raise PlanError(f"--limit {limit} must be at least 1 prompt per task")
     t0 = time.perf_counter()
-    with _threads(threads):
+    with torch_threads(threads):
         try:
             loaded = load_model(facts.model_spec)
         except ModelError as exc:
@@ -179,19 +179,6 @@ def _view(loaded, wide: bool):
     if not wide:
         return loaded
     return replace(loaded, model=copy.deepcopy(loaded.model).float().eval())
-
-
-@contextmanager
-def _threads(n: int | None):
-    """Run with `n` intra-op threads: the built-in model's matrices are small, and on a shared
-    machine extra threads spin instead of working."""
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class _Stages:

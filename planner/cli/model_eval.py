@@ -86,6 +86,8 @@ def eval_(
     text: Optional[Path] = typer.Option(None, "--text", help="Also measure perplexity on this "
                                         "local text file."),
     batch_size: int = typer.Option(64, "--batch-size", help="Prompts per forward pass."),
+    threads: int = typer.Option(1, "--threads", help="Torch threads while evaluating (1 suits "
+                                "small models and shared machines; run one process per core)."),
     alpha: float = typer.Option(0.05, "--alpha", help="Family-wise level of the Holm-corrected "
                                 "verdicts over tasks."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -95,6 +97,7 @@ def eval_(
     """Measured accuracy per task with 95 % intervals; with a policy, the paired change."""
     from profiles.evaluation import (UserBenchmark, base_distributions, builtin_calibration,
                                      evaluate, fidelity, perplexity)
+    from profiles.evaluation.threads import torch_threads
     from profiles.evaluation.userbench import DEFAULT_EXTRACT, DEFAULT_TEMPLATE
     from profiles.models import load_model
     from profiles.policy import apply_policy
@@ -109,7 +112,7 @@ def eval_(
     loaded = load_model(model, trust_remote_code=trust_remote_code)
     kw = dict(tasks=names, split=split, limit=limit, batch_size=batch_size, benchmarks=benches)
     fid = ppl = report = None
-    with _progress_bar("evaluate", not as_json) as progress:
+    with _progress_bar("evaluate", not as_json) as progress, torch_threads(threads):
         base = evaluate(loaded, progress=progress, **kw)
         calib = base_dist = None
         if with_fidelity:
@@ -236,19 +239,22 @@ def trace(
     split: str = typer.Option("profile", "--split", help="profile or validate."),
     limit: int = typer.Option(32, "--limit", help="Prompts per task."),
     batch_size: int = typer.Option(64, "--batch-size", help="Prompts per forward pass."),
+    threads: int = typer.Option(1, "--threads", help="Torch threads while evaluating (1 suits "
+                                "small models and shared machines; run one process per core)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the "
                                            "checkpoint's own Python code."),
 ) -> None:
     """Record which experts every prompt and generated token selects, as parquet."""
     from profiles.models import load_model
+    from profiles.evaluation.threads import torch_threads
     from profiles.traces import record_traces, trace_stats, write_traces
 
     split, names = _split(split), _tasks(tasks)
     if out.suffix != ".parquet":
         raise ConfigError(f"--out {out}: expected a .parquet file name")
     loaded = load_model(model, trust_remote_code=trust_remote_code)
-    with _progress_bar("trace", not as_json) as progress:
+    with _progress_bar("trace", not as_json) as progress, torch_threads(threads):
         rec = record_traces(loaded, names, split, limit, batch_size=batch_size, progress=progress)
     write_traces(rec.frame, out)
     E = loaded.geometry.experts_per_layer

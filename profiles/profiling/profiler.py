@@ -22,7 +22,6 @@ on CPUs without bf16 units.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -30,6 +29,7 @@ from typing import Callable, Sequence
 import torch
 
 from profiles.errors import ConfigError, ProfileError
+from profiles.evaluation.threads import torch_threads
 from profiles.profiling import format as fmt
 from profiles.profiling import steps
 from profiles.profiling.grid import (PAPER_LEVELS, GridSpec, build_points, parse_experts,
@@ -113,23 +113,8 @@ def profile_model(request: ProfileRequest, progress: Progress | None = None) -> 
             with other settings.
     """
     t0 = time.perf_counter()
-    with _threads(request.threads):
+    with torch_threads(request.threads):
         return _profile(request, progress, t0)
-
-
-@contextmanager
-def _threads(n: int | None):
-    if n is None:
-        yield
-        return
-    if n < 1:
-        raise ConfigError(f"threads {n} must be at least 1")
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _profile(req: ProfileRequest, progress: Progress | None, t0: float) -> ProfileResult:
