@@ -134,6 +134,9 @@ def _hardware(out: Path, hardware: str | None, stage) -> tuple[str, str]:
     import torch
 
     if hardware:
+        from profiles.hardware import load_hardware
+
+        load_hardware(hardware)  # a bad file fails here, before minutes of profiling
         return hardware, f"given by the caller ({hardware})"
     if torch.cuda.is_available():
         from profiles.hardware import save_hardware

@@ -204,6 +204,10 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
     budget = check_budget(req.budget)
     if req.trials < 1:
         raise ConfigError(f"--trials {req.trials} must be >= 1")
+    if req.warm_trials < 0:
+        raise ConfigError(f"--warm-trials {req.warm_trials} must be >= 0")
+    if req.rerank < 0:
+        raise ConfigError(f"--rerank {req.rerank} must be >= 0 (0: rank by the closed form only)")
     prof = load_profile(req.profile)
     hw = load_hardware(req.hardware)
     hw_src = hardware_source(req.hardware)

@@ -17,11 +17,10 @@ from typing import Any
 
 from profiles.errors import MoeszError, PlanError
 from profiles.fileio import atomic_write_json, read_versioned_json
-from profiles.policy import Policy
+from profiles.policy import PLAN_KIND, PLAN_SCHEMA_VERSION, Policy
 from profiles.serving import ServingConfig
 
-KIND = "plan"
-SCHEMA_VERSION = 1
+KIND, SCHEMA_VERSION = PLAN_KIND, PLAN_SCHEMA_VERSION  # defined with the policy it embeds
 REQUIRED = ("model", "policy", "serving", "hardware", "budget", "layers", "predicted", "baselines")
 
 

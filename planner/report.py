@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import re
 from pathlib import Path
 
@@ -26,32 +25,49 @@ import pandas as pd
 
 from planner import report_sections as rs
 from profiles.errors import MoeszError
-from profiles.fileio import atomic_write_text
+from profiles.fileio import atomic_write_text, read_versioned_json
+from profiles.policy import PLAN_KIND, PLAN_SCHEMA_VERSION
 
 FIG_DIR = "report"
 
 
-def _load_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise MoeszError(f"{path}: not valid JSON; regenerate it (moesz demo / plan / validate)"
-                         ) from None
-    return doc if isinstance(doc, dict) else None
+# file name -> (key, kind, schema version) of the documents a report reads
+RESULT_FILES = {"plan.json": ("plan", PLAN_KIND, PLAN_SCHEMA_VERSION),
+                "sweep.json": ("sweep", "budget_sweep", 1),
+                "validation.json": ("validation", "validation", 1),
+                "demo.json": ("demo", "demo_run", 1),
+                "throughput.json": ("throughput", "throughput_check", 1)}
+
+
+def _load_json(path: Path, kind: str, version: int) -> dict:
+    """A result document, checked: kind, schema version and the fields the report reads.
+
+    Raises:
+        MoeszError: not JSON, another kind or version, or a malformed field (named).
+    """
+    from planner.plan import plan_from_dict
+
+    doc = read_versioned_json(path, kind, version)
+    if kind == PLAN_KIND:
+        plan_from_dict(doc, str(path))
+    if kind == "budget_sweep":
+        rows = doc.get("rows", [])
+        need = ("policy", "cache", "gpu_mem", "host_mem", "tokens_per_s")
+        if not isinstance(rows, list) or not all(
+                isinstance(r, dict) and all(k in r for k in need) for r in rows):
+            raise MoeszError(f"{path}: field 'rows' must be a list of runs with "
+                             f"{', '.join(need)}; regenerate it with moesz demo")
+    return doc
 
 
 def find_results(root: Path) -> dict:
-    """The result files under `root` (itself and one level of sub-folders)."""
+    """The result files under `root` (itself and one level of sub-folders), each checked."""
     found: dict = {}
-    for name, key in (("plan.json", "plan"), ("sweep.json", "sweep"),
-                      ("validation.json", "validation"), ("demo.json", "demo"),
-                      ("throughput.json", "throughput")):
+    for name, (key, kind, version) in RESULT_FILES.items():
         hits = [root / name] + sorted(root.glob(f"*/{name}"))
         hit = next((h for h in hits if h.is_file()), None)
         if hit is not None:
-            found[key] = (hit, _load_json(hit))
+            found[key] = (hit, _load_json(hit, kind, version))
     prof = [root] + sorted(p for p in root.iterdir() if p.is_dir())
     found["profile"] = next((p for p in prof if (p / "profile.json").is_file()), None)
     return found
@@ -171,7 +187,9 @@ def _sweep_section(sweep: dict, figs: Path) -> list[str]:
 
 
 def _profile_section(pdir: Path, figs: Path) -> list[str]:
-    doc = _load_json(pdir / "profile.json") or {}
+    from profiles.profiling import format as fmt
+
+    doc = _load_json(pdir / fmt.PROFILE_FILE, fmt.KIND, fmt.SCHEMA_VERSION)
     md = ["## Model profile (measured)", ""] + rs.profile_facts(doc, pdir)
     from profiles.profiling.plots import ratio_curves, sensitivity_heatmap
 

@@ -147,8 +147,12 @@ class PlanSearch:
             smp = optuna.samplers.NSGAIISampler(seed=seed)
             directions = ["maximize", "minimize", "minimize"]
         self.storage = storage
+        # the profiler's storage opener: URL checks, journal files, SQLite claims made atomic
+        from profiles.profiling.sweep import open_storage
+
+        backend = open_storage(storage, "") if storage is not None else None
         try:
-            self.study = optuna.create_study(storage=storage, study_name=study_name, sampler=smp,
+            self.study = optuna.create_study(storage=backend, study_name=study_name, sampler=smp,
                                              directions=directions, load_if_exists=True)
         except ValueError as exc:  # e.g. an existing study with other directions
             raise ConfigError(f"--storage {storage}: study {study_name!r} cannot be used "

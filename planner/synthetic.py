@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm
 
-from profiles.fileio import atomic_write_json, atomic_write_with
+from profiles.fileio import atomic_write_json, atomic_write_with, check_output_dir
 
 Progress = Callable[[int, int, str], None]
 DEFAULT_LEVELS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0, 1.5)
@@ -202,8 +202,7 @@ def write_synthetic_profile(geometry: Any, out: str | Path, *, codecs: Sequence[
         geometry = resolve_geometry(geometry)
     else:
         spec = geometry.name
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(out, "--out")
     ratios = _ratio_rows(geometry, codecs, mode, levels, max_values, seed, progress)
     sens = _sensitivity_rows(geometry, codecs, mode, levels, list(tasks), prompts_per_task, seed,
                              middle_drop)
@@ -211,6 +210,7 @@ def write_synthetic_profile(geometry: Any, out: str | Path, *, codecs: Sequence[
                               geometry.top_k, prompts=trace_prompts,
                               prompt_tokens=trace_prompt_tokens, decode_tokens=trace_decode_tokens,
                               spec=SyntheticSpec(1.1, 0.2, seed), task="synthetic")
+    out.mkdir(parents=True, exist_ok=True)  # only now: bad codecs or levels leave nothing behind
     for name, df in (("ratios.parquet", ratios), ("sensitivity.parquet", sens),
                      ("traces.parquet", traces)):
         atomic_write_with(out / name, lambda p, df=df: df.to_parquet(p, index=False))

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from profiles.errors import ProfileError
+from profiles.errors import ConfigError, ProfileError
 
 
 def _umask_mode() -> int:
@@ -22,9 +22,53 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same directory, then rename."""
+def check_output_file(path: str | os.PathLike, option: str = "output",
+                      suffixes: tuple[str, ...] | None = None) -> Path:
+    """Check, before any work, that `path` can be written as a file: not a directory, its
+    parent a directory or creatable, and (with `suffixes`) one of those extensions.
+
+    Raises:
+        ConfigError: naming the option, the path and what would be right.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a directory; give a file name inside it, e.g. "
+                          f"{path / ('out' + (suffixes[0] if suffixes else '.json'))}")
+    for parent in (path.parent, *path.parent.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{option} {path}: {parent} is a file, not a directory; "
+                                  f"choose another path")
+            break
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise ConfigError(f"{option} {path}: expected a file name ending in "
+                          f"{', '.join(suffixes)}")
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, option: str = "output directory") -> Path:
+    """Check, before any work, that `path` is a directory or can be created as one.
+
+    Raises:
+        ConfigError: naming the option, the path and what would be right.
+    """
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"{option} {path}: {p} is a file, not a directory; give a "
+                                  f"directory path")
+            break
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same directory, then rename.
+
+    Raises:
+        ConfigError: `path` is a directory, or its parent cannot be a directory.
+    """
+    path = check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -49,8 +93,12 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def atomic_write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
-    """Call `writer(tmp_path)` to produce a file (parquet, a plot), then rename it onto `path`."""
-    path = Path(path)
+    """Call `writer(tmp_path)` to produce a file (parquet, a plot), then rename it onto `path`.
+
+    Raises:
+        ConfigError: `path` is a directory, or its parent cannot be a directory.
+    """
+    path = check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
@@ -74,6 +122,8 @@ def read_versioned_json(path: str | os.PathLike, kind: str, schema_version: int)
     path = Path(path)
     if not path.exists():
         raise ProfileError(f"{path}: no such file; check the path")
+    if not path.is_file():
+        raise ProfileError(f"{path} is a directory, not a {kind} file; give the file's path")
     try:
         doc = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -31,6 +31,11 @@ from profiles.fileio import atomic_write_json
 
 KIND = "policy"
 SCHEMA_VERSION = 1
+# documents that carry a policy under the key "policy", and the schema version this moesz writes
+# (a plan is `planner.plan`'s document; it takes its version from here, the lower package)
+PLAN_KIND, PLAN_SCHEMA_VERSION = "plan", 1
+PACKED_KIND, PACKED_SCHEMA_VERSION = "packed_checkpoint", 1
+CONTAINERS = {PLAN_KIND: PLAN_SCHEMA_VERSION, PACKED_KIND: PACKED_SCHEMA_VERSION}
 SURROGATES = ("gaussian", "uniform")
 Progress = Callable[[int, int, str], None]
 
@@ -204,7 +209,15 @@ class Policy:
             raise PolicyError(f"{path}: not valid JSON; expected a policy or plan file") from None
         embedded = isinstance(doc, dict) and isinstance(doc.get("policy"), dict)
         if embedded and doc.get("kind") != KIND:
-            return cls.from_dict(doc["policy"], f"{path} (policy in {doc.get('kind', 'plan')})")
+            kind = doc.get("kind")
+            if kind not in CONTAINERS:
+                raise PolicyError(f"{path}: field 'kind' is {kind!r}; expected a policy, a plan "
+                                  f"or a packed-checkpoint manifest")
+            if doc.get("schema_version") != CONTAINERS[kind]:
+                raise PolicyError(f"{path}: field 'schema_version' is "
+                                  f"{doc.get('schema_version')!r}, expected {CONTAINERS[kind]} for "
+                                  f"a {kind}; make it again with this version of moesz")
+            return cls.from_dict(doc["policy"], f"{path} (policy in {kind})")
         if not isinstance(doc, dict) or doc.get("kind") != KIND:
             raise PolicyError(f"{path}: neither a policy (kind 'policy') nor a plan holding one "
                               f"under the key 'policy'")

@@ -8,6 +8,10 @@ from typing import Sequence
 
 from profiles.fileio import atomic_write_with
 
+# file types matplotlib's Agg backend writes, by extension (it picks the format from it)
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".eps", ".ps", ".tif",
+                 ".tiff", ".webp")
+
 
 def plot_budget_sweep(path: str | os.PathLike, rows: Sequence, title: str) -> None:
     """Write the plot; `rows` are `sim.study.StudyRow`s."""

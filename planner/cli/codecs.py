@@ -120,6 +120,10 @@ def bench_cmd(
         raise ConfigError("--device cuda requested but no CUDA GPU is visible; use --device cpu")
     if input and random:
         raise ConfigError("give either --input or --random, not both")
+    if csv_path is not None:
+        from profiles.fileio import check_output_file
+
+        check_output_file(csv_path, "--csv")
     if threads is not None:
         if threads < 1:
             raise ConfigError(f"--threads {threads} is invalid; give 1 or more")

@@ -90,6 +90,11 @@ def plan(
                               f"preset:NAME --accuracy-budget 0.01 --gpu-mem 25% --out plan.json")
     if not 0.5 <= confidence < 1:
         raise ConfigError(f"--confidence {confidence} must be in [0.5, 1), e.g. 0.95")
+    from profiles.fileio import check_output_dir, check_output_file
+
+    check_output_file(out, "--out")
+    if not no_plots:
+        check_output_dir(plots or Path(out).with_name(Path(out).stem + "-plots"), "--plots")
     gb = parse_mem(gpu_mem, what="--gpu-mem")
     hb = parse_mem(host_mem, what="--host-mem")
     slots = None

@@ -70,8 +70,13 @@ def hardware(
     """Measure this machine (host, GPU when present, optional model timings) into FILE.json."""
     from profiles.hardware import save_hardware
     from profiles.hardware.measure import measure_hardware
+    from profiles.fileio import check_output_file
     from profiles.profiling.grid import parse_levels
 
+    from profiles.hardware.disk import check_disk_dir
+
+    check_output_file(out, "--out")
+    check_disk_dir(disk_dir)
     with _progress_bar("profile hardware") as progress:
         prof = measure_hardware(model, name=name, disk_dir=disk_dir, levels=parse_levels(levels),
                                 command=_command(ctx), quick=quick, progress=progress)

@@ -59,9 +59,13 @@ def run(
     from pathlib import Path
 
     from planner.cli.pack import policy_from_options
-    from profiles.fileio import atomic_write_json
+    from profiles.fileio import atomic_write_json, check_output_file
     from profiles.runtime import measure_throughput
+    from profiles.runtime.runner import resolve_device
 
+    if trace_out:
+        check_output_file(trace_out, "--trace-out")
+    resolve_device(device)
     pol = policy_from_options(policy, uniform, no_compression)
     gb, hb = parse_mem(gpu_mem, what="--gpu-mem"), parse_mem(host_mem, what="--host-mem")
     slots = None

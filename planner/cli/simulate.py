@@ -70,6 +70,14 @@ def simulate(
     from sim.synthetic import parse_synthetic
     from sim.timeline import plot_gantt, spans_of, write_chrome_trace
 
+    from profiles.fileio import check_output_file
+    from sim.plots import PLOT_SUFFIXES
+
+    if trace_out:
+        check_output_file(trace_out, "--trace-out")
+    for option, path in (("--gantt", gantt), ("--plot", plot)):
+        if path:
+            check_output_file(path, option, PLOT_SUFFIXES)
     if sum(x is not None and x is not False for x in (policy, uniform, no_compression or None)) > 1:
         raise ConfigError("give one of --policy, --uniform and --no-compression")
     if policy:

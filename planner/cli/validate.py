@@ -61,7 +61,12 @@ def validate(
 ) -> None:
     """Measure a plan's accuracy on the held-out split and judge it against its budget."""
     from planner.cli.model_eval import _progress_bar
+    from profiles.fileio import check_output_dir, check_output_file
 
+    if cache_dir:
+        check_output_dir(cache_dir, "--cache-dir")
+    if trace_out:
+        check_output_file(trace_out, "--trace-out")
     if throughput:
         _throughput(plan, model, policy, uniform, hardware, gpu_mem, host_mem, cache, prefetch,
                     on_miss, resident, gpu_decode, pageable, batch, prompt, tokens, device,
@@ -129,7 +134,9 @@ def _throughput(plan, model, policy, uniform, hardware, gpu_mem, host_mem, cache
     from planner.cli.model_eval import _progress_bar
     from planner.cli.pack import policy_from_options
     from planner.throughput import check_throughput
+    from profiles.runtime.runner import resolve_device
 
+    resolve_device(device)
     serving, spec = ServingConfig(), model
     if plan is not None:
         if policy or uniform:

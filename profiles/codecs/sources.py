@@ -74,7 +74,12 @@ def load_tensors(spec: str) -> list[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
     out = []
-    with safe_open(str(path), framework="pt") as fh:
+    try:
+        fh = safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors raises its own error type for a bad header
+        raise CodecError(f"{path}: cannot read as .safetensors ({str(exc).splitlines()[0]}); "
+                         f"the file is truncated or not a safetensors file") from None
+    with fh:
         keys = list(fh.keys())
         if name:
             if name not in keys:

@@ -22,6 +22,20 @@ from profiles.hardware.fit import fit_link
 from profiles.hardware.schema import LinkFit
 
 
+def check_disk_dir(disk_dir) -> Path:
+    """The directory for the disk-read scratch file (None: the system temp directory).
+
+    Raises:
+        ConfigError: it does not exist or is a file.
+    """
+    directory = Path(disk_dir) if disk_dir is not None else Path(tempfile.gettempdir())
+    if not directory.is_dir():
+        what = "is a file, not a directory" if directory.exists() else "does not exist"
+        raise ConfigError(f"--disk-dir {directory} {what}; give an existing directory on the drive "
+                          f"that will hold offloaded experts")
+    return directory
+
+
 def disk_read(disk_dir, file_bytes: int, read_sizes: tuple[int, ...], raw: dict) -> LinkFit:
     """Fit reads of several sizes from a scratch file with the page cache bypassed.
 
@@ -37,10 +51,7 @@ def disk_read(disk_dir, file_bytes: int, read_sizes: tuple[int, ...], raw: dict)
     Raises:
         ConfigError: the directory does not exist, or a read came back short.
     """
-    directory = Path(disk_dir) if disk_dir is not None else Path(tempfile.gettempdir())
-    if not directory.is_dir():
-        raise ConfigError(f"disk directory {directory} does not exist; give an existing directory "
-                          f"on the drive that will hold offloaded experts")
+    directory = check_disk_dir(disk_dir)
     fd, path = tempfile.mkstemp(prefix=".moesz-disk-", dir=directory)
     try:
         block = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()

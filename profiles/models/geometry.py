@@ -139,6 +139,11 @@ def geometry_from_model(model, name: str, dtype: str, fp8_block: tuple[int, int]
         ModelError: the model has no routed experts.
     """
     emap = emap or build_expert_map(model, name)
+    if not emap.experts:
+        raise ModelError(f"{name}: the model has no routed experts; moesz plans for MoE models")
+    if emap.top_k > emap.experts_per_layer:
+        raise ModelError(f"{name}: routes top-{emap.top_k} of {emap.experts_per_layer} experts per "
+                         f"layer; top-k must not exceed the experts (check num_experts_per_tok)")
     config = model.config
     per_expert = sum(tensor_storage_bytes(t.shape, dtype, fp8_block)
                      for t in emap.experts[0].tensors.values())

@@ -174,10 +174,21 @@ def _config_for(what: str, arch: str, overrides: dict):
             w in k for w in ("expert", "_layers", "hidden_size", "intermediate", "dense", "heads")))
         raise ModelError(f"{what}: {arch} config has no key {unknown[0]!r}; keys that shape the "
                          f"experts include {', '.join(hints)}")
+    for key, value in overrides.items():
+        if key in _COUNTS and not (isinstance(value, int) and value >= 1):
+            raise ModelError(f"{what}: override {key}={value!r} must be an integer >= 1")
     try:
         return AutoConfig.for_model(arch, **overrides)
-    except (ValueError, TypeError) as exc:
-        raise ModelError(f"{what}: invalid config override ({exc})") from None
+    except Exception as exc:  # ValueError, TypeError, huggingface_hub's validation errors
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{what}: invalid config override ({first})") from None
+
+
+# config keys that count something a model needs at least one of
+_COUNTS = frozenset({
+    "num_hidden_layers", "hidden_size", "intermediate_size", "moe_intermediate_size",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "num_experts",
+    "num_local_experts", "n_routed_experts", "num_experts_per_tok"})
 
 
 def _read_by_model(arch: str, key: str) -> bool:
@@ -237,6 +248,10 @@ def _meta_model(config, dtype: str, trust_remote_code: bool, what: str):
     except ValueError as exc:
         raise ModelError(f"{what}: not a causal language model transformers can build "
                          f"({str(exc).splitlines()[0]})") from None
+    except (RuntimeError, TypeError, IndexError) as exc:  # e.g. a shape no tensor can take
+        raise ModelError(f"{what}: transformers cannot build this config ("
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                         f"check the config overrides") from None
     build_expert_map(model, what)  # raises ModelError for dense models
     return model
 

@@ -14,9 +14,9 @@ from typing import Callable
 import torch
 
 from profiles.errors import ProfileError
+from profiles.policy import PACKED_KIND, PACKED_SCHEMA_VERSION
 
-KIND = "packed_checkpoint"
-SCHEMA_VERSION = 1
+KIND, SCHEMA_VERSION = PACKED_KIND, PACKED_SCHEMA_VERSION  # profiles.policy reads manifests too
 MANIFEST = "manifest.json"
 NON_EXPERT = "non_expert.safetensors"
 ALIGN = 16  # payload alignment inside an expert record (szp reads payloads as int32 words)

@@ -34,6 +34,25 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The runtime's device: `cuda[:N]` or `cpu` (None: cuda when present).
+
+    Raises:
+        ConfigError: another device type, or cuda on a machine without a CUDA GPU.
+    """
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cuda", "cpu"):
+        raise ConfigError(f"--device {device!r} is not supported; choose cuda or cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    return dev
+
+
 def open_model(model: Any, policy=None, device: torch.device | None = None,
                trust_remote_code: bool = False, progress: Progress | None = None,
                pinned: bool = True, store: ExpertStore | None = None):
@@ -115,7 +134,7 @@ def measure_throughput(model: Any, policy=None, serving: ServingConfig = Serving
         ConfigError: an impossible budget, an unknown device, a prompt of length 0.
         PolicyError / PackedError: see `open_model`.
     """
-    dev = torch.device(device) if device is not None else default_device()
+    dev = resolve_device(device)
     m, emap, geometry, store, label, policy, keep, _ = open_model(
         model, policy, dev, trust_remote_code, progress, pinned=serving.pinned, store=store)
     if prompt_ids is not None:

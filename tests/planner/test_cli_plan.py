@@ -104,3 +104,31 @@ def test_plan_placement_traces(planned, tmp_path):
     assert "oracle" in oracle["static_placement_ranked_by"]
     assert placed["static_placement_ranked_by"] == str(shifted)
     assert placed["tokens_per_s_closed_form"] < oracle["tokens_per_s_closed_form"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--storage", "notaurl"), "storage 'notaurl' is not a URL"),
+    (("--warm-trials", "-1"), "--warm-trials -1 must be >= 0"),
+    (("--rerank", "-1"), "--rerank -1 must be >= 0"),
+])
+def test_bad_search_options_are_one_line(planned, tmp_path, extra, message):
+    prof, _, _ = planned
+    r = runner.invoke(app, ["plan", "--profile", str(prof), "--accuracy-budget", "0.01",
+                            "--gpu-mem", "25%", "--trials", "5", "--no-plots",
+                            "--out", str(tmp_path / "p.json"), *extra])
+    assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_bad_output_paths_fail_before_planning(planned, tmp_path):
+    prof, _, _ = planned
+    base = ["plan", "--profile", str(prof), "--accuracy-budget", "0.01", "--gpu-mem", "25%",
+            "--trials", "5"]
+    r = runner.invoke(app, base + ["--out", str(tmp_path)])
+    assert r.exit_code == 1 and "--out" in r.output and "is a directory" in r.output
+    (tmp_path / "plots-file").write_text("keep")
+    r = runner.invoke(app, base + ["--out", str(tmp_path / "p.json"), "--plots",
+                                   str(tmp_path / "plots-file")])
+    assert r.exit_code == 1 and "--plots" in r.output and "is a file" in r.output
+    assert not (tmp_path / "p.json").exists()  # checked before the plan was written
+    assert (tmp_path / "plots-file").read_text() == "keep"

@@ -39,6 +39,21 @@ def test_corrupt_result_file_named(tmp_path):
         find_results(tmp_path)
 
 
+@pytest.mark.parametrize("name, doc, message", [
+    ("demo.json", {"kind": "demo_run", "schema_version": 0}, "'schema_version' is 0, expected 1"),
+    ("plan.json", {"kind": "plan", "schema_version": 999}, "'schema_version' is 999"),
+    ("plan.json", {"kind": "plan", "schema_version": 1, "layers": "x"}, "plan.json"),
+    ("sweep.json", {"kind": "budget_sweep", "schema_version": 1, "rows": "garbage"},
+     "field 'rows' must be a list of runs"),
+    ("validation.json", {"kind": "plan", "schema_version": 1}, "field 'kind' is 'plan'"),
+])
+def test_result_files_of_another_version_or_shape_are_refused(tmp_path, name, doc, message):
+    (tmp_path / name).write_text(json.dumps(doc))
+    with pytest.raises(MoeszError, match=message):
+        render_report(tmp_path)
+    assert not (tmp_path / "report.md").exists()
+
+
 @pytest.mark.slow
 def test_report_renders_from_a_demo_folder(tmp_path_factory):
     out, _, _ = demo_folder(tmp_path_factory)

@@ -208,3 +208,17 @@ def test_cuda_requests_fail_clearly_without_a_gpu():
         decode(encode(weights(), "szp", "meanabs", 0.5), device="cuda")
     with pytest.raises(CodecError, match="MOESZ_CUSZP_LIB|no CUDA GPU"):
         encode(weights(), "cuszp", "meanabs", 0.5)
+
+
+def test_unreadable_tensor_files_are_codec_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    from profiles.codecs.sources import load_tensors
+
+    good = tmp_path / "w.safetensors"
+    save_file({"w": torch.ones(4, 4, dtype=torch.bfloat16)}, str(good))
+    assert [n for n, _ in load_tensors(str(good))] == ["w"]
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(good.read_bytes()[:20])
+    with pytest.raises(CodecError, match="cannot read as .safetensors"):
+        load_tensors(str(bad))

@@ -144,3 +144,14 @@ def test_builtin_geometry_follows_moesz_builtin_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("MOESZ_BUILTIN_DIR", str(tmp_path / "absent"))
     with pytest.raises(ModelError, match="not built yet"):
         resolve_geometry("builtin")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("preset:olmoe-1b-7b,num_experts=abc", "num_experts='abc' must be an integer >= 1"),
+    ("preset:olmoe-1b-7b,num_experts=-4", "num_experts=-4 must be an integer >= 1"),
+    ("preset:olmoe-1b-7b,num_hidden_layers=0", "num_hidden_layers=0 must be an integer >= 1"),
+    ("preset:olmoe-1b-7b,num_experts=4", "routes top-8 of 4 experts"),
+])
+def test_bad_geometry_overrides_are_model_errors(spec, message):
+    with pytest.raises(ModelError, match=message):
+        resolve_geometry(spec)

@@ -74,7 +74,7 @@ def test_quick_profile_without_gpu_has_no_gpu_section(quick_profile, tmp_path):
 def test_model_timings_measured_for_a_small_model_estimated_for_a_big_one(quick_profile):
     raw: dict = {}
     small = resolve_geometry("arch:qwen3_moe,hidden_size=64,moe_intermediate_size=32,"
-                             "num_hidden_layers=2,num_experts=4,num_attention_heads=4,"
+                             "num_hidden_layers=2,num_experts=4,num_experts_per_tok=2,num_attention_heads=4,"
                              "num_key_value_heads=2,head_dim=16,vocab_size=50")
     mt = model_timings(small, quick_profile.host, None, raw, quick=True)
     assert mt.expert_ffn.source == "measured" and mt.attention_router.source == "measured"

@@ -101,9 +101,15 @@ def test_precedence_and_json_round_trip(tmp_path):
 
 def test_load_accepts_a_plan_file_holding_a_policy(tmp_path):
     p = Policy.uniform("szp", "meanabs", 0.3, fingerprint="fp1:0123")
-    plan = {"kind": "plan", "schema_version": 7, "predicted": {}, "policy": p.to_dict()}
+    plan = {"kind": "plan", "schema_version": 1, "predicted": {}, "policy": p.to_dict()}
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     assert Policy.load(tmp_path / "plan.json") == p
+    # a plan of another schema version, or another kind of document, is refused
+    for doc, message in (({**plan, "schema_version": 7}, "'schema_version' is 7, expected 1"),
+                         ({**plan, "kind": "sweep"}, "field 'kind' is 'sweep'")):
+        (tmp_path / "other.json").write_text(json.dumps(doc))
+        with pytest.raises(PolicyError, match=message):
+            Policy.load(tmp_path / "other.json")
 
 
 @pytest.mark.parametrize("content, message", [

@@ -233,3 +233,14 @@ def test_rtn_experts_cross_the_link_compressed_and_decode_on_the_device(tiny_loa
     for key, _, n in demand[:5]:
         blobs = sum(compressed_nbytes(t, codec) for t in lm.expert_map.get(*key).tensors.values())
         assert blobs <= n < blobs + 16 * 2 < lm.geometry.bytes_per_expert
+
+
+def test_unknown_device_is_a_config_error():
+    from profiles.runtime.runner import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(ConfigError, match="--device 'tpu' is not supported; choose cuda or cpu"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            resolve_device("cuda")

@@ -119,3 +119,13 @@ def test_placement_traces_option(profile_dir, tmp_path):
     assert any(str(other) in n for n in shifted["notes"])
     bad = _run(*args, "--placement-traces", str(tmp_path / "missing.parquet"))
     assert bad.exit_code == 1 and "Traceback" not in bad.output
+
+
+def test_bad_output_paths_fail_before_simulating(profile_dir, tmp_path):
+    args = ("--model", str(profile_dir), "--gpu-mem", "20%", "--tokens", "8", "--prompt", "2")
+    for extra, message in ((("--gantt", str(tmp_path / "gantt.xyz")), "expected a file name ending"),
+                           (("--gantt", str(tmp_path / "noext")), "expected a file name ending"),
+                           (("--trace-out", str(tmp_path)), "is a directory"),
+                           (("--plot", str(tmp_path)), "is a directory")):
+        r = _run(*args, *extra)
+        assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, r.output
