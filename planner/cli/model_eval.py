@@ -102,6 +102,9 @@ def eval_(
     from profiles.models import load_model
     from profiles.policy import apply_policy
 
+    if not 0 < alpha < 1:
+        raise ConfigError(f"--alpha {alpha:g} must be between 0 and 1 (a family-wise level such "
+                          f"as 0.05)")
     split, names = _split(split), _tasks(tasks)
     policy, label = _policy(policy_file, uniform)
     if with_fidelity and policy is None:

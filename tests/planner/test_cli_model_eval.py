@@ -74,6 +74,8 @@ def test_eval_of_a_user_benchmark(ckpt, tmp_path):
     (["--fidelity"], "--fidelity compares against the base model"),
     (["--uniform", "szp:meanabs"], "is not CODEC or CODEC:MODE:LEVEL"),
     (["--tasks", "mul"], "unknown task 'mul'"),
+    (["--alpha", "2"], "--alpha 2 must be between 0 and 1"),
+    (["--threads", "0"], "--threads 0 is invalid"),
 ])
 def test_eval_errors_are_one_line(ckpt, args, message):
     r = runner.invoke(app, ["model", "eval", ckpt, "--limit", "2", *args])
