@@ -100,6 +100,7 @@ class DropPrediction:
     z: float
     additive_drop: float
     additive_var: float
+    kind: str = "predicted (additive accuracy model)"
 
     @property
     def low(self) -> float:  # two-sided 95 % interval
@@ -116,7 +117,7 @@ class DropPrediction:
     def to_dict(self) -> dict:
         return {"metric": self.metric, "value": self.drop, "low": self.low, "high": self.high,
                 "sd": self.sd, "ucb": self.ucb, "z": self.z, "interval": "95% two-sided",
-                "kind": "predicted (additive accuracy model)"}
+                "kind": self.kind}
 
 
 @dataclass(frozen=True)
@@ -359,6 +360,21 @@ class AccuracyModel:
         """The profile's own measurement of a multi-layer target (e.g. `all`) at a choice."""
         hit = self.multi.get((target, label))
         return None if hit is None else hit[0]
+
+    def measured_uniform(self, label: str) -> DropPrediction | None:
+        """The drop of `label` on every layer as the profile MEASURED it (target `all`, this exact
+        policy), as a prediction with that measurement's interval; None when not profiled.
+
+        For a uniform policy this is the direct evidence, narrower than the additive model's sum
+        of every layer's own uncertainty."""
+        if label.split(",")[0] in EXACT_CODECS:
+            return None  # bit-exact: the drop is exactly zero, no measurement needed
+        eff = self.measured("all", label)
+        if eff is None:
+            return None
+        drop = max(eff.drop, 0.0)  # a gain counts as none, as unconfirmed single-layer gains do
+        return DropPrediction(self.metric, drop, eff.sd, self.z, drop, eff.sd ** 2,
+                              "measured (profile, whole model at this setting)")
 
     def detection_warning(self, budget: float, detection_limit: dict | None) -> str | None:
         """A warning when the budget is below what the profile can detect, else None."""

@@ -9,9 +9,11 @@
   level that meets the budget.
 - `rtn8`, `rtn4`: round-to-nearest 8- and 4-bit on every expert.
 
-Throughput is the closed form's prediction; accuracy comes from the same accuracy model as the
-plan (additive, with the additivity correction), and where the profile measured the whole model
-(target `all`) at that setting, that measurement is reported beside it.
+Throughput is the closed form's prediction. Accuracy of a uniform policy (one setting on every
+layer) comes from the profile's own measurement of exactly that policy (target `all`) when it has
+one — direct evidence, with one measurement's interval — and otherwise from the same additive
+model as the plan, whose uncertainty adds up every layer's own; the additive prediction is kept
+beside a measured one. A baseline judged by a measurement says so (`accuracy_drop.kind`).
 """
 
 from __future__ import annotations
@@ -63,14 +65,36 @@ def _table_baseline(name: str, table: ChoiceTable, choice: np.ndarray, evaluate,
                     constraint: Constraint, note: str = "") -> Baseline:
     tps = evaluate(choice)
     M, V = table.sums(choice)
-    pred = accuracy.predict_sums(M, V)
+    additive = accuracy.predict_sums(M, V)
     label = table.specs[int(choice[0])].describe() if len(set(choice.tolist())) == 1 else None
-    meas = accuracy.measured("all", label) if label else None
-    return Baseline(name, table.policy(choice), tps, pred, constraint.feasible(M, V),
-                    table.host_bytes(choice),
-                    None if meas is None else {"value": meas.drop, "sd": meas.sd,
-                                               "kind": "measured (profile, target all)"},
-                    note, tuple(int(c) for c in choice))
+    measured = accuracy.measured_uniform(label) if label and label != "raw" else None
+    if measured is not None:
+        pred, feasible = measured, measured.ucb <= constraint.budget
+        note = "; ".join(x for x in (note, _measured_note(additive)) if x)
+    else:
+        pred, feasible = additive, constraint.feasible(M, V)
+    return Baseline(name, table.policy(choice), tps, pred, feasible, table.host_bytes(choice),
+                    None if measured is None else _measured_dict(measured), note,
+                    tuple(int(c) for c in choice))
+
+
+def _measured_note(additive: DropPrediction) -> str:
+    return (f"accuracy from the profile's measurement of this exact policy (the additive model "
+            f"predicts {additive.drop:+.4f}, upper bound {additive.ucb:.4f})")
+
+
+def _measured_dict(pred: DropPrediction) -> dict:
+    return {"value": pred.drop, "sd": pred.sd, "kind": "measured (profile, target all)"}
+
+
+def uniform_feasible(accuracy: AccuracyModel, constraint: Constraint, table: ChoiceTable,
+                     c: int) -> bool:
+    """Whether choice `c` on every layer meets the budget: by the profile's measurement of that
+    policy when it has one, else by the additive model."""
+    measured = accuracy.measured_uniform(table.specs[c].describe())
+    if measured is not None:
+        return measured.ucb <= constraint.budget
+    return constraint.feasible(*table.sums(np.full(len(table.moe_layers), c)))
 
 
 def _spec_baseline(name: str, spec: StorageSpec, *, geometry, ratios, hardware, serving,
@@ -87,23 +111,23 @@ def _spec_baseline(name: str, spec: StorageSpec, *, geometry, ratios, hardware, 
     b, g, c = closed_form.inputs_from_costs(costs)
     tps = float(closed_form.tokens_per_s(b, g, c))
     host = int(costs.stored_bytes.sum())
-    meas = accuracy.measured("all", label)
-    measured = None if meas is None else {"value": meas.drop, "sd": meas.sd,
-                                          "kind": "measured (profile, target all)"}
+    measured = accuracy.measured_uniform(label)
     try:
-        pred = accuracy.predict({layer: label for layer in geometry.moe_layers})
+        additive = accuracy.predict({layer: label for layer in geometry.moe_layers})
     except MoeszError:
-        pred = None
-    if pred is None and meas is not None:
-        pred = DropPrediction(accuracy.metric, meas.drop, meas.sd, accuracy.z, meas.drop,
-                              meas.sd ** 2)
-        note = "accuracy from the profile's whole-model measurement (no single-layer rows)"
-    elif pred is None:
+        additive = None
+    if measured is not None:
+        pred = measured
+        note = (_measured_note(additive) if additive is not None else
+                "accuracy from the profile's measurement of this exact policy (no single-layer "
+                "rows)")
+    elif additive is not None:
+        pred, note = additive, ""
+    else:
         return Baseline(name, policy, tps, None, False, host, None,
                         f"the profile has no sensitivity rows for {label}")
-    else:
-        note = ""
-    return Baseline(name, policy, tps, pred, pred.ucb <= constraint.budget, host, measured, note)
+    return Baseline(name, policy, tps, pred, pred.ucb <= constraint.budget, host,
+                    None if measured is None else _measured_dict(measured), note)
 
 
 def compute_baselines(*, table: ChoiceTable, evaluate, accuracy: AccuracyModel,
@@ -125,8 +149,7 @@ def compute_baselines(*, table: ChoiceTable, evaluate, accuracy: AccuracyModel,
         full = [c for c in idx if av[:, c].all()]
         best = None
         for c in full:
-            ch = np.full(L, c)
-            if constraint.feasible(*table.sums(ch)):
+            if uniform_feasible(accuracy, constraint, table, c):
                 best = c
         if not full:
             out.append(Baseline(f"uniform {codec}", None, None, None, False, None,

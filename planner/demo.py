@@ -7,9 +7,9 @@
 3. plan for a one-point content budget under a GPU memory budget that forces cache misses — the
    non-expert weights and KV cache plus a fraction of the routed-expert bytes
    (`planner.pipeline.make_plan`);
-4. the memory-budget sweep: the plan, no compression, the best uniform level and rtn8 simulated
-   across GPU budgets on the profile's traces (`sim.study.run_study`), and the plan's simulated
-   timeline as a Perfetto trace;
+4. the memory-budget sweep: the plan, no compression, the best uniform level, rtn8 and rtn4
+   simulated across GPU budgets on the profile's traces (`sim.study.run_study`), and the plan's
+   simulated timeline as a Perfetto trace;
 5. validate the plan for real on the held-out `validate` split (`planner.validate`);
 6. render the report (`planner.report.render_report`).
 
@@ -187,7 +187,7 @@ def _sweep(out: Path, sz: DemoSize, hw_spec: str, outcome, stage) -> dict:
     budgets = [parse_mem(f, what="sweep budget") for f in sz.sweep_fractions]
     policies = [("plan", outcome.plan.policy)]
     for b in outcome.baselines:
-        if b.policy is not None and (b.name in ("no compression", "rtn8")
+        if b.policy is not None and (b.name in ("no compression", "rtn8", "rtn4")
                                      or (b.name.startswith("uniform") and b.feasible)):
             policies.append((b.name, b.policy))
     rows, done, skipped = [], 0, []
@@ -279,7 +279,7 @@ def summary_lines(record: dict, out: Path) -> list[str]:
              f"  decode tokens/s, predicted: plan {_num(p.get('tokens_per_s_simulation'))} "
              f"(simulation), {_num(p.get('tokens_per_s_closed_form'))} (closed form)"]
     for name, b in base.items():
-        if b["tokens_per_s"] is not None and (name in ("no compression", "rtn8")
+        if b["tokens_per_s"] is not None and (name in ("no compression", "rtn8", "rtn4")
                                               or name.startswith("uniform")):
             lines.append(f"    {name}: {b['tokens_per_s']:.1f} (closed form)"
                          + ("" if b.get("meets_budget") else ", over the accuracy budget"))
@@ -288,7 +288,9 @@ def summary_lines(record: dict, out: Path) -> list[str]:
             [x.get("spec") for x in plan["layers"]] != milp["layers"]:
         lines.append(f"    per-layer optimum of {', '.join(plan.get('codecs', []))}: "
                      f"{milp['tokens_per_s']:.1f} (closed form)")
-    lines += [f"  content drop: predicted {iv_text(p['accuracy_drop'])}; measured "
+    how = (" (the profile split's measurement of this policy)" if str(
+        p["accuracy_drop"].get("kind", "")).startswith("measured") else "")
+    lines += [f"  content drop: predicted{how} {iv_text(p['accuracy_drop'])}; measured "
               f"{iv_text(m['accuracy_drop'])} on {val['n_prompts']} held-out prompts",
               f"  stored expert bytes: measured {m['stored_bytes']:,} ({m['ratio']:.2f}x smaller "
               f"than bf16)",

@@ -14,6 +14,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -142,8 +143,8 @@ def _infeasible_message(table: ChoiceTable, accuracy: AccuracyModel, budget: flo
             pred = accuracy.predict_sums(table.mu[pos, c], table.var[pos, c])
             if best is None or pred.ucb < best[0]:
                 best = (pred.ucb, f"layer {layer} at {table.specs[c].describe()}")
-    for b in baselines:
-        if b.name in ("rtn8", "rtn4") and b.drop is not None:
+    for b in baselines:  # rtn8/rtn4, and uniform levels the profile measured as a whole
+        if b.name not in ("no compression", "lossless") and b.drop is not None:
             if best is None or b.drop.ucb < best[0]:
                 best = (b.drop.ucb, f"{b.name} on every layer")
     if best is None:
@@ -159,9 +160,12 @@ def _infeasible_message(table: ChoiceTable, accuracy: AccuracyModel, budget: flo
 
 
 def _study_name(req: PlanRequest, prof: ModelProfile, hw_sha: str | None, codecs) -> str:
-    key = json.dumps([prof.fingerprint, req.budget, req.metric, list(codecs),
-                      req.serving.to_dict(), hw_sha, req.sampler, req.space, req.seed, req.z,
-                      req.cache_allocation, req.placement_traces], sort_keys=True, default=str)
+    parts = [prof.fingerprint, req.budget, req.metric, list(codecs), req.serving.to_dict(), hw_sha,
+             req.sampler, req.space, req.seed, req.z, req.cache_allocation]
+    if req.placement_traces:  # only when given, so studies made without it keep their names
+        parts.append(hashlib.sha256(Path(req.placement_traces).read_bytes()).hexdigest()
+                     if Path(req.placement_traces).is_file() else req.placement_traces)
+    key = json.dumps(parts, sort_keys=True, default=str)
     return "moesz-plan-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -279,9 +283,12 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
     options = [from_candidate(c, table, accuracy, cf, prof, req.serving)
                for c in final.top[:max(req.rerank, 1)]]
     best_cf = max(o.tokens_per_s for o in options)
+    # a baseline competes when the search cannot hold it: not expressible in the choice table,
+    # or judged by the profile's measurement of that exact policy (the search uses the additive
+    # model, whose bound on a whole-model policy is wider than the measurement's)
     options += [from_baseline(b, prof, cf, req.serving) for b in baselines
-                if b.feasible and b.choice is None and b.policy is not None
-                and b.tokens_per_s is not None and b.drop is not None
+                if b.feasible and b.policy is not None and b.tokens_per_s is not None
+                and b.drop is not None and (b.choice is None or b.drop.kind.startswith("measured"))
                 and b.tokens_per_s >= 0.95 * best_cf]  # only those that could win
     if req.rerank > 0:
         options = [replace(o, tokens_per_s_simulation=_simulate(prof, hw, o.serving, o.policy,

@@ -65,9 +65,9 @@ def from_candidate(c, table: ChoiceTable, accuracy, cf, prof, serving) -> Option
 
 
 def from_baseline(b: Baseline, prof, cf, serving) -> Option:
-    spec = b.policy.default
     layers = []
     for layer in prof.geometry.moe_layers:
+        spec = b.policy.layers.get(layer, b.policy.default)
         ratio = float(prof.ratios.ratio(layer, spec, prof.geometry))
         layers.append({"layer": int(layer), "codec": spec.codec, "mode": spec.mode,
                        "level": spec.level, "spec": spec.describe(), "drop": None,
@@ -92,9 +92,12 @@ def plan_document(req, prof, hw_src, hw, accuracy, table, chosen: Option, option
                         "throughput in this configuration (experts fit in GPU memory, or the "
                         "link is not the bottleneck)")
     if chosen.source.startswith("baseline"):
-        warnings.append(f"the plan is the {chosen.source}: it meets the budget and is predicted "
-                        f"faster than every per-layer assignment of the codecs searched "
-                        f"({', '.join(codecs)})")
+        basis = (" (its accuracy is the profile's measurement of this exact policy, not the "
+                 "additive model's sum over layers)" if pred is not None
+                 and pred.kind.startswith("measured") else "")
+        warnings.append(f"the plan is the {chosen.source}: it meets the budget{basis} and is "
+                        f"predicted faster than every per-layer assignment of the codecs "
+                        f"searched ({', '.join(codecs)})")
     notes = list(dict.fromkeys(list(cf.notes) + list(table.notes) + [accuracy.additivity.note]))
     if req.serving.cache_policy == "lfu" or req.serving.prefetch != "none":
         notes.append("the search scores LFU as LRU and ignores prefetch (closed-form proxy); the "

@@ -51,12 +51,19 @@ def _load_json(path: Path, kind: str, version: int) -> dict:
     if kind == PLAN_KIND:
         plan_from_dict(doc, str(path))
     if kind == "budget_sweep":
+        from dataclasses import MISSING, fields
+
+        from sim.results import SimResult
+
         rows = doc.get("rows", [])
-        need = ("policy", "cache", "gpu_mem", "host_mem", "tokens_per_s")
+        need = ("policy", "cache", "gpu_mem", "host_mem") + tuple(
+            f.name for f in fields(SimResult)
+            if f.default is MISSING and f.default_factory is MISSING)
         if not isinstance(rows, list) or not all(
                 isinstance(r, dict) and all(k in r for k in need) for r in rows):
-            raise MoeszError(f"{path}: field 'rows' must be a list of runs with "
-                             f"{', '.join(need)}; regenerate it with moesz demo")
+            raise MoeszError(f"{path}: field 'rows' must be a list of simulated runs (policy, "
+                             f"cache, gpu_mem, host_mem and every SimResult field); regenerate "
+                             f"it with moesz demo")
     return doc
 
 

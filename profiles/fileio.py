@@ -32,8 +32,9 @@ def check_output_file(path: str | os.PathLike, option: str = "output",
     """
     path = Path(path)
     if path.is_dir():
+        example = path / ("out" + (suffixes[0] if suffixes else path.suffix or ".json"))
         raise ConfigError(f"{option} {path} is a directory; give a file name inside it, e.g. "
-                          f"{path / ('out' + (suffixes[0] if suffixes else '.json'))}")
+                          f"{example}")
     for parent in (path.parent, *path.parent.parents):
         if parent.exists():
             if not parent.is_dir():

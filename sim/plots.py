@@ -9,7 +9,7 @@ from typing import Sequence
 from profiles.fileio import atomic_write_with
 
 # file types matplotlib's Agg backend writes, by extension (it picks the format from it)
-PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".eps", ".ps", ".tif",
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".svgz", ".jpg", ".jpeg", ".eps", ".ps", ".tif",
                  ".tiff", ".webp")
 
 

@@ -163,23 +163,25 @@ def with_placement(workload: Workload, traces: pd.DataFrame, *, top_k: int,
     """`workload` with static placements (static-hot, hot-first host placement) ranked by the
     decode activations of other traces — e.g. another split's — instead of the replayed ones.
 
-    Every decode token of the placement traces counts once (laid out in batches of the
-    workload's size), and they are checked against the model as the replayed traces are.
+    Every decode token of the placement traces counts once for each expert it was routed to
+    (whatever the prompts' lengths and the batch), and the traces are checked against the model
+    as replayed traces are.
 
     Raises:
         ProfileError: the placement traces do not fit the model (see `build_workload`).
     """
-    tokens = 0
-    if {"phase", "prompt_id", "token_idx"} <= set(traces.columns):
-        dec = traces[traces["phase"] == "decode"]
-        tokens = dec.groupby(["prompt_id", "token_idx"]).ngroups
-    steps = max(1, -(-tokens // workload.batch_size))  # every decode token of the traces once
-    other = build_workload(traces, moe_layers=workload.moe_layers,
-                           experts_per_layer=workload.experts_per_layer, top_k=top_k,
-                           batch_size=workload.batch_size, prompt_tokens=0,
-                           generated_tokens=steps, source=source)
+    # checked against the model as replayed traces are (columns, layers, experts, ranks, tokens)
+    build_workload(traces, moe_layers=workload.moe_layers,
+                   experts_per_layer=workload.experts_per_layer, top_k=top_k, batch_size=1,
+                   prompt_tokens=0, generated_tokens=1, source=source)
+    dec = traces[traces["phase"] == "decode"].drop_duplicates(
+        ["prompt_id", "token_idx", "layer", "expert"])
+    pos = {layer: i for i, layer in enumerate(workload.moe_layers)}
+    counts = np.zeros((len(workload.moe_layers), workload.experts_per_layer), dtype=np.int64)
+    np.add.at(counts, (dec["layer"].map(pos).to_numpy(dtype=np.int64),
+                       dec["expert"].to_numpy(dtype=np.int64)), 1)
     note = f"static placements ranked by the decode activations of {source}"
-    return replace(workload, placement_counts=other.decode_counts, placement_source=source,
+    return replace(workload, placement_counts=counts, placement_source=source,
                    notes=tuple(dict.fromkeys(workload.notes + (note,))))
 
 

@@ -256,6 +256,9 @@ def trace(
     split, names = _split(split), _tasks(tasks)
     if out.suffix != ".parquet":
         raise ConfigError(f"--out {out}: expected a .parquet file name")
+    from profiles.fileio import check_output_file
+
+    check_output_file(out, "--out", (".parquet",))
     loaded = load_model(model, trust_remote_code=trust_remote_code)
     with _progress_bar("trace", not as_json) as progress, torch_threads(threads):
         rec = record_traces(loaded, names, split, limit, batch_size=batch_size, progress=progress)

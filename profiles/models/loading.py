@@ -175,15 +175,19 @@ def _config_for(what: str, arch: str, overrides: dict):
         raise ModelError(f"{what}: {arch} config has no key {unknown[0]!r}; keys that shape the "
                          f"experts include {', '.join(hints)}")
     for key, value in overrides.items():
+        if value is None and key in _DERIVED:
+            continue  # None: derived by the config from other keys
         if key in _COUNTS and not (isinstance(value, int) and value >= 1):
             raise ModelError(f"{what}: override {key}={value!r} must be an integer >= 1")
     try:
         return AutoConfig.for_model(arch, **overrides)
     except Exception as exc:  # ValueError, TypeError, huggingface_hub's validation errors
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        first = (str(exc).strip().splitlines()[-1].strip() if str(exc).strip()
+                 else type(exc).__name__)
         raise ModelError(f"{what}: invalid config override ({first})") from None
 
 
+_DERIVED = frozenset({"head_dim", "num_key_value_heads"})  # None means "derive it"
 # config keys that count something a model needs at least one of
 _COUNTS = frozenset({
     "num_hidden_layers", "hidden_size", "intermediate_size", "moe_intermediate_size",

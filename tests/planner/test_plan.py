@@ -155,3 +155,31 @@ def test_a_faster_feasible_baseline_becomes_the_plan(tmp_path):
 def load_plan_roundtrip(doc, tmp_path):
     save_plan(doc, tmp_path / "p.json")
     return load_plan(tmp_path / "p.json")
+
+
+def test_uniform_level_judged_by_its_own_measurement(tmp_path):
+    """Every per-layer interval wide, the whole-model measurement at that level narrow: the
+    additive model cannot certify szp on every layer, the profile's direct measurement of exactly
+    that policy can — the uniform baseline is feasible, labelled measured, and competes."""
+    import pandas as pd
+
+    prof = tiny_profile(tmp_path / "p", levels=(1.0,), middle_drop=0.0)
+    path = prof / "sensitivity.parquet"
+    df = pd.read_parquet(path)
+    szp = df["codec"] == "szp"
+    wide, narrow = szp & df["target"].str.startswith("layer:"), szp & (df["target"] == "all")
+    for rows, half in ((wide, 0.02), (narrow, 0.004)):
+        df.loc[rows, "content_change"] = 0.0
+        df.loc[rows, "content_change_low"] = -half
+        df.loc[rows, "content_change_high"] = half
+    df.to_parquet(path)
+    o = make_plan(request(prof, budget=0.01))
+    doc = o.plan.doc
+    uni = next(b for b in doc["baselines"] if b["name"] == "uniform szp")
+    assert uni["meets_budget"] and uni["accuracy_drop"]["kind"].startswith("measured")
+    assert uni["accuracy_drop"]["ucb"] <= 0.01
+    assert "additive model predicts" in uni["note"]
+    assert doc["predicted"]["tokens_per_s_closed_form"] >= uni["tokens_per_s"] - 1e-9
+    if doc["predicted"]["source"] == "baseline: uniform szp":
+        assert all(x["codec"] == "szp" for x in doc["layers"])
+        assert doc["predicted"]["accuracy_drop"]["kind"].startswith("measured")

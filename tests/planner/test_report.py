@@ -42,9 +42,11 @@ def test_corrupt_result_file_named(tmp_path):
 @pytest.mark.parametrize("name, doc, message", [
     ("demo.json", {"kind": "demo_run", "schema_version": 0}, "'schema_version' is 0, expected 1"),
     ("plan.json", {"kind": "plan", "schema_version": 999}, "'schema_version' is 999"),
-    ("plan.json", {"kind": "plan", "schema_version": 1, "layers": "x"}, "plan.json"),
     ("sweep.json", {"kind": "budget_sweep", "schema_version": 1, "rows": "garbage"},
-     "field 'rows' must be a list of runs"),
+     "field 'rows' must be a list of simulated runs"),
+    ("sweep.json", {"kind": "budget_sweep", "schema_version": 1, "rows": [
+        {"policy": "plan", "cache": "lru", "gpu_mem": "25%", "host_mem": "unlimited",
+         "tokens_per_s": 1.0}]}, "every SimResult field"),
     ("validation.json", {"kind": "plan", "schema_version": 1}, "field 'kind' is 'plan'"),
 ])
 def test_result_files_of_another_version_or_shape_are_refused(tmp_path, name, doc, message):
@@ -52,6 +54,22 @@ def test_result_files_of_another_version_or_shape_are_refused(tmp_path, name, do
     with pytest.raises(MoeszError, match=message):
         render_report(tmp_path)
     assert not (tmp_path / "report.md").exists()
+
+
+def test_a_plan_with_a_malformed_field_is_refused(tmp_path):
+    """A plan whose fields are there but malformed ('layers' not a list) is named, not rendered."""
+    from planner.pipeline import PlanRequest, make_plan
+    from profiles.serving import ServingConfig
+    from tests.planner.planner_fixtures import tiny_profile
+
+    prof = tiny_profile(tmp_path / "prof")
+    make_plan(PlanRequest(profile=str(prof), hardware="preset:h200-published", budget=0.01,
+                          serving=ServingConfig(gpu_mem_fraction=0.25, generated_tokens=16),
+                          trials=5, warm_trials=0, rerank=0), out=str(tmp_path / "r" / "plan.json"))
+    doc = json.loads((tmp_path / "r" / "plan.json").read_text())
+    (tmp_path / "r" / "plan.json").write_text(json.dumps({**doc, "layers": "x"}))
+    with pytest.raises(MoeszError, match="field 'layers' must be a list"):
+        render_report(tmp_path / "r")
 
 
 @pytest.mark.slow

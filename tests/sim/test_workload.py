@@ -115,3 +115,17 @@ def test_synthetic_token_idx_continues_after_the_prompt():
         pre, dec = rows[rows["phase"] == "prefill"], rows[rows["phase"] == "decode"]
         assert sorted(pre["token_idx"].unique()) == [0, 1, 2]
         assert sorted(dec["token_idx"].unique()) == [3, 4, 5, 6]
+
+
+def test_placement_counts_every_decode_token_once_at_any_batch():
+    """Prompts of different lengths, batch 2: each token counts once per expert it used."""
+    from sim.workload import with_placement
+
+    replay = trace_df([[(0, 1)], [(0, 2)]])
+    other = pd.concat([trace_df([[(1, 0)]], prompt_id=0), trace_df([[(2, 0)]], prompt_id=1),
+                       trace_df([[(3, 0)]] * 4, prompt_id=2)], ignore_index=True)
+    wl = build_workload(replay, moe_layers=(0,), experts_per_layer=4, top_k=2, batch_size=2,
+                        prompt_tokens=0, generated_tokens=2)
+    placed = with_placement(wl, other, top_k=2, source="other")
+    assert placed.placement_counts.tolist() == [[6, 1, 1, 4]]
+    assert placed.hot_order()[:2] == [(0, 0), (0, 3)]
