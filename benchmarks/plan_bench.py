@@ -2,7 +2,8 @@
 
     python benchmarks/plan_bench.py deepseek [--work DIR] [--budget 0.01] [--seeds 0,1,2]
     python benchmarks/plan_bench.py builtin --profile DIR [--gpu-mem 25%] [--budget 0.01]
-    python benchmarks/plan_bench.py spaces [--presets olmoe-1b-7b,mixtral-8x7b,...] [--seeds 0,1,2]
+    python benchmarks/plan_bench.py spaces [--presets olmoe-1b-7b,...] [--spec arch:...]
+                                           [--profile DIR] [--seeds 0,1,2] [--trials N]
 
 `deepseek` writes a synthetic model profile of `preset:deepseek-v3` (58 MoE layers x 8 levels;
 ratios measured with the real szp codec on Gaussian weights of its shapes; sensitivities from a
@@ -154,10 +155,15 @@ def spaces(args) -> None:
     print("| geometry | MoE layers x choices | MILP tok/s | space | seed | best tok/s | gap | "
           "trials to <= 1 % | search s |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for preset in args.presets.split(","):
-        prof = Path(args.work) / f"synthetic-{preset}"
-        if not (prof / "profile.json").exists():
-            write_synthetic_profile(resolve_geometry(f"preset:{preset}"), prof, seed=0,
+    cases = [(name, Path(args.work) / f"synthetic-{name}", f"preset:{name}")
+             for name in args.presets.split(",") if name]
+    cases += [(spec, Path(args.work) / ("synthetic-" + spec.replace(":", "-").replace(",", "-")
+                                          .replace("=", "")), spec) for spec in args.spec]
+    if args.profile:
+        cases.append((f"{args.profile} (measured)", Path(args.profile), None))
+    for preset, prof, spec in cases:
+        if spec is not None and not (prof / "profile.json").exists():
+            write_synthetic_profile(resolve_geometry(spec), prof, seed=0,
                                     command="benchmarks/plan_bench.py spaces")
         req = PlanRequest(profile=str(prof), hardware="preset:h200-published",
                           budget=args.budget, serving=serving, trials=1, warm_trials=0, rerank=0)
@@ -165,15 +171,16 @@ def spaces(args) -> None:
         table, cf, acc = out.table, out.closed_form, out.accuracy
         ref = float(cf.tokens_per_s_many(*table.inputs(np.asarray(out.milp.choice)))[0])
         shape = f"{len(table.moe_layers)} x {table.mu.shape[1]}"
-        for space in ("lagrangian", "per-layer"):
+        for space in ("auto", "lagrangian", "per-layer"):
             for seed in [int(s) for s in args.seeds.split(",")]:
                 search = PlanSearch(table, cf, acc.constraint(args.budget), acc, space=space,
                                     seed=seed, study_name=f"{preset}-{space}-{seed}")
+                shown_space = f"auto ({search.space})" if space == "auto" else space
                 res = run_search(search, args.trials)
                 best = res.best.tokens_per_s if res.best else math.nan
                 gap = "no feasible trial" if res.best is None else f"{(1 - best / ref) * 100:.2f} %"
                 shown = "—" if res.best is None else f"{best:.3f}"
-                print(f"| {preset} | {shape} | {ref:.3f} | {space} | {seed} | {shown} | {gap} | "
+                print(f"| {preset} | {shape} | {ref:.3f} | {shown_space} | {seed} | {shown} | {gap} | "
                       f"{res.trials_to_within(ref, 0.01) or 'not reached'} | {res.wall_s:.1f} |",
                       flush=True)
 
@@ -190,6 +197,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--spaces", default="lagrangian")
     ap.add_argument("--presets", default="olmoe-1b-7b,mixtral-8x7b,qwen3-30b-a3b,deepseek-v3")
+    ap.add_argument("--spec", action="append", default=[],
+                    help="spaces: another geometry spec (e.g. arch:mixtral,num_hidden_layers=8)")
     args = ap.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
     if args.which == "deepseek":

@@ -26,7 +26,7 @@ from planner.milp import MilpResult, solve_knapsack
 from planner.modelprofile import ModelProfile, load_profile
 from planner.plan import Plan, hardware_source, plan_from_dict, save_plan
 from planner.plan_document import from_baseline, from_candidate, plan_document, progress_iter
-from planner.search import PlanSearch, SearchResult, run_search
+from planner.search import PlanSearch, SearchResult, resolve_space, run_search
 from profiles.errors import ConfigError, PlanError
 from profiles.serving import ServingConfig
 
@@ -49,7 +49,7 @@ class PlanRequest:
         storage: Optuna storage URL (None: in memory).
         seed: sampler seed.
         sampler: `tpe` or `nsga2`.
-        space: `lagrangian` or `per-layer` (see `planner.search`).
+        space: `auto`, `lagrangian` or `per-layer` (see `planner.search`).
         z: one-sided normal quantile of the accuracy bound (1.645 = 95 %).
         rerank: candidates re-ranked by the simulator (0: none).
         simulate_baselines: also simulate the baselines (slower).
@@ -70,7 +70,7 @@ class PlanRequest:
     storage: str | None = None
     seed: int = 0
     sampler: str = "tpe"
-    space: str = "lagrangian"
+    space: str = "auto"
     z: float = 1.6448536269514722
     rerank: int = 3
     simulate_baselines: bool = False
@@ -256,6 +256,10 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
     milp_tps = _tps(cf, table, milp.choice)
     timings["milp_s"] = time.perf_counter() - t
 
+    space, space_note = resolve_space(req.space, table)
+    req = replace(req, space=space)
+    if space_note:
+        table = replace(table, notes=table.notes + (space_note,))
     search = PlanSearch(table, cf, constraint, accuracy, sampler=req.sampler, space=req.space,
                         cache_allocation=req.cache_allocation, seed=req.seed,
                         storage=req.storage, study_name=_study_name(req, prof, hw_src["sha256"],

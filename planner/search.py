@@ -1,16 +1,18 @@
 """The Optuna search over per-layer storage choices (and, optionally, the cache allocation).
 
-Two search spaces, both deciding one storage choice per MoE layer:
+Two search spaces, both deciding one storage choice per MoE layer (`auto`, the default, takes
+`per-layer` when the choice table has at most `AUTO_PER_LAYER_MAX` assignments, else
+`lagrangian`):
 
-- `lagrangian` (default): two parameters, the prices of accuracy and of its variance
+- `lagrangian`: two parameters, the prices of accuracy and of its variance
   (log-uniform); a trial's choice at layer l is argmin_c t[l, c] + p_mu * mu[l, c] + p_var *
   var[l, c] (layer time, mean drop and variance, normalized by the largest layer time, the budget
   and the budget squared). Every Lagrangian solution of the knapsack is reachable, and the search
   is two-dimensional whatever the number of layers.
 - `per-layer`: one parameter per MoE layer, an integer index into the layer's choices ordered by
   predicted layer time (raw first), so TPE's Parzen estimators see neighbouring levels as
-  neighbours. Closest to the problem's statement, but on 58 layers TPE needs far more trials
-  (see docs/planning.md for the measured gaps).
+  neighbours. Closest to the problem's statement and best on small tables, but from 12 layers
+  up TPE misses the feasible region or the optimum (see docs/planning.md for the measured gaps).
 
 The objective is the predicted decode tokens/s of the closed-form cost model (`sim.closed_form`)
 on the full assignment; the accuracy model enters as a constraint through `Trial.set_constraint`
@@ -44,7 +46,25 @@ from profiles.errors import ConfigError
 
 Progress = Callable[[int, int, str], None]
 SAMPLERS = ("tpe", "nsga2")
-SPACES = ("lagrangian", "per-layer")
+SPACES = ("auto", "lagrangian", "per-layer")
+# `auto` searches per layer when there are at most this many assignments, else by prices: measured,
+# per-layer TPE reaches the MILP optimum on the built-in model's 3^8 = 6,561 (gap 0.10 % in 150
+# trials, where the prices stall at 6.3 %: its optimum is off their convex hull) but misses it by
+# 1-13 % from 9^8 = 4.3e7 up, where the prices reach it (benchmarks/RESULTS.md, search spaces)
+AUTO_PER_LAYER_MAX = 100_000
+
+
+def resolve_space(space: str, table: ChoiceTable) -> tuple[str, str]:
+    """(the space to search, a note saying why) for a requested space; `auto` picks by the
+    number of assignments of the choice table."""
+    if space not in SPACES:
+        raise ConfigError(f"--space {space!r} is unknown; choose {', '.join(SPACES)}")
+    if space != "auto":
+        return space, ""
+    n = math.prod(len(table.options(pos)) for pos in range(len(table.moe_layers)))
+    chosen = "per-layer" if n <= AUTO_PER_LAYER_MAX else "lagrangian"
+    return chosen, (f"search space auto -> {chosen} ({n:.3g} assignments; per-layer up to "
+                    f"{AUTO_PER_LAYER_MAX:,})")
 PRICE_RANGE = (1e-4, 1e4)  # normalized prices, log-uniform
 
 
@@ -109,7 +129,8 @@ class PlanSearch:
         constraint: the accuracy constraint.
         accuracy: the accuracy model (for the drop objective of NSGA-II).
         sampler: `tpe` (default) or `nsga2`.
-        space: `lagrangian` (default) or `per-layer`.
+        space: `auto` (default: `per-layer` for small tables, else `lagrangian`), `lagrangian`
+            or `per-layer`.
         cache_allocation: also search the per-layer cache allocation.
         seed: sampler seed.
         storage: Optuna storage URL (None = in memory).
@@ -117,13 +138,12 @@ class PlanSearch:
     """
 
     def __init__(self, table: ChoiceTable, closed_form: Any, constraint: Constraint,
-                 accuracy: AccuracyModel, *, sampler: str = "tpe", space: str = "lagrangian",
+                 accuracy: AccuracyModel, *, sampler: str = "tpe", space: str = "auto",
                  cache_allocation: bool = False, seed: int = 0, storage: str | None = None,
                  study_name: str = "moesz-plan") -> None:
         if sampler not in SAMPLERS:
             raise ConfigError(f"--sampler {sampler!r} is unknown; choose {', '.join(SAMPLERS)}")
-        if space not in SPACES:
-            raise ConfigError(f"--space {space!r} is unknown; choose {', '.join(SPACES)}")
+        space, _ = resolve_space(space, table)
         self.table, self.cf = table, closed_form
         self.constraint, self.accuracy = constraint, accuracy
         self.sampler_name, self.space, self.seed = sampler, space, seed

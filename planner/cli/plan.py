@@ -60,7 +60,8 @@ def plan(
     seed: int = typer.Option(0, "--seed", help="Sampler seed."),
     sampler: str = typer.Option("tpe", "--sampler", help="tpe, or nsga2 (Pareto front of "
                                                          "throughput, accuracy, host memory)."),
-    space: str = typer.Option("lagrangian", "--space", help="lagrangian or per-layer."),
+    space: str = typer.Option("auto", "--space", help="auto (per-layer for small models, else "
+                              "lagrangian), lagrangian or per-layer."),
     confidence: float = typer.Option(0.95, "--confidence",
                                      help="One-sided confidence of the accuracy bound."),
     rerank: int = typer.Option(3, "--rerank", help="Candidates re-ranked by the simulator."),

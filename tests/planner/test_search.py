@@ -43,17 +43,29 @@ def test_table_is_additive_in_the_closed_form(setup):
 
 def test_search_is_deterministic_and_feasible(setup):
     _, acc, cf, table, con = setup
-    runs = []
-    for _ in range(2):
-        s = PlanSearch(table, cf, con, acc, seed=3)
-        runs.append(run_search(s, 40))
-    a, b = runs
-    assert a.best_so_far == b.best_so_far
-    assert a.best.choice == b.best.choice
-    assert con.feasible(a.best.M, a.best.V)
     milp = solve_knapsack(table.layer_s, table.mu, table.var, con)
     milp_tps = float(cf.tokens_per_s_many(*table.inputs(milp.choice))[0])
-    assert a.best.tokens_per_s <= milp_tps * (1 + 1e-9)  # the MILP is the optimum
+    for space in ("auto", "lagrangian", "per-layer"):
+        runs = []
+        for _ in range(2):
+            s = PlanSearch(table, cf, con, acc, seed=3, space=space)
+            runs.append(run_search(s, 40))
+        a, b = runs
+        np.testing.assert_array_equal(a.best_so_far, b.best_so_far)  # NaN before a feasible one
+        assert a.best.choice == b.best.choice
+        assert con.feasible(a.best.M, a.best.V)
+        assert a.best.tokens_per_s <= milp_tps * (1 + 1e-9)  # the MILP is the optimum
+
+
+def test_auto_space_picks_per_layer_for_small_tables(setup):
+    from planner.search import AUTO_PER_LAYER_MAX, resolve_space
+
+    table = setup[3]
+    n = int(np.prod([len(table.options(p)) for p in range(len(table.moe_layers))]))
+    space, note = resolve_space("auto", table)
+    assert space == ("per-layer" if n <= AUTO_PER_LAYER_MAX else "lagrangian")
+    assert f"{n:.3g} assignments" in note
+    assert resolve_space("lagrangian", table) == ("lagrangian", "")
 
 
 def test_warm_start_enqueues_the_milp_optimum(setup):
