@@ -280,6 +280,34 @@ def activation_counts(df: pd.DataFrame, experts_per_layer: int) -> np.ndarray:
     return counts
 
 
+def placement_counts(df: pd.DataFrame, moe_layers: Sequence[int], experts_per_layer: int,
+                     where: str = "placement traces") -> np.ndarray:
+    """[MoE layer position, expert] decode activations that rank static placements: every decode
+    token counts once for each expert it was routed to. The simulator (`sim.workload.
+    with_placement`) and the runtime (`measure_throughput(placement_traces=...)`) both rank by it.
+
+    Raises:
+        ProfileError: missing columns, a layer that is not an MoE layer of the model, an expert
+            out of range, or no decode rows.
+    """
+    check_columns(df, where)
+    pos = {int(layer): i for i, layer in enumerate(moe_layers)}
+    dec = df[df["phase"] == "decode"].drop_duplicates(["prompt_id", "token_idx", "layer", "expert"])
+    if dec.empty:
+        raise ProfileError(f"{where}: no decode rows; record traces that include generated tokens")
+    bad = sorted(set(int(x) for x in dec["layer"].unique()) - set(pos))
+    if bad:
+        raise ProfileError(f"{where}: trace names layer {bad[0]}, which is not an MoE layer of the "
+                           f"model (MoE layers: {list(moe_layers)}); use traces of this model")
+    ex = dec["expert"].to_numpy(dtype=np.int64)
+    if ex.min() < 0 or ex.max() >= experts_per_layer:
+        raise ProfileError(f"{where}: trace names expert {int(ex.max())}, but the model has "
+                           f"experts 0..{experts_per_layer - 1} per layer")
+    counts = np.zeros((len(pos), experts_per_layer), dtype=np.int64)
+    np.add.at(counts, (dec["layer"].map(pos).to_numpy(dtype=np.int64), ex), 1)
+    return counts
+
+
 def entropy_bits(counts) -> float:
     """Shannon entropy (bits) of the activation shares; 0 for no activations."""
     c = np.asarray(counts, dtype=np.float64)

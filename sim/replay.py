@@ -53,6 +53,12 @@ def predict_for_run(result, hardware, *, record: bool = False):
         serving = replace(serving, prefetch=f"next:{result.prefetch_accuracy or 0.0:.6f}")
     wl = make_workload(g, serving, traces=result.routing_frame(),
                        source="routing recorded by moesz run")
+    if result.placement_traces:  # static-hot ranked as the run ranked it
+        from sim.api import load_traces
+        from sim.workload import with_placement
+
+        wl = with_placement(wl, load_traces(result.placement_traces), top_k=g.top_k,
+                            source=result.placement_traces)
     costs = build_costs(g, result.storage_policy, hardware, serving, MeasuredSizes(result))
     L, E = len(g.moe_layers), g.experts_per_layer
     arrays = [np.zeros((L, E), dtype=np.int64) for _ in range(3)]

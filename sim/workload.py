@@ -170,16 +170,13 @@ def with_placement(workload: Workload, traces: pd.DataFrame, *, top_k: int,
     Raises:
         ProfileError: the placement traces do not fit the model (see `build_workload`).
     """
+    from profiles.traces import placement_counts
+
     # checked against the model as replayed traces are (columns, layers, experts, ranks, tokens)
     build_workload(traces, moe_layers=workload.moe_layers,
                    experts_per_layer=workload.experts_per_layer, top_k=top_k, batch_size=1,
                    prompt_tokens=0, generated_tokens=1, source=source)
-    dec = traces[traces["phase"] == "decode"].drop_duplicates(
-        ["prompt_id", "token_idx", "layer", "expert"])
-    pos = {layer: i for i, layer in enumerate(workload.moe_layers)}
-    counts = np.zeros((len(workload.moe_layers), workload.experts_per_layer), dtype=np.int64)
-    np.add.at(counts, (dec["layer"].map(pos).to_numpy(dtype=np.int64),
-                       dec["expert"].to_numpy(dtype=np.int64)), 1)
+    counts = placement_counts(traces, workload.moe_layers, workload.experts_per_layer, source)
     note = f"static placements ranked by the decode activations of {source}"
     return replace(workload, placement_counts=counts, placement_source=source,
                    notes=tuple(dict.fromkeys(workload.notes + (note,))))

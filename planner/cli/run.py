@@ -50,6 +50,9 @@ def run(
         help="Also simulate the same run on this hardware profile (FILE or preset:NAME)."),
     trace_out: Optional[str] = typer.Option(None, "--trace-out",
                                             help="Write the run's Chrome trace (Perfetto)."),
+    placement_traces: Optional[str] = typer.Option(
+        None, "--placement-traces", help="static-hot: pin the experts these routing traces "
+        "activate most, instead of ranking by the run's own warm-up pass."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
                                            help="Allow the checkpoint's own Python code."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -97,6 +100,7 @@ def run(
         task = bar.add_task("running", total=tokens)
         result = measure_throughput(model, pol, serving, device=device, seed=seed,
                                     trust_remote_code=trust_remote_code,
+                                    placement_traces=placement_traces,
                                     progress=lambda d, t, lab: bar.update(
                                         task, completed=d, total=t, description=lab))
     from sim.replay import predict_for_run, trace_document

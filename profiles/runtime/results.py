@@ -84,6 +84,7 @@ class RunResult:
     output_ids: list[list[int]]
     config: dict[str, Any]
     notes: tuple[str, ...] = ()
+    placement_traces: str | None = None  # what ranked static-hot (None: the run's own routing)
     spans: list = field(default_factory=list, repr=False, compare=False)
     routing: list = field(default_factory=list, repr=False, compare=False)
     fetches: list = field(default_factory=list, repr=False, compare=False)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from profiles.errors import ConfigError, PolicyError
@@ -107,6 +108,7 @@ def measure_throughput(model: Any, policy=None, serving: ServingConfig = Serving
                        warmup: bool = True, warm_cache: bool = False,
                        record_logits: bool = False,
                        trust_remote_code: bool = False, store: ExpertStore | None = None,
+                       placement_traces: str | None = None,
                        progress: Progress | None = None) -> RunResult:
     """Generate with the offloaded runtime and measure throughput, traffic and cache behaviour.
 
@@ -125,6 +127,9 @@ def measure_throughput(model: Any, policy=None, serving: ServingConfig = Serving
         record_logits: keep each step's logits in `RunResult.logits` (tests).
         store: an `ExpertStore` already encoded for this `LoadedModel` (its policy is used), to
             serve one model under several configurations without encoding it again.
+        placement_traces: a routing-trace file whose decode activations rank the experts
+            static-hot pins (`profiles.traces.placement_counts`, as the simulator ranks them);
+            default: this run's own warm-up routing (an oracle).
         progress: `progress(done, total, label)` while encoding experts and per generated step.
 
     Returns:
@@ -144,6 +149,8 @@ def measure_throughput(model: Any, policy=None, serving: ServingConfig = Serving
         raise ConfigError("prompt tokens is 0; the runtime needs a prompt of at least 1 token")
     ids = prompt_ids if prompt_ids is not None else synthetic_prompt(
         serving.batch_size, serving.prompt_tokens, geometry.vocab_size, seed)
+    placed = (_placement_order(placement_traces, geometry) if placement_traces is not None
+              else None)  # read and checked before any generation
     rt = OffloadedRuntime(m, emap, geometry, store, serving, dev, keep_originals=keep)
     rt.install()
     try:
@@ -153,6 +160,8 @@ def measure_throughput(model: Any, policy=None, serving: ServingConfig = Serving
         if warmup or needs_record or warm_cache:
             greedy_generate(m, ids, steps, on_step=rt.begin_step)
             rt.hot, rt.oracle = rt.hot_order(), rt.routing_by_step()
+            if placed is not None:  # static-hot runs a warm-up, so this always applies
+                rt.hot = placed
             rt.reset(keep_cache=warm_cache)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
@@ -165,12 +174,26 @@ def measure_throughput(model: Any, policy=None, serving: ServingConfig = Serving
 
         gen = greedy_generate(m, ids, steps, on_step=on_step, record_logits=record_logits)
         result = _result(rt, gen, label, policy, dev, serving)
+        if placement_traces is not None:
+            result = replace(result, placement_traces=str(placement_traces), notes=result.notes + (
+                f"static placements ranked by the decode activations of {placement_traces}",))
         if warm_cache:
             result = replace(result, notes=result.notes + (
                 "calibration run: the cache kept what the warm-up pass left in it",))
         return result
     finally:
         rt.uninstall()
+
+
+def _placement_order(path, geometry) -> list:
+    """(layer, expert) keys by the placement traces' decode activations, most first; ties by
+    position (the order the simulator's `Workload.hot_order` gives for the same counts)."""
+    from profiles.traces import placement_counts, read_traces
+
+    E = geometry.experts_per_layer
+    counts = placement_counts(read_traces(path), geometry.moe_layers, E, str(path))
+    flat = np.lexsort((np.arange(counts.size), -counts.ravel()))
+    return [(geometry.moe_layers[int(i // E)], int(i % E)) for i in flat]
 
 
 def _result(rt: OffloadedRuntime, gen, label: str, policy, dev, serving) -> RunResult:

@@ -97,3 +97,26 @@ def test_simulator_sees_the_same_cache_traffic_for_the_same_routing(tiny_dir, ca
     procs = {e["pid"]: e["args"]["name"] for e in doc["traceEvents"]
              if e.get("name") == "process_name"}
     assert procs == {1: "moesz runtime (measured on cpu)", 2: "moesz simulation (predicted)"}
+
+
+def test_static_hot_ranked_by_placement_traces_runtime_and_simulator_agree(tiny_dir, tmp_path):
+    """`placement_traces` makes the runtime pin the experts other traces use most; the simulator,
+    fed the run, ranks by the same file and sees the same hits, misses and bytes."""
+    from profiles.traces import write_traces
+
+    lm = load_model(str(tiny_dir))
+    sv = ServingConfig(gpu_mem_fraction=0.4, cache_policy="static-hot", prompt_tokens=5,
+                       generated_tokens=8)
+    pol = Policy.uniform("szp", "meanabs", 0.5)
+    ids = synthetic_prompt(1, 5, lm.geometry.vocab_size, seed=3)
+    oracle = measure_throughput(lm, pol, sv, prompt_ids=ids, device="cpu")
+    frame = oracle.routing_frame()
+    E = lm.geometry.experts_per_layer
+    path = tmp_path / "placement.parquet"
+    write_traces(frame.assign(expert=E - 1 - frame["expert"]), path)  # its hot experts go cold
+    placed = measure_throughput(lm, pol, sv, prompt_ids=ids, device="cpu",
+                                placement_traces=str(path))
+    assert placed.placement_traces == str(path) and any(str(path) in n for n in placed.notes)
+    assert placed.hits < oracle.hits
+    p = predict_for_run(placed, load_hardware("preset:h200-published")).result
+    assert (p.hits, p.misses, p.bytes_h2d) == (placed.hits, placed.misses, placed.bytes_h2d)
