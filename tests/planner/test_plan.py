@@ -183,3 +183,19 @@ def test_uniform_level_judged_by_its_own_measurement(tmp_path):
     if doc["predicted"]["source"] == "baseline: uniform szp":
         assert all(x["codec"] == "szp" for x in doc["layers"])
         assert doc["predicted"]["accuracy_drop"]["kind"].startswith("measured")
+
+
+def test_static_hot_with_cache_allocation_plans_which_hot_experts_stay_resident(tmp_path):
+    """With static-hot and --cache-allocation the plan fixes, per layer, how many of the most
+    activated experts stay resident (decoded); the plan's serving carries the split."""
+    from dataclasses import replace
+
+    prof = tiny_profile(tmp_path / "p")
+    req = replace(request(prof, budget=0.02, cache_allocation=True, rerank=1),
+                  serving=replace(SERVING, cache_policy="static-hot"))
+    doc = make_plan(req).plan.doc
+    assert doc["serving"]["cache_policy"] == "static-hot"
+    assert doc["serving"]["resident_form"] == "decompressed"
+    if doc["predicted"]["source"].startswith("search"):
+        slots = doc["serving"]["per_layer_cache_slots"]
+        assert len(slots) == 4 and sum(slots) >= 1
