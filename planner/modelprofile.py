@@ -16,9 +16,7 @@ import pandas as pd
 
 from profiles.errors import ProfileError
 from profiles.fileio import read_versioned_json
-
-KIND = "model_profile"
-SCHEMA_VERSION = 1
+from profiles.profiling.format import KIND, SCHEMA_VERSION, read_table
 
 SENSITIVITY_COLUMNS = (
     "target", "target_kind", "layers", "experts", "codec", "mode", "level", "surrogate", "task",
@@ -92,8 +90,8 @@ def load_profile(path: str | Path) -> ModelProfile:
             raise ProfileError(f"{path / name}: missing; the planner needs ratios, sensitivity and "
                                f"traces (rerun `moesz profile model` to complete the profile)")
     source = load_model_source(str(path))
-    sens = _read_table(path / "sensitivity.parquet", SENSITIVITY_COLUMNS)
-    rows = _read_table(path / "ratios.parquet", RATIO_COLUMNS)
+    sens = read_table(path / "sensitivity.parquet", SENSITIVITY_COLUMNS)
+    rows = read_table(path / "ratios.parquet", RATIO_COLUMNS)
     if sens.empty:
         raise ProfileError(f"{path / 'sensitivity.parquet'}: no rows; the sensitivity sweep has "
                            f"not run (rerun `moesz profile model`)")
@@ -104,16 +102,3 @@ def load_profile(path: str | Path) -> ModelProfile:
                         fingerprint=model.get("fingerprint"), ratios=source.ratios,
                         ratio_rows=rows, sensitivity=sens, traces=source.traces,
                         synthetic=synthetic)
-
-
-def _read_table(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
-    try:
-        df = pd.read_parquet(path)
-    except Exception as exc:  # pyarrow raises several types for a corrupt file
-        raise ProfileError(f"{path}: not a readable parquet table ({type(exc).__name__}); rerun "
-                           f"`moesz profile model`") from None
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ProfileError(f"{path}: missing column(s) {', '.join(missing)}; expected the columns "
-                           f"of docs/model-profile.md (schema version {SCHEMA_VERSION})")
-    return df

@@ -178,8 +178,7 @@ def _workload(req: PlanRequest, prof: ModelProfile):
     wl = make_workload(prof.geometry, req.serving, traces=prof.traces,
                        source=f"{req.profile} traces")
     if req.placement_traces:
-        wl = with_placement(wl, load_traces(req.placement_traces), top_k=prof.geometry.top_k,
-                            source=req.placement_traces)
+        wl = with_placement(wl, load_traces(req.placement_traces), source=req.placement_traces)
     return wl
 
 

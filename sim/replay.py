@@ -57,7 +57,7 @@ def predict_for_run(result, hardware, *, record: bool = False):
         from sim.api import load_traces
         from sim.workload import with_placement
 
-        wl = with_placement(wl, load_traces(result.placement_traces), top_k=g.top_k,
+        wl = with_placement(wl, load_traces(result.placement_traces),
                             source=result.placement_traces)
     costs = build_costs(g, result.storage_policy, hardware, serving, MeasuredSizes(result))
     L, E = len(g.moe_layers), g.experts_per_layer

@@ -133,8 +133,7 @@ def run_study(*, hardware: HardwareProfile, source: ModelSource, policy: Any, po
     else:
         wl = make_workload(g, serving, synthetic=synthetic or SyntheticSpec())
     if placement_traces_path is not None:
-        wl = with_placement(wl, load_traces(placement_traces_path), top_k=g.top_k,
-                            source=placement_traces_path)
+        wl = with_placement(wl, load_traces(placement_traces_path), source=placement_traces_path)
     if hasattr(policy, "check"):
         policy.check(g.moe_layers, g.experts_per_layer, None, where=policy_label)
     times = TimeModel(hardware, g)

@@ -158,24 +158,20 @@ def build_workload(traces: pd.DataFrame, *, moe_layers: tuple[int, ...], experts
                     tuple(dict.fromkeys(notes)))
 
 
-def with_placement(workload: Workload, traces: pd.DataFrame, *, top_k: int,
-                   source: str) -> Workload:
+def with_placement(workload: Workload, traces: pd.DataFrame, *, source: str) -> Workload:
     """`workload` with static placements (static-hot, hot-first host placement) ranked by the
     decode activations of other traces — e.g. another split's — instead of the replayed ones.
 
     Every decode token of the placement traces counts once for each expert it was routed to
-    (whatever the prompts' lengths and the batch), and the traces are checked against the model
-    as replayed traces are.
+    (whatever the prompts' lengths and the batch); the traces are checked against the model
+    (columns, MoE layers, expert range) by `profiles.traces.placement_counts`, which the runtime
+    ranks by too.
 
     Raises:
         ProfileError: the placement traces do not fit the model (see `build_workload`).
     """
     from profiles.traces import placement_counts
 
-    # checked against the model as replayed traces are (columns, layers, experts, ranks, tokens)
-    build_workload(traces, moe_layers=workload.moe_layers,
-                   experts_per_layer=workload.experts_per_layer, top_k=top_k, batch_size=1,
-                   prompt_tokens=0, generated_tokens=1, source=source)
     counts = placement_counts(traces, workload.moe_layers, workload.experts_per_layer, source)
     note = f"static placements ranked by the decode activations of {source}"
     return replace(workload, placement_counts=counts, placement_source=source,

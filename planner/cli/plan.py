@@ -192,15 +192,21 @@ def print_plan(doc: dict) -> None:
     for col in ("policy", "tok/s closed form", "tok/s sim", "drop [95% CI]", "upper bound",
                 "meets budget", "host memory"):
         t.add_column(col, justify="left" if col == "policy" else "right")
-    t.add_row(f"[bold]plan[/bold] ({p.get('source', 'search')})",
+    def star(drop) -> str:  # a drop the profile measured on exactly that (uniform) policy
+        return " *" if drop and str(drop.get("kind", "")).startswith("measured") else ""
+
+    t.add_row(f"[bold]plan[/bold] ({p.get('source', 'search')}){star(p['accuracy_drop'])}",
               _num(p["tokens_per_s_closed_form"]),
               _num(p["tokens_per_s_simulation"]), *_fmt_drop(p["accuracy_drop"]), "yes",
               _gib(p["host_bytes"]))
     for x in doc["baselines"]:
-        t.add_row(x["name"], _num(x["tokens_per_s"]),
+        t.add_row(x["name"] + star(x["accuracy_drop"]), _num(x["tokens_per_s"]),
                   _num(x.get("tokens_per_s_simulation")), *_fmt_drop(x["accuracy_drop"]),
                   "yes" if x["meets_budget"] else "no", _gib(x["host_bytes"]))
     console.print(t)
+    if any(star(x["accuracy_drop"]) for x in [p] + doc["baselines"]):
+        console.print("* drop measured by the profile on exactly that policy (whole model), used "
+                      "as its prediction; other drops: the additive accuracy model")
     mi, se = doc["milp"], doc["search"]
     cs = se["cold_start"]
     gap = "n/a" if cs["gap_to_milp"] is None else f"{cs['gap_to_milp'] * 100:.2f} %"
@@ -228,7 +234,8 @@ def print_plan(doc: dict) -> None:
         console.print(f"[yellow]warning:[/yellow] {w}")
     for n in doc.get("notes", []):
         console.print(f"note: {n}")
-    console.print("All tokens/s and drops are predicted; ratios come from the profile "
+    console.print("All tokens/s are predicted, and drops are predictions for held-out prompts; "
+                  "ratios come from the profile "
                   f"({m['profile_source']}).")
 
 

@@ -118,16 +118,18 @@ def read_profile(path: str | os.PathLike) -> ModelProfile:
         ProfileError: missing or corrupt files, another kind or schema version, or a table
             without a required column — naming the file, the field and what was expected.
     """
-    import pandas as pd
 
     d = profile_dir(path)
     doc = read_profile_doc(d)
-    ratios = _read_table(d / RATIOS_FILE, RATIO_COLUMNS, pd)
-    sens = _read_table(d / SENSITIVITY_FILE, SENSITIVITY_COLUMNS, pd)
+    ratios = read_table(d / RATIOS_FILE, RATIO_COLUMNS)
+    sens = read_table(d / SENSITIVITY_FILE, SENSITIVITY_COLUMNS)
     return ModelProfile(d, doc, ratios, sens)
 
 
-def _read_table(file: Path, columns, pd):
+def read_table(file: Path, columns):
+    """A profile's parquet table, checked to hold `columns` (errors name the file and column)."""
+    import pandas as pd
+
     if not file.exists():
         raise ProfileError(f"{file}: missing; rerun the `moesz profile model` command that made "
                            f"this profile to complete it")

@@ -21,16 +21,7 @@ SZP = Policy.uniform("szp", "meanabs", 0.5)
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    # 2 shared cores: torch's default 2 intra-op threads spin against other processes
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, one_thread):
+def tiny(tmp_path_factory):
     path = save_tiny_model("qwen2_moe", tmp_path_factory.mktemp("qwen2_moe"))
     return load_model(str(path))
 

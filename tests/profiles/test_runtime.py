@@ -27,15 +27,6 @@ LOGIT_ATOL = 2e-2
 STEPS, PROMPT = 6, 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # 2 shared cores: torch's default 2 intra-op threads spin against other processes
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 _MODELS: dict[str, object] = {}
 
 

@@ -99,13 +99,13 @@ def test_placement_traces_rank_static_placements():
     wl = build_workload(replay, moe_layers=(0,), experts_per_layer=4, top_k=2, batch_size=1,
                         prompt_tokens=0, generated_tokens=3)
     assert wl.hot_order()[:2] == [(0, 0), (0, 1)]  # the oracle: the replayed traces' own counts
-    placed = with_placement(wl, other, top_k=2, source="other.parquet")
+    placed = with_placement(wl, other, source="other.parquet")
     assert placed.steps == wl.steps and placed.decode_counts.tolist() == [[3, 2, 1, 0]]
     assert placed.placement_counts.tolist() == [[0, 1, 2, 3]]  # every placement token once
     assert placed.hot_order() == [(0, 3), (0, 2), (0, 1), (0, 0)]
     assert any("other.parquet" in n for n in placed.notes)
     with pytest.raises(ProfileError, match="expert 7"):
-        with_placement(wl, trace_df([[(7, 1)]]), top_k=2, source="bad.parquet")
+        with_placement(wl, trace_df([[(7, 1)]]), source="bad.parquet")
 
 
 def test_synthetic_token_idx_continues_after_the_prompt():
@@ -126,6 +126,6 @@ def test_placement_counts_every_decode_token_once_at_any_batch():
                        trace_df([[(3, 0)]] * 4, prompt_id=2)], ignore_index=True)
     wl = build_workload(replay, moe_layers=(0,), experts_per_layer=4, top_k=2, batch_size=2,
                         prompt_tokens=0, generated_tokens=2)
-    placed = with_placement(wl, other, top_k=2, source="other")
+    placed = with_placement(wl, other, source="other")
     assert placed.placement_counts.tolist() == [[6, 1, 1, 4]]
     assert placed.hot_order()[:2] == [(0, 0), (0, 3)]
