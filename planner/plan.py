@@ -58,11 +58,12 @@ class Plan:
         Raises:
             PlanError: the fingerprints differ.
         """
-        if self.fingerprint and fingerprint and fingerprint != self.fingerprint:
-            where = self.path or "the plan"
-            raise PlanError(f"{where} was made for model fingerprint {self.fingerprint}, this "
-                            f"model's is {fingerprint}; make a plan for this model (moesz plan "
-                            f"--profile DIR from a profile of it)")
+        from profiles.models.fingerprint import fingerprint_mismatch
+
+        reason = fingerprint_mismatch(self.fingerprint, fingerprint, str(self.path or "the plan"))
+        if reason:
+            raise PlanError(f"{reason}; make a plan for this model (moesz plan --profile DIR from "
+                            f"a profile of it)")
 
 
 def hardware_source(spec: str) -> dict:

@@ -150,10 +150,11 @@ class Policy:
     def check(self, moe_layers, experts_per_layer: int, fingerprint: str | None,
               where: str = "policy") -> None:
         """Raise PolicyError unless this policy fits a model with these layers and fingerprint."""
-        if self.fingerprint is not None and fingerprint is not None \
-                and self.fingerprint != fingerprint:
-            raise PolicyError(f"{where} was made for model fingerprint {self.fingerprint}, this "
-                              f"model's is {fingerprint}; make a policy for this model")
+        from profiles.models.fingerprint import fingerprint_mismatch
+
+        reason = fingerprint_mismatch(self.fingerprint, fingerprint, where)
+        if reason:
+            raise PolicyError(f"{reason}; make a policy for this model")
         moe = set(moe_layers)
         for layer in list(self.layers) + [lay for lay, _ in self.experts]:
             if layer not in moe:

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from profiles.models import list_presets, load_model, resolve_geometry
+from profiles.models import checkpoint_info, list_presets, resolve_geometry
 from profiles.models.expert_map import format_ranges
 
 app = typer.Typer(help="Inspect, evaluate and trace MoE models.", no_args_is_help=True)
@@ -27,16 +27,18 @@ def info(
     model: str = typer.Argument(..., help=MODEL_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     no_fingerprint: bool = typer.Option(
-        False, "--no-fingerprint", help="Do not load weights to fingerprint a checkpoint."),
+        False, "--no-fingerprint",
+        help="Skip the fingerprint (read from a sample of the weights in the files)."),
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code", help="Allow the checkpoint's own Python code."),
 ) -> None:
     """The model's geometry: MoE layers, experts, top-k and bytes per expert."""
     weighted = not model.startswith(("preset:", "arch:")) and not no_fingerprint
     fingerprint = None
-    if weighted and _has_weights(model):
-        loaded = load_model(model, trust_remote_code=trust_remote_code)
-        geometry, fingerprint = loaded.geometry, loaded.fingerprint
+    if weighted and _has_weights(model) and resolve_geometry(
+            model, trust_remote_code).dtype != "mxfp4":
+        ckpt = checkpoint_info(model, trust_remote_code=trust_remote_code)
+        geometry, fingerprint = ckpt.geometry, ckpt.fingerprint
     else:
         geometry = resolve_geometry(model, trust_remote_code=trust_remote_code)
     source = _source(model, fingerprint is not None)
@@ -97,7 +99,8 @@ def _has_weights(model: str) -> bool:
     from profiles.models.loading import builtin_dir
 
     path = builtin_dir() if model == "builtin" else Path(model).expanduser()
-    return path.is_dir() and any(path.glob("*.safetensors"))
+    return path.is_dir() and (any(path.glob("*.safetensors"))
+                              or (path / "model.safetensors.index.json").is_file())
 
 
 def _source(model: str, weighted: bool) -> str:
@@ -106,7 +109,8 @@ def _source(model: str, weighted: bool) -> str:
     if model.startswith("arch:"):
         return "transformers default config, sizes computed from module shapes"
     if weighted:
-        return "checkpoint: config.json and safetensors headers; fingerprint from the weights"
+        return ("checkpoint: config.json and safetensors headers (nothing loaded); fingerprint "
+                "from a sample of the weights")
     return "config.json, sizes computed from module shapes"
 
 

@@ -188,3 +188,62 @@ def _stored_tensors(model):
         for bname, b in mod._buffers.items():
             if b is not None and bname not in mod._non_persistent_buffers_set:
                 yield b
+
+
+def geometry_from_files(files, layout, config, name: str, dtype: str,
+                        fp8_block: tuple[int, int] | None = None) -> ModelGeometry:
+    """The geometry of a checkpoint from its config and safetensors headers, building nothing.
+
+    Gives the same `ModelGeometry` as `geometry_from_model` on the loaded model: expert shapes are
+    the in-memory ones (`profiles.models.layout`), non-expert bytes what the files hold besides the
+    routed experts.
+
+    Args:
+        files: the opened `profiles.models.files.CheckpointFiles`.
+        layout: its `profiles.models.layout.ExpertLayout`.
+        config: the transformers config read from config.json.
+        name: the spec it came from.
+        dtype: storage format of the routed experts.
+        fp8_block: the FP8 scale block, for `fp8_e4m3`.
+
+    Raises:
+        ModelError: no top-k in the config, or top-k above the expert count.
+    """
+    from profiles.models.expert_map import _TOPK_KEYS
+
+    top_k = next((getattr(config, k) for k in _TOPK_KEYS if getattr(config, k, None)), None)
+    if not top_k:
+        raise ModelError(f"{name}: the {config.model_type} config gives no top-k "
+                         f"(num_experts_per_tok is unset); set num_experts_per_tok=N")
+    if top_k > layout.experts_per_layer:
+        raise ModelError(f"{name}: routes top-{top_k} of {layout.experts_per_layer} experts per "
+                         f"layer; top-k must not exceed the experts (check num_experts_per_tok)")
+    shapes = layout.tensor_shapes
+    per_expert = sum(tensor_storage_bytes(s, dtype, fp8_block) for _, s in shapes)
+    routed = per_expert * len(layout.experts)
+    shared = sum(files.tensors[n].nbytes for n in layout.shared)
+    hidden = int(config.hidden_size)
+    heads = int(getattr(config, "num_attention_heads", 0) or 0)
+    num_layers = int(getattr(config, "num_hidden_layers", 0) or max(layout.moe_layers) + 1)
+    return ModelGeometry(
+        name=name, architecture=config.model_type, num_layers=num_layers,
+        moe_layers=layout.moe_layers, experts_per_layer=layout.experts_per_layer,
+        top_k=int(top_k), hidden_size=hidden,
+        expert_intermediate_size=_intermediate(shapes, hidden, config), dtype=dtype,
+        bytes_per_expert=per_expert, expert_tensor_shapes=shapes, shared_expert_bytes=shared,
+        non_expert_bytes=files.total_bytes - routed, num_attention_heads=heads,
+        num_key_value_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+        head_dim=int(getattr(config, "head_dim", None) or (hidden // heads if heads else 0)),
+        vocab_size=int(getattr(config, "vocab_size", 0) or 0))
+
+
+def _intermediate(shapes, hidden: int, config) -> int:
+    for name, shape in shapes:
+        if name == "down_proj" and len(shape) == 2:
+            other = [d for d in shape if d != hidden]
+            return other[0] if other else hidden
+    for key in ("moe_intermediate_size", "expert_intermediate_size", "intermediate_size"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    raise ModelError(f"cannot tell the experts' FFN width: no down projection among "
+                     f"{[n for n, _ in shapes]}")

@@ -35,8 +35,12 @@ from profiles.models.checkpoint import (
     safetensors_total_bytes,
 )
 from profiles.models.expert_map import ExpertMap, build_expert_map
-from profiles.models.fingerprint import model_fingerprint
-from profiles.models.geometry import ModelGeometry, check_dtype, geometry_from_model
+from profiles.models.geometry import (
+    ModelGeometry,
+    check_dtype,
+    geometry_from_files,
+    geometry_from_model,
+)
 from profiles.models.presets import get_preset
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin"
@@ -79,8 +83,61 @@ def resolve_geometry(spec: str, trust_remote_code: bool = False) -> ModelGeometr
     path = _checkpoint_dir(kind, arg)
     config = _read_config(path, trust_remote_code)
     dtype, block = checkpoint_format(config, path)
+    if dtype != "mxfp4" and _has_safetensors(path):
+        files, layout = open_checkpoint(path, config)
+        return geometry_from_files(files, layout, config, spec, dtype, block)
     model = _meta_model(config, dtype, trust_remote_code, spec)
     return geometry_from_model(model, spec, dtype, block, safetensors_total_bytes(path))
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A checkpoint directory read from its files alone: what `moesz model info` reports."""
+
+    geometry: ModelGeometry
+    fingerprint: str
+    layout: Any        # profiles.models.layout.ExpertLayout
+    files: Any         # profiles.models.files.CheckpointFiles
+
+
+def checkpoint_info(spec: str, trust_remote_code: bool = False) -> CheckpointInfo:
+    """Geometry and fingerprint of `builtin` or a checkpoint directory from config.json and the
+    safetensors files (headers, and the fingerprint's sampled elements memory-mapped); no model is
+    built and no weight is loaded, so time and memory do not grow with the checkpoint.
+
+    Raises:
+        ModelError: a weightless spec, a directory without safetensors, corrupt or inconsistent
+            files, an MXFP4 checkpoint (its geometry only: `resolve_geometry`), a dense model.
+    """
+    from profiles.models.fingerprint import files_fingerprint
+
+    kind, arg, _ = _parse_spec(spec)
+    if kind in ("preset", "arch"):
+        raise ModelError(f"{spec} is a geometry without weights; it has no fingerprint")
+    path = _checkpoint_dir(kind, arg)
+    config = _read_config(path, trust_remote_code)
+    dtype, block = checkpoint_format(config, path)
+    if dtype == "mxfp4":
+        raise ModelError(f"{path}: experts are stored in MXFP4; moesz reports its geometry "
+                         f"(--no-fingerprint) but does not read MXFP4 weights yet")
+    files, layout = open_checkpoint(path, config)
+    return CheckpointInfo(geometry_from_files(files, layout, config, spec, dtype, block),
+                          files_fingerprint(files, layout), layout, files)
+
+
+def open_checkpoint(path: Path, config=None):
+    """(`CheckpointFiles`, `ExpertLayout`) of a checkpoint directory, headers checked."""
+    from profiles.models.files import CheckpointFiles
+    from profiles.models.layout import expert_layout
+
+    files = CheckpointFiles.open(path)
+    return files, expert_layout(files, config)
+
+
+def _has_safetensors(path: Path) -> bool:
+    from profiles.models.files import INDEX
+
+    return (path / INDEX).is_file() or any(path.glob("*.safetensors"))
 
 
 def load_model(spec: str, trust_remote_code: bool = False, dtype: str | None = None,
@@ -106,6 +163,7 @@ def load_model(spec: str, trust_remote_code: bool = False, dtype: str | None = N
         model, tokenizer = _load_builtin(_load_dtype(dtype) if dtype else None)
         path = builtin_dir()
         ckpt_dtype, block = checkpoint_format(model.config, path)
+        info = checkpoint_info(spec)
     else:
         path = _checkpoint_dir(kind, arg)
         config = _read_config(path, trust_remote_code)
@@ -116,6 +174,7 @@ def load_model(spec: str, trust_remote_code: bool = False, dtype: str | None = N
                              f"model info` still reports its geometry, or use a bf16 export")
         _meta_model(config, ckpt_dtype, trust_remote_code, spec)  # fail fast on non-MoE models
         require_safetensors(path)
+        info = checkpoint_info(spec, trust_remote_code)  # headers checked before any load
         load_dtype = _load_dtype(dtype or ("fp32" if ckpt_dtype == "fp8_e4m3" else ckpt_dtype))
         model = _from_pretrained(path, config, ckpt_dtype, load_dtype, trust_remote_code)
         tokenizer = _tokenizer(path, trust_remote_code)
@@ -125,8 +184,10 @@ def load_model(spec: str, trust_remote_code: bool = False, dtype: str | None = N
     emap = build_expert_map(model, spec)
     geometry = geometry_from_model(model, spec, ckpt_dtype, block, safetensors_total_bytes(path),
                                    emap)
+    # the checkpoint's fingerprint, from its files: the same whatever dtype it was loaded in
     return LoadedModel(model=model, tokenizer=tokenizer, geometry=geometry, expert_map=emap,
-                       fingerprint=model_fingerprint(emap), spec=spec)
+                       fingerprint=info.fingerprint,
+                       spec=spec)
 
 
 # --- specs and configs -------------------------------------------------------------------------
@@ -301,9 +362,11 @@ def _tokenizer(path: Path, trust_remote_code: bool):
 
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: tokenizer files cannot be read ({str(exc).splitlines()[0]})"
-                         ) from None
+    except Exception as exc:  # noqa: BLE001 — a foreign file raises KeyError, TypeError, the
+        # tokenizers library's own Exception, …; each means the same to the user
+        raise ModelError(f"{path}: tokenizer files cannot be read as a Hugging Face tokenizer "
+                         f"({_first_line(exc)}); remove or replace tokenizer.json / "
+                         f"tokenizer_config.json") from None
 
 
 def builtin_dir() -> Path:

@@ -158,9 +158,9 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
             pass
     if any((path / n).exists() for n in ("tokenizer.json", "tokenizer_config.json",
                                          "tokenizer.model")):
-        from transformers import AutoTokenizer
+        from profiles.models.loading import _tokenizer
 
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return _tokenizer(path, trust_remote_code)
     return None
 
 
@@ -214,10 +214,11 @@ def check_policy_matches(ckpt: PackedCheckpoint, policy, where: str = "--policy"
         PolicyError: another model's fingerprint, or other storage specs than those packed.
     """
     packed = ckpt.policy
-    if policy.fingerprint is not None and policy.fingerprint != ckpt.fingerprint:
-        raise PolicyError(f"{where} was made for model fingerprint {policy.fingerprint}; the "
-                          f"packed "
-                          f"checkpoint {ckpt.path} holds model {ckpt.fingerprint}")
+    from profiles.models.fingerprint import fingerprint_mismatch
+
+    reason = fingerprint_mismatch(policy.fingerprint, ckpt.fingerprint, where)
+    if reason:
+        raise PolicyError(f"{reason} (the packed checkpoint {ckpt.path})")
     g = ckpt.geometry
     for layer in g.moe_layers:
         for e in range(g.experts_per_layer):

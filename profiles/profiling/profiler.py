@@ -274,8 +274,11 @@ def _check_out(out: Path, loaded, evalset: dict) -> None:
     doc = fmt.read_profile_doc(out)
     theirs = doc["model"].get("fingerprint")
     if theirs != loaded.fingerprint:
-        raise ProfileError(f"{out} holds a profile of another model (fingerprint {theirs}, this "
-                           f"model's is {loaded.fingerprint}); use another --out")
+        from profiles.models.fingerprint import fingerprint_mismatch
+
+        reason = fingerprint_mismatch(theirs, loaded.fingerprint, f"the profile in {out}")
+        raise ProfileError(f"{reason or f'{out} holds a profile of another model'}; use another "
+                           f"--out")
     for field, want in (("split", evalset["split"]), ("tasks", list(evalset["tasks"])),
                         ("prompts_per_task", evalset["limit"]), ("seed", evalset["seed"])):
         if doc.get(field) != want:

@@ -90,9 +90,9 @@ def open_model(model: Any, policy=None, device: torch.device | None = None,
                           f"LoadedModel")
     if store is not None:
         policy = store.policy
-        if store.fingerprint != model.fingerprint:
-            raise PolicyError(f"expert store was encoded for model {store.fingerprint}, not "
-                              f"{model.fingerprint}")
+        from profiles.models.fingerprint import check_fingerprint
+
+        check_fingerprint(store.fingerprint, model.fingerprint, f"expert store {store.source}")
     else:
         policy = policy if policy is not None else Policy.none(model.fingerprint)
         dev = device or default_device()

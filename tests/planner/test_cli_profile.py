@@ -48,7 +48,7 @@ def test_model_tiny_grid_then_show(tmp_path):
     r = runner.invoke(app, ["profile", "show", str(out), "--json"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    assert doc["schema_version"] == 1 and doc["model"]["fingerprint"].startswith("fp1:")
+    assert doc["schema_version"] == 1 and doc["model"]["fingerprint"].startswith("fp2:")
     assert {"layer", "codec", "mode", "level", "ratio"} <= set(doc["ratios"][0])
     rec = next(x for x in doc["sensitivity"] if x["codec"] == "szp")
     assert {"target", "codec", "mode", "level", "task", "content_change", "content_change_low",

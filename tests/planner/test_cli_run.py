@@ -57,7 +57,7 @@ def test_run_reports_measured_figures_and_writes_a_perfetto_trace(packed_dir, tm
 def test_run_refuses_a_plan_for_another_model(packed_dir, tmp_path):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"kind": "plan", "schema_version": 1, "policy": Policy.uniform(
-        "szp", "meanabs", 0.5, fingerprint="fp1:0123456789abcdef").to_dict()}))
+        "szp", "meanabs", 0.5, fingerprint="fp2:0123456789abcdef").to_dict()}))
     res = runner.invoke(app, ["run", str(packed_dir), "--policy", str(plan), "--tokens", "2",
                               "--device", "cpu"])
     assert res.exit_code == 1

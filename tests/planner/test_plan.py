@@ -85,7 +85,7 @@ def test_another_fingerprint_is_refused(outcome):
     plan = load_plan(path)
     plan.check_model(o.profile.fingerprint)
     with pytest.raises(PlanError, match="was made for model fingerprint"):
-        plan.check_model("fp1:0000000000000000")
+        plan.check_model("fp2:0000000000000000")
 
 
 def test_schema_errors(outcome, tmp_path):
@@ -105,7 +105,7 @@ def test_schema_errors(outcome, tmp_path):
         with pytest.raises(PlanError, match=msg):
             load_plan(p)
     edited = copy.deepcopy(doc)
-    edited["policy"]["fingerprint"] = "fp1:1111111111111111"
+    edited["policy"]["fingerprint"] = "fp2:1111111111111111"
     with pytest.raises(PlanError, match="differs"):
         plan_from_dict(edited)
     (tmp_path / "x.json").write_text("{not json")

@@ -174,7 +174,7 @@ def test_plan_for_another_model_is_refused(demo, tmp_path):
 
     out, _, _ = demo
     doc = json.loads((out / "plan.json").read_text())
-    other = "fp1:0123456789abcdef"
+    other = "fp2:0123456789abcdef"
     doc["model"]["fingerprint"] = doc["policy"]["fingerprint"] = other
     path = tmp_path / "other.json"
     path.write_text(json.dumps(doc))

@@ -108,8 +108,8 @@ def test_truncated_and_missing_files_are_refused(packed, tmp_path):
 
 
 def test_plan_for_another_model_is_refused(tiny, tmp_path):
-    other = Policy.uniform("szp", "meanabs", 0.5, fingerprint="fp1:0123456789abcdef")
-    with pytest.raises(PolicyError, match="made for model fingerprint fp1:0123456789abcdef"):
+    other = Policy.uniform("szp", "meanabs", 0.5, fingerprint="fp2:0123456789abcdef")
+    with pytest.raises(PolicyError, match="made for model fingerprint fp2:0123456789abcdef"):
         pack(tiny, other, tmp_path / "x")
 
 
@@ -118,7 +118,7 @@ def test_policy_must_match_the_packed_one(packed):
     with pytest.raises(PolicyError, match="was packed with szp:meanabs:0.5"):
         check_policy_matches(packed, Policy(layers={1: StorageSpec("raw")}))
     with pytest.raises(PolicyError, match="fingerprint"):
-        check_policy_matches(packed, SZP.with_fingerprint("fp1:0000000000000000"))
+        check_policy_matches(packed, SZP.with_fingerprint("fp2:0000000000000000"))
 
 
 def test_non_empty_foreign_directory_is_refused(tiny, tmp_path):

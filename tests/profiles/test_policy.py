@@ -85,7 +85,7 @@ def test_bad_storage_specs(text, message):
 
 
 def test_precedence_and_json_round_trip(tmp_path):
-    p = Policy(fingerprint="fp1:abc", default=StorageSpec.parse("szp:meanabs:0.5"),
+    p = Policy(fingerprint="fp2:abc", default=StorageSpec.parse("szp:meanabs:0.5"),
                layers={2: StorageSpec.parse("lossless")},
                experts={(2, 1): StorageSpec.parse("sz3:abs:1e-3,predictor=interp")})
     assert p.spec_for(1, 0).codec == "szp" and p.spec_for(2, 0).codec == "lossless"
@@ -100,7 +100,7 @@ def test_precedence_and_json_round_trip(tmp_path):
 
 
 def test_load_accepts_a_plan_file_holding_a_policy(tmp_path):
-    p = Policy.uniform("szp", "meanabs", 0.3, fingerprint="fp1:0123")
+    p = Policy.uniform("szp", "meanabs", 0.3, fingerprint="fp2:0123")
     plan = {"kind": "plan", "schema_version": 1, "predicted": {}, "policy": p.to_dict()}
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     assert Policy.load(tmp_path / "plan.json") == p
@@ -132,8 +132,8 @@ def test_unreadable_policy_files(tmp_path, content, message):
 # --- fit checks -----------------------------------------------------------------------------
 
 def test_policy_for_another_model_is_refused(ds):
-    other = Policy.uniform("lossless", fingerprint="fp1:0000000000000000")
-    with pytest.raises(PolicyError, match="made for model fingerprint fp1:0000.*this model's is"):
+    other = Policy.uniform("lossless", fingerprint="fp2:0000000000000000")
+    with pytest.raises(PolicyError, match="made for model fingerprint fp2:0000.*this model's is"):
         with apply_policy(ds, other):
             pass
     with apply_policy(ds, Policy.uniform("lossless", fingerprint=ds.fingerprint)):

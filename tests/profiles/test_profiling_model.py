@@ -124,7 +124,7 @@ def test_corrupt_or_wrong_version_profile_is_a_clear_error(tiny, tmp_path):
 def test_another_model_in_the_same_out_is_refused(tiny):
     out = tiny[0]
     doc = json.loads((out / "profile.json").read_text())
-    doc["model"]["fingerprint"] = "fp1:someoneelse"
+    doc["model"]["fingerprint"] = "fp2:someoneelse"
     other = out.parent / "other"
     other.mkdir()
     (other / "profile.json").write_text(json.dumps(doc))

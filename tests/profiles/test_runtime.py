@@ -155,7 +155,7 @@ def test_bad_budgets_are_refused(tiny_loaded):
     with pytest.raises(ConfigError, match="no SSD tier"):
         measure_throughput(lm, SZP, serving(host_mem_bytes=10), device="cpu")
     with pytest.raises(PolicyError, match="fingerprint"):
-        measure_throughput(lm, SZP.with_fingerprint("fp1:0000000000000000"), serving(),
+        measure_throughput(lm, SZP.with_fingerprint("fp2:0000000000000000"), serving(),
                            device="cpu")
 
 

@@ -1,0 +1,272 @@
+"""Where a checkpoint keeps its routed experts on disk, mapped to the tensors moesz works with.
+
+transformers 5 fuses each layer's experts in memory (`experts.gate_up_proj` [E, 2I, H] and
+`experts.down_proj` [E, H, I]; gate rows first, then up), and moesz names an expert's tensors the
+same way everywhere (policies, packed records, fingerprints): `gate_up_proj` and `down_proj`, plus
+`gate_up_proj_bias` and `down_proj_bias` where the architecture has them. Checkpoints on disk hold
+them in one of two layouts, both mapped here to the same (layer, expert, tensor) records:
+
+| on disk | architectures | `gate_up_proj` of expert e | `down_proj` of expert e |
+|---|---|---|---|
+| per expert, `w1/w2/w3` | mixtral, phimoe, minimax (`block_sparse_moe`) | rows of `experts.e.w1` then `experts.e.w3` | `experts.e.w2` |
+| per expert, `gate/up/down_proj` | qwen2_moe, qwen3_moe, olmoe, deepseek_v2/v3 | rows of `experts.e.gate_proj` then `experts.e.up_proj` | `experts.e.down_proj` |
+| fused | gpt_oss (as stored, [E, H, 2I]: in, out), llama4 | slice e of `experts.gate_up_proj` | slice e of `experts.down_proj` |
+
+Each record is a list of contiguous byte ranges in the files (`Part`), so an expert tensor is read
+by concatenating ranges of the memory-mapped shards, and a single element is found without
+reading the rest. FP8 (e4m3) per-expert weights carry their `weight_scale_inv` beside them.
+
+Non-expert weights keep their on-disk names except where the architecture renames a module in
+memory (`_RENAMES`: mixtral's `block_sparse_moe` is `mlp`; phimoe's router too).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from profiles.errors import ModelError
+from profiles.models.files import ST_DTYPES, STORAGE_NAMES, CheckpointFiles
+
+_LAYER = re.compile(r"^(?P<pre>(?:.*\.)?)layers\.(?P<layer>\d+)\.(?P<block>[A-Za-z_]+)\.experts\."
+                    r"(?P<rest>.+)$")
+_PER_EXPERT = re.compile(r"^(?P<e>\d+)\.(?P<w>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight"
+                         r"(?P<scale>_scale_inv)?$")
+_FUSED = re.compile(r"^(?P<w>gate_up_proj|down_proj)(?P<bias>_bias)?$")
+_GATE_UP = {"w1": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1), "gate_proj": ("gate_up_proj", 0),
+            "up_proj": ("gate_up_proj", 1), "w2": ("down_proj", 0), "down_proj": ("down_proj", 0)}
+TENSOR_ORDER = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+_SHARED = re.compile(r"\.(shared_expert|shared_experts|shared_expert_gate)\.")
+# in-memory renames of non-expert weights (transformers' conversion mapping, rename rules only)
+_RENAMES = {
+    "mixtral": ((r"\.block_sparse_moe\.", ".mlp."),),
+    "minimax": ((r"\.block_sparse_moe\.", ".mlp."),),
+    "phimoe": ((r"\.block_sparse_moe\.", ".mlp."), (r"\.gate\.weight$", ".router.weight")),
+}
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+@dataclass(frozen=True)
+class Part:
+    """A contiguous byte range of one on-disk tensor that forms (part of) an expert tensor."""
+
+    tensor: str         # the on-disk tensor name
+    file: Path
+    offset: int         # absolute byte offset in `file`
+    numel: int
+    dtype: str          # safetensors dtype
+    shape: tuple[int, ...]
+    scale: str | None = None   # an FP8 part's `weight_scale_inv` tensor
+
+
+@dataclass(frozen=True)
+class ExpertTensor:
+    """One of an expert's tensors as moesz names it, and the on-disk parts whose rows it stacks."""
+
+    name: str
+    shape: tuple[int, ...]
+    parts: tuple[Part, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def dtype(self) -> str:
+        return self.parts[0].dtype
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Every routed expert of a checkpoint, located in its files.
+
+    Attributes:
+        kind: "per-expert" or "fused" (how the files hold the experts).
+        moe_layers: decoder layers with routed experts, ascending.
+        experts_per_layer: routed experts in each MoE layer.
+        experts: (layer, expert) -> that expert's tensors in `TENSOR_ORDER`.
+        routed: on-disk names of every routed-expert tensor (FP8 scales included).
+        shared: on-disk names of the shared experts' tensors.
+    """
+
+    kind: str
+    moe_layers: tuple[int, ...]
+    experts_per_layer: int
+    experts: dict[tuple[int, int], tuple[ExpertTensor, ...]]
+    routed: frozenset[str]
+    shared: frozenset[str]
+
+    @property
+    def tensor_shapes(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        first = self.experts[(self.moe_layers[0], 0)]
+        return tuple((t.name, t.shape) for t in first)
+
+    def layer_keys(self, layer: int) -> list[tuple[int, int]]:
+        return [(layer, e) for e in range(self.experts_per_layer)]
+
+
+def expert_layout(files: CheckpointFiles, config=None) -> ExpertLayout:
+    """Find the routed experts in a checkpoint's files.
+
+    Args:
+        files: the opened checkpoint.
+        config: its transformers config (to check the expert count), or None.
+
+    Raises:
+        ModelError: no routed experts (a dense model), experts missing from a layer, layers with
+            different expert counts, or a count that disagrees with the config.
+    """
+    per: dict[tuple[int, int], dict[str, list[tuple[int, str, str | None]]]] = {}
+    fused: dict[int, dict[str, str]] = {}
+    routed, shared = set(), set()
+    for name in files.tensors:
+        if _SHARED.search(name):
+            shared.add(name)
+            continue
+        m = _LAYER.match(name)
+        if not m:
+            continue
+        layer, rest = int(m["layer"]), m["rest"]
+        pe = _PER_EXPERT.match(rest)
+        if pe:
+            routed.add(name)
+            if pe["scale"]:
+                continue
+            target, order = _GATE_UP[pe["w"]]
+            scale = name + "_scale_inv"
+            per.setdefault((layer, int(pe["e"])), {}).setdefault(target, []).append(
+                (order, name, scale if scale in files.tensors else None))
+            continue
+        fu = _FUSED.match(rest)
+        if fu:
+            routed.add(name)
+            fused.setdefault(layer, {})[fu["w"] + (fu["bias"] or "")] = name
+    if per and fused:
+        raise ModelError(f"{files.path}: experts stored both per expert and fused; moesz reads "
+                         f"one layout per checkpoint")
+    if per:
+        experts, kind = _per_expert(files, per), "per-expert"
+    elif fused:
+        experts, kind = _fused(files, fused), "fused"
+    else:
+        arch = getattr(config, "model_type", "this")
+        raise ModelError(f"{files.path}: no routed-expert tensors in the safetensors files of "
+                         f"{arch} model; moesz needs a Mixture-of-Experts model (e.g. mixtral, "
+                         f"qwen3_moe, deepseek_v3)")
+    layers = sorted({layer for layer, _ in experts})
+    counts = {layer: sum(1 for (la, _) in experts if la == layer) for layer in layers}
+    for layer in layers:
+        missing = [e for e in range(counts[layer]) if (layer, e) not in experts]
+        if missing:
+            raise ModelError(f"{files.path}: layer {layer} lacks expert {missing[0]}'s tensors; "
+                             f"the checkpoint is incomplete — re-export it")
+    if len(set(counts.values())) != 1:
+        raise ModelError(f"{files.path}: MoE layers have different expert counts "
+                         f"{sorted(set(counts.values()))}; moesz supports one routed-expert count "
+                         f"per model")
+    n = counts[layers[0]]
+    declared = next((getattr(config, k) for k in _EXPERT_COUNT_KEYS
+                     if isinstance(getattr(config, k, None), int)), None)
+    if declared is not None and declared != n:
+        raise ModelError(f"{files.path}: the files hold {n} experts per layer, config.json says "
+                         f"{declared}; the checkpoint is incomplete or the config belongs to "
+                         f"another model")
+    return ExpertLayout(kind, tuple(layers), n, experts, frozenset(routed), frozenset(shared))
+
+
+def _per_expert(files, per) -> dict[tuple[int, int], tuple[ExpertTensor, ...]]:
+    out = {}
+    for key, targets in per.items():
+        tensors = []
+        for target in TENSOR_ORDER:
+            sources = sorted(targets.get(target, []))
+            if not sources:
+                continue
+            if target == "gate_up_proj" and [o for o, _, _ in sources] != [0, 1]:
+                raise ModelError(f"{files.path}: layer {key[0]} expert {key[1]} has "
+                                 f"{'only the up' if sources[0][0] else 'only the gate'} "
+                                 f"projection; the checkpoint is incomplete — re-export it")
+            parts = tuple(_part(files, name, None, scale) for _, name, scale in sources)
+            rows = sum(p.shape[0] for p in parts)
+            tensors.append(ExpertTensor(target, (rows, *parts[0].shape[1:]), parts))
+        if [t.name for t in tensors] != ["gate_up_proj", "down_proj"]:
+            raise ModelError(f"{files.path}: layer {key[0]} expert {key[1]} lacks "
+                             f"{'down' if tensors and tensors[0].name == 'gate_up_proj' else 'gate/up'}"
+                             f" projection weights; the checkpoint is incomplete — re-export it")
+        out[key] = tuple(tensors)
+    return out
+
+
+def _fused(files, fused) -> dict[tuple[int, int], tuple[ExpertTensor, ...]]:
+    out = {}
+    for layer, names in fused.items():
+        if "gate_up_proj" not in names or "down_proj" not in names:
+            raise ModelError(f"{files.path}: layer {layer} has fused experts "
+                             f"{sorted(names)} but needs gate_up_proj and down_proj")
+        count = files.info(names["gate_up_proj"]).shape[0]
+        for e in range(count):
+            tensors = []
+            for target in TENSOR_ORDER:
+                if target in names:
+                    part = _part(files, names[target], e, None)
+                    tensors.append(ExpertTensor(target, part.shape, (part,)))
+            out[(layer, e)] = tuple(tensors)
+    return out
+
+
+def _part(files: CheckpointFiles, name: str, index: int | None, scale: str | None) -> Part:
+    info = files.info(name)
+    if index is None:
+        return Part(name, info.file, info.offset, info.numel, info.dtype, info.shape, scale)
+    if not info.shape or index >= info.shape[0]:
+        raise ModelError(f"{files.path}: fused tensor {name} of shape {info.shape} has no expert "
+                         f"{index}")
+    sub = info.shape[1:]
+    numel = math.prod(sub)
+    size = ST_DTYPES[info.dtype][0]
+    return Part(name, info.file, info.offset + index * numel * size, numel, info.dtype, sub, None)
+
+
+def non_expert_name(name: str, architecture: str) -> str:
+    """The in-memory (transformers 5) name of an on-disk non-expert tensor."""
+    for pattern, repl in _RENAMES.get(architecture, ()):
+        name = re.sub(pattern, repl, name)
+    return name
+
+
+def storage_dtype(st_dtype: str) -> str:
+    """moesz's storage-format name of a safetensors dtype ("BF16" -> "bf16")."""
+    return STORAGE_NAMES.get(st_dtype, st_dtype.lower())
+
+
+def part_array(files: CheckpointFiles, part: Part) -> np.ndarray:
+    """A part's raw values, memory-mapped (nothing is read until used)."""
+    arr = files.array(part.tensor).reshape(-1)
+    start = (part.offset - files.info(part.tensor).offset) // ST_DTYPES[part.dtype][0]
+    return arr[start: start + part.numel].reshape(part.shape)
+
+
+def read_expert_tensor(files: CheckpointFiles, tensor: ExpertTensor,
+                       fp8_to: torch.dtype = torch.float32) -> torch.Tensor:
+    """One expert tensor read into memory: its parts' rows stacked, in the stored dtype (FP8
+    e4m3 dequantized exactly by its block scales into `fp8_to`, as `load_model` does)."""
+    from profiles.models.checkpoint import _dequant_blocks
+
+    out = []
+    for part in tensor.parts:
+        raw = np.array(part_array(files, part))  # copy out of the map
+        t = torch.from_numpy(raw.reshape(-1).view(np.uint8)).view(ST_DTYPES[part.dtype][2])
+        t = t.reshape(part.shape)
+        if part.dtype == "F8_E4M3":
+            t = (t.to(fp8_to) if part.scale is None
+                 else _dequant_blocks(t, files.tensor(part.scale)).to(fp8_to))
+        elif part.dtype == "F8_E5M2":
+            raise ModelError(f"{files.path}: tensor {part.tensor} is FP8 e5m2; moesz reads e4m3 "
+                             f"only")
+        out.append(t)
+    return out[0] if len(out) == 1 else torch.cat(out, dim=0)
