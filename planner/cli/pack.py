@@ -14,7 +14,7 @@ from rich.table import Table
 from profiles.errors import ConfigError
 from profiles.serving import format_bytes
 
-MODEL_HELP = "builtin or a local checkpoint directory (safetensors)"
+MODEL_HELP = "builtin or a local checkpoint directory (safetensors, read expert by expert)"
 
 
 def policy_from_options(policy: Optional[str], uniform: Optional[str], no_compression: bool,
@@ -49,28 +49,41 @@ def pack(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Pack MODEL's routed experts as the policy says: one blob per expert tensor, a manifest with
-    checksums, and the non-expert weights as safetensors."""
-    from profiles.models import load_model
+    checksums, and the non-expert weights as safetensors. Streams from the checkpoint's files (one
+    expert in memory at a time); an interrupted pack resumes when rerun."""
+    import torch
+    from rich.progress import (BarColumn, DownloadColumn, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn, TransferSpeedColumn)
+
+    from profiles.models.source import FileExperts
     from profiles.packed import pack as pack_model
+    from profiles.packed.write import pack_rate, peak_rss_bytes
 
     pol = policy_from_options(policy, uniform, no_compression, required=True)
-    loaded = load_model(model, trust_remote_code=trust_remote_code)
+    src = FileExperts.open(model, trust_remote_code=trust_remote_code)
     t0 = time.perf_counter()
-    with Progress(transient=True, disable=as_json or not Console().is_terminal) as bar:
-        task = bar.add_task("packing experts", total=len(loaded.expert_map.experts))
-        ckpt = pack_model(loaded, pol, out, progress=lambda d, t, lab: bar.update(
-            task, completed=d, description=f"packing {lab}"))
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+               TimeRemainingColumn())
+    with Progress(*columns, transient=True,
+                  disable=as_json or not Console(stderr=True).is_terminal,
+                  console=Console(stderr=True)) as bar:
+        task = bar.add_task("packing experts", total=src.geometry.routed_expert_bytes)
+        ckpt = pack_model(src, pol, out, progress=lambda d, t, lab: bar.update(
+            task, completed=d, total=t, description=f"packing {lab}"))
     seconds = time.perf_counter() - t0
     totals = ckpt.manifest["totals"]
-    doc = {"out": str(ckpt.path), "model": loaded.spec, "fingerprint": ckpt.fingerprint,
+    peak = peak_rss_bytes()
+    doc = {"out": str(ckpt.path), "model": src.spec, "fingerprint": ckpt.fingerprint,
            "experts": totals["experts"], "stored_expert_bytes": totals["stored_expert_bytes"],
            "original_expert_bytes": totals["original_expert_bytes"], "ratio": totals["ratio"],
            "host_bytes": ckpt.host_bytes, "files": len(ckpt.manifest["files"]) + 1,
-           "pack_s": seconds}
+           "pack_s": seconds, "mb_per_s": pack_rate(totals["original_expert_bytes"], seconds),
+           "peak_rss_bytes": peak, "torch_threads": torch.get_num_threads()}
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
         return
-    t = Table(title=f"packed {loaded.spec} -> {ckpt.path}", show_header=False,
+    t = Table(title=f"packed {src.spec} -> {ckpt.path}", show_header=False,
               title_justify="left")
     t.add_column("field", style="bold")
     t.add_column("value")
@@ -81,5 +94,9 @@ def pack(
                                       f"ratio {totals['ratio']:.2f}x, headers included)")
     t.add_row("host memory (sum of files)", f"{format_bytes(ckpt.host_bytes)} "
                                             f"({ckpt.host_bytes} bytes, measured)")
-    t.add_row("time", f"{seconds:.1f} s (measured)")
+    t.add_row("time", f"{seconds:.1f} s (measured; this run only, resumed layers not counted)")
+    t.add_row("throughput", f"{doc['mb_per_s']:.1f} MB/s of {src.geometry.dtype} expert bytes "
+                            f"(measured, {doc['torch_threads']} torch threads)")
+    t.add_row("peak memory", f"{format_bytes(peak)} resident (measured; the checkpoint is "
+                             f"{format_bytes(src.geometry.total_bytes)})")
     Console(width=110).print(t)

@@ -9,8 +9,8 @@ tensor over 2^24 values). Two checkpoints with the same architecture but differe
 in the sampled bytes with overwhelming probability; hashing every byte would cost a full read of
 the experts (hundreds of GB for the largest models), the sample costs microseconds per tensor.
 
-The same fingerprint comes from the checkpoint's files (`files_fingerprint`: memory-mapped, no
-model built, the stored bytes of each element) and from a model in memory (`model_fingerprint`:
+The same fingerprint comes from the checkpoint's files (`files_fingerprint`: positioned reads of
+the sampled elements, no model built) and from a model in memory (`model_fingerprint`:
 the bytes of its tensors), as long as the model holds the stored dtype; `load_model` fingerprints
 checkpoints from their files, so a model loaded in another dtype keeps its checkpoint's
 fingerprint.
@@ -66,8 +66,8 @@ def model_fingerprint(expert_map: ExpertMap) -> str:
 
 def files_fingerprint(files, layout) -> str:
     """The same fingerprint computed from a checkpoint's files (`profiles.models.files`) without
-    building or loading the model: each sampled element is read from the memory-mapped shards."""
-    from profiles.models.layout import part_array, storage_dtype
+    building or loading the model: each sampled element is read from the shards on its own."""
+    from profiles.models.layout import part_start, storage_dtype
 
     h = hashlib.sha256()
     for (layer, expert), tensors in sorted(layout.experts.items()):
@@ -77,8 +77,7 @@ def files_fingerprint(files, layout) -> str:
             for part in t.parts:  # the parts' rows stack: flat ranges follow each other
                 sel = pos[(pos >= start) & (pos < start + part.numel)] - start
                 if len(sel):
-                    flat = part_array(files, part).reshape(-1)
-                    chunks.append(np.ascontiguousarray(flat[sel]).tobytes())
+                    chunks.append(files.read_at(part.tensor, sel + part_start(files, part)))
                 start += part.numel
             _update(h, layer, expert, t.name, t.shape, storage_dtype(t.dtype), b"".join(chunks))
     return f"{FINGERPRINT_VERSION}:{h.hexdigest()[:16]}"

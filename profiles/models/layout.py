@@ -244,29 +244,34 @@ def storage_dtype(st_dtype: str) -> str:
     return STORAGE_NAMES.get(st_dtype, st_dtype.lower())
 
 
-def part_array(files: CheckpointFiles, part: Part) -> np.ndarray:
-    """A part's raw values, memory-mapped (nothing is read until used)."""
-    arr = files.array(part.tensor).reshape(-1)
-    start = (part.offset - files.info(part.tensor).offset) // ST_DTYPES[part.dtype][0]
-    return arr[start: start + part.numel].reshape(part.shape)
+def part_start(files: CheckpointFiles, part: Part) -> int:
+    """The flat index of a part's first value within its on-disk tensor."""
+    return (part.offset - files.info(part.tensor).offset) // ST_DTYPES[part.dtype][0]
 
 
 def read_expert_tensor(files: CheckpointFiles, tensor: ExpertTensor,
                        fp8_to: torch.dtype = torch.float32) -> torch.Tensor:
-    """One expert tensor read into memory: its parts' rows stacked, in the stored dtype (FP8
-    e4m3 dequantized exactly by its block scales into `fp8_to`, as `load_model` does)."""
+    """One expert tensor read into memory: its parts' rows read straight into one buffer, in the
+    stored dtype (FP8 e4m3 dequantized exactly by its block scales into `fp8_to`, as
+    `load_model` does)."""
     from profiles.models.checkpoint import _dequant_blocks
 
-    out = []
+    st = tensor.dtype
+    if st == "F8_E5M2":
+        raise ModelError(f"{files.path}: tensor {tensor.parts[0].tensor} is FP8 e5m2; moesz reads "
+                         f"e4m3 only")
+    raw = np.empty(tensor.numel, dtype=np.dtype(ST_DTYPES[st][1]))
+    pos = 0
     for part in tensor.parts:
-        raw = np.array(part_array(files, part))  # copy out of the map
-        t = torch.from_numpy(raw.reshape(-1).view(np.uint8)).view(ST_DTYPES[part.dtype][2])
-        t = t.reshape(part.shape)
-        if part.dtype == "F8_E4M3":
-            t = (t.to(fp8_to) if part.scale is None
-                 else _dequant_blocks(t, files.tensor(part.scale)).to(fp8_to))
-        elif part.dtype == "F8_E5M2":
-            raise ModelError(f"{files.path}: tensor {part.tensor} is FP8 e5m2; moesz reads e4m3 "
-                             f"only")
-        out.append(t)
-    return out[0] if len(out) == 1 else torch.cat(out, dim=0)
+        files.read(part.tensor, part_start(files, part), part.numel, raw[pos: pos + part.numel])
+        pos += part.numel
+    out = torch.from_numpy(raw.view(np.uint8)).view(ST_DTYPES[st][2]).reshape(tensor.shape)
+    if st != "F8_E4M3":
+        return out
+    rows, pieces = 0, []
+    for part in tensor.parts:
+        q = out[rows: rows + part.shape[0]]
+        rows += part.shape[0]
+        pieces.append(q.to(fp8_to) if part.scale is None
+                      else _dequant_blocks(q, files.tensor(part.scale)).to(fp8_to))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)

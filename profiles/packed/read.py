@@ -34,6 +34,10 @@ def read_packed(path: str | os.PathLike, verify: bool = True) -> PackedCheckpoin
             whose size or SHA-256 differs from the manifest (corrupt or truncated).
     """
     path = Path(path)
+    if not (path / MANIFEST).is_file() and (path / ".pack-state").is_dir():
+        raise PackedError(f"{path}: an incomplete packed checkpoint (the pack was interrupted or "
+                          f"failed; no {MANIFEST}); rerun the same `moesz pack` command to "
+                          f"resume it")
     if not (path / MANIFEST).is_file():
         raise PackedError(f"{path}: no {MANIFEST}; not a packed checkpoint (make one with "
                           f"`moesz pack MODEL --policy plan.json --out DIR`)")

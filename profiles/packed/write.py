@@ -1,11 +1,24 @@
 """Writing a packed checkpoint (`moesz pack`): every routed expert encoded as the policy says, in
-one file per MoE layer, the other weights as safetensors, and a manifest with every checksum."""
+one file per MoE layer, the other weights as safetensors, and a manifest with every checksum.
+
+Packing streams: each expert is read from its source (the checkpoint's files, or a model in
+memory), encoded, appended to its layer's file and dropped, so memory holds one expert and the
+codec's buffers whatever the checkpoint's size; the non-expert weights are copied tensor by tensor
+in pieces. An interrupted pack resumes: each finished layer file is recorded in `.pack-state/`
+with its SHA-256 (verified before it is reused), and the manifest, which is what makes a directory
+a packed checkpoint, is written last. A directory without it is never taken for a complete one.
+"""
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import os
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 from profiles.errors import PolicyError
 from profiles.fileio import atomic_write_json, atomic_write_text, atomic_write_with
@@ -19,106 +32,186 @@ from profiles.packed.records import (
     ExpertEntry,
     PackedCheckpoint,
     PackedError,
-    Progress,
     encode_expert,
-    routed_parameter_names,
     sha256_file,
 )
 
+STATE_DIR = ".pack-state"
+# progress(done_bytes, total_bytes, label): bytes of original expert data packed so far
+ByteProgress = Callable[[int, int, str], None]
 
-def pack(loaded, policy, out_dir: str | os.PathLike, progress: Progress | None = None
-         ) -> "PackedCheckpoint":
-    """Write `loaded`'s routed experts compressed under `policy`, and the rest, to `out_dir`.
+
+def pack(model, policy, out_dir: str | os.PathLike, progress: ByteProgress | None = None
+         ) -> PackedCheckpoint:
+    """Write `model`'s routed experts compressed under `policy`, and the rest, to `out_dir`.
 
     Args:
-        loaded: a `profiles.models.LoadedModel`.
+        model: a spec (`builtin` or a checkpoint directory: streamed from its files), a
+            `profiles.models.LoadedModel`, or an expert source (`profiles.models.source`).
         policy: a `profiles.policy.Policy`; it must fit the model (fingerprint, layers, experts).
-        out_dir: an empty or new directory, or an earlier packed checkpoint to overwrite.
-        progress: `progress(done, total, label)` once per expert.
+        out_dir: a new or empty directory, an interrupted pack of the same model and policy (it
+            resumes), or an earlier packed checkpoint to overwrite.
+        progress: `progress(done_bytes, total_bytes, label)` after each expert; bytes of the
+            experts' original dtype.
 
     Returns:
         The written checkpoint, read back (`PackedCheckpoint`).
 
     Raises:
         PolicyError: the policy was made for another model or names layers it lacks.
-        PackedError: `out_dir` is a non-empty directory that is not a packed checkpoint.
+        PackedError: `out_dir` is a non-empty directory that is not a packed checkpoint, or the
+            disk filled (finished layer files are kept: rerun to resume).
     """
     from profiles.codecs import get_codec
+    from profiles.models.source import expert_source
 
-    emap = loaded.expert_map
-    policy.check(emap.moe_layers, emap.experts_per_layer, loaded.fingerprint)
-    if loaded.geometry.dtype == "mxfp4":
-        raise PolicyError(f"{loaded.spec}: MXFP4 experts cannot be packed by any moesz codec")
+    src = expert_source(model)
+    policy.check(src.moe_layers, src.experts_per_layer, src.fingerprint)
+    if src.geometry.dtype == "mxfp4":
+        raise PolicyError(f"{src.spec}: MXFP4 experts cannot be packed by any moesz codec")
     for spec in {policy.default, *policy.layers.values(), *policy.experts.values()}:
         ok, why = get_codec(spec.codec).availability()
         if not ok:
             raise PolicyError(f"policy codec {spec.codec!r} cannot encode here: {why}")
     out = Path(out_dir)
-    _check_out_dir(out)
-    (out / "experts").mkdir(parents=True, exist_ok=True)
+    stamp = {"fingerprint": src.fingerprint, "policy": policy.to_dict(), "align_bytes": ALIGN}
+    done_layers = _prepare(out, stamp)
+    per_layer = src.experts_per_layer * src.geometry.bytes_per_expert
+    total = per_layer * len(src.moe_layers)
     experts: list[dict] = []
-    total, done = len(emap.experts), 0
-    for layer in emap.moe_layers:
-        rel = f"experts/layer_{layer:03d}.bin"
-        records: list[bytes] = []
-        pos = 0
-        for ref in emap.layer_experts(layer):
-            spec = policy.spec_for(layer, ref.expert)
-            enc = encode_expert(ref.tensors, spec)
-            record = enc.to_bytes()
-            pad = (-pos) % ALIGN
-            if pad:
-                records.append(b"\0" * pad)
-                pos += pad
-            experts.append(_entry_dict(ExpertEntry(layer, ref.expert, spec.describe(), rel, pos,
-                                                   len(record), enc.original_nbytes, enc.entries)))
-            records.append(record)
-            pos += len(record)
-            done += 1
+    files: dict[str, dict] = {}
+    try:
+        for i, layer in enumerate(src.moe_layers):
+            rel = f"experts/layer_{layer:03d}.bin"
+            if layer in done_layers:
+                entries, info = done_layers[layer]
+            else:
+                entries, info = _pack_layer(src, policy, layer, out, rel, i * per_layer, total,
+                                            progress)
+                atomic_write_json(out / STATE_DIR / f"layer_{layer:03d}.json",
+                                  {"file": rel, **info, "experts": entries})
+            experts.extend(entries)
+            files[rel] = info
             if progress is not None:
-                progress(done, total, f"layer {layer} expert {ref.expert}")
-        atomic_write_with(out / rel, lambda p, rs=records: _write_parts(p, rs))
-    _write_non_expert(loaded, out)
-    atomic_write_text(out / "config.json", loaded.model.config.to_json_string())
-    _save_tokenizer(loaded.tokenizer, out)
-    files = {}
+                progress((i + 1) * per_layer, total, f"layer {layer} done")
+        _write_non_expert(src, out)
+        atomic_write_text(out / "config.json", src.config_json())
+        src.copy_tokenizer(out)
+    except OSError as exc:
+        raise _disk_error(exc, out, len(files), len(src.moe_layers)) from None
     for path in sorted(p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST
-                       and not p.name.startswith(".")):
+                       and not any(part.startswith(".") for part in p.relative_to(out).parts)):
         rel = path.relative_to(out).as_posix()
-        files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        if rel not in files:
+            files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     stored = sum(e["size"] for e in experts)
     original = sum(e["original_bytes"] for e in experts)
     manifest = {
         "kind": KIND, "schema_version": SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {"spec": loaded.spec, "architecture": loaded.geometry.architecture,
-                  "dtype": str(loaded.model.dtype).replace("torch.", "")},
-        "fingerprint": loaded.fingerprint,
-        "geometry": loaded.geometry.to_dict(),
-        "policy": policy.with_fingerprint(policy.fingerprint or loaded.fingerprint).to_dict(),
+        "model": {"spec": src.spec, "architecture": src.geometry.architecture,
+                  "dtype": str(src.dtype).replace("torch.", "")},
+        "fingerprint": src.fingerprint,
+        "geometry": src.geometry.to_dict(),
+        "policy": policy.with_fingerprint(policy.fingerprint or src.fingerprint).to_dict(),
         "align_bytes": ALIGN,
         "totals": {"experts": len(experts), "stored_expert_bytes": stored,
                    "original_expert_bytes": original,
                    "ratio": original / stored if stored else None},
-        "files": files,
+        "files": dict(sorted(files.items())),
         "experts": experts,
     }
     atomic_write_json(out / MANIFEST, manifest)
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
     return read_packed(out, verify=False)
 
 
-def _check_out_dir(out: Path) -> None:
+def _prepare(out: Path, stamp: dict) -> dict[int, tuple[list[dict], dict]]:
+    """Make `out` ready and return the layers an interrupted pack of the same model and policy
+    finished (layer -> (expert entries, file info)), each verified by its SHA-256."""
     if out.exists() and not out.is_dir():
         raise PackedError(f"--out {out}: is a file; give a directory for the packed checkpoint")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).exists():
+    state = out / STATE_DIR
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).exists() \
+            and not state.is_dir():
         raise PackedError(f"--out {out}: directory is not empty and holds no packed checkpoint; "
                           f"choose a new or empty directory")
+    (out / MANIFEST).unlink(missing_ok=True)  # from here on the directory is incomplete
+    state.mkdir(parents=True, exist_ok=True)
+    (out / "experts").mkdir(exist_ok=True)
+    stamp_file = state / "pack.json"
+    try:
+        resumable = json.loads(stamp_file.read_text()) == stamp
+    except (OSError, ValueError):
+        resumable = False
+    done: dict[int, tuple[list[dict], dict]] = {}
+    if resumable:
+        for f in sorted(state.glob("layer_*.json")):
+            try:
+                doc = json.loads(f.read_text())
+                layer_file = out / doc["file"]
+                if layer_file.is_file() and layer_file.stat().st_size == doc["size"] \
+                        and sha256_file(layer_file) == doc["sha256"]:
+                    done[int(doc["experts"][0]["layer"])] = (
+                        doc["experts"], {"size": doc["size"], "sha256": doc["sha256"]})
+            except (OSError, ValueError, KeyError, IndexError, TypeError):
+                continue  # a damaged record: that layer is packed again
+    else:
+        for f in state.glob("layer_*.json"):
+            f.unlink()
+        atomic_write_json(stamp_file, stamp)
+    return done
 
 
-def _write_parts(path: Path, parts: list[bytes]) -> None:
-    with open(path, "wb") as fh:
-        for part in parts:
-            fh.write(part)
+def _pack_layer(src, policy, layer: int, out: Path, rel: str, done0: int, total: int,
+                progress) -> tuple[list[dict], dict]:
+    """Encode one layer's experts into its file, streaming; (manifest entries, file info)."""
+    entries: list[dict] = []
+    h = hashlib.sha256()
+    box: dict = {}
+    nbytes = src.geometry.bytes_per_expert
+
+    def write(tmp: Path) -> None:
+        pos = 0
+        with open(tmp, "wb") as fh:
+            for e in range(src.experts_per_layer):
+                spec = policy.spec_for(layer, e)
+                enc = encode_expert(src.expert_tensors(layer, e), spec)
+                pad = (-pos) % ALIGN
+                record = b"\0" * pad + enc.to_bytes()
+                fh.write(record)
+                h.update(record)
+                pos += pad
+                entries.append(_entry_dict(ExpertEntry(layer, e, spec.describe(), rel, pos,
+                                                       enc.size, enc.original_nbytes,
+                                                       enc.entries)))
+                pos += enc.size
+                del enc, record
+                if progress is not None:
+                    progress(done0 + (e + 1) * nbytes, total, f"layer {layer} expert {e}")
+            fh.flush()
+            os.fsync(fh.fileno())
+        box["size"] = pos
+
+    atomic_write_with(out / rel, write)
+    return entries, {"size": box["size"], "sha256": h.hexdigest()}
+
+
+def _write_non_expert(src, out: Path) -> None:
+    from profiles.models.files import write_safetensors
+
+    tensors = [t for _, t in src.non_expert_tensors()]
+    atomic_write_with(out / NON_EXPERT, lambda p: write_safetensors(p, tensors,
+                                                                    {"format": "pt"}))
+
+
+def _disk_error(exc: OSError, out: Path, done: int, layers: int) -> PackedError:
+    what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+            errno.EFBIG: "a file grew past the size this process may write"}.get(
+        exc.errno, f"a write failed ({exc.strerror or exc})")
+    return PackedError(f"--out {out}: {what} while packing; {done} of {layers} layer files are "
+                       f"complete and kept, the directory is marked incomplete (no {MANIFEST}) — "
+                       f"free space and rerun the same command to resume")
 
 
 def _entry_dict(e: ExpertEntry) -> dict:
@@ -129,29 +222,15 @@ def _entry_dict(e: ExpertEntry) -> dict:
                       for b in e.blobs]}
 
 
-def _write_non_expert(loaded, out: Path) -> None:
-    from safetensors.torch import save_file
-
-    skip = routed_parameter_names(loaded.model, loaded.expert_map)
-    state, seen = {}, set()
-    for name, t in loaded.model.state_dict().items():
-        if name in skip:
-            continue
-        ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if ptr in seen:  # a tied weight (lm_head = embed_tokens): the config re-ties it on load
-            continue
-        seen.add(ptr)
-        state[name] = t.detach().contiguous().cpu()
-    atomic_write_with(out / NON_EXPERT, lambda p: save_file(state, str(p),
-                                                            metadata={"format": "pt"}))
+def pack_rate(original_bytes: int, seconds: float) -> float:
+    """MB/s of original expert bytes packed (measured by the caller's clock)."""
+    return original_bytes / seconds / 1e6 if seconds > 0 else float("nan")
 
 
-def _save_tokenizer(tokenizer, out: Path) -> None:
-    if tokenizer is None:
-        return
-    from profiles.tasks import CharTokenizer
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (measured, `getrusage`)."""
+    import resource
+    import sys
 
-    if isinstance(tokenizer, CharTokenizer):
-        tokenizer.save(out / "tokenizer.json")
-    elif hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(str(out))
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb if sys.platform == "darwin" else kb * 1024
