@@ -174,6 +174,9 @@ def model_cmd(
     threads: int = typer.Option(1, "--threads", help="Torch threads for evaluation (run one "
                                 "worker per core instead of more threads)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    ratios_only: bool = typer.Option(
+        False, "--ratios-only", help="Only measure compression ratios, streamed expert by expert "
+        "from the checkpoint's files (no model is loaded); a full run reuses them."),
 ) -> None:
     """Profile a model: compression ratios, accuracy sensitivity, routing traces -> DIR."""
     from profiles.profiling import ProfileRequest, profile_model
@@ -183,6 +186,9 @@ def model_cmd(
         groups=groups, target=target, limit=limit, tasks=tasks, split=split, design=design,
         storage=storage, max_evals=max_evals, ratio_sample=ratio_sample, seed=seed,
         wait_for_others=not no_wait, threads=threads, command=_command(ctx))
+    if ratios_only:
+        _ratios_only(request, as_json)
+        return
     with _progress_bar("profile model") as progress:
         result = profile_model(request, progress=progress)
     if as_json:
@@ -197,6 +203,34 @@ def model_cmd(
                + ("complete" if result.complete else "incomplete: rerun the same command to resume"))
     _print_model_profile(result.profile)
     typer.echo(f"wrote {out}")
+
+
+def _ratios_only(request, as_json: bool) -> None:
+    from profiles.packed.write import peak_rss_bytes
+    from profiles.profiling.profiler import profile_ratios
+    from profiles.serving import format_bytes
+
+    with _progress_bar("ratios") as progress:
+        frame, seconds = profile_ratios(request, progress=progress)
+    peak = peak_rss_bytes()
+    if as_json:
+        typer.echo(json.dumps({"out": str(request.out), "seconds": seconds,
+                               "peak_rss_bytes": peak,
+                               "ratios": json.loads(frame.to_json(orient="records"))}, indent=2))
+        return
+    table = Table("layer", "codec", "level", "ratio vs original dtype (measured)", "experts",
+                  "max err/bound", title="compression ratios, measured on the checkpoint's "
+                  "experts (every stored byte counted)", title_justify="left")
+    for r in frame.itertuples():
+        level = "-" if r.level != r.level else f"{r.level:g}"
+        err = "-" if r.max_err_over_bound != r.max_err_over_bound else f"{r.max_err_over_bound:.3f}"
+        table.add_row(str(r.layer), r.codec, level,
+                      f"{r.ratio:.3f} [{r.ratio_min:.3f}, {r.ratio_max:.3f}]",
+                      f"{r.n_experts}/{r.n_experts_total}", err)
+    _out.print(table)
+    _out.print(f"{seconds:.1f} s, peak memory {format_bytes(peak)} resident (measured); rerun "
+               f"without --ratios-only to profile sensitivity (these ratios are reused)")
+    typer.echo(f"wrote {request.out}")
 
 
 @app.command()

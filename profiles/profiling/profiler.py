@@ -195,6 +195,46 @@ def _profile(req: ProfileRequest, progress: Progress | None, t0: float) -> Profi
                          evaluated=len(stats.ran) - reused)
 
 
+def profile_ratios(request: ProfileRequest, progress: Progress | None = None):
+    """Only the ratio step of `profile_model`, streamed from the checkpoint's files: each sampled
+    expert read, round-tripped through every codec and level, and dropped, so no model is built
+    and memory stays at one expert plus codec buffers. The ratios land in `request.out` and a
+    later full `profile_model` into the same directory reuses them.
+
+    Returns:
+        (the ratio table of `out`, seconds).
+
+    Raises:
+        ConfigError: bad options; ModelError: the checkpoint cannot be read; ProfileError: `out`
+            holds a profile of another model.
+    """
+    from profiles.models.source import FileExperts
+
+    t0 = time.perf_counter()
+    _check_options(request)
+    out = Path(request.out)
+    src = FileExperts.open(request.model)
+    spec = _grid_spec(request, src.geometry)
+    if (out / fmt.PROFILE_FILE).exists():
+        _check_fingerprint_only(out, src.fingerprint)
+    elif out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    with torch_threads(request.threads):
+        frame = steps.ratios_step(out, src, spec, request, progress)
+    return frame, time.perf_counter() - t0
+
+
+def _check_fingerprint_only(out: Path, fingerprint: str) -> None:
+    theirs = fmt.read_profile_doc(out)["model"].get("fingerprint")
+    if theirs != fingerprint:
+        from profiles.models.fingerprint import fingerprint_mismatch
+
+        reason = fingerprint_mismatch(theirs, fingerprint, f"the profile in {out}")
+        raise ProfileError(f"{out} holds a profile of another model "
+                           f"({reason or f'fingerprint {theirs}'}); use another --out")
+
+
 # --- steps ----------------------------------------------------------------------------------------
 
 def _split_list(value) -> list[str]:
@@ -277,8 +317,8 @@ def _check_out(out: Path, loaded, evalset: dict) -> None:
         from profiles.models.fingerprint import fingerprint_mismatch
 
         reason = fingerprint_mismatch(theirs, loaded.fingerprint, f"the profile in {out}")
-        raise ProfileError(f"{reason or f'{out} holds a profile of another model'}; use another "
-                           f"--out")
+        raise ProfileError(f"{out} holds a profile of another model "
+                           f"({reason or f'fingerprint {theirs}'}); use another --out")
     for field, want in (("split", evalset["split"]), ("tasks", list(evalset["tasks"])),
                         ("prompts_per_task", evalset["limit"]), ("seed", evalset["seed"])):
         if doc.get(field) != want:

@@ -53,14 +53,18 @@ def ratio_runs(codecs: Sequence[str], mode: str, levels: Sequence[float],
     return runs
 
 
-def measure_ratios(loaded, codecs: Sequence[str], mode: str, levels: Sequence[float], *,
+def measure_ratios(model, codecs: Sequence[str], mode: str, levels: Sequence[float], *,
                    sample: int | None = None, seed: int = 0, codec_options: dict | None = None,
                    layers: Sequence[int] | None = None, done_keys: set | None = None,
                    progress: Progress | None = None):
-    """Measure ratios on a loaded model's real expert weights.
+    """Measure ratios on a model's real expert weights.
+
+    Each sampled expert is read once (from the checkpoint's files when `model` is an expert
+    source of files: `profiles.models.source`) and goes through every codec and level before the
+    next one is read, so memory holds one expert and a codec's buffers.
 
     Args:
-        loaded: a `profiles.models.LoadedModel`.
+        model: a `profiles.models.LoadedModel` or an expert source.
         codecs: codec names (the baselines are added).
         mode: bound mode of the bounded codecs.
         levels: bound levels.
@@ -68,7 +72,7 @@ def measure_ratios(loaded, codecs: Sequence[str], mode: str, levels: Sequence[fl
         codec_options: per-codec options, e.g. {"sz3": {"predictor": "lorenzo"}}.
         layers: MoE layers to measure (default all).
         done_keys: (layer, codec, level) already measured (skipped, for resuming).
-        progress: `progress(done, total, label)` per layer x codec x level.
+        progress: `progress(done, total, label)` per layer x expert.
 
     Returns:
         A pandas DataFrame with `RATIO_COLUMNS`.
@@ -76,44 +80,56 @@ def measure_ratios(loaded, codecs: Sequence[str], mode: str, levels: Sequence[fl
     import pandas as pd
 
     from profiles.codecs import roundtrip
+    from profiles.models.source import expert_source
 
-    g, emap = loaded.geometry, loaded.expert_map
-    layers = tuple(layers) if layers is not None else tuple(emap.moe_layers)
+    src = expert_source(model)
+    g = src.geometry
+    layers = tuple(layers) if layers is not None else tuple(src.moe_layers)
     runs = ratio_runs(codecs, mode, levels, codec_options)
-    todo = [(layer, run) for layer in layers for run in runs
-            if not done_keys or (layer, run[0], run[2]) not in done_keys]
+    todo = {layer: [run for run in runs
+                    if not done_keys or (layer, run[0], run[2]) not in done_keys]
+            for layer in layers}
+    todo = {layer: rs for layer, rs in todo.items() if rs}
+    picks = {layer: sample_experts(g.experts_per_layer, sample, layer, seed) for layer in todo}
+    total, done = sum(len(p) for p in picks.values()), 0
     rows = []
-    for i, (layer, (codec, rmode, level, opts)) in enumerate(todo):
-        if progress:
-            progress(i, len(todo), f"ratios layer {layer} {codec} {'' if level is None else level}")
-        picks = sample_experts(g.experts_per_layer, sample, layer, seed)
-        stored, bounds, worst = [], [], 0.0
-        for e in picks:
-            ref = emap.get(layer, e)
-            nbytes = 0
-            for t in ref.tensors.values():
-                with torch.no_grad():
-                    decoded, blob = roundtrip(t, codec, None if rmode == "none" else rmode, level,
-                                              **opts)
-                nbytes += blob.nbytes
-                if blob.abs_bound:
-                    bounds.append(blob.abs_bound)
-                    err = float((decoded.float() - t.detach().float()).abs().max())
-                    worst = max(worst, err / blob.abs_bound)
-            stored.append(nbytes)
-        per_expert = [g.bytes_per_expert / s for s in stored]
-        rows.append({
-            "layer": layer, "codec": codec, "mode": rmode,
-            "level": math.nan if level is None else float(level),
-            "codec_options": json.dumps(opts, sort_keys=True),
-            "abs_bound_mean": sum(bounds) / len(bounds) if bounds else math.nan,
-            "ratio": g.bytes_per_expert * len(stored) / sum(stored),
-            "ratio_min": min(per_expert), "ratio_max": max(per_expert),
-            "original_bytes_per_expert": int(g.bytes_per_expert),
-            "compressed_bytes_per_expert": sum(stored) / len(stored),
-            "n_experts": len(picks), "n_experts_total": g.experts_per_layer,
-            "max_err_over_bound": worst if bounds else math.nan,
-            "source": "measured"})
+    for layer, layer_runs in todo.items():
+        stored = {i: [] for i in range(len(layer_runs))}
+        bounds = {i: [] for i in range(len(layer_runs))}
+        worst = {i: 0.0 for i in range(len(layer_runs))}
+        for e in picks[layer]:
+            if progress:
+                progress(done, total, f"ratios layer {layer} expert {e}")
+            tensors = src.expert_tensors(layer, e)
+            for i, (codec, rmode, level, opts) in enumerate(layer_runs):
+                nbytes = 0
+                for t in tensors.values():
+                    with torch.no_grad():
+                        decoded, blob = roundtrip(t, codec, None if rmode == "none" else rmode,
+                                                  level, **opts)
+                    nbytes += blob.nbytes
+                    if blob.abs_bound:
+                        bounds[i].append(blob.abs_bound)
+                        err = float((decoded.float() - t.detach().float()).abs().max())
+                        worst[i] = max(worst[i], err / blob.abs_bound)
+                    del decoded, blob
+                stored[i].append(nbytes)
+            del tensors
+            done += 1
+        for i, (codec, rmode, level, opts) in enumerate(layer_runs):
+            per_expert = [g.bytes_per_expert / s for s in stored[i]]
+            rows.append({
+                "layer": layer, "codec": codec, "mode": rmode,
+                "level": math.nan if level is None else float(level),
+                "codec_options": json.dumps(opts, sort_keys=True),
+                "abs_bound_mean": sum(bounds[i]) / len(bounds[i]) if bounds[i] else math.nan,
+                "ratio": g.bytes_per_expert * len(stored[i]) / sum(stored[i]),
+                "ratio_min": min(per_expert), "ratio_max": max(per_expert),
+                "original_bytes_per_expert": int(g.bytes_per_expert),
+                "compressed_bytes_per_expert": sum(stored[i]) / len(stored[i]),
+                "n_experts": len(picks[layer]), "n_experts_total": g.experts_per_layer,
+                "max_err_over_bound": worst[i] if bounds[i] else math.nan,
+                "source": "measured"})
     if progress:
-        progress(len(todo), len(todo), "ratios")
+        progress(total, total, "ratios")
     return pd.DataFrame(rows, columns=list(RATIO_COLUMNS))
