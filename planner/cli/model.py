@@ -40,6 +40,8 @@ def info(
         ckpt = checkpoint_info(model, trust_remote_code=trust_remote_code)
         geometry, fingerprint = ckpt.geometry, ckpt.fingerprint
     else:
+        if weighted:
+            _refuse_pickles(model)
         geometry = resolve_geometry(model, trust_remote_code=trust_remote_code)
     source = _source(model, fingerprint is not None)
     if as_json:
@@ -101,6 +103,18 @@ def _has_weights(model: str) -> bool:
     path = builtin_dir() if model == "builtin" else Path(model).expanduser()
     return path.is_dir() and (any(path.glob("*.safetensors"))
                               or (path / "model.safetensors.index.json").is_file())
+
+
+def _refuse_pickles(model: str) -> None:
+    """A checkpoint with pickle weights only: refused (never unpickled) unless --no-fingerprint."""
+    from pathlib import Path
+
+    from profiles.models.files import _refuse_without_safetensors
+
+    path = Path(model).expanduser()
+    if path.is_dir() and any(p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+                             for p in path.iterdir()):
+        _refuse_without_safetensors(path)
 
 
 def _source(model: str, weighted: bool) -> str:

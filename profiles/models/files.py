@@ -326,6 +326,7 @@ def _refuse_without_safetensors(path: Path) -> None:
         raise ModelError(f"{path}: only pickle checkpoints ({pickled[0]}); moesz reads "
                          f"safetensors only and never unpickles (pickle can run code) — convert "
                          f"with transformers' save_pretrained(..., safe_serialization=True) in a "
-                         f"trusted environment")
+                         f"trusted environment (`moesz model info --no-fingerprint` reports the "
+                         f"geometry of config.json)")
     raise ModelError(f"{path}: no *.safetensors weights; moesz model info still reports the "
                      f"geometry of config.json with --no-fingerprint")
