@@ -294,6 +294,10 @@ def apply_policy(loaded, policy: Policy, surrogate: str | None = None, seed: int
         raise PolicyError(f"{loaded.spec}: MXFP4 experts cannot be compressed by any moesz codec")
     emap = loaded.expert_map
     policy.check(emap.moe_layers, emap.experts_per_layer, loaded.fingerprint)
+    if getattr(loaded, "offload", None) is not None:
+        with _offloaded_policy(loaded, policy, surrogate, progress) as report:
+            yield report
+        return
     restorer, rows, raw_sizes = WeightRestorer(), [], {}
     try:
         for i, ref in enumerate(emap.experts):
@@ -327,6 +331,35 @@ def apply_policy(loaded, policy: Policy, surrogate: str | None = None, seed: int
         yield PolicyReport(tuple(rows), surrogate, seed, restorer.nbytes)
     finally:
         restorer.restore()
+
+
+@contextmanager
+def _offloaded_policy(loaded, policy: Policy, surrogate: str | None, progress
+                      ) -> Iterator[PolicyReport]:
+    """`apply_policy` for a model whose experts stay on disk: the experts are served from the
+    policy's real blobs (each encoded from the files, decoded when its layer runs); one pass
+    over every expert measures the stored bytes first."""
+    from profiles.models.offload import FileReader
+
+    reader = getattr(loaded.offload.reader, "source", None)
+    if reader is None:
+        raise PolicyError(f"{loaded.spec} is a packed checkpoint: its experts are stored under "
+                          f"its own policy; apply another policy to the original checkpoint")
+    if surrogate is not None:
+        raise PolicyError("surrogate noise edits weights in memory; a model served from disk "
+                          "(--host-mem) takes real codec round trips only")
+    files = FileReader(loaded.offload.reader.source, policy)
+    g, emap, rows = loaded.geometry, loaded.expert_map, []
+    with loaded.offload.using(files):
+        for i, (layer, e) in enumerate((r.layer, r.expert) for r in emap.experts):
+            rec = loaded.offload.record((layer, e))
+            bounds = [b.abs_bound for b in (rec.blobs or {}).values() if b.abs_bound]
+            rows.append(ExpertStorage(layer, e, policy.spec_for(layer, e).describe(),
+                                      max(bounds) if bounds else None, rec.nbytes,
+                                      g.bytes_per_expert))
+            if progress is not None:
+                progress(i + 1, len(emap.experts), f"layer {layer} expert {e}")
+        yield PolicyReport(tuple(rows), None, 0, 0)
 
 
 def _surrogate_bound(t: torch.Tensor, spec: StorageSpec) -> float:

@@ -60,7 +60,8 @@ def _tasks(tasks: Optional[str]) -> list[str] | None:
 
 @app.command("eval")
 def eval_(
-    model: str = typer.Argument(..., help="builtin or a local checkpoint directory"),
+    model: str = typer.Argument(..., help="builtin, a local checkpoint directory, or a packed "
+                                "checkpoint (its experts served from disk)"),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated built-in tasks "
                                         "(default: all, or none when --bench is given)."),
     split: str = typer.Option("validate", "--split", help="profile or validate."),
@@ -93,6 +94,10 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the "
                                            "checkpoint's own Python code."),
+    host_mem: Optional[str] = typer.Option(
+        None, "--host-mem", help="Leave the routed experts on disk and keep at most this much of "
+        "them in host memory (e.g. 8GiB, 25%): for models larger than RAM; packed checkpoints "
+        "are always served from disk."),
 ) -> None:
     """Measured accuracy per task with 95 % intervals; with a policy, the paired change."""
     from profiles.evaluation import (UserBenchmark, base_distributions, builtin_calibration,
@@ -112,7 +117,9 @@ def eval_(
     benches = [UserBenchmark(str(p), template=template or DEFAULT_TEMPLATE,
                              extract=extract or DEFAULT_EXTRACT, max_new_tokens=max_new_tokens)
                for p in bench or []]
-    loaded = load_model(model, trust_remote_code=trust_remote_code)
+    loaded = load_model(model, trust_remote_code=trust_remote_code,
+                        host_mem=host_bytes(model, host_mem, trust_remote_code),
+                        offload=host_mem is not None)
     kw = dict(tasks=names, split=split, limit=limit, batch_size=batch_size, benchmarks=benches)
     fid = ppl = report = None
     with _progress_bar("evaluate", not as_json) as progress, torch_threads(threads):
@@ -132,6 +139,8 @@ def eval_(
     verdicts = result.verdicts(alpha) if policy is not None else {}
     doc = _eval_doc(result, base, policy is not None, verdicts, label, surrogate, seed, report,
                     fid, ppl_base, ppl)
+    if loaded.offload is not None:
+        doc["experts_from_disk"] = offload_summary(loaded)
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
         return
@@ -171,6 +180,34 @@ def _eval_doc(result, base, paired, verdicts, label, surrogate, seed, report, fi
     if ppl is not None:
         doc["perplexity"] = ppl.to_dict()
     return doc
+
+
+def host_bytes(model: str, host_mem: Optional[str], trust_remote_code: bool = False
+               ) -> int | None:
+    """--host-mem in bytes (a fraction is of the model's routed-expert bytes); None: unlimited."""
+    if host_mem is None:
+        return None
+    from profiles.serving import parse_mem
+
+    budget = parse_mem(host_mem, what="--host-mem")
+    if budget.bytes is not None or budget.fraction is None:
+        return budget.bytes
+    from profiles.models import resolve_geometry
+    from profiles.packed import is_packed, read_packed
+
+    g = read_packed(model, verify=False).geometry if is_packed(model) else \
+        resolve_geometry(model, trust_remote_code)
+    return int(budget.fraction * g.routed_expert_bytes)
+
+
+def offload_summary(loaded) -> dict:
+    """What serving the experts from disk did (measured counts), for output documents."""
+    from profiles.packed.write import peak_rss_bytes
+
+    s = loaded.offload.stats
+    return {"host_budget_bytes": loaded.offload.budget, "expert_reads": s.reads,
+            "read_bytes": s.read_bytes, "host_hits": s.hits,
+            "host_peak_bytes": s.host_peak_bytes, "peak_rss_bytes": peak_rss_bytes()}
 
 
 def _fmt(iv: dict, signed: bool = False) -> str:
@@ -229,6 +266,13 @@ def _print_eval(doc: dict, alpha: float) -> None:
             p = doc[key]
             notes.append(f"perplexity of {what} model on {p['path']} (measured, {p['tokens']} "
                          f"tokens): {p['perplexity']:.3f}")
+    if "experts_from_disk" in doc:
+        d = doc["experts_from_disk"]
+        budget = "unlimited" if d["host_budget_bytes"] is None else f"{d['host_budget_bytes']:,}"
+        notes.append(f"experts served from disk (measured): {d['expert_reads']:,} expert reads, "
+                     f"{d['read_bytes']:,} bytes read, {d['host_hits']:,} host hits; host "
+                     f"budget {budget} bytes, peak held {d['host_peak_bytes']:,}; process peak "
+                     f"resident memory {d['peak_rss_bytes']:,} bytes")
     for n in notes:
         _out.print(n, highlight=False, markup=False)
 

@@ -96,6 +96,13 @@ class CheckpointFiles:
             files, weight_map = tuple(sorted(path.glob("*.safetensors"))), None
         if not files:
             _refuse_without_safetensors(path)
+        return cls.open_files(path, files, weight_map)
+
+    @classmethod
+    def open_files(cls, path: Path, files: tuple[Path, ...],
+                   weight_map: dict[str, str] | None = None) -> "CheckpointFiles":
+        """Read and check the headers of these safetensors `files` (of directory `path`)."""
+        index = path / INDEX
         tensors: dict[str, TensorInfo] = {}
         for file in files:
             for info in _read_header(file):

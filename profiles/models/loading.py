@@ -60,6 +60,7 @@ class LoadedModel:
     expert_map: ExpertMap
     fingerprint: str
     spec: str
+    offload: Any = None   # profiles.models.offload.OffloadedExperts when experts stay on disk
 
 
 def resolve_geometry(spec: str, trust_remote_code: bool = False) -> ModelGeometry:
@@ -141,7 +142,8 @@ def _has_safetensors(path: Path) -> bool:
 
 
 def load_model(spec: str, trust_remote_code: bool = False, dtype: str | None = None,
-               device: str | torch.device | None = None) -> LoadedModel:
+               device: str | torch.device | None = None, host_mem: int | None = None,
+               offload: bool = False) -> LoadedModel:
     """Load a weighted MoE model for evaluation and perturbation.
 
     Args:
@@ -150,6 +152,10 @@ def load_model(spec: str, trust_remote_code: bool = False, dtype: str | None = N
         dtype: `bf16`, `fp16` or `fp32` to load in; default: the checkpoint's dtype, and fp32 for
             FP8 checkpoints (exact dequantization).
         device: where to put the model (default CPU).
+        host_mem: with `offload`, bytes of expert records kept in host memory (None: all).
+        offload: leave the routed experts on disk and read each layer's routed experts when it
+            runs (`profiles.models.offload`): for models larger than host memory. A packed
+            checkpoint directory is always served this way.
 
     Raises:
         ModelError: a weightless spec, a missing directory, pickle-only or MXFP4 checkpoints, or a
@@ -159,6 +165,15 @@ def load_model(spec: str, trust_remote_code: bool = False, dtype: str | None = N
     if kind in ("preset", "arch"):
         raise ModelError(f"{spec} is a geometry without weights; load_model needs builtin or a "
                          f"local checkpoint directory (moesz model info works on {spec})")
+    from profiles.packed.records import is_packed
+
+    if kind == "dir" and is_packed(Path(arg).expanduser()):
+        return _load_offloaded(spec, trust_remote_code, host_mem, packed=True)
+    if offload or host_mem is not None:
+        if dtype is not None or device not in (None, "cpu"):
+            raise ModelError("--host-mem serves experts from disk in the checkpoint's dtype on "
+                             "the CPU; drop --dtype/--device or --host-mem")
+        return _load_offloaded(spec, trust_remote_code, host_mem, packed=False)
     if kind == "builtin":
         model, tokenizer = _load_builtin(_load_dtype(dtype) if dtype else None)
         path = builtin_dir()
@@ -188,6 +203,31 @@ def load_model(spec: str, trust_remote_code: bool = False, dtype: str | None = N
     return LoadedModel(model=model, tokenizer=tokenizer, geometry=geometry, expert_map=emap,
                        fingerprint=info.fingerprint,
                        spec=spec)
+
+
+def _load_offloaded(spec: str, trust_remote_code: bool, host_mem: int | None,
+                    packed: bool) -> LoadedModel:
+    """A LoadedModel whose routed experts stay on disk (`profiles.models.offload`)."""
+    from profiles.models.offload import FileReader, PackedReader, build_offloaded
+    from profiles.models.source import FileExperts, PackedSource
+
+    if host_mem is not None and host_mem < 0:
+        raise ModelError(f"--host-mem {host_mem} must be a byte count >= 0")
+    if packed:
+        source = PackedSource.open(spec)
+        reader = PackedReader(source.ckpt)
+        tokenizer_dir = source.path
+    else:
+        source = FileExperts.open(spec, trust_remote_code)
+        reader = FileReader(source)
+        tokenizer_dir = source.path
+    model, emap, offload = build_offloaded(source, reader, host_mem, trust_remote_code)
+    from profiles.packed import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code)
+    return LoadedModel(model=model, tokenizer=tokenizer, geometry=source.geometry,
+                       expert_map=emap, fingerprint=source.fingerprint, spec=spec,
+                       offload=offload)
 
 
 # --- specs and configs -------------------------------------------------------------------------

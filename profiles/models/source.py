@@ -133,6 +133,58 @@ def _copy(src: Path, dst: Path) -> None:
 
 
 @dataclass
+class PackedSource:
+    """A packed checkpoint's config and non-expert weights, for a model served from its files."""
+
+    spec: str
+    path: Path
+    ckpt: Any          # profiles.packed.PackedCheckpoint (verified)
+    config: Any
+    files: Any         # CheckpointFiles of non_expert.safetensors
+
+    @classmethod
+    def open(cls, spec: str, trust_remote_code: bool = False) -> "PackedSource":
+        """Open and verify (every file's SHA-256) a packed checkpoint directory.
+
+        Raises:
+            PackedError: a missing, corrupt or incomplete packed checkpoint.
+        """
+        from transformers import AutoConfig
+
+        from profiles.models.files import CheckpointFiles
+        from profiles.packed import read_packed
+        from profiles.packed.records import NON_EXPERT, PackedError
+
+        ckpt = read_packed(Path(spec).expanduser(), verify=True)
+        try:
+            config = AutoConfig.from_pretrained(ckpt.path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise PackedError(f"{ckpt.path}/config.json: cannot be read "
+                              f"({str(exc).splitlines()[0]})") from None
+        files = CheckpointFiles.open_files(ckpt.path, (ckpt.path / NON_EXPERT,))
+        return cls(spec, ckpt.path, ckpt, config, files)
+
+    @property
+    def geometry(self) -> ModelGeometry:
+        return self.ckpt.geometry
+
+    @property
+    def fingerprint(self) -> str:
+        return self.ckpt.fingerprint
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.ckpt.manifest["model"].get("dtype", "bfloat16"))
+
+    def non_expert_tensors(self) -> Iterator[tuple[str, Any]]:
+        from profiles.models.files import TensorOut, copy_chunks
+
+        for name, info in self.files.tensors.items():
+            yield name, TensorOut(name, info.dtype, info.shape,
+                                  lambda n=name: copy_chunks(self.files, n))
+
+
+@dataclass
 class LoadedExperts:
     """A model in memory (`profiles.models.LoadedModel`) seen as an expert source."""
 
