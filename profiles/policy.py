@@ -339,6 +339,7 @@ def _offloaded_policy(loaded, policy: Policy, surrogate: str | None, progress
     """`apply_policy` for a model whose experts stay on disk: the experts are served from the
     policy's real blobs (each encoded from the files, decoded when its layer runs); one pass
     over every expert measures the stored bytes first."""
+    from profiles.codecs import compressed_nbytes
     from profiles.models.offload import FileReader
 
     reader = getattr(loaded.offload.reader, "source", None)
@@ -354,8 +355,10 @@ def _offloaded_policy(loaded, policy: Policy, surrogate: str | None, progress
         for i, (layer, e) in enumerate((r.layer, r.expert) for r in emap.experts):
             rec = loaded.offload.record((layer, e))
             bounds = [b.abs_bound for b in (rec.blobs or {}).values() if b.abs_bound]
+            stored = (sum(b.nbytes for b in rec.blobs.values()) if rec.blobs is not None else
+                      sum(compressed_nbytes(t, codec="raw") for t in rec.tensors.values()))
             rows.append(ExpertStorage(layer, e, policy.spec_for(layer, e).describe(),
-                                      max(bounds) if bounds else None, rec.nbytes,
+                                      max(bounds) if bounds else None, stored,
                                       g.bytes_per_expert))
             if progress is not None:
                 progress(i + 1, len(emap.experts), f"layer {layer} expert {e}")

@@ -33,7 +33,7 @@ from profiles.cache import ExpertCache, PerLayerCache, make_cache
 from profiles.errors import ConfigError
 from profiles.runtime import routing
 from profiles.runtime.memory import DeviceBudget, device_budget
-from profiles.runtime.store import ExpertRecord, ExpertStore
+from profiles.runtime.store import ExpertStore
 from profiles.runtime.surgery import restore_experts, swap_experts, timing_hooks
 from profiles.runtime.timeline import Computed, Job, Timeline
 from profiles.runtime.transfers import FetchJob, Transfers
@@ -59,10 +59,11 @@ class OffloadedRuntime:
                  device: str | torch.device = "cpu", keep_originals: bool = True) -> None:
         if serving.host_budget.bytes is not None or serving.host_budget.fraction is not None:
             host = serving.resolve_host_bytes(geometry.routed_expert_bytes)
-            if host is not None and host < store.host_bytes:
+            if host is not None and host < store.host_bytes and not store.on_disk:
                 raise ConfigError(f"--host-mem {serving.host_budget} is smaller than the packed "
-                                  f"experts ({store.host_bytes} bytes); the runtime keeps every "
-                                  f"expert in host memory (no SSD tier) — raise --host-mem")
+                                  f"experts ({store.host_bytes} bytes), which were encoded in "
+                                  f"memory; pack the model (`moesz pack`) and run the packed "
+                                  f"directory to read experts from disk, or raise --host-mem")
         self.model, self.emap, self.geometry, self.store = model, expert_map, geometry, store
         self.serving = serving
         self.device = torch.device(device)
@@ -73,7 +74,7 @@ class OffloadedRuntime:
         self.pos = {layer: i for i, layer in enumerate(self.layers)}
         store.check_model(self.layers, expert_map.experts_per_layer)
         self.compressed = serving.resident_form == "compressed"
-        self.resident_bytes = {k: self._resident_nbytes(r) for k, r in store.records.items()}
+        self.resident_bytes = {k: self._resident_nbytes(r) for k, r in store.infos().items()}
         self.budget: DeviceBudget = device_budget(geometry, serving, self.resident_bytes)
         self.timeline = Timeline(self.device)
         self.transfers = Transfers(self.device, self.timeline, serving.gpu_decode,
@@ -89,7 +90,7 @@ class OffloadedRuntime:
         self.reset()
 
     # -- setup -------------------------------------------------------------------------------
-    def _resident_nbytes(self, r: ExpertRecord) -> int:
+    def _resident_nbytes(self, r) -> int:
         """Device bytes of a cached expert: its record when held compressed (or raw, whose
         tensors view the record), else its decoded tensors."""
         if not r.device_decodable:
@@ -133,6 +134,10 @@ class OffloadedRuntime:
     def reset(self, keep_cache: bool = False) -> None:
         """Drop statistics and the timeline (between warm-up and a run); unless `keep_cache`, also
         empty the cache and drop resident experts (a cold start, as the simulator begins)."""
+        if self.store.on_disk:  # the disk tier counts the measured pass alone
+            d = self.store.records
+            d.reads = d.read_bytes = 0
+            d.peak = d.held
         s = self.serving
         if not keep_cache:
             hot = [(k, self.resident_bytes[k]) for k in (self.hot or [])]

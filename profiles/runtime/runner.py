@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from profiles.errors import ConfigError, PolicyError
+from profiles.errors import ConfigError
 from profiles.runtime.engine import OffloadedRuntime
 from profiles.runtime.generate import greedy_generate, synthetic_prompt
 from profiles.runtime.results import RunResult, tensor_list
@@ -56,10 +56,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def open_model(model: Any, policy=None, device: torch.device | None = None,
                trust_remote_code: bool = False, progress: Progress | None = None,
-               pinned: bool = True, store: ExpertStore | None = None):
+               pinned: bool = True, store: ExpertStore | None = None,
+               serving: ServingConfig | None = None):
     """Resolve `model` to (transformers model, expert map, geometry, store, label, policy,
     keep_originals, tokenizer). `arch:`/`preset:` specs build a random-weight model
-    (`random_model`) on the device.
+    (`random_model`) on the device. A packed directory whose records exceed `serving`'s host
+    budget is served from disk (`DiskRecords`).
 
     Raises:
         PolicyError: the policy was made for another model, or differs from a packed one.
@@ -78,7 +80,9 @@ def open_model(model: Any, policy=None, device: torch.device | None = None,
             if policy is not None:
                 check_policy_matches(ckpt, policy)
             m, emap = build_model(ckpt, trust_remote_code)
-            store = ExpertStore.from_packed(ckpt, pin=pin)
+            host = None if serving is None else serving.resolve_host_bytes(
+                ckpt.geometry.routed_expert_bytes)
+            store = ExpertStore.from_packed(ckpt, pin=pin, host_budget_bytes=host)
             return (m, emap, ckpt.geometry, store, str(model), ckpt.policy, False,
                     load_tokenizer(ckpt.path, trust_remote_code))
         if is_geometry_spec(str(model)):
@@ -141,7 +145,8 @@ def measure_throughput(model: Any, policy=None, serving: ServingConfig = Serving
     """
     dev = resolve_device(device)
     m, emap, geometry, store, label, policy, keep, _ = open_model(
-        model, policy, dev, trust_remote_code, progress, pinned=serving.pinned, store=store)
+        model, policy, dev, trust_remote_code, progress, pinned=serving.pinned, store=store,
+        serving=serving)
     if prompt_ids is not None:
         serving = replace(serving, batch_size=int(prompt_ids.shape[0]),
                           prompt_tokens=int(prompt_ids.shape[1]))
@@ -221,12 +226,18 @@ def _result(rt: OffloadedRuntime, gen, label: str, policy, dev, serving) -> RunR
     if dev.type == "cuda" and rt.mode != "none":
         notes.append("prefetch copies share the copy stream with demand copies in issue order "
                      "(a CUDA stream cannot reorder them; the simulator lets demand go first)")
-    if any(not r.device_decodable for r in rt.store.records.values()):
+    infos = rt.store.infos()
+    if any(not r.device_decodable for r in infos.values()):
         notes.append("experts with host codecs were decoded on CPU worker threads and sent raw")
     routing = [(phase, [(rt.layers[li], pair) for li, pair in enumerate(layers)])
                for phase, layers in rt.routing]
     sizes = {k: (r.stored_nbytes, r.link_nbytes, rt.resident_bytes[k])
-             for k, r in rt.store.records.items()}
+             for k, r in infos.items()}
+    if rt.store.on_disk:
+        d = rt.store.records
+        notes.append(f"disk tier: {d.reads} expert records read from {rt.store.source} "
+                     f"({d.read_bytes} bytes, measured), at most {d.peak} bytes held in host "
+                     f"memory; reads go through the page cache")
     return RunResult(
         model=label, policy=_describe_policy(policy), device=str(dev), batch_size=B,
         prompt_tokens=serving.prompt_tokens, steps=steps, tokens=B * steps, time_s=end,

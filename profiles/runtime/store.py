@@ -68,6 +68,92 @@ class ExpertRecord:
         return tuple(dict.fromkeys(t.blob.codec for t in self.tensors))
 
 
+@dataclass(frozen=True)
+class RecordInfo:
+    """What the runtime plans with about an expert before reading it: sizes and where it
+    decodes (from the record itself, or from a packed manifest for records left on disk)."""
+
+    stored_nbytes: int
+    original_nbytes: int
+    device_decodable: bool
+    codecs: tuple[str, ...]
+
+    @property
+    def link_nbytes(self) -> int:
+        return self.stored_nbytes if self.device_decodable else self.original_nbytes
+
+    @classmethod
+    def of(cls, r: "ExpertRecord") -> "RecordInfo":
+        return cls(r.stored_nbytes, r.original_nbytes, r.device_decodable, r.codecs)
+
+
+class DiskRecords:
+    """A packed checkpoint's records read from its layer files on demand, with an LRU of at most
+    `budget_bytes` in host memory: the disk tier, for experts that do not fit the host budget.
+    Every read is counted (`reads`, `read_bytes`)."""
+
+    def __init__(self, ckpt, budget_bytes: int, pin: bool = False) -> None:
+        from collections import OrderedDict
+
+        self.ckpt, self.budget, self.pin = ckpt, int(budget_bytes), pin
+        self.entries = {e.key: e for e in ckpt.experts}
+        self.cache: "OrderedDict[Key, ExpertRecord]" = OrderedDict()
+        self.held = self.peak = self.reads = self.read_bytes = 0
+        self._fds: dict[str, int] = {}
+
+    def __getitem__(self, key: Key) -> "ExpertRecord":
+        rec = self.cache.get(key)
+        if rec is not None:
+            self.cache.move_to_end(key)
+            return rec
+        import os
+
+        from profiles.packed.records import PackedError
+
+        e = self.entries[key]
+        fd = self._fds.get(e.file)
+        if fd is None:
+            fd = self._fds[e.file] = os.open(self.ckpt.path / e.file, os.O_RDONLY)
+        host = torch.empty(e.size, dtype=torch.uint8, pin_memory=self.pin)
+        n = os.preadv(fd, [memoryview(host.numpy())], e.offset)
+        if n != e.size:
+            raise PackedError(f"{self.ckpt.path / e.file}: read {n} of {e.size} bytes of layer "
+                              f"{e.layer} expert {e.expert}; the file is truncated — repack")
+        self.reads += 1
+        self.read_bytes += e.size
+        rec = _record(e.layer, e.expert, e.spec, host, e.blobs, e.original_bytes,
+                      f"{self.ckpt.path / e.file} layer {e.layer} expert {e.expert}")
+        self.cache[key] = rec
+        self.held += e.size
+        while self.held > self.budget and len(self.cache) > 1:
+            _, old = self.cache.popitem(last=False)
+            self.held -= old.stored_nbytes
+        self.peak = max(self.peak, self.held)
+        return rec
+
+    def __contains__(self, key) -> bool:
+        return key in self.entries
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def infos(self) -> dict[Key, RecordInfo]:
+        from profiles.policy import StorageSpec
+        from profiles.runtime.device_decode import decodes_in_place
+
+        out = {}
+        for key, e in self.entries.items():
+            try:
+                codec = StorageSpec.parse(e.spec).codec
+            except Exception:  # noqa: BLE001 — an unparsable spec decodes on the host
+                codec = "?"
+            out[key] = RecordInfo(e.size, e.original_bytes, decodes_in_place(codec), (codec,))
+        return out
+
+
 def _device_decodable(blobs: Iterable[Any]) -> bool:
     from profiles.runtime.device_decode import decodes_in_place
 
@@ -108,13 +194,32 @@ class ExpertStore:
         return len(self.records)
 
     @property
+    def on_disk(self) -> bool:
+        """Whether records are read from disk on demand (the disk tier)."""
+        return isinstance(self.records, DiskRecords)
+
+    def infos(self) -> dict[Key, RecordInfo]:
+        """Sizes and decode place of every expert, without reading any from disk."""
+        if self.on_disk:
+            return self.records.infos()
+        return {k: RecordInfo.of(r) for k, r in self.records.items()}
+
+    @property
     def host_bytes(self) -> int:
-        """Host memory held by the expert records (pinned when CUDA is used)."""
-        return sum(r.stored_nbytes for r in self.records.values())
+        """Host memory held by the expert records (pinned when CUDA is used): all of them, or
+        the disk tier's host budget."""
+        if self.on_disk:
+            return min(self.records.budget, self.stored_bytes)
+        return self.stored_bytes
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of every expert record, wherever it is held."""
+        return sum(i.stored_nbytes for i in self.infos().values())
 
     @property
     def original_bytes(self) -> int:
-        return sum(r.original_nbytes for r in self.records.values())
+        return sum(i.original_nbytes for i in self.infos().values())
 
     @classmethod
     def from_loaded(cls, loaded, policy, pin: bool = False, progress: Progress | None = None,
@@ -171,10 +276,17 @@ class ExpertStore:
         return cls(records, policy, fingerprint, "encoded in memory")
 
     @classmethod
-    def from_packed(cls, ckpt, pin: bool = False) -> "ExpertStore":
+    def from_packed(cls, ckpt, pin: bool = False, host_budget_bytes: int | None = None
+                    ) -> "ExpertStore":
         """Read a packed checkpoint's expert files into (pinned) host memory and parse every blob
-        (CRC32 checked); `ckpt` is a `profiles.packed.PackedCheckpoint`."""
+        (CRC32 checked); `ckpt` is a `profiles.packed.PackedCheckpoint`. With a host budget
+        below the packed expert bytes, records stay on disk and are read on demand through an
+        LRU of that many bytes (`DiskRecords`)."""
         from profiles.packed import read_expert_files
+
+        if host_budget_bytes is not None and host_budget_bytes < ckpt.stored_expert_bytes:
+            return cls(DiskRecords(ckpt, host_budget_bytes, pin), ckpt.policy, ckpt.fingerprint,
+                       f"{ckpt.path} (disk tier, {host_budget_bytes} bytes in host memory)")
 
         files = read_expert_files(ckpt, pin=pin)
         records = {}
@@ -187,7 +299,7 @@ class ExpertStore:
     def check_model(self, moe_layers, experts_per_layer: int) -> None:
         """Raise PolicyError unless the store holds every expert of a model with this shape."""
         want = {(layer, e) for layer in moe_layers for e in range(experts_per_layer)}
-        missing = sorted(want - set(self.records))
+        missing = sorted(want - set(iter(self.records)))
         if missing:
             layer, e = missing[0]
             raise PolicyError(f"expert store ({self.source}) lacks layer {layer} expert {e}; it "

@@ -147,12 +147,33 @@ def test_packed_directory_serves_the_same_tokens(tiny_loaded, tmp_path):
         measure_throughput(ckpt.path, Policy.none(), serving(), prompt_ids=ids, device="cpu")
 
 
+def test_packed_directory_below_the_host_budget_reads_experts_from_disk(tiny_loaded, tmp_path):
+    """The disk tier: records beyond --host-mem stay in the layer files and are read on demand;
+    the tokens and logits are those of the all-in-memory packed run, the host never holds more
+    than the budget, and what was read is counted."""
+    lm = tiny_loaded()
+    ids = prompt(lm)
+    ckpt = pack(lm, SZP, tmp_path / "ckpt")
+    budget = ckpt.stored_expert_bytes // 4
+    ram = measure_throughput(ckpt.path, None, serving(), prompt_ids=ids, device="cpu",
+                             record_logits=True)
+    disk = measure_throughput(ckpt.path, None, serving(host_mem_bytes=budget), prompt_ids=ids,
+                              device="cpu", record_logits=True)
+    assert disk.output_ids == ram.output_ids
+    assert all(torch.equal(a, b) for a, b in zip(disk.logits, ram.logits))
+    assert disk.host_expert_bytes == budget
+    note = next(n for n in disk.notes if n.startswith("disk tier"))
+    reads, held = int(note.split()[2]), int(note.split("at most ")[1].split()[0])
+    assert reads > 0 and held <= budget
+    assert disk.expert_sizes == ram.expert_sizes
+
+
 def test_bad_budgets_are_refused(tiny_loaded):
     lm = tiny_loaded()
     with pytest.raises(ConfigError, match="raise --gpu-mem"):
         measure_throughput(lm, SZP, serving(gpu_mem_fraction=None, gpu_mem_bytes=1000),
                            device="cpu")
-    with pytest.raises(ConfigError, match="no SSD tier"):
+    with pytest.raises(ConfigError, match="encoded in memory; pack the model"):
         measure_throughput(lm, SZP, serving(host_mem_bytes=10), device="cpu")
     with pytest.raises(PolicyError, match="fingerprint"):
         measure_throughput(lm, SZP.with_fingerprint("fp2:0000000000000000"), serving(),

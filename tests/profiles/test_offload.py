@@ -1,0 +1,76 @@
+"""Models evaluated with their routed experts on disk (`profiles.models.offload`): logits bit for
+bit those of the model in memory, a policy's real blobs instead of edited weights, a host budget
+that is kept, and packed checkpoints served the same way."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from planner.cli import app
+from profiles.errors import ModelError, PolicyError
+from profiles.models import load_model
+from profiles.packed import pack
+from profiles.policy import Policy, StorageSpec, apply_policy
+from tests.fixtures_models import save_tiny_model
+
+SZP = Policy(default=StorageSpec.parse("szp:meanabs:1"))
+IDS = torch.tensor([[1, 5, 9, 3, 4, 7, 2, 2, 8, 11, 6, 4]])
+
+
+def logits(loaded):
+    with torch.no_grad():
+        return loaded.model(IDS).logits
+
+
+def test_builtin_from_disk_gives_the_in_memory_logits_bit_for_bit():
+    memory, disk = load_model("builtin"), load_model("builtin", host_mem=150_000)
+    assert torch.equal(logits(memory), logits(disk))
+    s = disk.offload.stats
+    assert s.reads > 0 and s.host_peak_bytes <= 150_000 and len(s.layers_seen) == 8
+    with apply_policy(memory, SZP) as a:
+        ref = logits(memory)
+    with apply_policy(disk, SZP) as b:
+        got = logits(disk)
+    assert torch.equal(ref, got)
+    assert a.stored_bytes == b.stored_bytes
+    assert torch.equal(logits(disk), logits(memory))   # the policy is gone after the block
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+def test_every_layout_from_disk(arch, tmp_path):
+    path = save_tiny_model(arch, tmp_path / arch)
+    memory, disk = load_model(str(path)), load_model(str(path), offload=True)
+    assert torch.equal(logits(memory), logits(disk))
+
+
+def test_packed_checkpoint_is_served_from_disk(tmp_path):
+    path = save_tiny_model("qwen3_moe", tmp_path / "q")
+    memory = load_model(str(path))
+    ckpt = pack(str(path), SZP, tmp_path / "packed")
+    disk = load_model(str(ckpt.path), host_mem=ckpt.stored_expert_bytes // 3)
+    with apply_policy(memory, SZP):
+        assert torch.equal(logits(memory), logits(disk))
+    assert disk.fingerprint == memory.fingerprint
+    with pytest.raises(PolicyError, match="packed checkpoint"):
+        with apply_policy(disk, SZP):
+            pass
+
+
+def test_bad_offload_options(tmp_path):
+    with pytest.raises(ModelError, match="--host-mem -1"):
+        load_model("builtin", host_mem=-1)
+    with pytest.raises(ModelError, match="drop --dtype"):
+        load_model("builtin", host_mem=100, dtype="fp32")
+
+
+def test_model_eval_with_host_mem_reports_disk_reads():
+    r = CliRunner().invoke(app, ["model", "eval", "builtin", "--limit", "4", "--tasks", "sort",
+                                 "--host-mem", "5%", "--uniform", "szp:meanabs:1", "--json"])
+    assert r.exit_code == 0, r.output
+    import json
+
+    doc = json.loads(r.output)
+    d = doc["experts_from_disk"]
+    assert d["expert_reads"] > 0 and d["host_peak_bytes"] <= d["host_budget_bytes"]
