@@ -89,7 +89,8 @@ def read_plan(path: str | Path, model: str | None = None) -> PlanFacts:
 def validate_plan(plan: str | Path, *, split: str = "validate", limit: int | None = None,
                   tasks: Sequence[str] | None = None, model: str | None = None,
                   cache_dir: str | Path | None = None, batch_size: int = 64,
-                  threads: int | None = 1, progress: Progress | None = None) -> dict:
+                  threads: int | None = 1, progress: Progress | None = None,
+                  host_mem: int | None = None, offload: bool = False) -> dict:
     """Measure a plan's accuracy for real and judge it against its budget.
 
     Args:
@@ -103,6 +104,9 @@ def validate_plan(plan: str | Path, *, split: str = "validate", limit: int | Non
         batch_size: prompts per forward pass.
         threads: torch intra-op threads while evaluating (None: leave torch's setting).
         progress: `progress(done, total, label)`.
+        host_mem, offload: evaluate with the routed experts on disk, at most `host_mem` bytes of
+            them in host memory (`profiles.models.offload`), for models larger than RAM; the
+            arithmetic is then the model's own dtype.
 
     Returns:
         The validation document (kind `validation`): `measured`, `predicted`, `budget`,
@@ -122,7 +126,8 @@ def validate_plan(plan: str | Path, *, split: str = "validate", limit: int | Non
     t0 = time.perf_counter()
     with torch_threads(threads):
         try:
-            loaded = load_model(facts.model_spec)
+            loaded = load_model(facts.model_spec, host_mem=host_mem,
+                                offload=offload or host_mem is not None)
         except ModelError as exc:
             raise PlanError(f"{facts.path}: its model {facts.model_spec!r} cannot be loaded "
                             f"({exc}); pass --model") from None
@@ -130,7 +135,7 @@ def validate_plan(plan: str | Path, *, split: str = "validate", limit: int | Non
             raise PlanError(f"{facts.path} was made for model fingerprint {facts.fingerprint}, but "
                             f"{facts.model_spec} has {loaded.fingerprint}; make a plan for this "
                             f"model (moesz profile model, then moesz plan)")
-        wide = _wants_fp32(loaded)
+        wide = _wants_fp32(loaded) and loaded.offload is None
         cache = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "moesz"
         name = loaded.fingerprint.replace(":", "_")
         base_file = cache / f"baseline-{name}-{split}-{limit}{'-fp32' if wide else ''}.json"
@@ -154,6 +159,10 @@ def validate_plan(plan: str | Path, *, split: str = "validate", limit: int | Non
                       if wide else f"the model's own dtype on {next(loaded.model.parameters()).device}")
     doc["timings_s"] = {"load_and_baseline": t1 - t0, "apply_policy": t2 - t1,
                         "evaluate_plan": t3 - t2, "source": "measured (wall clock)"}
+    if loaded.offload is not None:
+        from planner.cli.model_eval import offload_summary
+
+        doc["experts_from_disk"] = offload_summary(loaded)
     return doc
 
 

@@ -40,8 +40,10 @@ def validate(
                                  "with `moesz profile hardware`)."),
     gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="--throughput: GPU budget "
                                           "(default: the plan's, else 25%)."),
-    host_mem: Optional[str] = typer.Option(None, "--host-mem", help="--throughput: host budget "
-                                           "for stored experts."),
+    host_mem: Optional[str] = typer.Option(None, "--host-mem", help="Host budget for stored "
+                                           "experts: with --throughput the runtime's; otherwise "
+                                           "the routed experts stay on disk and at most this "
+                                           "much of them is held (models larger than RAM)."),
     cache: Optional[str] = typer.Option(None, "--cache", help="--throughput: lru, lfu, static-hot."),
     prefetch: Optional[str] = typer.Option(None, "--prefetch", help="--throughput: none, next:ACC, "
                                            "oracle."),
@@ -78,13 +80,16 @@ def validate(
     if policy or uniform:
         raise ConfigError("--policy/--uniform apply to --throughput; accuracy validation uses the "
                           "plan's own policy")
-    from planner.validate import validate_plan
+    from planner.cli.model_eval import host_bytes
+    from planner.validate import read_plan, validate_plan
 
     names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     with _progress_bar("validate", not as_json) as progress:
         doc = validate_plan(plan, split=split, limit=limit, tasks=names, model=model,
                             cache_dir=cache_dir, batch_size=batch_size, threads=threads,
-                            progress=progress)
+                            progress=progress, host_mem=host_bytes(
+                                model or read_plan(plan).model_spec, host_mem)
+                            if host_mem else None)
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
         return
@@ -120,6 +125,12 @@ def print_validation(doc: dict, console: Console) -> None:
         host = p.get("host_mem_bytes")
         console.print(f"stored expert bytes: measured {m['stored_bytes']:,} (ratio {m['ratio']:.2f}x"
                       f")" + (f"; predicted {host:,.0f}" if isinstance(host, (int, float)) else ""))
+    if "experts_from_disk" in doc:
+        d = doc["experts_from_disk"]
+        console.print(f"experts served from disk (measured): {d['expert_reads']:,} reads, "
+                      f"{d['read_bytes']:,} bytes, host peak {d['host_peak_bytes']:,} of "
+                      f"{d['host_budget_bytes']:,} bytes; arithmetic in {doc['compute']}",
+                      highlight=False)
     v = doc["verdict"]
     console.print(f"verdict: [bold {_VERDICT_STYLE[v]}]{v}[/] — {doc['verdict_detail']['reason']}")
 

@@ -227,3 +227,18 @@ def test_throughput_check_on_cpu_compares_traffic_not_timings():
     for field in ("tokens_per_s", "tpot_s"):
         assert not rows[field]["comparable"] and rows[field]["relative_error"] is None
     assert any("needs a CUDA GPU" in n for n in doc["notes"])
+
+
+@pytest.mark.slow
+def test_validation_with_experts_on_disk_measures_what_memory_does(demo, tmp_path):
+    """--host-mem: the plan validated with the experts served from disk under a small host
+    budget; same measured accuracies as in memory at the same (bf16) arithmetic."""
+    from planner.validate import validate_plan
+
+    out, _, _ = demo
+    doc = validate_plan(out / "plan.json", limit=4, tasks=["sort"], cache_dir=tmp_path,
+                        host_mem=200_000)
+    d = doc["experts_from_disk"]
+    assert d["expert_reads"] > 0 and d["host_peak_bytes"] <= 200_000
+    assert "model's own dtype" in doc["compute"]
+    assert doc["measured"]["stored_bytes"] < doc["measured"]["original_bytes"]
