@@ -9,6 +9,7 @@ test wants to hold, so tensors are generated and written in pieces of `CHUNK` va
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +62,7 @@ def random_bf16(n: int, rng: np.random.Generator, norm: bool):
 
 
 def write_random_checkpoint(out: Path, arch: str = "mixtral", layers: int = 2, shards: int = 4,
-                            seed: int = 0, **overrides) -> int:
+                            seed: int = 0, tokenizer: bool = True, **overrides) -> int:
     """Write a random bf16 checkpoint of `arch` (its default, real widths) with `layers` decoder
     layers into `out` as `shards` safetensors files plus the index; memory stays at one piece.
     Returns the bytes of tensor data written."""
@@ -91,4 +92,8 @@ def write_random_checkpoint(out: Path, arch: str = "mixtral", layers: int = 2, s
         weight_map.update({n: fname for n, _ in group})
     atomic_write_json(out / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
     atomic_write_json(out / "config.json", config)
+    if tokenizer:  # the built-in character tokenizer, so the built-in tasks run (ids < vocab)
+        from profiles.models.loading import builtin_dir
+
+        shutil.copyfile(builtin_dir() / "tokenizer.json", out / "tokenizer.json")
     return total
