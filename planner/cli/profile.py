@@ -174,18 +174,23 @@ def model_cmd(
     threads: int = typer.Option(1, "--threads", help="Torch threads for evaluation (run one "
                                 "worker per core instead of more threads)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    host_mem: Optional[str] = typer.Option(
+        None, "--host-mem", help="Leave the routed experts on disk, holding at most this much of "
+        "them in host memory (e.g. 8GiB, 25%): for models larger than RAM."),
     ratios_only: bool = typer.Option(
         False, "--ratios-only", help="Only measure compression ratios, streamed expert by expert "
         "from the checkpoint's files (no model is loaded); a full run reuses them."),
 ) -> None:
     """Profile a model: compression ratios, accuracy sensitivity, routing traces -> DIR."""
+    from planner.cli.model_eval import host_bytes
     from profiles.profiling import ProfileRequest, profile_model
 
     request = ProfileRequest(
         model=model, out=out, codecs=codecs, mode=mode, levels=levels, layers=layers,
         groups=groups, target=target, limit=limit, tasks=tasks, split=split, design=design,
         storage=storage, max_evals=max_evals, ratio_sample=ratio_sample, seed=seed,
-        wait_for_others=not no_wait, threads=threads, command=_command(ctx))
+        wait_for_others=not no_wait, threads=threads, command=_command(ctx),
+        host_mem=host_bytes(model, host_mem) if host_mem else None)
     if ratios_only:
         _ratios_only(request, as_json)
         return

@@ -263,4 +263,13 @@ def expert_source(model) -> "FileExperts | LoadedExperts":
         return model
     if isinstance(model, str):
         return FileExperts.open(model)
+    offload = getattr(model, "offload", None)
+    if offload is not None:  # its expert tensors are shared buffers: read the files instead
+        source = getattr(offload.reader, "source", None)
+        if source is None:
+            from profiles.errors import ModelError
+
+            raise ModelError(f"{model.spec}: a packed checkpoint's experts are stored under its "
+                             f"policy; read the original checkpoint instead")
+        return source
     return LoadedExperts(model)

@@ -68,6 +68,7 @@ class ProfileRequest:
     catastrophic_drop: float | None = 0.5
     heartbeat_s: float = 10.0
     grace_s: float = 120.0
+    host_mem: int | None = None          # bytes: evaluate with the routed experts on disk
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ def _profile(req: ProfileRequest, progress: Progress | None, t0: float) -> Profi
     out = Path(req.out)
     _check_options(req)               # fail before the (slow) model load where possible
     _report(progress, 0, 1, "loading model")
-    loaded = _load(req.model)
+    loaded = _load(req.model, req.host_mem)
     g = loaded.geometry
     spec = _grid_spec(req, g)
     points = build_points(spec, g.moe_layers, g.experts_per_layer)
@@ -245,8 +246,9 @@ def _split_list(value) -> list[str]:
     return list(value)
 
 
-def _load(spec: str):
-    """load_model with transformers' own progress bars off (moesz reports progress itself)."""
+def _load(spec: str, host_mem: int | None = None):
+    """load_model with transformers' own progress bars off (moesz reports progress itself); with
+    `host_mem`, the routed experts stay on disk (`profiles.models.offload`)."""
     from transformers.utils import logging as hf_logging
 
     from profiles.models import load_model
@@ -254,7 +256,7 @@ def _load(spec: str):
     enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        return load_model(spec)
+        return load_model(spec, host_mem=host_mem, offload=host_mem is not None)
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
@@ -332,6 +334,11 @@ def _compute_dtype(requested: str, loaded) -> str:
         raise ConfigError(f"compute dtype {requested!r} is unknown; choose auto, native or fp32")
     dtype = next(loaded.model.parameters()).dtype
     on_cpu = next(loaded.model.parameters()).device.type == "cpu"
+    if loaded.offload is not None:   # experts on disk: no second, wider copy of the model
+        if requested == "fp32" and dtype != torch.float32:
+            raise ConfigError("compute dtype fp32 needs the model in memory; with --host-mem "
+                              "the profile evaluates in the model's own dtype")
+        return str(dtype).replace("torch.", "")
     if requested == "fp32" or (requested == "auto" and on_cpu and dtype in (torch.bfloat16,
                                                                             torch.float16)):
         return "fp32"

@@ -96,8 +96,19 @@ def baseline_and_traces(out: Path, view, evalset: dict, req, progress):
 
 
 def layer_digests(loaded, layers) -> dict[int, str]:
-    """blake2b of each MoE layer's routed expert bytes (to recognise identical perturbations)."""
+    """blake2b of each MoE layer's routed expert bytes (to recognise identical perturbations); for
+    a model served from disk, of the storage spec each expert is decoded from (the same spec on
+    the same checkpoint gives the same bytes)."""
     out = {}
+    if loaded.offload is not None:
+        policy = getattr(loaded.offload.reader, "policy", None)
+        for layer in layers:
+            h = hashlib.blake2b(digest_size=16)
+            for e in range(loaded.expert_map.experts_per_layer):
+                h.update((policy.spec_for(layer, e).describe() if policy is not None
+                          else "stored").encode() + b"|")
+            out[layer] = h.hexdigest()
+        return out
     for layer in layers:
         h = hashlib.blake2b(digest_size=16)
         for ref in (r for r in loaded.expert_map.experts if r.layer == layer):

@@ -231,6 +231,11 @@ class ExpertStore:
         """
         emap = loaded.expert_map
         policy.check(emap.moe_layers, emap.experts_per_layer, loaded.fingerprint)
+        if getattr(loaded, "offload", None) is not None:
+            from profiles.errors import ConfigError
+
+            raise ConfigError(f"{loaded.spec}: its experts are served from disk; pack it "
+                              f"(`moesz pack`) and run the packed directory")
         return cls.from_tensors(((r.layer, r.expert, r.tensors) for r in emap.experts), policy,
                                 loaded.fingerprint, pin, len(emap.experts), progress,
                                 encode_device)

@@ -74,3 +74,25 @@ def test_model_eval_with_host_mem_reports_disk_reads():
     doc = json.loads(r.output)
     d = doc["experts_from_disk"]
     assert d["expert_reads"] > 0 and d["host_peak_bytes"] <= d["host_budget_bytes"]
+
+
+@pytest.mark.slow
+def test_profile_with_experts_on_disk_measures_what_memory_does(tmp_path):
+    """Sensitivity profiled with the experts served from disk equals the in-memory profile at
+    the same (native) arithmetic: same KL and answers, point by point."""
+    import pandas as pd
+
+    from profiles.profiling import ProfileRequest, profile_model
+
+    kw = dict(codecs="szp", levels="2", layers="2", groups="none", limit=4, tasks="sort",
+              compute_dtype="native")
+    profile_model(ProfileRequest(model="builtin", out=tmp_path / "mem", **kw))
+    profile_model(ProfileRequest(model="builtin", out=tmp_path / "disk", host_mem=300_000, **kw))
+    a = pd.read_parquet(tmp_path / "mem" / "sensitivity.parquet").sort_values("point_key")
+    b = pd.read_parquet(tmp_path / "disk" / "sensitivity.parquet").sort_values("point_key")
+    cols = [c for c in ("point_key", "task", "content_change", "strict_change", "kl_mean")
+            if c in a.columns]
+    assert a[cols].reset_index(drop=True).equals(b[cols].reset_index(drop=True))
+    ra = pd.read_parquet(tmp_path / "mem" / "ratios.parquet")
+    rb = pd.read_parquet(tmp_path / "disk" / "ratios.parquet")
+    assert ra.equals(rb)   # ratios read from the files, not the shared buffers
