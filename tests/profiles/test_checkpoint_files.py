@@ -269,3 +269,26 @@ def test_random_checkpoint_writer_matches_transformers_layout(tmp_path):
     loaded = load_model(str(path))
     assert loaded.geometry.total_bytes == size and loaded.geometry.shared_expert_bytes > 0
     assert os.path.getsize(path / "config.json") > 0
+
+
+def test_ratios_only_streams_from_the_files_without_loading(tmp_path, monkeypatch):
+    path = _shard_dir(tmp_path)
+    import pandas as pd
+    import transformers
+
+    def refuse(*a, **k):
+        raise AssertionError("--ratios-only must not load the model")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    out = tmp_path / "prof"
+    r = runner.invoke(app, ["profile", "model", str(path), "--out", str(out), "--ratios-only",
+                            "--codecs", "szp", "--levels", "1", "--ratio-sample", "2"])
+    assert r.exit_code == 0, r.output
+    frame = pd.read_parquet(out / "ratios.parquet")
+    assert set(frame.codec) == {"szp", "lossless", "rtn8", "rtn4"}
+    assert (frame.n_experts == 2).all() and (frame.ratio > 1).all()
+    monkeypatch.undo()
+    from profiles.profiling.ratios import measure_ratios
+
+    ref = measure_ratios(load_model(str(path)), ["szp"], "meanabs", [1.0], sample=2)
+    assert ref["ratio"].tolist() == frame["ratio"].tolist()
