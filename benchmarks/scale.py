@@ -57,13 +57,13 @@ def run_step(label: str, argv: list[str]) -> dict:
 
 
 def steps(ckpt: Path, work: Path, expert_bytes: int) -> dict[str, list[str]]:
-    host = max(expert_bytes // 4, 1)
+    host = max(expert_bytes // 16, 1)  # below the packed experts (szp ratio ~6): disk reads
     return {
         "info": ["model", "info", str(ckpt)],
         "pack": ["pack", str(ckpt), "--uniform", "szp:meanabs:1", "--out", str(work / "packed")],
         "ratios": ["profile", "model", str(ckpt), "--out", str(work / "profile"),
                    "--ratios-only", "--codecs", "szp", "--levels", "1", "--ratio-sample", "2"],
-        "eval": ["model", "eval", str(work / "packed"), "--limit", "5"],
+        "eval": ["model", "eval", str(work / "packed"), "--limit", "5", "--host-mem", str(host)],
         "run": ["run", str(work / "packed"), "--tokens", "4", "--host-mem", str(host)],
     }
 
