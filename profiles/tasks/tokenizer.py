@@ -45,7 +45,9 @@ class CharTokenizer:
         return [self.bos_token_id, *ids] if add_bos else ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        """Turn ids back into text; stops at the first EOS when skipping special tokens."""
+        """Turn ids back into text; stops at the first EOS when skipping special tokens. An id
+        past the vocabulary (a model with a larger embedding, e.g. random weights of a real
+        geometry) becomes U+FFFD, so such an answer is simply wrong."""
         out = []
         for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids):
             if skip_special_tokens:
@@ -53,7 +55,7 @@ class CharTokenizer:
                     break
                 if i < 3:
                     continue
-            out.append(self.vocab[i])
+            out.append(self.vocab[i] if 0 <= i < len(self.vocab) else "\ufffd")
         return "".join(out)
 
     def batch_encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
