@@ -133,3 +133,8 @@ def _load_builtin() -> None:
     for codec in (sz3.Sz3Codec(), szp.SzpCodec(), cuszp.CuszpCodec(), lossless.LosslessCodec(),
                   rtn.RtnCodec(8), rtn.RtnCodec(4), raw.RawCodec()):
         register(codec)
+    # the quantized formats users run (not error-bounded): group quantization, NF4, MXFP4, GGUF
+    from profiles.codecs import quantized
+
+    for codec in (quantized.GqCodec(),):
+        register(codec)
