@@ -116,4 +116,15 @@ class GqCodec(QuantizedCodec):
     triton_module = "profiles.codecs.gq_triton"
 
 
-__all__ = ["QuantizedCodec", "GqCodec", "view_as", "triton_ready"]
+class Mxfp4Codec(QuantizedCodec):
+    """OCP MXFP4: 32-value blocks, e8m0 scale, e2m1 values (GGUF block layout)."""
+
+    name = "mxfp4"
+    description = ("OCP MXFP4: 32 values share an e8m0 scale, e2m1 values (not error-bounded); "
+                   "scale ocp|llamacpp|ceil")
+    option_spec = {"scale": ("ocp", ("ocp", "llamacpp", "ceil"))}
+    format_module = "profiles.codecs.mxfp4"
+    triton_module = "profiles.codecs.mxfp4_triton"
+
+
+__all__ = ["QuantizedCodec", "GqCodec", "Mxfp4Codec", "view_as", "triton_ready"]

@@ -24,6 +24,9 @@ FORMATS = [
     ("gq", {"bits": 3, "group": 128}, lambda n: 4 * math.ceil(n / 128) + math.ceil(3 * n / 8)),
     ("gq", {"bits": 2, "group": 32}, lambda n: 4 * math.ceil(n / 32) + math.ceil(n / 4)),
     ("gq", {"bits": 8, "group": 64}, lambda n: 4 * math.ceil(n / 64) + n),
+    ("mxfp4", {"scale": "ocp"}, lambda n: 17 * math.ceil(n / 32)),
+    ("mxfp4", {"scale": "llamacpp"}, lambda n: 17 * math.ceil(n / 32)),
+    ("mxfp4", {"scale": "ceil"}, lambda n: 17 * math.ceil(n / 32)),
 ]
 IDS = [f"{c}-{'-'.join(f'{k}{v}' for k, v in o.items())}" for c, o, _ in FORMATS]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn]
