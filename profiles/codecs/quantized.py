@@ -127,4 +127,24 @@ class Mxfp4Codec(QuantizedCodec):
     triton_module = "profiles.codecs.mxfp4_triton"
 
 
-__all__ = ["QuantizedCodec", "GqCodec", "Mxfp4Codec", "view_as", "triton_ready"]
+class Nf4Codec(QuantizedCodec):
+    """NF4, block 64, absmax double-quantized as bitsandbytes stores it (dq=false: fp32 absmax)."""
+
+    name = "nf4"
+    description = ("NF4 block 64, absmax double-quantized as bitsandbytes stores it (not "
+                   "error-bounded); dq true|false")
+    option_spec = {"dq": (True, (True, False))}
+    format_module = "profiles.codecs.nf4"
+    triton_module = "profiles.codecs.nf4_triton"
+
+    def check_options(self, options):
+        """`dq` accepts true/false as booleans or as the words a spec or the CLI gives."""
+        opts = dict(options)
+        if isinstance(opts.get("dq"), str) and opts["dq"].lower() in ("true", "false"):
+            opts["dq"] = opts["dq"].lower() == "true"
+        elif opts.get("dq") in (0, 1) and not isinstance(opts.get("dq"), bool):
+            opts["dq"] = bool(opts["dq"])
+        return super().check_options(opts)
+
+
+__all__ = ["QuantizedCodec", "GqCodec", "Mxfp4Codec", "Nf4Codec", "view_as", "triton_ready"]

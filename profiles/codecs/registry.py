@@ -136,5 +136,5 @@ def _load_builtin() -> None:
     # the quantized formats users run (not error-bounded): group quantization, NF4, MXFP4, GGUF
     from profiles.codecs import quantized
 
-    for codec in (quantized.GqCodec(), quantized.Mxfp4Codec()):
+    for codec in (quantized.GqCodec(), quantized.Nf4Codec(), quantized.Mxfp4Codec()):
         register(codec)

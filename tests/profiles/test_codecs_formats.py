@@ -4,6 +4,7 @@ hypothesis properties (zeros, constants, one huge outlier, subnormals, partial b
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import replace
 
@@ -14,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from profiles.codecs import Blob, compressed_nbytes, decode, encode, get_codec, list_codecs
-from profiles.codecs import gq
+from profiles.codecs import gq, nf4
 from profiles.errors import CodecError
 from profiles.policy import StorageSpec
 
@@ -24,6 +25,8 @@ FORMATS = [
     ("gq", {"bits": 3, "group": 128}, lambda n: 4 * math.ceil(n / 128) + math.ceil(3 * n / 8)),
     ("gq", {"bits": 2, "group": 32}, lambda n: 4 * math.ceil(n / 32) + math.ceil(n / 4)),
     ("gq", {"bits": 8, "group": 64}, lambda n: 4 * math.ceil(n / 64) + n),
+    ("nf4", {"dq": True}, lambda n: 4 + 4 * math.ceil(n / 16384) + math.ceil(n / 64) + math.ceil(n / 2)),
+    ("nf4", {"dq": False}, lambda n: 4 * math.ceil(n / 64) + math.ceil(n / 2)),
     ("mxfp4", {"scale": "ocp"}, lambda n: 17 * math.ceil(n / 32)),
     ("mxfp4", {"scale": "llamacpp"}, lambda n: 17 * math.ceil(n / 32)),
     ("mxfp4", {"scale": "ceil"}, lambda n: 17 * math.ceil(n / 32)),
@@ -110,6 +113,20 @@ def test_bad_blobs_are_refused_with_one_line(codec, opts, size):
         Blob.from_bytes(blob.to_bytes()[:-3])
 
 
+def test_nf4_tables_are_pinned():
+    # the 8-bit dynamic map decodes every double-quantized absmax: blobs depend on it bit for bit
+    assert hashlib.sha256(nf4.dynamic_map().numpy().tobytes()).hexdigest()[:16] == "e732639a65f497b4"
+    assert len(nf4.NF4) == 16 and nf4.NF4[7] == 0.0 and nf4.NF4[0] == -1.0 and nf4.NF4[15] == 1.0
+
+
+def test_nf4_layout_high_nibble_first_and_dq_bytes():
+    x = np.zeros(64, np.float32)
+    x[0], x[1] = 1.0, -1.0                      # absmax 1: codes 15 and 0
+    p = nf4.encode(x, dq=False)
+    assert list(p[:4].view(np.float32)) == [1.0] and p[4] == 0xF0 and p.size == 4 + 32
+    assert nf4.payload_nbytes(64 * 256 * 2, dq=True) == 4 + 8 + 512 + 64 * 256
+
+
 def test_unknown_options_are_refused():
     with pytest.raises(CodecError, match="valid: 2, 3, 4, 8"):
         encode(weights(), "gq", bits=5)
@@ -122,6 +139,13 @@ def test_policy_specs_name_the_formats():
     assert spec.codec == "gq" and dict(spec.codec_options) == {"bits": 3, "group": 128}
     assert not spec.error_bounded and StorageSpec.parse(spec.describe()) == spec
     assert dict(StorageSpec.parse("gq").codec_options) == {"bits": 4, "group": 64}
+    for text in ("nf4,dq=false", "nf4,dq=False", "nf4,dq=0"):
+        assert dict(StorageSpec.parse(text).codec_options) == {"dq": False}
+    assert StorageSpec.parse(StorageSpec.parse("nf4,dq=false").describe()).codec_options == {"dq": False}
+    assert dict(StorageSpec.parse("nf4").codec_options) == {"dq": True}
+    assert encode(weights(), "nf4", dq="false").options == {"dq": False}
+    with pytest.raises(Exception, match="valid: True, False"):
+        StorageSpec.parse("nf4,dq=maybe")
 
 
 # --- properties -------------------------------------------------------------------------------

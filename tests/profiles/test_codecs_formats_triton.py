@@ -42,6 +42,7 @@ _SCRIPT = textwrap.dedent("""
 CASES = [
     ("gq", "gq_triton", [{"bits": b, "group": g} for b in (2, 3, 4, 8) for g in (32, 64, 128)],
      [1, 33, 1000, 2085]),
+    ("nf4", "nf4_triton", [{"dq": True}, {"dq": False}], [1, 33, 2085, 64 * 256 + 65]),
     ("mxfp4", "mxfp4_triton", [{"scale": r} for r in ("ocp", "llamacpp", "ceil")], [1, 33, 2085]),
 ]
 
