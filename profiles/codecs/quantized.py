@@ -147,4 +147,21 @@ class Nf4Codec(QuantizedCodec):
         return super().check_options(opts)
 
 
-__all__ = ["QuantizedCodec", "GqCodec", "Mxfp4Codec", "Nf4Codec", "view_as", "triton_ready"]
+class KQuantCodec(QuantizedCodec):
+    """One GGUF type (q2_k ... q6_k, q8_0) with llama.cpp's block layout and scale search."""
+
+    format_module = "profiles.codecs.kquants"
+    triton_module = "profiles.codecs.kquants_triton"
+    _BITS = {"q2_k": 2.625, "q3_k": 3.4375, "q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625,
+             "q8_0": 8.5}
+
+    def __init__(self, qtype: str):
+        self.name = qtype
+        self.fixed_options = {"qtype": qtype}
+        block = "32-value blocks" if qtype == "q8_0" else "256-value super-blocks"
+        self.description = (f"GGUF {qtype.upper()}: llama.cpp layout and reference scale search, "
+                             f"{block}, {self._BITS[qtype]:g} bits/weight (not error-bounded)")
+
+
+__all__ = ["QuantizedCodec", "GqCodec", "Mxfp4Codec", "Nf4Codec", "KQuantCodec", "view_as",
+           "triton_ready"]

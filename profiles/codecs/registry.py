@@ -136,5 +136,7 @@ def _load_builtin() -> None:
     # the quantized formats users run (not error-bounded): group quantization, NF4, MXFP4, GGUF
     from profiles.codecs import quantized
 
-    for codec in (quantized.GqCodec(), quantized.Nf4Codec(), quantized.Mxfp4Codec()):
+    for codec in (quantized.GqCodec(), quantized.Nf4Codec(), quantized.Mxfp4Codec(),
+                  *(quantized.KQuantCodec(t) for t in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k",
+                                                       "q8_0"))):
         register(codec)

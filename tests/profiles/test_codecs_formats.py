@@ -30,8 +30,14 @@ FORMATS = [
     ("mxfp4", {"scale": "ocp"}, lambda n: 17 * math.ceil(n / 32)),
     ("mxfp4", {"scale": "llamacpp"}, lambda n: 17 * math.ceil(n / 32)),
     ("mxfp4", {"scale": "ceil"}, lambda n: 17 * math.ceil(n / 32)),
+    ("q2_k", {}, lambda n: 84 * math.ceil(n / 256)),
+    ("q3_k", {}, lambda n: 110 * math.ceil(n / 256)),
+    ("q4_k", {}, lambda n: 144 * math.ceil(n / 256)),
+    ("q5_k", {}, lambda n: 176 * math.ceil(n / 256)),
+    ("q6_k", {}, lambda n: 210 * math.ceil(n / 256)),
+    ("q8_0", {}, lambda n: 34 * math.ceil(n / 32)),
 ]
-IDS = [f"{c}-{'-'.join(f'{k}{v}' for k, v in o.items())}" for c, o, _ in FORMATS]
+IDS = [f"{c}-{'-'.join(f'{k}{v}' for k, v in o.items())}".rstrip("-") for c, o, _ in FORMATS]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn]
 
 
