@@ -44,6 +44,8 @@ CASES = [
      [1, 33, 1000, 2085]),
     ("nf4", "nf4_triton", [{"dq": True}, {"dq": False}], [1, 33, 2085, 64 * 256 + 65]),
     ("mxfp4", "mxfp4_triton", [{"scale": r} for r in ("ocp", "llamacpp", "ceil")], [1, 33, 2085]),
+    ("kquants", "kquants_triton",
+     [{"qtype": t} for t in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0")], [1, 300, 2085]),
 ]
 
 
