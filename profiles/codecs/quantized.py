@@ -158,9 +158,10 @@ class KQuantCodec(QuantizedCodec):
     def __init__(self, qtype: str):
         self.name = qtype
         self.fixed_options = {"qtype": qtype}
-        block = "32-value blocks" if qtype == "q8_0" else "256-value super-blocks"
-        self.description = (f"GGUF {qtype.upper()}: llama.cpp layout and reference scale search, "
-                             f"{block}, {self._BITS[qtype]:g} bits/weight (not error-bounded)")
+        how = ("llama.cpp layout, absmax / 127 per 32-value block" if qtype == "q8_0" else
+               "llama.cpp layout and reference scale search, 256-value super-blocks")
+        self.description = (f"GGUF {qtype.upper()}: {how}, {self._BITS[qtype]:g} bits/weight "
+                            f"(not error-bounded)")
 
 
 __all__ = ["QuantizedCodec", "GqCodec", "Mxfp4Codec", "Nf4Codec", "KQuantCodec", "view_as",
