@@ -48,7 +48,7 @@ TYPES = {"q2_k": (QK, 84), "q3_k": (QK, 110), "q4_k": (QK, 144), "q5_k": (QK, 17
 GROUP_MAX_EPS = np.float32(1e-15)
 HUGE = 2.0 ** 12
 _F = np.float32
-_CHUNK_VALUES = 1 << 20
+_CHUNK_VALUES = 1 << 16          # values per encoding step: arrays stay in cache
 
 
 def payload_nbytes(n: int, qtype: str) -> int:
@@ -117,27 +117,40 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
     rng = hi - lo
     live = rng != 0                                   # max == min: L = 0, scale 0
     fmax = _F(nmax)
+    xm = x - lo[:, None]
+    buf = np.empty_like(x)
+    wl = np.empty_like(x)
 
-    def quant(iscale):
-        return np.clip(_nearest_int(iscale[:, None] * (x - lo[:, None])), 0, nmax)
+    def quant(iscale, out):
+        # nearest_int(iscale * (x - min)) clamped to [0, nmax]; clamping first is the same
+        np.multiply(iscale[:, None], xm, out=out)
+        np.clip(out, 0, nmax, out=out)
+        return np.rint(out, out=out)
 
     def error(scale, mn, L):
-        diff = scale[:, None] * L.astype(np.float32) + mn[:, None] - x
-        return (w * (np.abs(diff) if use_mad else diff * diff)).sum(axis=1)
+        np.multiply(scale[:, None], L, out=buf)      # (scale * L + min) - x, llama.cpp's order
+        np.add(buf, mn[:, None], out=buf)
+        np.subtract(buf, x, out=buf)
+        if use_mad:
+            np.abs(buf, out=buf)
+        else:
+            np.multiply(buf, buf, out=buf)
+        np.multiply(buf, w, out=buf)
+        return buf.sum(axis=1)
 
     iscale = _div(np.broadcast_to(fmax, rng.shape), rng)
     scale = _div(np.ones_like(iscale), iscale)
-    L = quant(iscale)
+    L = quant(iscale, np.empty_like(x))
     best = error(scale, lo, L)
     mn = lo.copy()
+    La = np.empty_like(x)
     for step in range(nstep + 1):
         iscale = _div(np.broadcast_to(_F(rmin) + _F(rdelta) * _F(step) + fmax, rng.shape), rng)
-        La = quant(iscale)
-        lf = La.astype(np.float32)
-        wl = w * lf
+        quant(iscale, La)
+        np.multiply(w, La, out=wl)
         sum_l = wl.sum(axis=1)
-        sum_l2 = (wl * lf).sum(axis=1)
-        sum_xl = (wl * x).sum(axis=1)
+        sum_l2 = np.multiply(wl, La, out=buf).sum(axis=1)
+        sum_xl = np.multiply(wl, x, out=buf).sum(axis=1)
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = _div(sum_w * sum_xl - sum_x * sum_l, D)
         this_min = _div(sum_l2 * sum_x - sum_l * sum_xl, D)
@@ -146,11 +159,12 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
         this_scale = np.where(pos, _div(sum_xl, sum_l2), this_scale)
         cur = error(this_scale, this_min, La)
         take = live & (D > 0) & (cur < best)
-        L = np.where(take[:, None], La, L)
-        best = np.where(take, cur, best)
-        scale = np.where(take, this_scale, scale)
-        mn = np.where(take, this_min, mn)
-    L = np.where(live[:, None], L, 0)
+        if take.any():
+            L[take] = La[take]
+            best = np.where(take, cur, best)
+            scale = np.where(take, this_scale, scale)
+            mn = np.where(take, this_min, mn)
+    L[~live] = 0
     scale = np.where(live, scale, _F(0))
     return scale.astype(np.float32), (-mn).astype(np.float32), L.astype(np.uint8)
 
