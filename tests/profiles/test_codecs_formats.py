@@ -102,7 +102,7 @@ def test_gq_error_is_half_a_step_and_groups_run_over_the_flattened_tensor():
     assert torch.all(err <= step * 0.5 * (1 + 1e-2) + 1e-7)
 
 
-@pytest.mark.parametrize("codec,opts,size", FORMATS[:1], ids=IDS[:1])
+@pytest.mark.parametrize("codec,opts,size", FORMATS, ids=IDS)
 def test_bad_blobs_are_refused_with_one_line(codec, opts, size):
     blob = encode(weights(), codec, **opts)
     with pytest.raises(CodecError) as exc:
