@@ -74,7 +74,11 @@ class QuantizedCodec(Codec):
         if payload.size != expected:  # a format module bug, not bad input
             raise AssertionError(f"{self.name}: encoded {payload.size} bytes, layout says {expected}")
         back = cast_back(fmt.decode(payload_tensor(payload), n, **opts), dtype_name(x.dtype))
-        measured = float((back.to(torch.float64) - x.reshape(-1).cpu().to(torch.float64)).abs().max())
+        flat = x.reshape(-1).cpu()
+        measured = 0.0                       # exact (float64) max error, in pieces of 2^20 values
+        for lo in range(0, n, 1 << 20):
+            d = back[lo:lo + (1 << 20)].to(torch.float64) - flat[lo:lo + (1 << 20)].to(torch.float64)
+            measured = max(measured, float(d.abs().max()))
         return Encoded(payload=payload, meta={}, abs_bound=measured)
 
     def decode_payload(self, payload, meta, dtype, shape, abs_bound, options, device):
