@@ -177,34 +177,39 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     mx = _argmax_abs(x)
     live = np.abs(mx) >= GROUP_MAX_EPS
     iscale = _div(np.broadcast_to(_F(-nmax), mx.shape), mx)
-    L = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+    L = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1).astype(np.float32)
     w = x * x
     wx = w * x
-    Lf = L.astype(np.float32)
-    sumlx = (wx * Lf).sum(axis=1)
-    suml2 = (w * Lf * Lf).sum(axis=1)
+    sumlx = (wx * L).sum(axis=1)
+    suml2 = (w * L * L).sum(axis=1)
+    # value by value (columns, contiguous once transposed), up to 5 passes; a row that changed
+    # nothing in a pass cannot change in the next one, so later passes visit only changed rows
+    xt, wt, wxt, Lt = x.T.copy(), w.T.copy(), wx.T.copy(), L.T.copy()
+    rows = np.arange(x.shape[0])
     for _ in range(5):
-        changed = np.zeros(x.shape[0], bool)
+        xs, ws, wxs, Ls = xt[:, rows], wt[:, rows], wxt[:, rows], Lt[:, rows]
+        slx_all, sl2_all = sumlx[rows], suml2[rows]
+        changed = np.zeros(rows.size, bool)
         for i in range(x.shape[1]):
-            wi, xi, wxi = w[:, i], x[:, i], wx[:, i]
-            li = L[:, i].astype(np.float32)
-            slx = sumlx - wxi * li
-            sl2 = suml2 - wi * li * li
-            new = np.clip(_nearest_int(_div(xi * sl2, slx)), -nmax, nmax - 1)
-            nf = new.astype(np.float32)
-            slx2 = slx + wxi * nf
-            sl22 = sl2 + wi * nf * nf
+            wi, xi, wxi, li = ws[i], xs[i], wxs[i], Ls[i]
+            slx = slx_all - wxi * li
+            sl2 = sl2_all - wi * li * li
+            new = np.clip(_nearest_int(_div(xi * sl2, slx)), -nmax, nmax - 1).astype(np.float32)
+            slx2 = slx + wxi * new
+            sl22 = sl2 + wi * new * new
             with np.errstate(over="ignore", invalid="ignore"):
-                gain = (slx2 * slx2 * suml2) > (sumlx * sumlx * sl22)
-            ok = (slx > 0) & (new != L[:, i]) & (sl22 > 0) & gain
-            L[:, i] = np.where(ok, new, L[:, i])
-            sumlx = np.where(ok, slx2, sumlx)
-            suml2 = np.where(ok, sl22, suml2)
+                gain = (slx2 * slx2 * sl2_all) > (slx_all * slx_all * sl22)
+            ok = (slx > 0) & (new != li) & (sl22 > 0) & gain
+            Ls[i] = np.where(ok, new, li)
+            slx_all = np.where(ok, slx2, slx_all)
+            sl2_all = np.where(ok, sl22, sl2_all)
             changed |= ok
-        if not changed.any():
+        Lt[:, rows], sumlx[rows], suml2[rows] = Ls, slx_all, sl2_all
+        rows = rows[changed]
+        if rows.size == 0:
             break
     scale = np.where(live, _div(sumlx, suml2), _F(0))
-    L = np.where(live[:, None], L + nmax, 0)
+    L = np.where(live[:, None], Lt.T.astype(np.int32) + nmax, 0)
     return scale.astype(np.float32), L.astype(np.int32)
 
 
