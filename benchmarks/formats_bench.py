@@ -1,9 +1,10 @@
 """The formats users run (gq, NF4, MXFP4, GGUF k-quants, Q8_0, rtn) measured by moesz's own codecs
 on real weights, beside the error-bounded codecs at the same RMSE (REFERENCE.md section 8).
 
-    python benchmarks/formats_bench.py --out runs/formats_builtin.json                 # built-in experts
+    python benchmarks/formats_bench.py --out runs/formats_builtin.json     # built-in experts
     python benchmarks/formats_bench.py --input model.safetensors \\
-        --match 'encoder\\.layer\\.\\d+\\.(intermediate|output)\\.dense\\.weight' --out runs/formats_minilm.json
+        --match 'encoder\\.layer\\.\\d+\\.(intermediate|output)\\.dense\\.weight' \\
+        --out runs/formats_minilm.json
 
 Every tensor is cast to bf16 first. Per format, over all selected tensors pooled:
 - bits/weight: the format's stored bytes (blob payloads) x 8 / weights; the moesz blob header
@@ -18,7 +19,6 @@ Every tensor is cast to bf16 first. Per format, over all selected tensors pooled
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import re
@@ -126,13 +126,15 @@ def main(argv=None) -> int:
         r = measure(tensors, codec, **opts)
         rows.append({"format": label, "codec": codec, "options": opts, **r})
         print(f"  {label:46s} {r['bits_per_weight']:7.4f} b/w  rmse {r['rmse']:.5g}  max "
-              f"{r['max_err']:.4g}  enc {r['encode_mbps']:.1f} MB/s  dec {r['decode_mbps']:.1f} MB/s",
+              f"{r['max_err']:.4g}  enc {r['encode_mbps']:.1f} MB/s  "
+              f"dec {r['decode_mbps']:.1f} MB/s",
               flush=True)
     sweeps = {}
     for codec in ("sz3", "szp"):
         sweeps[codec] = [{"abs": b, **measure(tensors, codec, "abs", b)} for b in SWEEP]
-        print(f"  {codec} sweep: " + ", ".join(f"{s['abs']:g}->{s['bits_per_weight']:.2f}b/"
-                                               f"{s['rmse']:.3g}" for s in sweeps[codec]), flush=True)
+        points = (f"{s['abs']:g}->{s['bits_per_weight']:.2f}b/{s['rmse']:.3g}"
+                  for s in sweeps[codec])
+        print(f"  {codec} sweep: " + ", ".join(points), flush=True)
     for r in rows:
         for codec in sweeps:
             r[f"{codec}_bits_at_rmse"] = at_rmse(sweeps[codec], r["rmse"])
@@ -142,11 +144,13 @@ def main(argv=None) -> int:
            "torch": torch.__version__, "numpy": np.__version__,
            "date": time.strftime("%Y-%m-%d"), "rows": rows, "sweeps": sweeps}
     atomic_write_json(args.out, doc)
-    print("\n| format | bits/w | RMSE | max err | sz3 b/w at RMSE | szp b/w at RMSE | enc MB/s | dec MB/s |")
+    print("\n| format | bits/w | RMSE | max err | sz3 b/w at RMSE | szp b/w at RMSE | enc MB/s "
+          "| dec MB/s |")
     print("|---|---|---|---|---|---|---|---|")
     fmt = lambda v, s: "-" if v is None else format(v, s)  # noqa: E731
     for r in rows:
-        print(f"| {r['format']} | {r['bits_per_weight']:.4g} | {r['rmse']:.3g} | {r['max_err']:.3g} "
+        print(f"| {r['format']} | {r['bits_per_weight']:.4g} | {r['rmse']:.3g} "
+              f"| {r['max_err']:.3g} "
               f"| {fmt(r['sz3_bits_at_rmse'], '.2f')} | {fmt(r['szp_bits_at_rmse'], '.2f')} "
               f"| {r['encode_mbps']:.1f} | {r['decode_mbps']:.0f} |")
     print(f"wrote {args.out}")

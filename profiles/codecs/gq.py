@@ -11,8 +11,8 @@ an fp16 scale s and an fp16 zero z and each value a `bits`-bit code q:
     decode = (q - z) * s                                          (fp32, then the original dtype)
 
 A zero range or an fp16 scale that underflows to 0 stores s = z = 0 (the group decodes to 0); a
-scale or zero beyond fp16's range saturates at 65504. The zero is kept as an fp16 number, not rounded to an
-integer (HQQ keeps it that way; GPTQ rounds it).
+scale or zero beyond fp16's range saturates at 65504. The zero is kept as an fp16 number, not
+rounded to an integer (HQQ keeps it that way; GPTQ rounds it).
 
 Payload, little-endian:
 
@@ -82,7 +82,6 @@ def unpack_bits(stream: torch.Tensor, n: int, bits: int) -> torch.Tensor:
     if bits == 8:
         return s[:n]
     if bits in (2, 4):
-        per = 8 // bits
         shifts = torch.arange(0, 8, bits, device=s.device, dtype=torch.int32)
         return ((s[:, None] >> shifts) & (2 ** bits - 1)).reshape(-1)[:n]
     # 3 bits: every 3 bytes hold 8 codes

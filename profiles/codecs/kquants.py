@@ -4,14 +4,14 @@ llama.cpp (ggml/src/ggml-quants.c; k-quants by Kawrakow, llama.cpp PR 1684, 2023
 consecutive values of the flattened tensor; a partial last block is padded with zeros and stored
 whole. Super-blocks of 256 values (Q8_0: blocks of 32):
 
-| type | bytes | bits/w | layout (in byte order)                                           | value                 |
-|------|-------|--------|------------------------------------------------------------------|-----------------------|
-| Q2_K | 84    | 2.625  | scales[16] (low nibble scale, high nibble min), qs[64], d, dmin  | d*sc*q - dmin*m       |
-| Q3_K | 110   | 3.4375 | hmask[32], qs[64], scales[12] (16 six-bit, -32), d               | d*sc*(q - 4*!hbit)    |
-| Q4_K | 144   | 4.5    | d, dmin, scales[12] (8 six-bit scales + 8 six-bit mins), qs[128] | d*sc*q - dmin*m       |
-| Q5_K | 176   | 5.5    | d, dmin, scales[12], qh[32], qs[128]                              | d*sc*q - dmin*m       |
-| Q6_K | 210   | 6.5625 | ql[128], qh[64], scales[16] int8, d                               | d*sc*(q - 32)         |
-| Q8_0 | 34    | 8.5    | d, qs[32] int8                                                    | d*q                   |
+| type | bytes | bits/w | layout, in byte order                                   | value              |
+|------|-------|--------|---------------------------------------------------------|--------------------|
+| Q2_K | 84    | 2.625  | scales[16] (scale low nibble, min high), qs[64], d, dmin | d*sc*q - dmin*m   |
+| Q3_K | 110   | 3.4375 | hmask[32], qs[64], scales[12] (16 six-bit, -32), d      | d*sc*(q - 4*!hbit) |
+| Q4_K | 144   | 4.5    | d, dmin, scales[12] (8 six-bit scales, 8 mins), qs[128] | d*sc*q - dmin*m    |
+| Q5_K | 176   | 5.5    | d, dmin, scales[12], qh[32], qs[128]                    | d*sc*q - dmin*m    |
+| Q6_K | 210   | 6.5625 | ql[128], qh[64], scales[16] int8, d                     | d*sc*(q - 32)      |
+| Q8_0 | 34    | 8.5    | d, qs[32] int8                                          | d*q                |
 
 (d, dmin fp16.) Sub-blocks: 16 values for Q2_K, Q3_K, Q6_K; 32 for Q4_K, Q5_K. Encoding follows
 llama.cpp's `quantize_row_*_ref` (what `llama-quantize` runs without an importance matrix):

@@ -85,7 +85,8 @@ if triton is not None:
                 sub = j // 32
                 sc, m = _scale_min_k4(p_ptr, base, sub, inside)
                 h = (j % 64) // 32
-                q = (_u8(p_ptr, base + qs_at + 32 * (j // 64) + l, inside) >> (4 * h).to(tl.int32)) & 0xF
+                q = _u8(p_ptr, base + qs_at + 32 * (j // 64) + l, inside)
+                q = (q >> (4 * h).to(tl.int32)) & 0xF
                 if QTYPE == 5:
                     q = q | (((_u8(p_ptr, base + 16 + l, inside) >> sub.to(tl.int32)) & 1) << 4)
                 dl = _f16(p_ptr, base, inside) * sc.to(tl.float32)
@@ -93,10 +94,12 @@ if triton is not None:
                 x = dl * q.to(tl.float32) - ml
             else:
                 base = (offs // 256) * 210
-                lo = _u8(p_ptr, base + 64 * c + (k % 2) * 32 + l, inside) >> (4 * (k // 2)).to(tl.int32)
+                lo = _u8(p_ptr, base + 64 * c + (k % 2) * 32 + l, inside)
+                lo = lo >> (4 * (k // 2)).to(tl.int32)
                 hi = _u8(p_ptr, base + 128 + 32 * c + l, inside) >> (2 * k).to(tl.int32)
                 q = ((lo & 0xF) | ((hi & 3) << 4)) - 32
-                sc = tl.load(p_ptr + base + 192 + j // 16, mask=inside, other=0).to(tl.int8, bitcast=True)
+                sc = tl.load(p_ptr + base + 192 + j // 16, mask=inside, other=0)
+                sc = sc.to(tl.int8, bitcast=True)
                 dl = _f16(p_ptr, base + 208, inside) * sc.to(tl.float32)
                 x = dl * q.to(tl.float32)
         if CLAMP:

@@ -72,12 +72,14 @@ class QuantizedCodec(Codec):
         payload = fmt.encode(np.ascontiguousarray(x32.cpu().numpy()), **opts)
         expected = fmt.payload_nbytes(n, **opts)
         if payload.size != expected:  # a format module bug, not bad input
-            raise AssertionError(f"{self.name}: encoded {payload.size} bytes, layout says {expected}")
+            raise AssertionError(f"{self.name}: encoded {payload.size} bytes, layout says "
+                                 f"{expected}")
         back = cast_back(fmt.decode(payload_tensor(payload), n, **opts), dtype_name(x.dtype))
         flat = x.reshape(-1).cpu()
         measured = 0.0                       # exact (float64) max error, in pieces of 2^20 values
         for lo in range(0, n, 1 << 20):
-            d = back[lo:lo + (1 << 20)].to(torch.float64) - flat[lo:lo + (1 << 20)].to(torch.float64)
+            hi = lo + (1 << 20)
+            d = back[lo:hi].to(torch.float64) - flat[lo:hi].to(torch.float64)
             measured = max(measured, float(d.abs().max()))
         return Encoded(payload=payload, meta={}, abs_bound=measured)
 

@@ -25,7 +25,8 @@ FORMATS = [
     ("gq", {"bits": 3, "group": 128}, lambda n: 4 * math.ceil(n / 128) + math.ceil(3 * n / 8)),
     ("gq", {"bits": 2, "group": 32}, lambda n: 4 * math.ceil(n / 32) + math.ceil(n / 4)),
     ("gq", {"bits": 8, "group": 64}, lambda n: 4 * math.ceil(n / 64) + n),
-    ("nf4", {"dq": True}, lambda n: 4 + 4 * math.ceil(n / 16384) + math.ceil(n / 64) + math.ceil(n / 2)),
+    ("nf4", {"dq": True},
+     lambda n: 4 + 4 * math.ceil(n / 16384) + math.ceil(n / 64) + math.ceil(n / 2)),
     ("nf4", {"dq": False}, lambda n: 4 * math.ceil(n / 64) + math.ceil(n / 2)),
     ("mxfp4", {"scale": "ocp"}, lambda n: 17 * math.ceil(n / 32)),
     ("mxfp4", {"scale": "llamacpp"}, lambda n: 17 * math.ceil(n / 32)),
@@ -121,7 +122,8 @@ def test_bad_blobs_are_refused_with_one_line(codec, opts, size):
 
 def test_nf4_tables_are_pinned():
     # the 8-bit dynamic map decodes every double-quantized absmax: blobs depend on it bit for bit
-    assert hashlib.sha256(nf4.dynamic_map().numpy().tobytes()).hexdigest()[:16] == "e732639a65f497b4"
+    digest = hashlib.sha256(nf4.dynamic_map().numpy().tobytes()).hexdigest()
+    assert digest[:16] == "e732639a65f497b4"
     assert len(nf4.NF4) == 16 and nf4.NF4[7] == 0.0 and nf4.NF4[0] == -1.0 and nf4.NF4[15] == 1.0
 
 
@@ -147,7 +149,8 @@ def test_policy_specs_name_the_formats():
     assert dict(StorageSpec.parse("gq").codec_options) == {"bits": 4, "group": 64}
     for text in ("nf4,dq=false", "nf4,dq=False", "nf4,dq=0"):
         assert dict(StorageSpec.parse(text).codec_options) == {"dq": False}
-    assert StorageSpec.parse(StorageSpec.parse("nf4,dq=false").describe()).codec_options == {"dq": False}
+    spec = StorageSpec.parse("nf4,dq=false")
+    assert StorageSpec.parse(spec.describe()).codec_options == {"dq": False}
     assert dict(StorageSpec.parse("nf4").codec_options) == {"dq": True}
     assert encode(weights(), "nf4", dq="false").options == {"dq": False}
     with pytest.raises(Exception, match="valid: True, False"):

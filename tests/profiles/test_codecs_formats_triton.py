@@ -1,5 +1,6 @@
 """The Triton dequantization kernels of the quantized formats, bit for bit against their CPU
-reference decoders: under `TRITON_INTERPRET=1` on small inputs (CPU), and on a GPU when there is one."""
+reference decoders: under `TRITON_INTERPRET=1` on small inputs (CPU), and on a GPU when there is
+one."""
 
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ _SCRIPT = textwrap.dedent("""
                     y = kern.decode(p.to(DEVICE), n, dt, **opts).cpu()
                     want = cast_back(ref, dtype_name(dt))
                     assert y.dtype == dt, (fmt_name, n, opts, dt)
-                    assert torch.equal(y.view(torch.uint8) if dt != torch.float32 else y.view(torch.int32),
-                                       want.view(torch.uint8) if dt != torch.float32 else want.view(torch.int32)), (fmt_name, n, opts, dt)
+                    bits = torch.int32 if dt == torch.float32 else torch.int16
+                    assert torch.equal(y.view(bits), want.view(bits)), (fmt_name, n, opts, dt)
         print("ok", fmt_name, flush=True)
     print("formats-triton-ok")
 """)

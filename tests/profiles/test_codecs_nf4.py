@@ -1,6 +1,7 @@
 """`nf4` against bitsandbytes itself (CPU), where it installs: the same bytes (but for the
 double-quantized absmax of the few blocks where bitsandbytes' approximate table search takes
-an entry that is not the nearest), and decoded values bit for bit, in every dtype, with and without dq."""
+an entry that is not the nearest), and decoded values bit for bit, in every dtype, with and
+without dq."""
 
 from __future__ import annotations
 
@@ -79,4 +80,5 @@ def test_without_double_quantization_bytes_and_decode_match(n, dtype):
     assert np.array_equal(p[:4 * b].view(np.float32), st.absmax.numpy())
     assert np.array_equal(p[4 * b:], q.reshape(-1).numpy())
     y = cast_back(nf4.decode(torch.from_numpy(p), n, False), dtype_name(dtype))
-    assert torch.equal(y.view(torch.uint8), bnb_f.dequantize_4bit(q, st).reshape(-1).view(torch.uint8))
+    y_ref = bnb_f.dequantize_4bit(q, st).reshape(-1)
+    assert torch.equal(y.view(torch.uint8), y_ref.view(torch.uint8))
