@@ -16,6 +16,9 @@ Checks (each recorded as passed / failed / skipped with its figures, never stopp
                        median of CUDA-event timings; device-to-device copy GB/s for scale
   hardware_profile     the full measured hardware profile (host, GPU, built-in model timings)
                        -> OUT/h200.json, to commit as profiles/presets/h200.json (preset:h200)
+  formats_triton_bytes the Triton dequantization kernels of gq, nf4, mxfp4 and the GGUF types vs
+                       their CPU decoders, bit for bit, fp32/bf16/fp16 output, partial blocks
+  formats_speed_1gib   their decode GB/s (bf16 output) on a 1 GiB bf16 tensor
 
 Imports only torch, numpy and moesz's szp modules (no pysz, zstandard, typer). Results are written
 as JSON to OUT/gpu_check.json. Later issues add their checks to CHECKS.
@@ -416,13 +419,95 @@ def check_hardware_profile(ctx: Ctx) -> dict:
     return out
 
 
+# --- the quantized formats users run (issues 14 and 20; owned by the codecs' contributor) --------
+# Each family's Triton dequantization kernel against its CPU decoder, bit for bit, then its
+# decode GB/s (bf16 output) on a 1 GiB bf16 tensor. The payload for 1 GiB is an encoded 4 Mi-value
+# tensor repeated (blocks are independent; gq's and nf4's separate arrays are repeated one by one),
+# because the numpy encoders would take minutes on 2^29 values.
+FORMAT_CASES = [("gq", "gq_triton", {"bits": 4, "group": 64}), ("gq", "gq_triton", {"bits": 3, "group": 128}),
+                ("nf4", "nf4_triton", {"dq": True}), ("nf4", "nf4_triton", {"dq": False}),
+                ("mxfp4", "mxfp4_triton", {"scale": "ocp"})] + \
+    [("kquants", "kquants_triton", {"qtype": t}) for t in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0")]
+
+
+def _format_modules(fmt_name: str, kern_name: str):
+    import importlib
+
+    return (importlib.import_module("profiles.codecs." + fmt_name),
+            importlib.import_module("profiles.codecs." + kern_name))
+
+
+def check_formats_triton_bytes(ctx: Ctx) -> dict:
+    from profiles.codecs.dtypes import cast_back, dtype_name
+
+    sizes = [33, 2085] if ctx.dry else [33, 2085, 3 * (1 << 20) + 17]
+    cases = 0
+    for fmt_name, kern_name, opts in FORMAT_CASES:
+        fmt, kern = _format_modules(fmt_name, kern_name)
+        for n in sizes:
+            x = weights(n, n)
+            p = torch.from_numpy(fmt.encode(x, **opts))
+            ref_out = fmt.decode(p, n, **opts)
+            for dt in (torch.float32, torch.bfloat16, torch.float16):
+                y = kern.decode(p.to(ctx.dev), n, dt, **opts).cpu()
+                want = cast_back(ref_out, dtype_name(dt))
+                bits = torch.int32 if dt == torch.float32 else torch.int16
+                if not torch.equal(y.view(bits), want.view(bits)):
+                    raise AssertionError(f"{kern_name} {opts} n={n} {dt}: differs from the CPU decode")
+                cases += 1
+    return {"cases": cases, "sizes": sizes}
+
+
+def _repeat_payload(fmt_name: str, p: np.ndarray, n: int, reps: int, opts: dict) -> np.ndarray:
+    """The payload of `reps` copies of an n-value tensor, from one copy's payload."""
+    if fmt_name == "gq":
+        g = -(-n // opts["group"])
+        return np.concatenate([np.tile(p[:2 * g], reps), np.tile(p[2 * g:4 * g], reps),
+                               np.tile(p[4 * g:], reps)])
+    if fmt_name == "nf4":
+        b = -(-n // 64)
+        if not opts["dq"]:
+            return np.concatenate([np.tile(p[:4 * b], reps), np.tile(p[4 * b:], reps)])
+        c = -(-b // 256)
+        return np.concatenate([p[:4], np.tile(p[4:4 + 4 * c], reps),
+                               np.tile(p[4 + 4 * c:4 + 4 * c + b], reps),
+                               np.tile(p[4 + 4 * c + b:], reps)])
+    return np.tile(p, reps)
+
+
+def check_formats_speed_1gib(ctx: Ctx) -> dict:
+    n1 = (1 << 12) if ctx.dry else (1 << 22)
+    reps = 2 if ctx.dry else 128                      # 2^29 bf16 values = 1 GiB
+    repeats = 1 if ctx.dry else 10
+    n = n1 * reps
+    x = weights(n1, 0, outlier=False)
+    res = {"values": n, "bf16_bytes": 2 * n, "repeats": repeats,
+           "timing": "perf_counter, dry run: figures meaningless" if ctx.dry
+           else "median of CUDA events after one warm-up"}
+    for fmt_name, kern_name, opts in FORMAT_CASES:
+        fmt, kern = _format_modules(fmt_name, kern_name)
+        one = fmt.encode(x, **opts)
+        p = torch.from_numpy(_repeat_payload(fmt_name, one, n1, reps, opts)).to(ctx.dev)
+        if not ctx.dry:
+            first = kern.decode(p, n, torch.bfloat16, **opts)[:n1].cpu()
+            assert torch.equal(first, fmt.decode(torch.from_numpy(one), n1, **opts).bfloat16())
+        ms = _time_ms(ctx, lambda: kern.decode(p, n, torch.bfloat16, **opts), repeats)
+        label = fmt_name if fmt_name != "kquants" else opts["qtype"]
+        key = label + "".join(f",{k}={v}" for k, v in opts.items() if k != "qtype")
+        res[key] = {"bits_per_weight": round(8 * p.numel() / n, 4),
+                    "decode_gbps_bf16_out": round(2 * n / ms / 1e6, 1)}
+    return res
+
+
 CHECKS = [("env", check_env), ("szp_triton_bytes", check_szp_triton_bytes),
           ("szp_torch_cuda_bytes", check_szp_torch_cuda_bytes),
           ("szp_large_agree", check_szp_large_agree),
           ("szp_decode_dtypes", check_szp_decode_dtypes), ("cuszp_bytes", check_cuszp_bytes),
           ("szp_speed_1gib", check_szp_speed_1gib),
           ("hardware_profile", check_hardware_profile),
-          ("runtime_fidelity", check_runtime_fidelity)]
+          ("runtime_fidelity", check_runtime_fidelity),
+          ("formats_triton_bytes", check_formats_triton_bytes),
+          ("formats_speed_1gib", check_formats_speed_1gib)]
 
 
 def main() -> int:

@@ -184,7 +184,8 @@ def _print_table(rows, source: str, repeats: int, device: str) -> None:
                       _fmt(r.max_err_over_bound, ".3f"), f"{r.rmse:.3g}")
     console = Console(width=max(Console().width, 150))
     console.print(table)
-    console.print("rtn8/rtn4 are not error-bounded: their abs bound is the measured max error. "
+    console.print("rtn8/rtn4 (per-row absmax) and the quantized formats (gq, nf4, mxfp4, GGUF "
+                  "q*_k/q8_0) are not error-bounded: their abs bound is the measured max error. "
                   "lossless/raw are exact.")
     if notes:
         console.print("* the bound could not be applied (resolved to 0 or saturation): stored "

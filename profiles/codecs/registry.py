@@ -133,3 +133,10 @@ def _load_builtin() -> None:
     for codec in (sz3.Sz3Codec(), szp.SzpCodec(), cuszp.CuszpCodec(), lossless.LosslessCodec(),
                   rtn.RtnCodec(8), rtn.RtnCodec(4), raw.RawCodec()):
         register(codec)
+    # the quantized formats users run (not error-bounded): group quantization, NF4, MXFP4, GGUF
+    from profiles.codecs import quantized
+
+    for codec in (quantized.GqCodec(), quantized.Nf4Codec(), quantized.Mxfp4Codec(),
+                  *(quantized.KQuantCodec(t) for t in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k",
+                                                       "q8_0"))):
+        register(codec)

@@ -37,7 +37,8 @@ class RtnCodec(Codec):
         self.bits = bits
         self.name = f"rtn{bits}"
         self.qmax = 127 if bits == 8 else 7
-        self.description = f"{bits}-bit round-to-nearest, per-row absmax scale (not error-bounded)"
+        self.description = (f"per-row absmax: {bits}-bit round-to-nearest, one fp32 scale per row "
+                            f"(not error-bounded)")
 
     def _quantize(self, x32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scale = x32.abs().amax(dim=1) / self.qmax                        # [rows] fp32

@@ -3,7 +3,7 @@
 `profiles.codecs.decode` takes a blob whose payload is a host (numpy) array and copies it itself;
 the runtime instead copies a whole expert record once, on its own stream, and decodes each payload
 in place. This module does that for the codecs with a device decoder — `raw` (a view), `rtn8`
-and `rtn4` (unpack and scale), `szp`
+and `rtn4` (unpack and scale), the quantized formats `gq`, `nf4`, `mxfp4` and the GGUF types, `szp`
 (the fused Triton kernel on CUDA, the vectorized torch decoder elsewhere, exactly as
 `profiles.codecs.szp` does) and `cuszp` (libcuSZp) — and falls back to `decode(blob, device)` for
 any other codec, whose own decoder then copies its payload. Outputs are bit-identical to
@@ -76,12 +76,16 @@ def _cuszp(blob, payload, dtype, device):
 def _rtn(blob, payload, dtype, device):
     from profiles.codecs import get_codec
 
-    # unpacking int8/int4 codes and scaling by per-row absmax runs on the device, like szp
+    # unpacking int8/int4 codes and scaling by per-row absmax runs on the device, like szp; the
+    # quantized formats (gq, nf4, mxfp4, GGUF types) decode a device payload the same way (their
+    # Triton kernel on CUDA, their torch decoder elsewhere)
     return get_codec(blob.codec).decode_payload(payload, blob.meta, dtype, blob.shape,
                                                 blob.abs_bound, blob.options, device)
 
 
 _DEVICE_DECODERS = {"raw": _raw, "szp": _szp, "cuszp": _cuszp, "rtn8": _rtn, "rtn4": _rtn}
+_DEVICE_DECODERS.update({name: _rtn for name in ("gq", "nf4", "mxfp4", "q2_k", "q3_k", "q4_k",
+                                                 "q5_k", "q6_k", "q8_0")})
 
 
 def decodes_in_place(codec: str) -> bool:

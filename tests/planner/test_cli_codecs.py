@@ -33,7 +33,11 @@ def test_list_shows_every_codec_and_availability():
     res = run(["codecs", "list", "--json"])
     assert res.exit_code == 0, res.output
     rows = {r["codec"]: r for r in json.loads(res.output)}
-    assert list(rows) == ["sz3", "szp", "cuszp", "lossless", "rtn8", "rtn4", "raw"]
+    assert list(rows)[:7] == ["sz3", "szp", "cuszp", "lossless", "rtn8", "rtn4", "raw"]
+    for name in ("gq", "nf4", "mxfp4", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0"):
+        assert not rows[name]["error_bounded"] and rows[name]["decodes_on"] == "CPU or GPU"
+    assert rows["gq"]["options"] == {"bits": [2, 3, 4, 8], "group": [32, 64, 128]}
+    assert "per-row absmax" in rows["rtn8"]["description"]
     assert rows["szp"]["error_bounded"] and rows["szp"]["decodes_on"] == "CPU or GPU"
     assert rows["szp"]["available"] and not rows["rtn4"]["error_bounded"]
     if not torch.cuda.is_available():

@@ -137,3 +137,22 @@ def test_cpu_codec_pack_round_trip(tiny, tmp_path):
         assert all(torch.equal(got.tensors[n], t) for n, t in ref.tensors.items())
     specs = {e.spec for e in ckpt.experts}
     assert specs == {"raw", "sz3:meanabs:0.5,predictor=nopred"}
+
+
+def test_quantized_formats_pack_round_trip(tiny, tmp_path):
+    # the formats users run, mixed per layer with an error-bounded codec, through pack and load
+    pol = Policy(default=StorageSpec.parse("q4_k"),
+                 layers={1: StorageSpec.parse("nf4,dq=false"), 2: StorageSpec("szp", "meanabs", 0.5)},
+                 experts={(1, 2): StorageSpec.parse("gq,bits=3,group=128"),
+                          (1, 3): StorageSpec.parse("mxfp4,scale=llamacpp")})
+    ckpt = pack(tiny, pol, tmp_path / "formats")
+    loaded = load_packed(ckpt.path)
+    ids = torch.tensor([[1, 5, 9, 12, 40, 7]])
+    with apply_policy(tiny, pol):
+        for ref in tiny.expert_map.experts:
+            got = loaded.expert_map.get(ref.layer, ref.expert)
+            assert all(torch.equal(got.tensors[n], t) for n, t in ref.tensors.items())
+        want = tiny.model(ids).logits
+    assert torch.equal(loaded.model(ids).logits, want)
+    assert {e.spec for e in ckpt.experts} >= {"q4_k", "nf4,dq=False", "gq,bits=3,group=128",
+                                              "mxfp4,scale=llamacpp"}

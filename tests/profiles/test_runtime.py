@@ -227,7 +227,7 @@ def test_gpu_runtime_matches_the_in_memory_model(tiny_loaded):
     assert {"H2D link", "GPU decode", "GPU compute"} <= {s[0] for s in r.spans}
 
 
-@pytest.mark.parametrize("codec", ["rtn8", "rtn4"])
+@pytest.mark.parametrize("codec", ["rtn8", "rtn4", "gq", "nf4", "mxfp4", "q4_k"])
 def test_rtn_experts_cross_the_link_compressed_and_decode_on_the_device(tiny_loaded, codec):
     # the planner and simulator cost rtn as GPU-decoded; the runtime must move its packed bytes,
     # not the decoded bf16 ones, and produce what the in-memory policy produces
