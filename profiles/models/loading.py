@@ -395,9 +395,21 @@ def _from_pretrained(path: Path, config, ckpt_dtype: str, torch_dtype, trust_rem
 
 
 def _tokenizer(path: Path, trust_remote_code: bool):
+    """The checkpoint's tokenizer: moesz's character tokenizer (the built-in model's, which
+    random checkpoints carry too), a Hugging Face one, or None when there are no tokenizer files.
+    """
     if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
                                              "tokenizer.model")):
         return None
+    f = path / "tokenizer.json"
+    try:
+        char = f.is_file() and json.loads(f.read_text()).get("kind") == "char_tokenizer"
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        char = False
+    if char:
+        from profiles.tasks import CharTokenizer
+
+        return CharTokenizer.load(f)
     from transformers import AutoTokenizer
 
     try:

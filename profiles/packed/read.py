@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -150,22 +149,10 @@ def build_model(ckpt: PackedCheckpoint, trust_remote_code: bool = False):
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
-    """The tokenizer saved with a packed checkpoint, or None."""
-    f = path / "tokenizer.json"
-    if f.is_file():
-        try:
-            if json.loads(f.read_text()).get("kind") == "char_tokenizer":
-                from profiles.tasks import CharTokenizer
+    """The tokenizer saved with a packed checkpoint, or None (`profiles.models.loading`)."""
+    from profiles.models.loading import _tokenizer
 
-                return CharTokenizer.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            pass
-    if any((path / n).exists() for n in ("tokenizer.json", "tokenizer_config.json",
-                                         "tokenizer.model")):
-        from profiles.models.loading import _tokenizer
-
-        return _tokenizer(path, trust_remote_code)
-    return None
+    return _tokenizer(Path(path), trust_remote_code)
 
 
 def load_packed(path: str | os.PathLike, device: str | torch.device | None = None,
