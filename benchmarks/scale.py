@@ -64,7 +64,8 @@ def steps(ckpt: Path, work: Path, expert_bytes: int) -> dict[str, list[str]]:
         "ratios": ["profile", "model", str(ckpt), "--out", str(work / "profile"),
                    "--ratios-only", "--codecs", "szp", "--levels", "1", "--ratio-sample", "2"],
         "eval": ["model", "eval", str(work / "packed"), "--limit", "5", "--host-mem", str(host)],
-        "run": ["run", str(work / "packed"), "--tokens", "4", "--host-mem", str(host)],
+        "run": ["run", str(work / "packed"), "--tokens", "4", "--host-mem", str(host),
+                "--gpu-mem", "10%"],
     }
 
 

@@ -20,7 +20,6 @@ from profiles.packed.records import (
     PackedCheckpoint,
     PackedError,
     Progress,
-    routed_parameter_names,
     sha256_file,
 )
 
@@ -112,7 +111,6 @@ def build_model(ckpt: PackedCheckpoint, trust_remote_code: bool = False):
     Returns:
         (model in eval mode, its expert map).
     """
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
     try:
         from transformers.initialization import no_init_weights
@@ -133,17 +131,17 @@ def build_model(ckpt: PackedCheckpoint, trust_remote_code: bool = False):
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()  # no_init_weights skips the tying that from_config would do
     emap = build_expert_map(model, str(ckpt.path))
-    state = load_file(str(ckpt.path / NON_EXPERT))
-    result = model.load_state_dict(state, strict=False)
-    routed = routed_parameter_names(model, emap)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    loaded_ptrs = {params[n].data_ptr() for n in state if n in params}
-    tied = {n for n in result.missing_keys if n in params and params[n].data_ptr() in loaded_ptrs}
-    missing = sorted(set(result.missing_keys) - routed - tied)
-    if missing or result.unexpected_keys:
-        what = missing[0] if missing else result.unexpected_keys[0]
-        raise PackedError(f"{ckpt.path / NON_EXPERT}: weights do not match config.json "
-                          f"({'missing' if missing else 'unexpected'} {what}); repack the model")
+    from profiles.models.files import CheckpointFiles, TensorOut, copy_chunks
+    from profiles.models.offload import load_non_expert
+
+    try:  # tensor by tensor: the non-expert weights are never held twice
+        files = CheckpointFiles.open_files(ckpt.path, (ckpt.path / NON_EXPERT,))
+        load_non_expert(model, emap, ((n, TensorOut(n, i.dtype, i.shape,
+                                                    lambda n=n: copy_chunks(files, n)))
+                                      for n, i in files.tensors.items()),
+                        str(ckpt.path / NON_EXPERT))
+    except MoeszError as exc:
+        raise PackedError(f"{exc}; repack the model") from None
     model.eval()
     return model, emap
 
