@@ -51,8 +51,12 @@ def _gpu_rate(hardware: HardwareProfile, codec: str, level: float | None,
     if curve is not None:
         labels.add(f"{codec} GPU decode: {curve.source}" + (f" ({curve.note})" if curve.note else ""))
         return curve.at(level)
-    if codec in ("rtn8", "rtn4"):
-        # dequantization reads the packed bytes and writes bf16: bandwidth-bound, about d2d / 2
+    from profiles.codecs import get_codec
+
+    c = get_codec(codec)
+    if c.gpu_decodable and not c.error_bounded:
+        # dequantization of a block format (rtn, gq, nf4, mxfp4, GGUF types) reads the packed
+        # bytes and writes bf16: bandwidth-bound, about d2d / 2
         labels.add(f"{codec} GPU decode: estimated as half the d2d copy bandwidth "
                    f"({gpu.d2d_gbps.value:g} GB/s, {gpu.d2d_gbps.source})")
         return gpu.d2d_gbps.value / 2
