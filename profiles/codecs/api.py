@@ -84,7 +84,7 @@ def decode(blob: Blob, device: str | torch.device = "cpu") -> torch.Tensor:
         CodecError: unknown codec or codec version, a CUDA device without CUDA, a corrupt payload.
     """
     c = get_codec(blob.codec)
-    if blob.codec_version != c.format_version:
+    if not c.reads_version(blob.codec_version):
         raise CodecError(f"blob of codec {blob.codec!r} has format version {blob.codec_version}; "
                          f"this moesz reads version {c.format_version}; re-encode it")
     dev = torch.device(device)
