@@ -130,8 +130,9 @@ def quantize(x32: np.ndarray, eb: float) -> tuple[np.ndarray, np.ndarray]:
     return np.where(ok, q, 0).astype(np.int32), ok
 
 
-def codes(x: torch.Tensor, eb: float, strict: bool) -> np.ndarray:
-    """Symbols-to-be of a CPU tensor: q, q + NUDGED for strict-bound violators, OUTLIER for the rest.
+def codes(x: torch.Tensor, eb: float, strict: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Codes of a CPU tensor (q, q + NUDGED for strict-bound violators, OUTLIER for values stored
+    exactly) and their histogram (`code_histogram`'s bins).
 
     Works in numpy, in pieces of 2^16 values, so that temporaries stay in the CPU cache (and no
     torch threads wait for each other on a loaded machine).
@@ -145,23 +146,31 @@ def codes(x: torch.Tensor, eb: float, strict: bool) -> np.ndarray:
     """
     n = x.numel()
     out = np.empty(n, np.int32)
+    hist = np.zeros(OUTLIER + MAX_RADIUS + 1, np.int64)
     name = dtype_name(x.dtype)
     bits = _bits_of(x)
     for lo in range(0, n, _PIECE):
         x32 = to_f32(bits[lo:lo + _PIECE], name)
         q, ok = quantize(x32, eb)
-        code = np.where(ok, q, OUTLIER)
+        code = out[lo:lo + _PIECE]
+        np.copyto(code, q)
+        code[~ok] = OUTLIER
         if strict:
             xhat = dequantize(q, eb)
             near = round_bits(xhat, name)
-            x64 = x32.astype(np.float64)
-            miss = ok & (np.abs(to_f32(near, name) - x64) > eb)
-            if miss.any():
+            miss = np.flatnonzero(ok & (np.abs(to_f32(near, name) - x32.astype(np.float64)) > eb))
+            if miss.size:
                 far = nudge(near[miss], xhat[miss], name)
-                good = np.abs(to_f32(far, name) - x64[miss]) <= eb
-                code[np.flatnonzero(miss)] = np.where(good, q[miss] + NUDGED, OUTLIER)
-        out[lo:lo + _PIECE] = code
-    return out
+                good = np.abs(to_f32(far, name) - x32[miss].astype(np.float64)) <= eb
+                code[miss] = np.where(good, q[miss] + NUDGED, OUTLIER)
+        # normal codes counted in a small window, the rare nudged and outlier codes one by one
+        rare = code > MAX_RADIUS
+        qmin, qmax = int(code.min()), int(np.where(rare, -MAX_RADIUS, code).max())
+        small = np.bincount(np.minimum(code, qmax + 1) - qmin, minlength=qmax - qmin + 2)
+        hist[qmin + MAX_RADIUS: qmax + MAX_RADIUS + 1] += small[:-1]
+        if small[-1]:
+            np.add.at(hist, code[rare] + MAX_RADIUS, 1)
+    return out, hist
 
 
 def dequantize(q: np.ndarray, eb: float) -> np.ndarray:
@@ -222,11 +231,6 @@ def symbol_counts(hist: np.ndarray, radius: int, nudged: bool) -> np.ndarray:
     return np.concatenate([[int(hist.sum()) - kept]] + inner)
 
 
-def code_histogram(code: np.ndarray) -> np.ndarray:
-    """Counts of codes: bin q + MAX_RADIUS, q + NUDGED + MAX_RADIUS (nudged), last bin outliers."""
-    return np.bincount(code + MAX_RADIUS, minlength=OUTLIER + MAX_RADIUS + 1)
-
-
 def choose_radius(hist: np.ndarray, itemsize: int,
                   prob_bits: int = PROB_BITS) -> tuple[int, bool, np.ndarray]:
     """The radius R and symbol frequencies that minimize the estimated payload size.
@@ -236,7 +240,8 @@ def choose_radius(hist: np.ndarray, itemsize: int,
     48 values spaced geometrically between.
 
     Args:
-        hist: `code_histogram` of the tensor's codes.
+        hist: counts of the tensor's codes (`codes`): bin q + MAX_RADIUS, q + NUDGED +
+            MAX_RADIUS for nudged ones, the last bin outliers.
         itemsize: bytes of one original value (an outlier's cost besides its 32-bit index).
 
     Returns:
@@ -266,13 +271,14 @@ def choose_radius(hist: np.ndarray, itemsize: int,
 
 def symbols(code: np.ndarray, radius: int, nudged: bool) -> np.ndarray:
     """Symbols of codes: 0 outlier, 1 + R + q for |q| <= R, then 2R + 2 + R + q for nudged ones."""
-    sym = np.zeros(code.size, np.int32)
-    normal = np.abs(code) <= radius
-    sym[normal] = code[normal] + (radius + 1)
+    lut = np.zeros(OUTLIER + MAX_RADIUS + 1, np.int32)
+    lut[MAX_RADIUS - radius: MAX_RADIUS + radius + 1] = np.arange(1, 2 * radius + 2)
     if nudged:
-        c = code - NUDGED
-        near = np.abs(c) <= radius
-        sym[near] = c[near] + (3 * radius + 2)
+        at = NUDGED + MAX_RADIUS
+        lut[at - radius: at + radius + 1] = np.arange(2 * radius + 2, 4 * radius + 3)
+    sym = np.empty(code.size, np.int32)
+    for lo in range(0, code.size, _PIECE):
+        np.take(lut, code[lo:lo + _PIECE] + MAX_RADIUS, out=sym[lo:lo + _PIECE])
     return sym
 
 
@@ -310,9 +316,7 @@ def rans_encode(syms: np.ndarray, freqs: np.ndarray, prob_bits: int = PROB_BITS,
     x = np.full(lanes, float(STATE_LOW))
     fb, qb, tb = np.empty(lanes), np.empty(lanes), np.empty(lanes)
     si = np.empty(lanes, np.intp)
-    written = np.zeros(chunks, np.int64)
-    ks, revs, ws = [], [], []
-    ar = np.arange(lanes)
+    emitted, ws = [], []
     for t in range(steps - 1, -1, -1):
         a = lanes if (rem == 0 or t < tail_steps) else full * LANES
         xa, s, f, q, tmp = x[:a], si[:a], fb[:a], qb[:a], tb[:a]
@@ -325,25 +329,46 @@ def rans_encode(syms: np.ndarray, freqs: np.ndarray, prob_bits: int = PROB_BITS,
             xi = xa[idx]
             hi = np.floor(xi * (1.0 / 65536.0))
             ws.append((xi - hi * 65536.0).astype(np.uint16))
+            emitted.append(idx)
             xa[idx] = hi
             q[idx] = np.floor(hi / f[idx])
-            k = idx >> 5
-            cnt = np.bincount(k, minlength=a >> 5)
-            rank = ar[: idx.size] - (np.cumsum(cnt) - cnt)[k]
-            revs.append(written[k] + cnt[k] - 1 - rank)
-            ks.append(k)
-            written[: a >> 5] += cnt
+        else:
+            emitted.append(idx)
+            ws.append(np.zeros(0, np.uint16))
         np.take(spare, s, out=tmp)
         q *= tmp
         xa += q
         np.take(cum, s, out=tmp)
         xa += tmp
-    offsets = np.cumsum(written) - written
-    words = np.empty(int(written.sum()), np.uint16)
-    if ks:
-        k = np.concatenate(ks)
-        words[offsets[k] + written[k] - 1 - np.concatenate(revs)] = np.concatenate(ws)
+    offsets, words = _place_words(emitted[::-1], ws[::-1], chunks, steps)
     return x.astype(np.uint32), offsets.astype(np.uint32), words
+
+
+def _place_words(emitted: list[np.ndarray], ws: list[np.ndarray], chunks: int,
+                 steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lay the emitted words out in decoder order: by chunk, then step, then lane.
+
+    Args:
+        emitted: per decode step t (ascending), the lanes that read a word (ascending).
+        ws: the words they read, in the same order.
+
+    Returns:
+        (first word of each chunk, all words).
+    """
+    sizes = np.array([e.size for e in emitted], np.int64)
+    lane = np.concatenate(emitted) if emitted else np.zeros(0, np.int64)
+    words = np.concatenate(ws) if ws else np.zeros(0, np.uint16)
+    k = lane >> 5
+    group = np.repeat(np.arange(steps, dtype=np.int64) * chunks, sizes) + k  # (t, chunk), sorted
+    per = np.bincount(group, minlength=steps * chunks)
+    first = np.cumsum(per) - per                         # where each group starts in `words`
+    per = per.reshape(steps, chunks)
+    before = (np.cumsum(per, axis=0) - per).reshape(-1)  # a chunk's words in earlier steps
+    total = per.sum(axis=0)
+    offsets = np.cumsum(total) - total
+    out = np.empty(words.size, np.uint16)
+    out[offsets[k] + before[group] + np.arange(words.size) - first[group]] = words
+    return offsets, out
 
 
 def _step_rows(syms: np.ndarray, pad: int, steps: int, full: int, rem: int) -> np.ndarray:
@@ -474,8 +499,8 @@ class AnsCodec(Codec):
         if n >= 1 << 32:
             raise CodecError(f"ans: a tensor of {n} values is too large; split it below 2^32 values")
         xc = x.detach().to("cpu").reshape(-1)
-        code = codes(xc, abs_bound, patches.is_strict(options))
-        radius, nudged, freqs = choose_radius(code_histogram(code), x.element_size())
+        code, hist = codes(xc, abs_bound, patches.is_strict(options))
+        radius, nudged, freqs = choose_radius(hist, x.element_size())
         syms = symbols(code, radius, nudged)
         out_idx = np.flatnonzero(syms == 0)
         states, offsets, words = rans_encode(syms, freqs, PROB_BITS, STEPS)
