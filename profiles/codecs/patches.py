@@ -32,13 +32,14 @@ def is_strict(options: dict[str, Any]) -> bool:
     return bool(options.get("strict", 1))
 
 
-def violators(x: torch.Tensor, reconstruct: Callable[[torch.Tensor], torch.Tensor],
+def violators(x: torch.Tensor, reconstruct: Callable[[int, torch.Tensor], torch.Tensor],
               bound: float) -> torch.Tensor:
     """Flat int64 indices (ascending, on x's device) where |reconstruct(x) − x| > bound exactly.
 
     Args:
         x: the original values (any supported dtype, any shape, CPU or CUDA).
-        reconstruct: maps a flat piece of x to what the decoder returns for it (same dtype).
+        reconstruct: maps (offset, flat piece of x) to what the decoder returns for that piece
+            (same dtype).
         bound: the absolute bound, compared in float64 (exact for the differences of fp32 values
             that are close to each other, which is every case where it matters).
     """
@@ -48,7 +49,7 @@ def violators(x: torch.Tensor, reconstruct: Callable[[torch.Tensor], torch.Tenso
     found = []
     for lo in range(0, n, step):
         piece = flat[lo:lo + step]
-        err = (reconstruct(piece).to(torch.float64) - piece.to(torch.float64)).abs_()
+        err = (reconstruct(lo, piece).to(torch.float64) - piece.to(torch.float64)).abs_()
         hit = torch.nonzero(err > bound).reshape(-1)
         if hit.numel():
             found.append(hit + lo)
