@@ -166,9 +166,10 @@ def codes(x: torch.Tensor, eb: float, strict: bool) -> tuple[np.ndarray, np.ndar
         # normal codes counted in a small window, the rare nudged and outlier codes one by one
         rare = code > MAX_RADIUS
         qmin, qmax = int(code.min()), int(np.where(rare, -MAX_RADIUS, code).max())
-        small = np.bincount(np.minimum(code, qmax + 1) - qmin, minlength=qmax - qmin + 2)
-        hist[qmin + MAX_RADIUS: qmax + MAX_RADIUS + 1] += small[:-1]
-        if small[-1]:
+        if qmin <= qmax:
+            small = np.bincount(np.minimum(code, qmax + 1) - qmin, minlength=qmax - qmin + 2)
+            hist[qmin + MAX_RADIUS: qmax + MAX_RADIUS + 1] += small[:-1]
+        if qmin > qmax or small[-1]:
             np.add.at(hist, code[rare] + MAX_RADIUS, 1)
     return out, hist
 
