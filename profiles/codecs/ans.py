@@ -424,39 +424,34 @@ def rans_decode(states: np.ndarray, offsets: np.ndarray, words: np.ndarray, n: i
         return np.zeros(0, values.dtype)
     sym, f_slot, b_slot = decode_tables(freqs, prob_bits)
     v_slot = values[sym]
-    fb_slot = (f_slot << 32) | b_slot                 # one look-up for frequency and bias
     mask = (1 << prob_bits) - 1
     x = states.astype(np.int64)
     pos = offsets.astype(np.int64)
-    w64 = words.astype(np.int64)
+    w64 = words.astype(np.int64) if words.size else np.zeros(1, np.int64)
     out = np.empty((chunks, steps, LANES), values.dtype)
-    slot, fb, tmp = (np.empty(lanes, np.int64) for _ in range(3))
+    slot, fs = np.empty(lanes, np.int64), np.empty(lanes, np.int64)
     ar = np.arange(lanes)
-    nwords = words.size
     for t in range(steps):
         a = lanes if (rem == 0 or t < tail_steps) else full * LANES
-        xa, sa, e, f = x[:a], slot[:a], fb[:a], tmp[:a]
+        xa, sa, f = x[:a], slot[:a], fs[:a]
         np.bitwise_and(xa, mask, out=sa)
         out[: a >> 5, t, :] = np.take(v_slot, sa).reshape(-1, LANES)
-        np.take(fb_slot, sa, out=e)
-        np.right_shift(e, 32, out=f)
+        np.take(f_slot, sa, out=f)
         xa >>= prob_bits
         xa *= f
-        e &= 0xFFFFFFFF
-        xa += e
+        xa += np.take(b_slot, sa, out=f)
         idx = np.flatnonzero(xa < STATE_LOW)
         if idx.size:
             k = idx >> 5
             cnt = np.bincount(k, minlength=a >> 5)
-            at = (pos[: a >> 5] - (np.cumsum(cnt) - cnt))[k] + ar[: idx.size]
-            if nwords == 0 or int(at.max()) >= nwords or int(at.min()) < 0:
-                raise ValueError("a chunk reads past the end of the word section")
+            base = pos[: a >> 5] + cnt
+            base -= np.cumsum(cnt)
             g = xa[idx]
             g <<= 16
-            g |= w64[at]
+            g |= np.take(w64, base[k] + ar[: idx.size], mode="clip")  # checked after the loop
             xa[idx] = g
             pos[: a >> 5] += cnt
-    ends = np.append(offsets[1:].astype(np.int64), nwords)
+    ends = np.append(offsets[1:].astype(np.int64), words.size)
     if not (np.array_equal(pos, ends) and bool(np.all(x == STATE_LOW))):
         raise ValueError("the rANS lanes do not end where they started")
     return out.reshape(-1)[:n]
