@@ -113,26 +113,32 @@ def reciprocal(eb: float) -> np.float32:
     return np.float32(1.0 / float(eb))
 
 
-def quantize(x32: np.ndarray, eb: float) -> tuple[np.ndarray, np.ndarray]:
+def quantize(x32: np.ndarray, eb: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """SZ3 linear quantization with prediction 0, in fp32.
 
     Returns:
-        (q int32 codes, ok bool): ok is False where SZ3 would store the value as unpredictable
-        (|x̂ − x| > eb in fp32, or |q| beyond SZ3's radius).
+        (q int32 codes, ok bool, x̂ fp32 reconstructions): ok is False where SZ3 would store the
+        value as unpredictable (|x̂ − x| > eb in fp32, or |q| beyond SZ3's radius).
     """
     e = np.float32(eb)
-    a = np.abs(x32) * reciprocal(eb)                              # fp32
-    ok = a < np.float32(2 * SZ3_RADIUS - 1)                       # trunc(a) + 1 < 2 * radius
-    h = (np.where(ok, a, 0).astype(np.int32) + 1) >> 1
-    q = np.where(x32 < 0, -h, h)
-    xhat = q.astype(np.float32) * np.float32(2) * e               # fp32(2q) * eb, exact doubling
+    lim = np.float32(2 * SZ3_RADIUS - 1)
+    a = np.abs(x32)
+    a *= reciprocal(eb)                                           # fp32
+    ok = a < lim                                                  # trunc(a) + 1 < 2 * radius
+    np.minimum(a, lim, out=a)
+    h = a.astype(np.int32)
+    h += 1
+    h >>= 1
+    qf = h.astype(np.float32)
+    np.copysign(qf, x32, out=qf)                                  # -0 for x = -0: q = 0
+    xhat = qf * (e * np.float32(2))                               # fp32(2q)·eb, one rounding
     ok &= np.abs(xhat - x32) <= e
-    return np.where(ok, q, 0).astype(np.int32), ok
+    return qf.astype(np.int32), ok, xhat
 
 
 def codes(x: torch.Tensor, eb: float, strict: bool) -> tuple[np.ndarray, np.ndarray]:
     """Codes of a CPU tensor (q, q + NUDGED for strict-bound violators, OUTLIER for values stored
-    exactly) and their histogram (`code_histogram`'s bins).
+    exactly) and their histogram (`choose_radius`'s bins).
 
     Works in numpy, in pieces of 2^16 values, so that temporaries stay in the CPU cache (and no
     torch threads wait for each other on a loaded machine).
@@ -149,19 +155,19 @@ def codes(x: torch.Tensor, eb: float, strict: bool) -> tuple[np.ndarray, np.ndar
     hist = np.zeros(OUTLIER + MAX_RADIUS + 1, np.int64)
     name = dtype_name(x.dtype)
     bits = _bits_of(x)
+    e = np.float32(eb)
     for lo in range(0, n, _PIECE):
         x32 = to_f32(bits[lo:lo + _PIECE], name)
-        q, ok = quantize(x32, eb)
+        q, ok, xhat = quantize(x32, eb)
         code = out[lo:lo + _PIECE]
         np.copyto(code, q)
-        code[~ok] = OUTLIER
+        np.copyto(code, OUTLIER, where=~ok)
         if strict:
-            xhat = dequantize(q, eb)
             near = round_bits(xhat, name)
-            miss = np.flatnonzero(ok & (np.abs(to_f32(near, name) - x32.astype(np.float64)) > eb))
+            miss = np.flatnonzero(ok & _misses(to_f32(near, name), x32, e, name))
             if miss.size:
                 far = nudge(near[miss], xhat[miss], name)
-                good = np.abs(to_f32(far, name) - x32[miss].astype(np.float64)) <= eb
+                good = ~_misses(to_f32(far, name), x32[miss], e, name)
                 code[miss] = np.where(good, q[miss] + NUDGED, OUTLIER)
         # normal codes counted in a small window, the rare nudged and outlier codes one by one
         rare = code > MAX_RADIUS
@@ -172,6 +178,14 @@ def codes(x: torch.Tensor, eb: float, strict: bool) -> tuple[np.ndarray, np.ndar
         if qmin > qmax or small[-1]:
             np.add.at(hist, code[rare] + MAX_RADIUS, 1)
     return out, hist
+
+
+def _misses(back: np.ndarray, x32: np.ndarray, e: np.float32, name: str) -> np.ndarray:
+    """|back − x| > eb, exactly: in fp32 for 16- and 8-bit dtypes (the difference of two of their
+    values is exact in fp32 wherever it is near eb), in float64 for fp32 tensors."""
+    if name == "fp32":
+        return np.abs(back.astype(np.float64) - x32.astype(np.float64)) > float(e)
+    return np.abs(back - x32) > e
 
 
 def dequantize(q: np.ndarray, eb: float) -> np.ndarray:

@@ -30,10 +30,19 @@ def weights(n, dtype=torch.bfloat16, seed=0, outlier=None):
 def test_quantizer_is_sz3s_linear_quantizer():
     eb = 0.5                                  # r = 2: h = (trunc(2|x|) + 1) >> 1
     x = np.array([0.0, 0.49, 0.5, 0.74, 0.75, 1.0, -0.5, -1.6, 1e6], np.float32)
-    q, ok = ans.quantize(x, eb)
+    q, ok, _ = ans.quantize(x, eb)
     assert q[:8].tolist() == [0, 0, 1, 1, 1, 1, -1, -2]
     assert ok[:8].all() and not ok[8]         # beyond SZ3's radius: unpredictable
     assert ans.dequantize(q[:8], eb).tolist() == [0, 0, 1, 1, 1, 1, -1, -2]
+
+
+def test_reconstruction_equals_sz3_nopred_except_outliers_stored_exactly():
+    x = weights(200000, torch.float32, seed=1, outlier=0.9)
+    for eb in (1e-3, 3e-3, 1.7e-2):
+        a = decode(encode(x, "ans", "abs", eb, strict=0))
+        s = decode(encode(x, "sz3", "abs", eb, strict=0))
+        differ = a != s
+        assert int(differ.sum()) <= 5 and torch.equal(a[differ], x[differ])
 
 
 def test_rans_round_trips_symbols_for_partial_and_many_chunks():
