@@ -373,16 +373,19 @@ def _place_words(emitted: list[np.ndarray], ws: list[np.ndarray], chunks: int,
     sizes = np.array([e.size for e in emitted], np.int64)
     lane = np.concatenate(emitted) if emitted else np.zeros(0, np.int64)
     words = np.concatenate(ws) if ws else np.zeros(0, np.uint16)
-    k = lane >> 5
-    group = np.repeat(np.arange(steps, dtype=np.int64) * chunks, sizes) + k  # (t, chunk), sorted
-    per = np.bincount(group, minlength=steps * chunks)
-    first = np.cumsum(per) - per                         # where each group starts in `words`
-    per = per.reshape(steps, chunks)
-    before = (np.cumsum(per, axis=0) - per).reshape(-1)  # a chunk's words in earlier steps
+    group = np.repeat(np.arange(steps, dtype=np.int64) * chunks, sizes)   # (t, chunk), sorted
+    group += lane >> 5
+    per = np.bincount(group, minlength=steps * chunks).reshape(steps, chunks)
     total = per.sum(axis=0)
     offsets = np.cumsum(total) - total
+    # word i of group (t, k) goes to offsets[k] + (k's words in steps before t) + (i - first[g])
+    delta = offsets[None, :] + (np.cumsum(per, axis=0) - per)
+    flat = per.reshape(-1)
+    delta = delta.reshape(-1) - (np.cumsum(flat) - flat)
     out = np.empty(words.size, np.uint16)
-    out[offsets[k] + before[group] + np.arange(words.size) - first[group]] = words
+    pos = delta[group]
+    pos += np.arange(words.size)
+    out[pos] = words
     return offsets, out
 
 
