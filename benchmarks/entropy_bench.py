@@ -21,8 +21,6 @@ wall clock, medians after a warm-up.
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import platform
 import statistics
 import sys

@@ -7,10 +7,11 @@ Framework for Composing Prediction-Based Error-Bounded Lossy Compressors", IEEE 
     r = fp32(1 / eb);  h = (trunc(|x|·r) + 1) >> 1;  q = h with the sign of x;  x̂ = fp32(2q)·eb
 
 A value is an OUTLIER, stored exactly as a patch (`profiles.codecs.patches`), when SZ3's own check
-|x̂ − x| > eb fails in fp32, when |q| exceeds the radius R chosen for the tensor (R minimizes the
-estimated size: table + coded symbols + outliers), or, under the strict bound (the default), when
-x̂ rounded to the original dtype misses the bound. Codes are symbols s = q + R + 1; symbol 0 marks
-an outlier.
+|x̂ − x| > eb fails in fp32, or when |q| exceeds the radius R chosen for the tensor (R minimizes the
+estimated size: table + coded symbols + outliers). Under the strict bound (the default) a value
+whose x̂, rounded to the original dtype, misses the bound is decoded one dtype step towards x̂
+instead (always within the bound, see `nudge`): its own symbol, about 10 bits, not a 48-bit patch.
+Symbols: 0 outlier, 1 + R + q for |q| <= R, 3R + 2 + q for the nudged value of q.
 
 The entropy coder is rANS (Duda, "Asymmetric numeral systems", 2013) with 32-bit states, 16-bit
 words and probabilities quantized to M = 2^prob_bits, interleaved over 32 lanes (Giesen,
@@ -20,13 +21,13 @@ lanes whose state fell below 2^16 read the chunk's next words in lane order. Chu
 independent; the last one may have fewer steps (its values padded to a multiple of 32).
 
 Payload (little-endian), each section padded to a multiple of 4 bytes, sizes in the blob's meta
-(`lanes`, `steps`, `prob_bits`, `radius`, `chunks`, `words`, `patches`):
+(`lanes`, `steps`, `prob_bits`, `radius`, `nudged`, `chunks`, `words`, `patches`):
 
-    (2R + 2) uint16   symbol frequencies, summing to M (symbol 0: outliers)
-    chunks × 32 uint32 the lanes' final encoder states (the decoder's initial states)
-    chunks uint32     each chunk's first word, as an index into the word section
-    words uint16      the chunks' words, chunk after chunk
-    patches           outliers and strict-bound violators (`profiles.codecs.patches`)
+    K uint16            symbol frequencies, summing to M (K = 2R + 2, or 4R + 3 with nudged)
+    chunks × 32 uint32  the lanes' final encoder states (the decoder's initial states)
+    chunks uint32       each chunk's first word, as an index into the word section
+    words uint16        the chunks' words, chunk after chunk
+    patches             the outliers (`profiles.codecs.patches`)
 
 This module is the reference: the vectorized numpy encoder and decoder run on the CPU (all lanes
 of all chunks advance together, one numpy operation per step), and the Triton decoder in
@@ -35,8 +36,6 @@ frequencies, so CPU and GPU write the same original-dtype bits by construction.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
@@ -239,7 +238,7 @@ def normalize(counts: np.ndarray, total_freq: int) -> np.ndarray:
 
 
 def symbol_counts(hist: np.ndarray, radius: int, nudged: bool) -> np.ndarray:
-    """Counts of the symbols for a radius, from `code_histogram`'s bins (see `symbols`)."""
+    """Counts of the symbols for a radius, from the bins of `codes` (see `symbol_table`)."""
     lo, hi = MAX_RADIUS - radius, MAX_RADIUS + radius + 1
     inner = [hist[lo:hi]] + ([hist[NUDGED + lo: NUDGED + hi]] if nudged else [])
     kept = sum(int(v.sum()) for v in inner)
@@ -284,17 +283,15 @@ def choose_radius(hist: np.ndarray, itemsize: int,
     return best[1], nudged, best[2]
 
 
-def symbols(code: np.ndarray, radius: int, nudged: bool) -> np.ndarray:
-    """Symbols of codes: 0 outlier, 1 + R + q for |q| <= R, then 2R + 2 + R + q for nudged ones."""
-    lut = np.zeros(OUTLIER + MAX_RADIUS + 1, np.int32)
+def symbol_table(radius: int, nudged: bool) -> np.ndarray:
+    """Symbol of each code + MAX_RADIUS: 0 outlier, 1 + R + q for |q| <= R, then 3R + 2 + q for
+    the nudged value of q."""
+    lut = np.zeros(OUTLIER + MAX_RADIUS + 1, np.intp)
     lut[MAX_RADIUS - radius: MAX_RADIUS + radius + 1] = np.arange(1, 2 * radius + 2)
     if nudged:
         at = NUDGED + MAX_RADIUS
         lut[at - radius: at + radius + 1] = np.arange(2 * radius + 2, 4 * radius + 3)
-    sym = np.empty(code.size, np.int32)
-    for lo in range(0, code.size, _PIECE):
-        np.take(lut, code[lo:lo + _PIECE] + MAX_RADIUS, out=sym[lo:lo + _PIECE])
-    return sym
+    return lut
 
 
 # ----------------------------------------------------------------------------- rANS
@@ -306,12 +303,17 @@ def chunk_geometry(n: int, steps: int) -> tuple[int, int, int]:
 
 
 def rans_encode(syms: np.ndarray, freqs: np.ndarray, prob_bits: int = PROB_BITS,
-                steps: int = STEPS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                steps: int = STEPS, table: np.ndarray | None = None,
+                shift: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Interleaved rANS encode of symbols 0..K-1 (vectorized over every lane of every chunk).
 
     The state arithmetic runs in float64, exact for states below 2^32 (the quotient x / f is never
     within 2^-21 of an integer without being one, since f <= 2^16). A lane renormalizes (emits its
     low 16 bits) when floor(x / f) >= 2^(32 - prob_bits), i.e. when x >= f * 2^(32 - prob_bits).
+
+    Args:
+        syms: the symbols, or with `table` the values table[v + shift] maps to symbols (mapped a
+            step at a time, so that no tensor-sized symbol array is made).
 
     Returns:
         (states uint32 [chunks * 32], first word of each chunk uint32 [chunks], words uint16).
@@ -323,7 +325,14 @@ def rans_encode(syms: np.ndarray, freqs: np.ndarray, prob_bits: int = PROB_BITS,
     lanes = chunks * LANES
     if n == 0:
         return np.zeros(0, np.uint32), np.zeros(0, np.uint32), np.zeros(0, np.uint16)
-    rows = _step_rows(syms, int(np.argmax(freqs)), steps, full, rem)
+    body = syms[: full * steps * LANES].reshape(full, steps, LANES)
+    if rem:                                   # the tail chunk, padded with the likeliest symbol
+        pad = int(np.argmax(freqs))
+        if table is not None:
+            pad = int(np.flatnonzero(table == pad)[0]) - shift
+        tail = np.full(tail_steps * LANES, pad, dtype=syms.dtype)
+        tail[:rem] = syms[full * steps * LANES:]
+        tail = tail.reshape(tail_steps, LANES)
     f64 = freqs.astype(np.float64)
     cum = (np.cumsum(freqs) - freqs).astype(np.float64)
     spare = m - f64                                   # x' = x + floor(x / f) * (M - f) + cum
@@ -331,11 +340,18 @@ def rans_encode(syms: np.ndarray, freqs: np.ndarray, prob_bits: int = PROB_BITS,
     x = np.full(lanes, float(STATE_LOW))
     fb, qb, tb = np.empty(lanes), np.empty(lanes), np.empty(lanes)
     si = np.empty(lanes, np.intp)
+    body_rows = si[: full * LANES].reshape(full, LANES)
     emitted, ws = [], []
     for t in range(steps - 1, -1, -1):
         a = lanes if (rem == 0 or t < tail_steps) else full * LANES
         xa, s, f, q, tmp = x[:a], si[:a], fb[:a], qb[:a], tb[:a]
-        s[...] = rows[t, :a]
+        body_rows[...] = body[:, t, :]
+        if a > full * LANES:
+            si[full * LANES:] = tail[t]
+        if table is not None:
+            if shift:
+                s += shift
+            np.take(table, s, out=s)
         np.take(f64, s, out=f)
         np.divide(xa, f, out=q)
         np.floor(q, out=q)
@@ -344,12 +360,11 @@ def rans_encode(syms: np.ndarray, freqs: np.ndarray, prob_bits: int = PROB_BITS,
             xi = xa[idx]
             hi = np.floor(xi * (1.0 / 65536.0))
             ws.append((xi - hi * 65536.0).astype(np.uint16))
-            emitted.append(idx)
             xa[idx] = hi
             q[idx] = np.floor(hi / f[idx])
         else:
-            emitted.append(idx)
             ws.append(np.zeros(0, np.uint16))
+        emitted.append((idx >> 5).astype(np.int32) + np.int32(t * chunks))
         np.take(spare, s, out=tmp)
         q *= tmp
         xa += q
@@ -359,22 +374,20 @@ def rans_encode(syms: np.ndarray, freqs: np.ndarray, prob_bits: int = PROB_BITS,
     return x.astype(np.uint32), offsets.astype(np.uint32), words
 
 
-def _place_words(emitted: list[np.ndarray], ws: list[np.ndarray], chunks: int,
+def _place_words(groups: list[np.ndarray], ws: list[np.ndarray], chunks: int,
                  steps: int) -> tuple[np.ndarray, np.ndarray]:
     """Lay the emitted words out in decoder order: by chunk, then step, then lane.
 
     Args:
-        emitted: per decode step t (ascending), the lanes that read a word (ascending).
+        groups: per decode step t (ascending), t * chunks + the chunk of each lane that read a
+            word, in lane order.
         ws: the words they read, in the same order.
 
     Returns:
         (first word of each chunk, all words).
     """
-    sizes = np.array([e.size for e in emitted], np.int64)
-    lane = np.concatenate(emitted) if emitted else np.zeros(0, np.int64)
+    group = np.concatenate(groups) if groups else np.zeros(0, np.int32)
     words = np.concatenate(ws) if ws else np.zeros(0, np.uint16)
-    group = np.repeat(np.arange(steps, dtype=np.int64) * chunks, sizes)   # (t, chunk), sorted
-    group += lane >> 5
     per = np.bincount(group, minlength=steps * chunks).reshape(steps, chunks)
     total = per.sum(axis=0)
     offsets = np.cumsum(total) - total
@@ -382,25 +395,11 @@ def _place_words(emitted: list[np.ndarray], ws: list[np.ndarray], chunks: int,
     delta = offsets[None, :] + (np.cumsum(per, axis=0) - per)
     flat = per.reshape(-1)
     delta = delta.reshape(-1) - (np.cumsum(flat) - flat)
-    out = np.empty(words.size, np.uint16)
     pos = delta[group]
     pos += np.arange(words.size)
+    out = np.empty(words.size, np.uint16)
     out[pos] = words
     return offsets, out
-
-
-def _step_rows(syms: np.ndarray, pad: int, steps: int, full: int, rem: int) -> np.ndarray:
-    """[steps, lanes] symbols: row t holds step t of every lane (the tail padded with `pad`)."""
-    per = steps * LANES
-    chunks = full + (rem > 0)
-    rows = np.empty((steps, chunks, LANES), dtype=syms.dtype)
-    if full:
-        rows[:, :full, :] = syms[: full * per].reshape(full, steps, LANES).transpose(1, 0, 2)
-    if rem:
-        tail = np.full(steps * LANES, pad, dtype=syms.dtype)
-        tail[:rem] = syms[full * per:]
-        rows[:, full, :] = tail.reshape(steps, LANES)
-    return rows.reshape(steps, chunks * LANES)
 
 
 def decode_tables(freqs: np.ndarray, prob_bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -514,9 +513,11 @@ class AnsCodec(Codec):
         xc = x.detach().to("cpu").reshape(-1)
         code, hist = codes(xc, abs_bound, patches.is_strict(options))
         radius, nudged, freqs = choose_radius(hist, x.element_size())
-        syms = symbols(code, radius, nudged)
-        out_idx = np.flatnonzero(syms == 0)
-        states, offsets, words = rans_encode(syms, freqs, PROB_BITS, STEPS)
+        table = symbol_table(radius, nudged)
+        out_idx = np.concatenate([np.zeros(0, np.int64)] + [
+            np.flatnonzero(np.take(table, code[lo:lo + _PIECE] + MAX_RADIUS) == 0) + lo
+            for lo in range(0, n, _PIECE)])
+        states, offsets, words = rans_encode(code, freqs, PROB_BITS, STEPS, table, MAX_RADIUS)
         meta = {"lanes": LANES, "steps": STEPS, "prob_bits": PROB_BITS, "radius": int(radius),
                 "nudged": int(nudged), "chunks": int(offsets.size), "words": int(words.size),
                 "patches": int(out_idx.size)}
@@ -599,6 +600,6 @@ def decode_cpu(table: torch.Tensor, states: torch.Tensor, offsets: torch.Tensor,
     return patches.apply(out, idx, pv)
 
 
-__all__ = ["AnsCodec", "quantize", "dequantize", "codes", "symbols", "choose_radius", "normalize",
+__all__ = ["AnsCodec", "quantize", "dequantize", "codes", "symbol_table", "choose_radius", "normalize",
            "rans_encode", "rans_decode", "value_table", "decode_cpu", "split", "LANES", "STEPS",
            "PROB_BITS"]
