@@ -5,7 +5,9 @@
     t = decode(blob, device="cpu")
 
 Codecs: `sz3` (SZ3 via pysz, CPU), `szp` (cuSZp v3 stream, CPU and GPU), `cuszp` (libcuSZp via
-ctypes, GPU), `lossless` (byte planes + zstd), `rtn8`/`rtn4` (round-to-nearest baselines) and `raw`.
+ctypes, GPU), `lossless` (byte planes + zstd), `rtn8`/`rtn4` (round-to-nearest baselines) and `raw`;
+`ans` (SZ3's quantizer + chunked interleaved rANS, CPU reference and a Triton decoder on CUDA).
+Error-bounded codecs hold the bound strictly after rounding to the original dtype unless `strict=0`.
 See docs/codecs.md for the user manual and `benchmarks/RESULTS.md` for measured figures.
 """
 
