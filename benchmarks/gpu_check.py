@@ -22,7 +22,7 @@ Checks (each recorded as passed / failed / skipped with its figures, never stopp
   ans_speed_1gib       `ans` decode GB/s of bf16 output for a 1 GiB bf16 tensor (CPU-encoded),
                        chunks per program 1/2/4/8, and bit identity with the CPU decode
 
-Imports only torch, numpy and moesz's szp modules (no pysz, zstandard, typer). Results are written
+Imports only torch, numpy and moesz's codec modules (no pysz, zstandard, typer). Results are written
 as JSON to OUT/gpu_check.json. Later issues add their checks to CHECKS.
 """
 
