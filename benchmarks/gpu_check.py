@@ -19,8 +19,13 @@ Checks (each recorded as passed / failed / skipped with its figures, never stopp
   formats_triton_bytes the Triton dequantization kernels of gq, nf4, mxfp4 and the GGUF types vs
                        their CPU decoders, bit for bit, fp32/bf16/fp16 output, partial blocks
   formats_speed_1gib   their decode GB/s (bf16 output) on a 1 GiB bf16 tensor
+  ans_bytes            the `ans` Triton decoder vs the numpy reference decode, bit for bit:
+                       partial chunks, several chunks, bf16/fp16/fp32/fp8, strict and relaxed
+  szp_strict_patches   strict szp blobs encoded on the GPU: GPU and CPU decodes equal, bound held
+  ans_speed_1gib       `ans` decode GB/s of bf16 output for a 1 GiB bf16 tensor (CPU-encoded),
+                       chunks per program 1/2/4/8, and bit identity with the CPU decode
 
-Imports only torch, numpy and moesz's szp modules (no pysz, zstandard, typer). Results are written
+Imports only torch, numpy and moesz's codec modules (no pysz, zstandard, typer). Results are written
 as JSON to OUT/gpu_check.json. Later issues add their checks to CHECKS.
 """
 
@@ -496,6 +501,81 @@ def check_formats_speed_1gib(ctx: Ctx) -> dict:
         key = label + "".join(f",{k}={v}" for k, v in opts.items() if k != "qtype")
         res[key] = {"bits_per_weight": round(8 * p.numel() / n, 4),
                     "decode_gbps_bf16_out": round(2 * n / ms / 1e6, 1)}
+# --- the entropy-coded codec and strict bounds (issue 14) --------------------------------------
+
+def check_ans_bytes(ctx: Ctx) -> dict:
+    from profiles.codecs import ans, ans_triton, encode
+    from profiles.codecs.registry import payload_tensor
+
+    sizes = (1, 33, 1000, 3 * 16384 + 17) if ctx.dry else (1, 33, 1000, 3 * 16384 + 17, 1 << 22)
+    dtypes = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
+    cases = 0
+    for n in sizes:
+        for dt in dtypes if (n < 5000 or not ctx.dry) else (torch.bfloat16,):
+            x = torch.from_numpy(weights(n, seed=n)) * (40 if dt != torch.float8_e4m3fn else 1)
+            x = x.to(dt)
+            levels = ((0.05, 1), (0.5, 0)) if ctx.dry else ((0.05, 1), (0.5, 1), (0.5, 0), (2.0, 1))
+            for level, strict in levels:
+                b = encode(x, "ans", "meanabs", level, strict=strict)
+                secs = ans.split(payload_tensor(b.payload), b.meta, n, dt)
+                want = ans.decode_cpu(*secs, b.meta, n, b.abs_bound, dt)
+                got = ans_triton.decode(*[t.to(ctx.dev) for t in secs], b.meta, n, b.abs_bound, dt)
+                if not torch.equal(want.view(torch.uint8), got.cpu().view(torch.uint8)):
+                    raise AssertionError(f"ans decode differs: n={n} {dt} level={level} "
+                                         f"strict={strict}")
+                cases += 1
+    return {"cases": cases, "sizes": list(sizes)}
+
+
+def check_szp_strict_patches(ctx: Ctx) -> dict:
+    from profiles.codecs import decode, encode
+
+    n = 40000 if ctx.dry else (1 << 24)
+    x = (torch.from_numpy(weights(n, seed=9)) * 40).bfloat16().to(ctx.dev)
+    out = {}
+    for variant in ("fixed", "plain"):
+        b = encode(x, "szp", "meanabs", 0.05, variant=variant)
+        y_dev, y_cpu = decode(b, device=ctx.dev), decode(b, device="cpu")
+        if not torch.equal(y_dev.cpu().view(torch.int16), y_cpu.view(torch.int16)):
+            raise AssertionError(f"szp strict ({variant}): device and CPU decodes differ")
+        err = float((y_cpu.double() - x.cpu().double()).abs().max())
+        if err > b.abs_bound:
+            raise AssertionError(f"szp strict ({variant}): max error {err} > bound {b.abs_bound}")
+        out[variant] = {"patches": b.meta["patches"], "max_err_over_bound": round(err / b.abs_bound, 4)}
+    return out
+
+
+def check_ans_speed_1gib(ctx: Ctx) -> dict:
+    from profiles.codecs import ans, ans_triton, encode
+    from profiles.codecs.registry import payload_tensor
+
+    n = (1 << 15) if ctx.dry else (1 << 29)           # 2^29 bf16 values = 1 GiB
+    repeats = 1 if ctx.dry else 10
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(n, generator=gen) * 0.02).bfloat16()
+    res = {"values": n, "bf16_bytes": 2 * n, "repeats": repeats,
+           "timing": "perf_counter, dry run: figures meaningless" if ctx.dry
+           else "median of CUDA events after one warm-up; encoded on the CPU (numpy reference)"}
+    for label, mode, level in (("meanabs_0.5", "meanabs", 0.5), ("abs_1e-3", "abs", 1e-3)):
+        t0 = time.perf_counter()
+        b = encode(x, "ans", mode, level)
+        row = {"ratio_vs_bf16": round(b.ratio, 4), "cpu_encode_s": round(time.perf_counter() - t0, 1)}
+        secs = [t.to(ctx.dev) for t in ans.split(payload_tensor(b.payload), b.meta, n, torch.bfloat16)]
+        for g in (1, 2, 4, 8):
+            ans_triton.CHUNKS_PER_PROGRAM = g
+            ms = _time_ms(ctx, lambda: ans_triton.decode(*secs, b.meta, n, b.abs_bound,
+                                                         torch.bfloat16), repeats)
+            row[f"decode_gbps_g{g}"] = round(2 * n / ms / 1e6, 1)
+        ans_triton.CHUNKS_PER_PROGRAM = 4
+        row["decode_gbps_best"] = max(v for k, v in row.items() if k.startswith("decode_gbps_g"))
+        got = ans_triton.decode(*secs, b.meta, n, b.abs_bound, torch.bfloat16).cpu()
+        want = ans.decode_cpu(*[t.cpu() for t in secs], b.meta, n, b.abs_bound, torch.bfloat16)
+        row["bit_identical_to_cpu"] = bool(torch.equal(got.view(torch.int16), want.view(torch.int16)))
+        res[label] = row
+    res["target_decode_gbps"] = 500
+    res["meets_target"] = (not ctx.dry) and res["meanabs_0.5"]["decode_gbps_best"] >= 500
+    if not all(res[k]["bit_identical_to_cpu"] for k in ("meanabs_0.5", "abs_1e-3")):
+        res["status"] = "failed"
     return res
 
 
@@ -507,7 +587,9 @@ CHECKS = [("env", check_env), ("szp_triton_bytes", check_szp_triton_bytes),
           ("hardware_profile", check_hardware_profile),
           ("runtime_fidelity", check_runtime_fidelity),
           ("formats_triton_bytes", check_formats_triton_bytes),
-          ("formats_speed_1gib", check_formats_speed_1gib)]
+          ("formats_speed_1gib", check_formats_speed_1gib),
+          ("ans_bytes", check_ans_bytes), ("szp_strict_patches", check_szp_strict_patches),
+          ("ans_speed_1gib", check_ans_speed_1gib)]
 
 
 def main() -> int:

@@ -103,6 +103,10 @@ def bench_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of --random tensors."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the rows to this CSV file."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON rows instead of the table."),
+    rd: bool = typer.Option(False, "--rd", help="Rate-distortion: per tensor, ratio against RMSE "
+                            "and max error of every codec and level, Pareto front marked."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="With --rd: also plot ratio against "
+                                        "RMSE to this file (.png, .svg, .pdf)."),
 ):
     """Measure ratio, encode/decode GB/s, max error ÷ bound and RMSE of codecs on tensors."""
     names = [c.strip() for c in codecs.split(",") if c.strip()]
@@ -124,6 +128,13 @@ def bench_cmd(
         from profiles.fileio import check_output_file
 
         check_output_file(csv_path, "--csv")
+    if plot is not None:
+        from profiles.codecs.rd import PLOT_SUFFIXES
+        from profiles.fileio import check_output_file
+
+        if not rd:
+            raise ConfigError("--plot needs --rd (it plots the rate-distortion points)")
+        check_output_file(plot, "--plot", PLOT_SUFFIXES)
     if threads is not None:
         if threads < 1:
             raise ConfigError(f"--threads {threads} is invalid; give 1 or more")
@@ -158,11 +169,48 @@ def bench_cmd(
             writer.writerow(r.csv_row())
         atomic_write_text(csv_path, buf.getvalue())
     if json_out:
-        typer.echo(json.dumps([r.to_dict() for r in rows], indent=2))
-        return
-    _print_table(rows, source, repeats, device)
-    if csv_path is not None:
+        out = [r.to_dict() for r in rows]
+        if rd:
+            from profiles.codecs.rd import pareto_flags
+
+            for d, flag in zip(out, pareto_flags(rows)):
+                d["pareto"] = flag
+        typer.echo(json.dumps(out, indent=2))
+    elif rd:
+        _print_rd(rows, source)
+    else:
+        _print_table(rows, source, repeats, device)
+    if plot is not None:
+        from profiles.codecs.rd import plot as plot_rd
+
+        plot_rd(rows, plot, title=f"{source}: measured ratio against RMSE")
+        if not json_out:
+            typer.echo(f"wrote the rate-distortion plot to {plot}")
+    if csv_path is not None and not json_out:
         typer.echo(f"wrote {len(rows)} rows to {csv_path}")
+
+
+def _print_rd(rows, source: str) -> None:
+    from profiles.codecs.rd import rd_points
+
+    console = Console(width=max(Console().width, 120))
+    for tensor, points in rd_points(rows).items():
+        table = Table(title=f"{tensor} ({source}): rate-distortion, measured; ★ = on the Pareto "
+                            f"front (no other point has a higher ratio at a lower RMSE)",
+                      title_justify="left")
+        for col, just in (("codec", "left"), ("mode", "left"), ("level", "right"),
+                          ("abs bound", "right"), ("ratio vs orig", "right"), ("RMSE", "right"),
+                          ("max err", "right"), ("max err/bound", "right"), ("front", "center")):
+            table.add_column(col, justify=just)
+        for p in points:
+            r = p.row
+            table.add_row(r.codec + ("*" if r.lossless_fallback else ""), r.mode or "-",
+                          _fmt(r.level, "g"), _fmt(r.abs_bound, ".3g"), f"{r.ratio:.3f}",
+                          f"{r.rmse:.3g}", f"{r.max_abs_err:.3g}",
+                          _fmt(r.max_err_over_bound, ".3f"), "★" if p.pareto else "")
+        console.print(table)
+    console.print("Sorted by RMSE. rtn8/rtn4 are not error-bounded (their bound is the measured max "
+                  "error); lossless/raw are exact.")
 
 
 def _print_table(rows, source: str, repeats: int, device: str) -> None:

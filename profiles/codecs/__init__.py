@@ -5,7 +5,9 @@
     t = decode(blob, device="cpu")
 
 Codecs: `sz3` (SZ3 via pysz, CPU), `szp` (cuSZp v3 stream, CPU and GPU), `cuszp` (libcuSZp via
-ctypes, GPU), `lossless` (byte planes + zstd), `rtn8`/`rtn4` (round-to-nearest baselines) and `raw`.
+ctypes, GPU), `lossless` (byte planes + zstd), `rtn8`/`rtn4` (round-to-nearest baselines) and `raw`;
+`ans` (SZ3's quantizer + chunked interleaved rANS, CPU reference and a Triton decoder on CUDA).
+Error-bounded codecs hold the bound strictly after rounding to the original dtype unless `strict=0`.
 The quantized formats users run, not error-bounded: `gq` (group-wise, GPTQ/HQQ storage), `nf4`,
 `mxfp4`, and GGUF's `q2_k` ... `q6_k`, `q8_0` (`profiles.codecs.quantized`).
 See docs/codecs.md for the user manual and `benchmarks/RESULTS.md` for measured figures.

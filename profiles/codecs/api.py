@@ -46,10 +46,11 @@ def encode(tensor, codec: str = "szp", mode: str | None = "meanabs", level: floa
         tensor: torch tensor (CPU or CUDA) or numpy array; bf16, fp16, fp32 or fp8 e4m3; any
             shape, contiguous or not.
         codec: a name from `list_codecs()` (`szp`, `sz3`, `cuszp`, `lossless`, `rtn8`, `rtn4`,
-            `raw`).
+            `raw`, `ans`).
         mode: bound mode, one of `BOUND_MODES`; ignored by codecs that are not error-bounded.
         level: bound value in that mode (> 0); ignored by codecs that are not error-bounded.
-        **options: codec options (`predictor=` for sz3, `variant=` for szp/cuszp).
+        **options: codec options (`predictor=` for sz3, `variant=` for szp/cuszp; `strict=0` for
+            the relaxed bound of sz3, szp and ans).
 
     Returns:
         The blob. `blob.abs_bound` is the absolute bound applied (fp32 value); a bound that
@@ -84,7 +85,7 @@ def decode(blob: Blob, device: str | torch.device = "cpu") -> torch.Tensor:
         CodecError: unknown codec or codec version, a CUDA device without CUDA, a corrupt payload.
     """
     c = get_codec(blob.codec)
-    if blob.codec_version != c.format_version:
+    if not c.reads_version(blob.codec_version):
         raise CodecError(f"blob of codec {blob.codec!r} has format version {blob.codec_version}; "
                          f"this moesz reads version {c.format_version}; re-encode it")
     dev = torch.device(device)

@@ -40,6 +40,15 @@ class Codec:
     description: ClassVar[str] = ""
     #: option name -> (default, tuple of valid values or None for "any int")
     option_spec: ClassVar[dict[str, tuple[Any, tuple | None]]] = {}
+    #: options left out of the checked options while at their default, so that specs, profiles
+    #: and blobs written before the option existed keep their labels (`strict`, default 1)
+    implicit_options: ClassVar[frozenset[str]] = frozenset()
+    #: older payload format versions this codec still decodes
+    older_versions: ClassVar[tuple[int, ...]] = ()
+
+    def reads_version(self, version: int) -> bool:
+        """Whether blobs of this payload format version decode here."""
+        return version == self.format_version or version in self.older_versions
 
     def availability(self) -> tuple[bool, str]:
         """(usable here, reason if not)."""
@@ -75,6 +84,8 @@ class Codec:
                                  f"{', '.join(map(str, choices))}")
             if choices is None and not isinstance(value, int):
                 raise CodecError(f"codec {self.name!r}: option {key}={value!r} must be an integer")
+            if key in self.implicit_options and value == default:
+                continue
             out[key] = value
         return out
 
@@ -140,3 +151,6 @@ def _load_builtin() -> None:
                   *(quantized.KQuantCodec(t) for t in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k",
                                                        "q8_0"))):
         register(codec)
+    from profiles.codecs import ans
+
+    register(ans.AnsCodec())

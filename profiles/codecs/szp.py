@@ -5,6 +5,12 @@ installed (one launch per direction), otherwise with the vectorized torch implem
 write streams byte-identical to the numpy reference in `szp_reference`, which follows cuSZp's
 kernels. The payload is the cuSZp stream followed by moesz's chunk index (one uint32 per 32768
 values, about 0.01 % of a bf16 tensor), which lets the GPU decoder skip the prefix sum.
+
+Strict bound (the default; `strict=0` for the relaxed one): the encoder rounds each reconstruction
+to the original dtype exactly as the decoders do and appends the values that miss the bound as
+patches (`profiles.codecs.patches`: uint32 indices, then the original values), which every decode
+path applies with one scatter after the bulk decode. The cuSZp stream itself is the same in both
+modes. Payload format 2 (format 1, written before patches existed, still decodes).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from profiles.codecs import szp_reference, szp_torch
+from profiles.codecs import patches, szp_reference, szp_torch
 from profiles.codecs.dtypes import cast_back, dtype_name
 from profiles.codecs.registry import Codec, Encoded, payload_tensor
 from profiles.codecs.szp_reference import SATURATION_LIMIT, VARIANTS, num_chunks
@@ -44,8 +50,11 @@ class SzpCodec(Codec):
     error_bounded = True
     gpu_decodable = True
     cpu_only = False
-    description = "cuSZp v3 stream (moesz implementation); variant fixed|plain"
-    option_spec = {"variant": ("fixed", VARIANTS)}
+    description = "cuSZp v3 stream (moesz implementation); variant fixed|plain, strict 1|0"
+    format_version = 2
+    older_versions = (1,)
+    option_spec = {"variant": ("fixed", VARIANTS), **patches.STRICT_OPTION}
+    implicit_options = frozenset({"strict"})
 
     def saturation_reason(self, max_abs, abs_bound):
         return saturation_reason(max_abs, abs_bound)
@@ -60,30 +69,66 @@ class SzpCodec(Codec):
             stream, index = szp_torch.encode(x, abs_bound, variant)
         stream_np = stream.cpu().numpy()
         index_np = index.to(torch.int64).cpu().numpy().astype("<u4")
-        payload = np.concatenate([stream_np, index_np.view(np.uint8)])
-        return Encoded(payload=payload, meta={"stream_nbytes": int(stream_np.size)})
+        idx = strict_violators(x, abs_bound, options)
+        payload = np.concatenate([stream_np, index_np.view(np.uint8), patches.pack(idx, x)])
+        return Encoded(payload=payload, meta={"stream_nbytes": int(stream_np.size),
+                                              "patches": int(idx.numel())})
 
     def payload_size(self, x, abs_bound, options):
         s = szp_torch.stream_nbytes(x, abs_bound, options["variant"])
-        return s + 4 * num_chunks(x.numel()), {"stream_nbytes": s}
+        count = int(strict_violators(x, abs_bound, options).numel())
+        size = s + 4 * num_chunks(x.numel()) + patches.section_nbytes(count, x.element_size())
+        return size, {"stream_nbytes": s, "patches": count}
 
     def decode_payload(self, payload, meta, dtype, shape, abs_bound, options, device):
         n = int(np.prod(shape, dtype=np.int64))
-        s = int(meta["stream_nbytes"])
-        k = num_chunks(n)
-        if payload.size != s + 4 * k:
-            raise CodecError(f"szp blob: payload of {payload.size} bytes, expected {s + 4 * k} for "
-                             f"{n} values; the blob is corrupt")
-        t = payload_tensor(payload).to(device)
+        t = payload if isinstance(payload, torch.Tensor) else payload_tensor(payload)
+        stream, index, patch = split(t, meta, n, dtype)
+        stream, index = stream.to(device), index.to(device)
         name = dtype_name(dtype)
         try:
             if use_triton(device):
                 from profiles.codecs import szp_triton
 
-                index = t[s:].view(torch.int32).to(torch.int64)
-                return szp_triton.decode(t[:s], index, n, abs_bound, options["variant"], dtype)
-            out = torch.empty(n, dtype=dtype, device=device)
-            return szp_torch.decode(t[:s], n, abs_bound, options["variant"], out=out,
-                                    finish=lambda piece: cast_back(piece, name))
+                out = szp_triton.decode(stream, index.view(torch.int32).to(torch.int64), n,
+                                        abs_bound, options["variant"], dtype)
+            else:
+                out = szp_torch.decode(stream, n, abs_bound, options["variant"],
+                                       out=torch.empty(n, dtype=dtype, device=device),
+                                       finish=lambda piece: cast_back(piece, name))
         except ValueError as exc:
             raise CodecError(f"szp blob: {exc}; the blob is corrupt") from None
+        idx, vals = patches.unpack(patch.to(device), int(meta.get("patches", 0)), dtype, n)
+        return patches.apply(out, idx, vals)
+
+
+def split(payload: torch.Tensor, meta: dict, n: int,
+          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(stream, chunk index, patch section) of an szp payload (uint8 tensor, any device).
+
+    Raises:
+        CodecError: the payload length does not match the meta.
+    """
+    try:
+        s, count = int(meta["stream_nbytes"]), int(meta.get("patches", 0))
+    except (KeyError, TypeError, ValueError):
+        raise CodecError(f"szp blob: meta {meta} is malformed; the blob is corrupt") from None
+    k = num_chunks(n)
+    p = patches.section_nbytes(count, torch.empty((), dtype=dtype).element_size())
+    if payload.numel() != s + 4 * k + p:
+        raise CodecError(f"szp blob: payload of {payload.numel()} bytes, expected {s + 4 * k + p} "
+                         f"for {n} values; the blob is corrupt")
+    return payload[:s], payload[s:s + 4 * k], payload[s + 4 * k:]
+
+
+def reconstruct(piece: torch.Tensor, abs_bound: float) -> torch.Tensor:
+    """What every szp decoder returns for a piece of values: (q·eb)·2 in fp32, rounded back."""
+    q = szp_torch.quantize(piece.to(torch.float32), abs_bound)
+    return cast_back(szp_torch.dequantize(q, abs_bound), dtype_name(piece.dtype))
+
+
+def strict_violators(x: torch.Tensor, abs_bound: float, options: dict) -> torch.Tensor:
+    """Flat indices where the rounded reconstruction misses the bound (none when relaxed)."""
+    if not patches.is_strict(options) or x.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64, device=x.device)
+    return patches.violators(x, lambda lo, piece: reconstruct(piece, abs_bound), abs_bound)

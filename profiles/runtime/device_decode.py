@@ -4,9 +4,10 @@
 the runtime instead copies a whole expert record once, on its own stream, and decodes each payload
 in place. This module does that for the codecs with a device decoder — `raw` (a view), `rtn8`
 and `rtn4` (unpack and scale), the quantized formats `gq`, `nf4`, `mxfp4` and the GGUF types, `szp`
-(the fused Triton kernel on CUDA, the vectorized torch decoder elsewhere, exactly as
-`profiles.codecs.szp` does) and `cuszp` (libcuSZp) — and falls back to `decode(blob, device)` for
-any other codec, whose own decoder then copies its payload. Outputs are bit-identical to
+(the fused Triton kernel on CUDA, the vectorized torch decoder elsewhere, then the strict bound's
+patches, through `profiles.codecs.szp` itself), `ans` (its Triton decoder on CUDA, the numpy
+reference elsewhere) and `cuszp` (libcuSZp) — and falls back to `decode(blob, device)` for any
+other codec, whose own decoder then copies its payload. Outputs are bit-identical to
 `profiles.codecs.decode` of the same blob.
 """
 
@@ -16,7 +17,6 @@ import torch
 
 from profiles.codecs import decode
 from profiles.codecs.dtypes import cast_back, torch_dtype
-from profiles.errors import CodecError
 
 
 def decode_payload(blob, payload: torch.Tensor | None, device: torch.device) -> torch.Tensor:
@@ -43,25 +43,15 @@ def _raw(blob, payload, dtype, device):
     return payload.view(dtype)
 
 
-def _szp(blob, payload, dtype, device):
-    from profiles.codecs import szp_torch, szp_triton
-    from profiles.codecs.szp import use_triton
-    from profiles.codecs.szp_reference import num_chunks
+def _own(blob, payload, dtype, device):
+    """The codec's own decoder, which accepts a payload tensor already on the device."""
+    from profiles.codecs import get_codec
 
-    n, s = blob.numel, int(blob.meta["stream_nbytes"])
-    if payload.numel() != s + 4 * num_chunks(n):
-        raise CodecError(f"szp blob: payload of {payload.numel()} bytes, expected "
-                         f"{s + 4 * num_chunks(n)} for {n} values; the blob is corrupt")
-    variant = blob.options["variant"]
-    try:
-        if use_triton(device):
-            index = payload[s:].view(torch.int32).to(torch.int64)
-            return szp_triton.decode(payload[:s], index, n, blob.abs_bound, variant, dtype)
-        out = torch.empty(n, dtype=dtype, device=device)
-        return szp_torch.decode(payload[:s], n, blob.abs_bound, variant, out=out,
-                                finish=lambda piece: cast_back(piece, blob.dtype))
-    except ValueError as exc:
-        raise CodecError(f"szp blob: {exc}; the blob is corrupt") from None
+    codec = get_codec(blob.codec)
+    if not codec.reads_version(blob.codec_version):
+        return decode(blob, device=device)           # raises the version error
+    return codec.decode_payload(payload, blob.meta, dtype, blob.shape, blob.abs_bound,
+                                blob.options, device)
 
 
 def _cuszp(blob, payload, dtype, device):
@@ -73,18 +63,11 @@ def _cuszp(blob, payload, dtype, device):
     return cast_back(x32, blob.dtype)
 
 
-def _rtn(blob, payload, dtype, device):
-    from profiles.codecs import get_codec
-
-    # unpacking int8/int4 codes and scaling by per-row absmax runs on the device, like szp; the
-    # quantized formats (gq, nf4, mxfp4, GGUF types) decode a device payload the same way (their
-    # Triton kernel on CUDA, their torch decoder elsewhere)
-    return get_codec(blob.codec).decode_payload(payload, blob.meta, dtype, blob.shape,
-                                                blob.abs_bound, blob.options, device)
-
-
-_DEVICE_DECODERS = {"raw": _raw, "szp": _szp, "cuszp": _cuszp, "rtn8": _rtn, "rtn4": _rtn}
-_DEVICE_DECODERS.update({name: _rtn for name in ("gq", "nf4", "mxfp4", "q2_k", "q3_k", "q4_k",
+# rtn and the quantized formats (gq, nf4, mxfp4, GGUF types): unpacking codes and scaling runs on
+# the device, like szp (their Triton kernel on CUDA, their torch decoder elsewhere)
+_DEVICE_DECODERS = {"raw": _raw, "szp": _own, "cuszp": _cuszp, "rtn8": _own, "rtn4": _own,
+                    "ans": _own}
+_DEVICE_DECODERS.update({name: _own for name in ("gq", "nf4", "mxfp4", "q2_k", "q3_k", "q4_k",
                                                  "q5_k", "q6_k", "q8_0")})
 
 

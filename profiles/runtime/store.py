@@ -8,7 +8,7 @@ into page-locked buffers) or are encoded from an in-memory model under a policy 
 `profiles.packed.encode_expert`, so both paths hold identical bytes).
 
 Where an expert decodes: on the device when every blob has an in-place device decoder (`raw`,
-`szp`, `cuszp`; see `device_decode`); otherwise (`sz3`, `lossless`, a lossless fallback inside a
+`szp`, `cuszp`, `ans`; see `device_decode`); otherwise (`sz3`, `lossless`, a lossless fallback inside a
 record, and `rtn8`/`rtn4`, which have no in-place decoder yet) on host worker threads, after which
 the raw decoded bytes are sent — as the simulator's cost model says for CPU codecs
 (`sim/costs.py`; it models rtn as GPU-decoded, a known difference).

@@ -38,6 +38,7 @@ def test_list_shows_every_codec_and_availability():
         assert not rows[name]["error_bounded"] and rows[name]["decodes_on"] == "CPU or GPU"
     assert rows["gq"]["options"] == {"bits": [2, 3, 4, 8], "group": [32, 64, 128]}
     assert "per-row absmax" in rows["rtn8"]["description"]
+    assert rows["ans"]["error_bounded"] and rows["ans"]["decodes_on"] == "CPU or GPU"
     assert rows["szp"]["error_bounded"] and rows["szp"]["decodes_on"] == "CPU or GPU"
     assert rows["szp"]["available"] and not rows["rtn4"]["error_bounded"]
     if not torch.cuda.is_available():
@@ -104,3 +105,30 @@ def test_missing_input_file_is_one_line_error(tmp_path):
                        "no such file")
     assert_clean_error(run(["codecs", "bench", "--input", f"{tmp_path / 'none.safetensors'}:w"]),
                        "no such file")
+
+
+def test_bench_rd_table_front_and_plot(tmp_path):
+    plot = tmp_path / "rd.svg"
+    res = run(TINY + ["--codecs", "sz3,szp,ans,rtn8", "--levels", "0.1,1", "--rd",
+                      "--plot", str(plot)])
+    assert res.exit_code == 0, res.output
+    assert "rate-distortion" in res.output and "★" in res.output and "max err" in res.output
+    assert plot.read_text().lstrip().startswith("<?xml") and "wrote the rate-distortion" in res.output
+    res = run(TINY + ["--codecs", "szp,ans,lossless", "--levels", "0.1,1", "--rd", "--json"])
+    rows = json.loads(res.output)
+    front = {(r["codec"], r["level"]) for r in rows if r["pareto"]}
+    assert ("lossless", None) in front                              # the only exact point
+    for r in rows:                                                  # nothing on it is dominated
+        if r["pareto"]:
+            assert not any(o["ratio"] > r["ratio"] and o["rmse"] < r["rmse"] for o in rows)
+    assert all(r["max_err_over_bound"] is None or r["max_err_over_bound"] <= 1.0 for r in rows)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--plot", "x.png"], "--plot needs --rd"),
+    (["--rd", "--plot", "x.txt"], "expected a file name ending in .png"),
+])
+def test_rd_plot_bad_input(args, needle, tmp_path):
+    base = ["codecs", "bench", "--shape", "8x8", "--repeats", "1", "--codecs", "ans"]
+    assert_clean_error(run(base + [a if a not in ("x.png", "x.txt") else str(tmp_path / a)
+                                   for a in args]), needle)

@@ -12,7 +12,7 @@ from profiles.codecs import BOUND_MODES, Blob, compressed_nbytes, decode, encode
     list_codecs, roundtrip
 from profiles.errors import BoundError, CodecError
 
-LOCAL = ["sz3", "szp", "lossless", "rtn8", "rtn4", "raw"]          # usable without a GPU
+LOCAL = ["sz3", "szp", "lossless", "rtn8", "rtn4", "raw", "ans"]   # usable without a GPU
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn]
 
 
@@ -24,6 +24,7 @@ def weights(shape=(64, 48), dtype=torch.bfloat16, seed=0):
 def test_registry_lists_every_codec_with_flags():
     names = [c.name for c in list_codecs()]
     assert names[:7] == ["sz3", "szp", "cuszp", "lossless", "rtn8", "rtn4", "raw"]
+    assert "ans" in names and get_codec("ans").error_bounded and get_codec("ans").gpu_decodable
     assert BOUND_MODES == ("abs", "rel", "meanabs", "std")
     assert get_codec("szp").error_bounded and get_codec("szp").gpu_decodable
     assert get_codec("sz3").cpu_only and not get_codec("sz3").gpu_decodable
@@ -102,7 +103,7 @@ def test_blob_header_records_the_request():
     x = weights()
     blob = encode(x, "sz3", "meanabs", 0.3, predictor="lorenzo")
     head = blob.header_dict()
-    assert head["codec"] == "sz3" and head["codec_version"] == 1
+    assert head["codec"] == "sz3" and head["codec_version"] == 2
     assert head["dtype"] == "bf16" and head["shape"] == [64, 48]
     assert head["mode"] == "meanabs" and head["level"] == 0.3
     assert head["options"] == {"predictor": "lorenzo"} and head["lossless_fallback"] is False

@@ -18,7 +18,10 @@ from tests.profiles.codec_helpers import exact_where_expected, guarantee
 DTYPE_LIMIT = {torch.bfloat16: 1e6, torch.float16: 6e4, torch.float32: 1e6,
                torch.float8_e4m3fn: 440.0}
 CODECS = [("szp", {"variant": "fixed"}), ("szp", {"variant": "plain"}),
-          ("sz3", {"predictor": "nopred"}), ("sz3", {"predictor": "interp-lorenzo"})]
+          ("sz3", {"predictor": "nopred"}), ("sz3", {"predictor": "interp-lorenzo"}),
+          ("ans", {}), ("szp", {"strict": 0}), ("sz3", {"strict": 0}), ("ans", {"strict": 0})]
+STRICT = [("szp", {"variant": "fixed"}), ("szp", {"variant": "plain"}),
+          ("sz3", {"predictor": "nopred"}), ("ans", {})]
 
 
 @st.composite
@@ -67,3 +70,38 @@ def test_other_codecs_round_trip_dtype_shape_and_count_bytes(x, codec):
     else:
         err = (y.to(torch.float64) - x.to(torch.float64)).abs().max().item()
         assert err == pytest.approx(blob.abs_bound, abs=0)
+
+
+@st.composite
+def hard_tensors(draw):
+    """Heavy tails, one huge outlier, constants and subnormals, in every dtype."""
+    dtype = draw(st.sampled_from(list(DTYPE_LIMIT)))
+    lim = DTYPE_LIMIT[dtype]
+    n = draw(st.integers(1, 400))
+    kind = draw(st.sampled_from(["heavy", "outlier", "constant", "subnormal"]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
+    if kind == "heavy":                                  # student-t with 1-3 degrees of freedom
+        dof = draw(st.sampled_from([1, 2, 3]))
+        chi2 = (torch.randn(n, dof, generator=g) ** 2).mean(dim=1)
+        x = torch.randn(n, generator=g) / chi2.sqrt() * draw(st.sampled_from([0.02, 1.0]))
+    elif kind == "outlier":
+        x = torch.randn(n, generator=g) * 0.02
+        x[draw(st.integers(0, n - 1))] = draw(st.sampled_from([1.0, 174 * 0.02, lim / 2, -lim]))
+    elif kind == "constant":
+        x = torch.full((n,), draw(st.sampled_from([0.0, 0.375, -3.0, lim / 4])))
+    else:
+        tiny = {torch.bfloat16: 1e-39, torch.float16: 3e-6, torch.float32: 1e-40,
+                torch.float8_e4m3fn: 2e-3}[dtype]
+        x = torch.randn(n, generator=g) * tiny
+    return x.clamp(-lim, lim).to(dtype)
+
+
+@pytest.mark.parametrize("codec,opts", STRICT, ids=lambda v: str(v))
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=st.one_of(tensors(), hard_tensors()), mode=st.sampled_from(BOUND_MODES), level=levels)
+def test_strict_bound_holds_after_rounding_to_the_dtype(codec, opts, x, mode, level):
+    blob = Blob.from_bytes(encode(x, codec, mode, level, **opts).to_bytes())
+    y = decode(blob)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    err = (y.to(torch.float64) - x.to(torch.float64)).abs()
+    assert float(err.max()) <= blob.abs_bound, (blob.abs_bound, float(err.max()))

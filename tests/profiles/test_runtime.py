@@ -256,3 +256,17 @@ def test_unknown_device_is_a_config_error():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA GPU"):
             resolve_device("cuda")
+
+
+def test_ans_experts_decode_in_place_like_the_in_memory_policy(tiny_loaded):
+    # ans payloads are decoded from the runtime's own copy (profiles.runtime.device_decode), with
+    # their outlier patches, exactly as the in-memory policy's real round trip decodes them
+    lm = tiny_loaded()
+    policy = Policy.uniform("ans", "meanabs", 0.5)
+    ids = prompt(lm)
+    ref = reference(lm, policy, ids)
+    r = measure_throughput(lm, policy, serving(gpu_mem_fraction=0.3), prompt_ids=ids,
+                           record_logits=True, device="cpu")
+    assert r.output_ids == ref.ids.tolist() and r.misses > 0
+    for a, b in zip(ref.logits, r.logits):
+        torch.testing.assert_close(b, a, atol=LOGIT_ATOL, rtol=0)
