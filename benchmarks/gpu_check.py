@@ -501,6 +501,9 @@ def check_formats_speed_1gib(ctx: Ctx) -> dict:
         key = label + "".join(f",{k}={v}" for k, v in opts.items() if k != "qtype")
         res[key] = {"bits_per_weight": round(8 * p.numel() / n, 4),
                     "decode_gbps_bf16_out": round(2 * n / ms / 1e6, 1)}
+    return res
+
+
 # --- the entropy-coded codec and strict bounds (issue 14) --------------------------------------
 
 def check_ans_bytes(ctx: Ctx) -> dict:
