@@ -17,7 +17,11 @@ its trial RUNNING forever. Here instead:
   attribute, so it works for SQLite, PostgreSQL, MySQL and journal files alike);
 - **stale trials are retried**: a RUNNING trial whose last heartbeat is older than `grace_s` is
   moved to FAIL (only one worker can win that transition) and its point is enqueued again;
-- **resume**: rerunning enqueues only points without a COMPLETE trial.
+- **resume**: rerunning enqueues only points without a COMPLETE trial;
+- **outages**: every storage call is retried while the database is unreachable (a restart), for
+  at most `reconnect_s` (half the grace period by default, so that a live worker's heartbeat
+  gap across an outage it survives stays below the grace period); past that the worker stops with
+  a `StorageError` and a rerun resumes (`profiles.profiling.storage.Reconnecting`).
 
 Heartbeats use the workers' wall clocks: on several machines keep them in sync (NTP) and keep
 `grace_s` well above the clock skew.
@@ -29,10 +33,10 @@ import json
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from profiles.errors import ConfigError, ProfileError
+from profiles.profiling.storage import Reconnecting, display_url, open_storage  # noqa: F401
 
 POINT_ATTR = "point"
 ROWS_ATTR = "rows"
@@ -51,87 +55,14 @@ class SweepStats:
     stale_failed: int
     completed_total: int
     points_total: int
+    storage_s: float = 0.0          # seconds this worker's sweep loop spent in storage calls
+    points_s: float = 0.0           # seconds it spent running points (evaluating)
+    storage_calls: int = 0
+    outages: int = 0                # storage calls that lost the connection and were retried
 
     @property
     def complete(self) -> bool:
         return self.completed_total >= self.points_total
-
-
-def open_storage(url: str | None, default_path: str | Path):
-    """An Optuna storage from a URL.
-
-    Args:
-        url: None for a SQLite file at `default_path`; an RDB URL (`sqlite:///sweep.db`,
-            `postgresql://user@host/db`, `mysql+pymysql://…`); `journal:PATH` (or a path ending in
-            `.log` / `.journal`) for a journal file on a shared filesystem; or a path ending in
-            `.db` / `.sqlite` for a SQLite file.
-        default_path: the SQLite file used when `url` is None.
-
-    Raises:
-        ConfigError: an unrecognised URL or a storage that cannot be opened.
-    """
-    import optuna
-    from optuna.storages import JournalStorage, RDBStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    text = str(url) if url is not None else f"sqlite:///{Path(default_path).resolve()}"
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        if text.startswith("journal:") or (("://" not in text)
-                                           and text.endswith((".log", ".journal"))):
-            path = Path(text[len("journal:"):] if text.startswith("journal:") else text)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return JournalStorage(JournalFileBackend(str(path)))
-        if "://" not in text:
-            if not text.endswith((".db", ".sqlite", ".sqlite3")):
-                raise ConfigError(f"storage {text!r} is not a URL; give sqlite:///FILE.db, "
-                                  f"postgresql://…, mysql://… or journal:FILE.log")
-            text = f"sqlite:///{Path(text).resolve()}"
-        engine_kwargs: dict[str, Any] = {}
-        if text.startswith("sqlite"):
-            Path(text.split(":///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
-            engine_kwargs = {"connect_args": {"timeout": 120}}
-        from sqlalchemy.exc import IntegrityError, OperationalError
-
-        for attempt in range(8):
-            try:
-                storage = RDBStorage(text, engine_kwargs=engine_kwargs)
-                if text.startswith("sqlite"):
-                    _serialize_sqlite(storage.engine)
-                return storage
-            except (OperationalError, IntegrityError):
-                # workers creating the schema of a new database at once: the losers of the race
-                # on a table or on the schema version row find the schema a moment later
-                if attempt == 7:
-                    raise
-                time.sleep(0.2 + 0.3 * attempt)
-    except ConfigError:
-        raise
-    except Exception as exc:  # sqlalchemy and driver errors have many types
-        raise ConfigError(f"storage {text!r} cannot be opened ({str(exc).splitlines()[0]}); "
-                          f"check the URL and that its database driver is installed") from None
-
-
-def _serialize_sqlite(engine) -> None:
-    """Make every SQLite transaction `BEGIN IMMEDIATE` (SQLAlchemy's recipe for pysqlite).
-
-    Python's sqlite3 driver starts a transaction only at the first write, so Optuna's
-    read-check-write that moves a trial from WAITING to RUNNING is not atomic across processes on
-    SQLite: two workers can both read WAITING and both claim the trial (seen here with three
-    workers). Taking the write lock when the transaction begins serializes those transactions,
-    as the row lock (`SELECT … FOR UPDATE`) does on PostgreSQL and MySQL.
-    """
-    from sqlalchemy import event
-
-    @event.listens_for(engine, "connect")
-    def _no_driver_transactions(dbapi_connection, _record):
-        dbapi_connection.isolation_level = None
-
-    @event.listens_for(engine, "begin")
-    def _begin_immediate(connection):
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-    engine.dispose()   # connections opened before the listeners existed are replaced
 
 
 class Sweep:
@@ -145,19 +76,31 @@ class Sweep:
         heartbeat_s: seconds between heartbeats of a running point.
         grace_s: a running point without a heartbeat for this long is taken to be dead.
         poll_s: seconds between looks at the storage while other workers finish.
+        reconnect_s: how long a storage call is retried while the database is unreachable
+            before `StorageError` (default: half of `grace_s`).
+
+    Raises:
+        ConfigError: a grace period not above twice the heartbeat interval.
+        ProfileError: the study was made with another identity.
+        StorageError: the storage stopped answering for longer than `reconnect_s`.
     """
 
     def __init__(self, storage, study_name: str, identity: Mapping[str, Any],
-                 heartbeat_s: float = 5.0, grace_s: float = 60.0, poll_s: float = 1.0) -> None:
+                 heartbeat_s: float = 5.0, grace_s: float = 60.0, poll_s: float = 1.0,
+                 reconnect_s: float | None = None) -> None:
         import optuna
 
         if grace_s <= 2 * heartbeat_s:
             raise ConfigError(f"grace period {grace_s} s must exceed twice the heartbeat interval "
                               f"{heartbeat_s} s")
-        self.storage = storage
-        self.study = optuna.create_study(study_name=study_name, storage=storage,
-                                         direction="maximize", load_if_exists=True)
-        self.study_id = storage.get_study_id_from_name(study_name)
+        label = display_url(getattr(storage, "url", None)) or type(storage).__name__
+        self.storage = Reconnecting(storage, grace_s / 2 if reconnect_s is None else reconnect_s,
+                                    label)
+        self.study_name = study_name
+        self.study = self.storage.call(optuna.create_study, study_name=study_name,
+                                       storage=storage, direction="maximize",
+                                       load_if_exists=True)
+        self.study_id = self.storage.get_study_id_from_name(study_name)
         self.heartbeat_s, self.grace_s, self.poll_s = heartbeat_s, grace_s, poll_s
         self._check_identity(dict(identity))
 
@@ -192,7 +135,7 @@ class Sweep:
         for field in sorted(set(stored) | set(identity)):
             if stored.get(field) != identity.get(field):
                 raise ProfileError(
-                    f"sweep storage holds study {self.study.study_name!r} made with "
+                    f"sweep storage holds study {self.study_name!r} made with "
                     f"{field}={stored.get(field)!r}, this run has {identity.get(field)!r}; use "
                     f"another --out or --storage, or rerun with the same settings")
 
@@ -207,9 +150,18 @@ class Sweep:
         added = 0
         for key in keys:
             if key not in alive:
-                self.study.enqueue_trial({}, user_attrs={POINT_ATTR: key})
+                self._add(TrialState.WAITING, {POINT_ATTR: key})
                 added += 1
         return added
+
+    def _add(self, state, user_attrs: dict, value: float | None = None) -> None:
+        """A new trial (what `Study.enqueue_trial` / `add_trial` do, through the retrying
+        storage)."""
+        from optuna.trial import create_trial
+
+        trial = create_trial(state=state, value=value, user_attrs=user_attrs,
+                             system_attrs={"fixed_params": {}} if value is None else {})
+        self.storage.create_new_trial(self.study_id, template_trial=trial)
 
     def fail_stale(self) -> int:
         """Move RUNNING trials without a recent heartbeat to FAIL; returns how many this worker did."""
@@ -275,7 +227,7 @@ class Sweep:
 
     def _finish(self, trial_id: int, key: str, value: float, rows: list[dict]) -> None:
         from optuna.exceptions import UpdateFinishedTrialError
-        from optuna.trial import TrialState, create_trial
+        from optuna.trial import TrialState
 
         self.storage.set_trial_user_attr(trial_id, ROWS_ATTR, rows)
         try:
@@ -284,8 +236,7 @@ class Sweep:
             # taken for dead while it ran (a stalled heartbeat): keep the result unless the
             # retry already completed
             if key not in self.completed():
-                self.study.add_trial(create_trial(state=TrialState.COMPLETE, value=value,
-                                                  user_attrs={POINT_ATTR: key, ROWS_ATTR: rows}))
+                self._add(TrialState.COMPLETE, {POINT_ATTR: key, ROWS_ATTR: rows}, value)
 
     def _fail(self, trial_id: int, message: str) -> None:
         from optuna.exceptions import UpdateFinishedTrialError
@@ -320,6 +271,8 @@ class Sweep:
         wanted = set(keys)
         ran: list[str] = []
         dups = stale = 0
+        points_s = 0.0
+        s0, c0, o0 = self.storage.seconds, self.storage.calls, self.storage.outages
         self.ensure(keys)
         while True:
             done = set(self.completed()) & wanted
@@ -343,13 +296,18 @@ class Sweep:
             trial_id, key = claim
             if progress:
                 progress(len(done), len(wanted), key)
-            beat = _Heartbeat(self.storage, trial_id, self.heartbeat_s)
+            # the heartbeat thread uses the storage directly: a beat lost to an outage is
+            # simply followed by the next one
+            beat = _Heartbeat(self.storage.inner, trial_id, self.heartbeat_s)
+            t0 = time.perf_counter()
             try:
                 with beat:
                     value, rows = run_point(key)
             except BaseException as exc:
                 self._fail(trial_id, f"{type(exc).__name__}: {exc}")
                 raise
+            finally:
+                points_s += time.perf_counter() - t0
             self._finish(trial_id, key, float(value), rows)
             ran.append(key)
             if on_result:
@@ -357,7 +315,10 @@ class Sweep:
         done = set(self.completed()) & wanted
         if progress:
             progress(len(done), len(wanted), "sweep")
-        return SweepStats(tuple(ran), dups, stale, len(done), len(wanted))
+        st = self.storage
+        return SweepStats(tuple(ran), dups, stale, len(done), len(wanted),
+                          storage_s=st.seconds - s0, points_s=points_s,
+                          storage_calls=st.calls - c0, outages=st.outages - o0)
 
     def _running(self, wanted: set[str]) -> bool:
         from optuna.trial import TrialState
