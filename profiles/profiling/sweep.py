@@ -10,9 +10,13 @@ its trial RUNNING forever. Here instead:
 - **claim before run**: a worker takes a point only by moving its WAITING trial to RUNNING, which
   the storage does atomically (a row lock in RDB storages, the ordered log in a journal); a
   worker that loses the race moves on to the next point;
-- **duplicates are harmless**: workers that start together may enqueue a point twice; on claiming,
-  a trial yields (state PRUNED, `duplicate_of`) to any COMPLETE trial of its point and to any
-  earlier-numbered one still WAITING or RUNNING, so one copy runs;
+- **duplicates are harmless**: workers that start together may enqueue a point twice (they
+  enqueue chunks of points in a random order, re-reading the study between chunks, so it stays
+  rare); on claiming, a trial yields (state PRUNED, `duplicate_of`) to any COMPLETE trial of its
+  point and to any earlier-numbered one still WAITING or RUNNING, so one copy runs;
+- **one read per point**: each turn of a worker reads the study once and claims from that
+  snapshot, in the grid's order (the storage's cost per point grows with the number of trials,
+  since Optuna reads whole studies);
 - **heartbeats**: a thread stamps the running trial every `heartbeat_s` seconds (a trial system
   attribute, so it works for SQLite, PostgreSQL, MySQL and journal files alike);
 - **stale trials are retried**: a RUNNING trial whose last heartbeat is older than `grace_s` is
@@ -30,6 +34,7 @@ Heartbeats use the workers' wall clocks: on several machines keep them in sync (
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -44,6 +49,7 @@ HEARTBEAT_ATTR = "moesz_heartbeat"
 IDENTITY_ATTR = "moesz_identity"
 Progress = Callable[[int, int, str], None]
 RunPoint = Callable[[str], tuple[float, list[dict]]]
+ENQUEUE_CHUNK = 16      # points enqueued between two reads of the study (see Sweep.ensure)
 
 
 @dataclass(frozen=True)
@@ -142,17 +148,34 @@ class Sweep:
     # --- coordination -----------------------------------------------------------------------
 
     def ensure(self, keys: Sequence[str]) -> int:
-        """Enqueue every point of `keys` that has no WAITING, RUNNING or COMPLETE trial."""
+        """Enqueue every point of `keys` that has no WAITING, RUNNING or COMPLETE trial.
+
+        The missing points are enqueued in chunks of `ENQUEUE_CHUNK`, in a random order of
+        chunks, and the storage is read again before each chunk: workers that start together
+        then mostly enqueue different chunks instead of every one enqueueing every point (each
+        duplicate costs a claim to prune it). Order of enqueueing does not decide the order of
+        running: `_claim` follows `keys`.
+        """
         from optuna.trial import TrialState
 
-        alive = {t.user_attrs.get(POINT_ATTR) for t in self._trials(
-            (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE))}
+        alive = self._alive()
+        missing = [k for k in keys if k not in alive]
+        chunks = [missing[i:i + ENQUEUE_CHUNK] for i in range(0, len(missing), ENQUEUE_CHUNK)]
+        random.shuffle(chunks)
         added = 0
-        for key in keys:
-            if key not in alive:
-                self._add(TrialState.WAITING, {POINT_ATTR: key})
-                added += 1
+        for i, chunk in enumerate(chunks):
+            alive = self._alive() if i else set()
+            for key in chunk:
+                if key not in alive:
+                    self._add(TrialState.WAITING, {POINT_ATTR: key})
+                    added += 1
         return added
+
+    def _alive(self) -> set[str]:
+        from optuna.trial import TrialState
+
+        return {t.user_attrs.get(POINT_ATTR) for t in self._trials(
+            (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE))}
 
     def _add(self, state, user_attrs: dict, value: float | None = None) -> None:
         """A new trial (what `Study.enqueue_trial` / `add_trial` do, through the retrying
@@ -163,13 +186,19 @@ class Sweep:
                              system_attrs={"fixed_params": {}} if value is None else {})
         self.storage.create_new_trial(self.study_id, template_trial=trial)
 
-    def fail_stale(self) -> int:
-        """Move RUNNING trials without a recent heartbeat to FAIL; returns how many this worker did."""
+    def fail_stale(self, trials=None) -> int:
+        """Move RUNNING trials without a recent heartbeat to FAIL; returns how many this worker did.
+
+        Args:
+            trials: a snapshot of the study's trials just taken (read here when None).
+        """
         from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
         now, failed = time.time(), 0
-        for t in self._trials((TrialState.RUNNING,)):
+        for t in self._trials((TrialState.RUNNING,)) if trials is None else trials:
+            if t.state != TrialState.RUNNING:
+                continue
             beat = t.system_attrs.get(HEARTBEAT_ATTR)
             if beat is None and t.datetime_start is not None:
                 beat = t.datetime_start.timestamp()
@@ -184,46 +213,54 @@ class Sweep:
                 continue  # another worker failed it first
         return failed
 
-    def _claim(self, wanted: set[str]) -> tuple[int, str] | None | bool:
-        """Take a WAITING trial of a wanted point: (trial id, key); False when the claimed trial
-        was a duplicate (try again); None when nothing is waiting."""
+    def _claim(self, order: dict[str, int], trials) -> tuple[tuple[int, str] | None, int]:
+        """Take a WAITING trial of a wanted point, in the order of the grid.
+
+        Args:
+            order: wanted point key -> its position in the grid.
+            trials: a snapshot of every trial of the study, taken just before.
+
+        Returns:
+            ((trial id, key) or None when nothing is left to claim, duplicates pruned). A claimed
+            trial yields (PRUNED, `duplicate_of`) when the snapshot holds a COMPLETE trial of its
+            point or an earlier-numbered WAITING or RUNNING one: trial numbers are given in
+            commit order, so every earlier trial of the point is in any snapshot that holds this
+            one, and the earliest live trial of a point is never pruned.
+        """
         from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
-        waiting = sorted(self._trials((TrialState.WAITING,)), key=lambda t: t.number)
-        for t in waiting:
+        complete: dict[str, int] = {}   # point -> a COMPLETE trial of it
+        earliest: dict[str, int] = {}   # point -> its lowest-numbered WAITING or RUNNING trial
+        for t in trials:
             key = t.user_attrs.get(POINT_ATTR)
-            if key not in wanted:
-                continue
+            if t.state == TrialState.COMPLETE:
+                complete.setdefault(key, t.number)
+            elif t.state in (TrialState.WAITING, TrialState.RUNNING):
+                earliest[key] = min(earliest.get(key, t.number), t.number)
+        waiting = sorted((t for t in trials if t.state == TrialState.WAITING
+                          and t.user_attrs.get(POINT_ATTR) in order),
+                         key=lambda t: (order[t.user_attrs[POINT_ATTR]], t.number))
+        pruned = 0
+        for t in waiting:
+            key = t.user_attrs[POINT_ATTR]
             try:
                 if not self.storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
                     continue
             except UpdateFinishedTrialError:
                 continue
-            self.storage.set_trial_system_attr(t._trial_id, HEARTBEAT_ATTR, time.time())
-            first = self._first_owner(key, t.number)
-            if first is not None:
+            first = complete.get(key, earliest[key])
+            if first != t.number:
                 try:
                     self.storage.set_trial_user_attr(t._trial_id, "duplicate_of", first)
                     self.storage.set_trial_state_values(t._trial_id, TrialState.PRUNED)
                 except UpdateFinishedTrialError:
                     pass
-                return False
-            return t._trial_id, key
-        return None
-
-    def _first_owner(self, key: str, number: int) -> int | None:
-        """The number of a trial that takes precedence over trial `number` for `key`, if any."""
-        from optuna.trial import TrialState
-
-        for t in self._trials():
-            if t.number == number or t.user_attrs.get(POINT_ATTR) != key:
+                pruned += 1
                 continue
-            if t.state == TrialState.COMPLETE:
-                return t.number
-            if t.number < number and t.state in (TrialState.WAITING, TrialState.RUNNING):
-                return t.number
-        return None
+            self.storage.set_trial_system_attr(t._trial_id, HEARTBEAT_ATTR, time.time())
+            return (t._trial_id, key), pruned
+        return None, pruned
 
     def _finish(self, trial_id: int, key: str, value: float, rows: list[dict]) -> None:
         from optuna.exceptions import UpdateFinishedTrialError
@@ -268,34 +305,40 @@ class Sweep:
         Returns:
             What this worker did and how far the sweep is.
         """
-        wanted = set(keys)
+        from optuna.trial import TrialState
+
+        order = {k: i for i, k in enumerate(dict.fromkeys(keys))}
         ran: list[str] = []
         dups = stale = 0
         points_s = 0.0
         s0, c0, o0 = self.storage.seconds, self.storage.calls, self.storage.outages
         self.ensure(keys)
         while True:
-            done = set(self.completed()) & wanted
+            trials = self._trials()             # one read of the study per turn
+            done = _completed_keys(trials, order)
             if progress:
-                progress(len(done), len(wanted), "sweep")
+                progress(len(done), len(order), "sweep")
             if max_evals is not None and len(ran) >= max_evals:
                 break
-            claim = self._claim(wanted)
-            if claim is False:
-                dups += 1
-                continue
+            claim, pruned = self._claim(order, trials)
+            dups += pruned
             if claim is None:
-                stale += self.fail_stale()
-                self.ensure(keys)
-                if self._running(wanted) and wait_for_others:
-                    time.sleep(self.poll_s)
+                if pruned:
                     continue
-                if self._waiting(wanted):
+                stale += self.fail_stale(trials)
+                self.ensure(keys)
+                now = self._trials()
+                if any(t.state == TrialState.WAITING and t.user_attrs.get(POINT_ATTR) in order
+                       for t in now):
+                    continue
+                if wait_for_others and any(t.state == TrialState.RUNNING and
+                                           t.user_attrs.get(POINT_ATTR) in order for t in now):
+                    time.sleep(self.poll_s)
                     continue
                 break
             trial_id, key = claim
             if progress:
-                progress(len(done), len(wanted), key)
+                progress(len(done), len(order), key)
             # the heartbeat thread uses the storage directly: a beat lost to an outage is
             # simply followed by the next one
             beat = _Heartbeat(self.storage.inner, trial_id, self.heartbeat_s)
@@ -312,23 +355,20 @@ class Sweep:
             ran.append(key)
             if on_result:
                 on_result(self.completed())
-        done = set(self.completed()) & wanted
+        done = _completed_keys(self._trials((TrialState.COMPLETE,)), order)
         if progress:
-            progress(len(done), len(wanted), "sweep")
+            progress(len(done), len(order), "sweep")
         st = self.storage
-        return SweepStats(tuple(ran), dups, stale, len(done), len(wanted),
+        return SweepStats(tuple(ran), dups, stale, len(done), len(order),
                           storage_s=st.seconds - s0, points_s=points_s,
                           storage_calls=st.calls - c0, outages=st.outages - o0)
 
-    def _running(self, wanted: set[str]) -> bool:
-        from optuna.trial import TrialState
 
-        return any(t.user_attrs.get(POINT_ATTR) in wanted for t in self._trials((TrialState.RUNNING,)))
+def _completed_keys(trials, order) -> set[str]:
+    from optuna.trial import TrialState
 
-    def _waiting(self, wanted: set[str]) -> bool:
-        from optuna.trial import TrialState
-
-        return any(t.user_attrs.get(POINT_ATTR) in wanted for t in self._trials((TrialState.WAITING,)))
+    return {t.user_attrs.get(POINT_ATTR) for t in trials
+            if t.state == TrialState.COMPLETE and t.user_attrs.get(POINT_ATTR) in order}
 
 
 class _Heartbeat:
