@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from profiles.errors import ConfigError, ProfileError
+from profiles.errors import ConfigError, ProfileError, StorageError
 from profiles.profiling.storage import Reconnecting, display_url, open_storage  # noqa: F401
 
 POINT_ATTR = "point"
@@ -346,6 +346,8 @@ class Sweep:
             try:
                 with beat:
                     value, rows = run_point(key)
+            except StorageError:
+                raise       # the storage is gone: the trial's heartbeat stops, a rerun retries it
             except BaseException as exc:
                 self._fail(trial_id, f"{type(exc).__name__}: {exc}")
                 raise
