@@ -81,11 +81,15 @@ class _Connections:
 
 
 def _window(url: str, study: str) -> tuple[int, float]:
-    """(completed trials, seconds from the first trial's start to the last one's completion)."""
+    """(completed trials, seconds from the first trial's start to the last one's completion);
+    exits when a point was completed twice."""
     import optuna
 
     trials = [t for t in optuna.load_study(study_name=study, storage=url).trials
               if t.state.name == "COMPLETE"]
+    points = [t.user_attrs["point"] for t in trials]
+    if len(points) != len(set(points)):
+        raise SystemExit(f"a point was completed twice in {study}: {sorted(points)}")
     start = min(t.datetime_start for t in trials)
     end = max(t.datetime_complete for t in trials)
     return len(trials), (end - start).total_seconds()
