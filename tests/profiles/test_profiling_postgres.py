@@ -288,6 +288,7 @@ def test_postgres_profile_workers_write_identical_sensitivity(profiled):
     assert all(s["complete"] for s in summaries)
     total = summaries[0]["points_total"]
     assert total == 5 and sum(s["ran_now"] for s in summaries) == total   # szp x 2 + 3 baselines
+    assert all(s["sweep_storage_seconds"] > 0 for s in summaries)
     trials = optuna.load_study(study_name="moesz-sensitivity", storage=url).trials
     done = [t.user_attrs["point"] for t in trials if t.state.name == "COMPLETE"]
     assert len(done) == len(set(done)) == total
