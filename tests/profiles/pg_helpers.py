@@ -75,7 +75,9 @@ class PostgresServer:
             else:
                 raise RuntimeError("running as root and neither a 'postgres' nor a 'nobody' "
                                    "user exists to run PostgreSQL as (initdb refuses root)")
-        self.dir = Path(tempfile.mkdtemp(prefix="moesz-pg-"))
+        # the server's user must reach its directory: as root, a TMPDIR under /root would not do
+        base = "/tmp" if self._as and os.path.isdir("/tmp") else None
+        self.dir = Path(tempfile.mkdtemp(prefix="moesz-pg-", dir=base))
         atexit.register(self.close)
         if self._as:
             os.chown(self.dir, *self.owner)
