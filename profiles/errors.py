@@ -38,3 +38,7 @@ class ConfigError(MoeszError):
 
 class PlanError(MoeszError):
     """A plan cannot be made (infeasible budget) or read."""
+
+
+class StorageError(MoeszError):
+    """A sweep's shared storage (a database, a journal file) stopped answering mid-run."""

@@ -83,6 +83,8 @@ class ProfileResult:
     sweep_seconds: float
     warnings: tuple[str, ...] = ()
     evaluated: int = 0      # points of `ran` that generated answers (not reused, not unchanged)
+    storage_seconds: float = 0.0   # of sweep_seconds: in sweep storage calls (measured)
+    points_seconds: float = 0.0    # of sweep_seconds: running this worker's points (measured)
 
     @property
     def complete(self) -> bool:
@@ -99,6 +101,8 @@ class ProfileResult:
                 "ran_now": len(self.ran), "evaluated_now": self.evaluated,
                 "reused_now": len(self.ran) - self.evaluated, "seconds": self.seconds,
                 "sweep_seconds": self.sweep_seconds,
+                "sweep_storage_seconds": self.storage_seconds,
+                "sweep_points_seconds": self.points_seconds,
                 "evaluations_per_s": {"value": self.evals_per_s, "source": "measured"},
                 "detection_limit": self.profile.detection_limit,
                 "warnings": list(self.warnings)}
@@ -193,7 +197,8 @@ def _profile(req: ProfileRequest, progress: Progress | None, t0: float) -> Profi
         completed[k][0].get("reused_from") or completed[k][0].get("weights_unchanged")))
     return ProfileResult(prof, stats.ran, stats.points_total, stats.completed_total,
                          time.perf_counter() - t0, sweep_s, tuple(warnings),
-                         evaluated=len(stats.ran) - reused)
+                         evaluated=len(stats.ran) - reused, storage_seconds=stats.storage_s,
+                         points_seconds=stats.points_s)
 
 
 def profile_ratios(request: ProfileRequest, progress: Progress | None = None):

@@ -21,6 +21,7 @@ import torch
 from profiles.errors import ProfileError
 from profiles.profiling import format as fmt
 from profiles.profiling.grid import GridSpec, Point
+from profiles.profiling.storage import display_url
 
 Progress = Callable[[int, int, str], None]
 BASELINE_FILE = "baseline.json"
@@ -183,7 +184,8 @@ def profile_meta(req, loaded, spec: GridSpec, points, tasks, limit, compute, bas
         "design": spec.design, "compute_dtype": compute,
         "catastrophic_drop": req.catastrophic_drop,
         "ratio_sample": req.ratio_sample if req.ratio_sample is not None else 16,
-        "storage": req.storage or f"sqlite:///{(Path(req.out) / fmt.SWEEP_DB).resolve()}",
+        "storage": display_url(req.storage)   # a password in the URL is not written down
+        or f"sqlite:///{(Path(req.out) / fmt.SWEEP_DB).resolve()}",
         "baseline": {t.task: {"strict": t.strict.to_dict(), "content": t.content.to_dict(),
                               "n": t.n} for t in baseline.tasks},
         "points": [p.key for p in points],

@@ -10,14 +10,22 @@ its trial RUNNING forever. Here instead:
 - **claim before run**: a worker takes a point only by moving its WAITING trial to RUNNING, which
   the storage does atomically (a row lock in RDB storages, the ordered log in a journal); a
   worker that loses the race moves on to the next point;
-- **duplicates are harmless**: workers that start together may enqueue a point twice; on claiming,
-  a trial yields (state PRUNED, `duplicate_of`) to any COMPLETE trial of its point and to any
-  earlier-numbered one still WAITING or RUNNING, so one copy runs;
+- **duplicates are harmless**: workers that start together may enqueue a point twice (they
+  enqueue chunks of points in a random order, re-reading the study between chunks, so it stays
+  rare); on claiming, a trial yields (state PRUNED, `duplicate_of`) to any COMPLETE trial of its
+  point and to any earlier-numbered one still WAITING or RUNNING, so one copy runs;
+- **one read per point**: each turn of a worker reads the study once and claims from that
+  snapshot, in the grid's order (the storage's cost per point grows with the number of trials,
+  since Optuna reads whole studies);
 - **heartbeats**: a thread stamps the running trial every `heartbeat_s` seconds (a trial system
   attribute, so it works for SQLite, PostgreSQL, MySQL and journal files alike);
 - **stale trials are retried**: a RUNNING trial whose last heartbeat is older than `grace_s` is
   moved to FAIL (only one worker can win that transition) and its point is enqueued again;
-- **resume**: rerunning enqueues only points without a COMPLETE trial.
+- **resume**: rerunning enqueues only points without a COMPLETE trial;
+- **outages**: every storage call is retried while the database is unreachable (a restart), for
+  at most `reconnect_s` (half the grace period by default, so that a live worker's heartbeat
+  gap across an outage it survives stays below the grace period); past that the worker stops with
+  a `StorageError` and a rerun resumes (`profiles.profiling.storage.Reconnecting`).
 
 Heartbeats use the workers' wall clocks: on several machines keep them in sync (NTP) and keep
 `grace_s` well above the clock skew.
@@ -26,13 +34,14 @@ Heartbeats use the workers' wall clocks: on several machines keep them in sync (
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from profiles.errors import ConfigError, ProfileError
+from profiles.errors import ConfigError, ProfileError, StorageError
+from profiles.profiling.storage import Reconnecting, display_url, open_storage  # noqa: F401
 
 POINT_ATTR = "point"
 ROWS_ATTR = "rows"
@@ -40,6 +49,7 @@ HEARTBEAT_ATTR = "moesz_heartbeat"
 IDENTITY_ATTR = "moesz_identity"
 Progress = Callable[[int, int, str], None]
 RunPoint = Callable[[str], tuple[float, list[dict]]]
+ENQUEUE_CHUNK = 16      # points enqueued between two reads of the study (see Sweep.ensure)
 
 
 @dataclass(frozen=True)
@@ -51,87 +61,14 @@ class SweepStats:
     stale_failed: int
     completed_total: int
     points_total: int
+    storage_s: float = 0.0          # seconds this worker's sweep loop spent in storage calls
+    points_s: float = 0.0           # seconds it spent running points (evaluating)
+    storage_calls: int = 0
+    outages: int = 0                # storage calls that lost the connection and were retried
 
     @property
     def complete(self) -> bool:
         return self.completed_total >= self.points_total
-
-
-def open_storage(url: str | None, default_path: str | Path):
-    """An Optuna storage from a URL.
-
-    Args:
-        url: None for a SQLite file at `default_path`; an RDB URL (`sqlite:///sweep.db`,
-            `postgresql://user@host/db`, `mysql+pymysql://…`); `journal:PATH` (or a path ending in
-            `.log` / `.journal`) for a journal file on a shared filesystem; or a path ending in
-            `.db` / `.sqlite` for a SQLite file.
-        default_path: the SQLite file used when `url` is None.
-
-    Raises:
-        ConfigError: an unrecognised URL or a storage that cannot be opened.
-    """
-    import optuna
-    from optuna.storages import JournalStorage, RDBStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    text = str(url) if url is not None else f"sqlite:///{Path(default_path).resolve()}"
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        if text.startswith("journal:") or (("://" not in text)
-                                           and text.endswith((".log", ".journal"))):
-            path = Path(text[len("journal:"):] if text.startswith("journal:") else text)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return JournalStorage(JournalFileBackend(str(path)))
-        if "://" not in text:
-            if not text.endswith((".db", ".sqlite", ".sqlite3")):
-                raise ConfigError(f"storage {text!r} is not a URL; give sqlite:///FILE.db, "
-                                  f"postgresql://…, mysql://… or journal:FILE.log")
-            text = f"sqlite:///{Path(text).resolve()}"
-        engine_kwargs: dict[str, Any] = {}
-        if text.startswith("sqlite"):
-            Path(text.split(":///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
-            engine_kwargs = {"connect_args": {"timeout": 120}}
-        from sqlalchemy.exc import IntegrityError, OperationalError
-
-        for attempt in range(8):
-            try:
-                storage = RDBStorage(text, engine_kwargs=engine_kwargs)
-                if text.startswith("sqlite"):
-                    _serialize_sqlite(storage.engine)
-                return storage
-            except (OperationalError, IntegrityError):
-                # workers creating the schema of a new database at once: the losers of the race
-                # on a table or on the schema version row find the schema a moment later
-                if attempt == 7:
-                    raise
-                time.sleep(0.2 + 0.3 * attempt)
-    except ConfigError:
-        raise
-    except Exception as exc:  # sqlalchemy and driver errors have many types
-        raise ConfigError(f"storage {text!r} cannot be opened ({str(exc).splitlines()[0]}); "
-                          f"check the URL and that its database driver is installed") from None
-
-
-def _serialize_sqlite(engine) -> None:
-    """Make every SQLite transaction `BEGIN IMMEDIATE` (SQLAlchemy's recipe for pysqlite).
-
-    Python's sqlite3 driver starts a transaction only at the first write, so Optuna's
-    read-check-write that moves a trial from WAITING to RUNNING is not atomic across processes on
-    SQLite: two workers can both read WAITING and both claim the trial (seen here with three
-    workers). Taking the write lock when the transaction begins serializes those transactions,
-    as the row lock (`SELECT … FOR UPDATE`) does on PostgreSQL and MySQL.
-    """
-    from sqlalchemy import event
-
-    @event.listens_for(engine, "connect")
-    def _no_driver_transactions(dbapi_connection, _record):
-        dbapi_connection.isolation_level = None
-
-    @event.listens_for(engine, "begin")
-    def _begin_immediate(connection):
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-    engine.dispose()   # connections opened before the listeners existed are replaced
 
 
 class Sweep:
@@ -145,19 +82,31 @@ class Sweep:
         heartbeat_s: seconds between heartbeats of a running point.
         grace_s: a running point without a heartbeat for this long is taken to be dead.
         poll_s: seconds between looks at the storage while other workers finish.
+        reconnect_s: how long a storage call is retried while the database is unreachable
+            before `StorageError` (default: half of `grace_s`).
+
+    Raises:
+        ConfigError: a grace period not above twice the heartbeat interval.
+        ProfileError: the study was made with another identity.
+        StorageError: the storage stopped answering for longer than `reconnect_s`.
     """
 
     def __init__(self, storage, study_name: str, identity: Mapping[str, Any],
-                 heartbeat_s: float = 5.0, grace_s: float = 60.0, poll_s: float = 1.0) -> None:
+                 heartbeat_s: float = 5.0, grace_s: float = 60.0, poll_s: float = 1.0,
+                 reconnect_s: float | None = None) -> None:
         import optuna
 
         if grace_s <= 2 * heartbeat_s:
             raise ConfigError(f"grace period {grace_s} s must exceed twice the heartbeat interval "
                               f"{heartbeat_s} s")
-        self.storage = storage
-        self.study = optuna.create_study(study_name=study_name, storage=storage,
-                                         direction="maximize", load_if_exists=True)
-        self.study_id = storage.get_study_id_from_name(study_name)
+        label = display_url(getattr(storage, "url", None)) or type(storage).__name__
+        self.storage = Reconnecting(storage, grace_s / 2 if reconnect_s is None else reconnect_s,
+                                    label)
+        self.study_name = study_name
+        self.study = self.storage.call(optuna.create_study, study_name=study_name,
+                                       storage=storage, direction="maximize",
+                                       load_if_exists=True)
+        self.study_id = self.storage.get_study_id_from_name(study_name)
         self.heartbeat_s, self.grace_s, self.poll_s = heartbeat_s, grace_s, poll_s
         self._check_identity(dict(identity))
 
@@ -192,32 +141,64 @@ class Sweep:
         for field in sorted(set(stored) | set(identity)):
             if stored.get(field) != identity.get(field):
                 raise ProfileError(
-                    f"sweep storage holds study {self.study.study_name!r} made with "
+                    f"sweep storage holds study {self.study_name!r} made with "
                     f"{field}={stored.get(field)!r}, this run has {identity.get(field)!r}; use "
                     f"another --out or --storage, or rerun with the same settings")
 
     # --- coordination -----------------------------------------------------------------------
 
     def ensure(self, keys: Sequence[str]) -> int:
-        """Enqueue every point of `keys` that has no WAITING, RUNNING or COMPLETE trial."""
+        """Enqueue every point of `keys` that has no WAITING, RUNNING or COMPLETE trial.
+
+        The missing points are enqueued in chunks of `ENQUEUE_CHUNK`, in a random order of
+        chunks, and the storage is read again before each chunk: workers that start together
+        then mostly enqueue different chunks instead of every one enqueueing every point (each
+        duplicate costs a claim to prune it). Order of enqueueing does not decide the order of
+        running: `_claim` follows `keys`.
+        """
         from optuna.trial import TrialState
 
-        alive = {t.user_attrs.get(POINT_ATTR) for t in self._trials(
-            (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE))}
+        alive = self._alive()
+        missing = [k for k in keys if k not in alive]
+        chunks = [missing[i:i + ENQUEUE_CHUNK] for i in range(0, len(missing), ENQUEUE_CHUNK)]
+        random.shuffle(chunks)
         added = 0
-        for key in keys:
-            if key not in alive:
-                self.study.enqueue_trial({}, user_attrs={POINT_ATTR: key})
-                added += 1
+        for i, chunk in enumerate(chunks):
+            alive = self._alive() if i else set()
+            for key in chunk:
+                if key not in alive:
+                    self._add(TrialState.WAITING, {POINT_ATTR: key})
+                    added += 1
         return added
 
-    def fail_stale(self) -> int:
-        """Move RUNNING trials without a recent heartbeat to FAIL; returns how many this worker did."""
+    def _alive(self) -> set[str]:
+        from optuna.trial import TrialState
+
+        return {t.user_attrs.get(POINT_ATTR) for t in self._trials(
+            (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE))}
+
+    def _add(self, state, user_attrs: dict, value: float | None = None) -> None:
+        """A new trial (what `Study.enqueue_trial` / `add_trial` do, through the retrying
+        storage)."""
+        from optuna.trial import create_trial
+
+        trial = create_trial(state=state, value=value, user_attrs=user_attrs,
+                             system_attrs={"fixed_params": {}} if value is None else {})
+        self.storage.create_new_trial(self.study_id, template_trial=trial)
+
+    def fail_stale(self, trials=None) -> int:
+        """Move RUNNING trials without a recent heartbeat to FAIL; returns how many this worker did.
+
+        Args:
+            trials: a snapshot of the study's trials just taken (read here when None).
+        """
         from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
         now, failed = time.time(), 0
-        for t in self._trials((TrialState.RUNNING,)):
+        for t in self._trials((TrialState.RUNNING,)) if trials is None else trials:
+            if t.state != TrialState.RUNNING:
+                continue
             beat = t.system_attrs.get(HEARTBEAT_ATTR)
             if beat is None and t.datetime_start is not None:
                 beat = t.datetime_start.timestamp()
@@ -232,50 +213,58 @@ class Sweep:
                 continue  # another worker failed it first
         return failed
 
-    def _claim(self, wanted: set[str]) -> tuple[int, str] | None | bool:
-        """Take a WAITING trial of a wanted point: (trial id, key); False when the claimed trial
-        was a duplicate (try again); None when nothing is waiting."""
+    def _claim(self, order: dict[str, int], trials) -> tuple[tuple[int, str] | None, int]:
+        """Take a WAITING trial of a wanted point, in the order of the grid.
+
+        Args:
+            order: wanted point key -> its position in the grid.
+            trials: a snapshot of every trial of the study, taken just before.
+
+        Returns:
+            ((trial id, key) or None when nothing is left to claim, duplicates pruned). A claimed
+            trial yields (PRUNED, `duplicate_of`) when the snapshot holds a COMPLETE trial of its
+            point or an earlier-numbered WAITING or RUNNING one: trial numbers are given in
+            commit order, so every earlier trial of the point is in any snapshot that holds this
+            one, and the earliest live trial of a point is never pruned.
+        """
         from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
-        waiting = sorted(self._trials((TrialState.WAITING,)), key=lambda t: t.number)
-        for t in waiting:
+        complete: dict[str, int] = {}   # point -> a COMPLETE trial of it
+        earliest: dict[str, int] = {}   # point -> its lowest-numbered WAITING or RUNNING trial
+        for t in trials:
             key = t.user_attrs.get(POINT_ATTR)
-            if key not in wanted:
-                continue
+            if t.state == TrialState.COMPLETE:
+                complete.setdefault(key, t.number)
+            elif t.state in (TrialState.WAITING, TrialState.RUNNING):
+                earliest[key] = min(earliest.get(key, t.number), t.number)
+        waiting = sorted((t for t in trials if t.state == TrialState.WAITING
+                          and t.user_attrs.get(POINT_ATTR) in order),
+                         key=lambda t: (order[t.user_attrs[POINT_ATTR]], t.number))
+        pruned = 0
+        for t in waiting:
+            key = t.user_attrs[POINT_ATTR]
             try:
                 if not self.storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
                     continue
             except UpdateFinishedTrialError:
                 continue
-            self.storage.set_trial_system_attr(t._trial_id, HEARTBEAT_ATTR, time.time())
-            first = self._first_owner(key, t.number)
-            if first is not None:
+            first = complete.get(key, earliest[key])
+            if first != t.number:
                 try:
                     self.storage.set_trial_user_attr(t._trial_id, "duplicate_of", first)
                     self.storage.set_trial_state_values(t._trial_id, TrialState.PRUNED)
                 except UpdateFinishedTrialError:
                     pass
-                return False
-            return t._trial_id, key
-        return None
-
-    def _first_owner(self, key: str, number: int) -> int | None:
-        """The number of a trial that takes precedence over trial `number` for `key`, if any."""
-        from optuna.trial import TrialState
-
-        for t in self._trials():
-            if t.number == number or t.user_attrs.get(POINT_ATTR) != key:
+                pruned += 1
                 continue
-            if t.state == TrialState.COMPLETE:
-                return t.number
-            if t.number < number and t.state in (TrialState.WAITING, TrialState.RUNNING):
-                return t.number
-        return None
+            self.storage.set_trial_system_attr(t._trial_id, HEARTBEAT_ATTR, time.time())
+            return (t._trial_id, key), pruned
+        return None, pruned
 
     def _finish(self, trial_id: int, key: str, value: float, rows: list[dict]) -> None:
         from optuna.exceptions import UpdateFinishedTrialError
-        from optuna.trial import TrialState, create_trial
+        from optuna.trial import TrialState
 
         self.storage.set_trial_user_attr(trial_id, ROWS_ATTR, rows)
         try:
@@ -284,8 +273,7 @@ class Sweep:
             # taken for dead while it ran (a stalled heartbeat): keep the result unless the
             # retry already completed
             if key not in self.completed():
-                self.study.add_trial(create_trial(state=TrialState.COMPLETE, value=value,
-                                                  user_attrs={POINT_ATTR: key, ROWS_ATTR: rows}))
+                self._add(TrialState.COMPLETE, {POINT_ATTR: key, ROWS_ATTR: rows}, value)
 
     def _fail(self, trial_id: int, message: str) -> None:
         from optuna.exceptions import UpdateFinishedTrialError
@@ -317,57 +305,72 @@ class Sweep:
         Returns:
             What this worker did and how far the sweep is.
         """
-        wanted = set(keys)
+        from optuna.trial import TrialState
+
+        order = {k: i for i, k in enumerate(dict.fromkeys(keys))}
         ran: list[str] = []
         dups = stale = 0
+        points_s = 0.0
+        s0, c0, o0 = self.storage.seconds, self.storage.calls, self.storage.outages
         self.ensure(keys)
         while True:
-            done = set(self.completed()) & wanted
+            trials = self._trials()             # one read of the study per turn
+            done = _completed_keys(trials, order)
             if progress:
-                progress(len(done), len(wanted), "sweep")
+                progress(len(done), len(order), "sweep")
             if max_evals is not None and len(ran) >= max_evals:
                 break
-            claim = self._claim(wanted)
-            if claim is False:
-                dups += 1
-                continue
+            claim, pruned = self._claim(order, trials)
+            dups += pruned
             if claim is None:
-                stale += self.fail_stale()
-                self.ensure(keys)
-                if self._running(wanted) and wait_for_others:
-                    time.sleep(self.poll_s)
+                if pruned:
                     continue
-                if self._waiting(wanted):
+                stale += self.fail_stale(trials)
+                self.ensure(keys)
+                now = self._trials()
+                if any(t.state == TrialState.WAITING and t.user_attrs.get(POINT_ATTR) in order
+                       for t in now):
+                    continue
+                if wait_for_others and any(t.state == TrialState.RUNNING and
+                                           t.user_attrs.get(POINT_ATTR) in order for t in now):
+                    time.sleep(self.poll_s)
                     continue
                 break
             trial_id, key = claim
             if progress:
-                progress(len(done), len(wanted), key)
-            beat = _Heartbeat(self.storage, trial_id, self.heartbeat_s)
+                progress(len(done), len(order), key)
+            # the heartbeat thread uses the storage directly: a beat lost to an outage is
+            # simply followed by the next one
+            beat = _Heartbeat(self.storage.inner, trial_id, self.heartbeat_s)
+            t0 = time.perf_counter()
             try:
                 with beat:
                     value, rows = run_point(key)
+            except StorageError:
+                raise       # the storage is gone: the trial's heartbeat stops, a rerun retries it
             except BaseException as exc:
                 self._fail(trial_id, f"{type(exc).__name__}: {exc}")
                 raise
+            finally:
+                points_s += time.perf_counter() - t0
             self._finish(trial_id, key, float(value), rows)
             ran.append(key)
             if on_result:
                 on_result(self.completed())
-        done = set(self.completed()) & wanted
+        done = _completed_keys(self._trials((TrialState.COMPLETE,)), order)
         if progress:
-            progress(len(done), len(wanted), "sweep")
-        return SweepStats(tuple(ran), dups, stale, len(done), len(wanted))
+            progress(len(done), len(order), "sweep")
+        st = self.storage
+        return SweepStats(tuple(ran), dups, stale, len(done), len(order),
+                          storage_s=st.seconds - s0, points_s=points_s,
+                          storage_calls=st.calls - c0, outages=st.outages - o0)
 
-    def _running(self, wanted: set[str]) -> bool:
-        from optuna.trial import TrialState
 
-        return any(t.user_attrs.get(POINT_ATTR) in wanted for t in self._trials((TrialState.RUNNING,)))
+def _completed_keys(trials, order) -> set[str]:
+    from optuna.trial import TrialState
 
-    def _waiting(self, wanted: set[str]) -> bool:
-        from optuna.trial import TrialState
-
-        return any(t.user_attrs.get(POINT_ATTR) in wanted for t in self._trials((TrialState.WAITING,)))
+    return {t.user_attrs.get(POINT_ATTR) for t in trials
+            if t.state == TrialState.COMPLETE and t.user_attrs.get(POINT_ATTR) in order}
 
 
 class _Heartbeat:

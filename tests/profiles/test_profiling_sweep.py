@@ -182,3 +182,14 @@ def test_storage_urls(tmp_path):
         open_storage("nosuchdb://host/db", "x")
     with pytest.raises(ConfigError, match="grace period"):
         Sweep(open_storage(None, tmp_path / "g.db"), "t", {}, heartbeat_s=5, grace_s=6)
+
+
+def test_points_run_in_grid_order_whatever_the_enqueue_order(tmp_path):
+    """`ensure` enqueues chunks in a random order (workers that start together then enqueue
+    different chunks); claims still follow the grid's order."""
+    url = f"sqlite:///{tmp_path / 'sweep.db'}"
+    sweep = Sweep(open_storage(url, tmp_path / "x.db"), "t", {"grid": "test"})
+    for k in reversed(MANY):                     # another worker enqueued them backwards
+        sweep.study.enqueue_trial({}, user_attrs={"point": k})
+    stats = sweep.run(MANY, compute_point, max_evals=3)
+    assert stats.ran == tuple(MANY[:3]) and stats.skipped_duplicates == 0
