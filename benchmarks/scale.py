@@ -65,7 +65,7 @@ def steps(ckpt: Path, work: Path, expert_bytes: int) -> dict[str, list[str]]:
                    "--ratios-only", "--codecs", "szp", "--levels", "1", "--ratio-sample", "2"],
         "eval": ["model", "eval", str(work / "packed"), "--limit", "5", "--host-mem", str(host)],
         "run": ["run", str(work / "packed"), "--tokens", "4", "--host-mem", str(host),
-                "--gpu-mem", "10%"],
+                "--gpu-mem", "2GiB"],
     }
 
 
