@@ -292,3 +292,13 @@ def test_ratios_only_streams_from_the_files_without_loading(tmp_path, monkeypatc
 
     ref = measure_ratios(load_model(str(path)), ["szp"], "meanabs", [1.0], sample=2)
     assert ref["ratio"].tolist() == frame["ratio"].tolist()
+
+
+def test_an_fp1_fingerprint_is_refused_with_a_line_saying_to_redo_it(tmp_path):
+    from profiles.errors import PolicyError
+
+    path = save_tiny_model("mixtral", tmp_path / "m")
+    old = Policy(fingerprint="fp1:3f2a9c0d1b7e4a55", default=StorageSpec.parse("szp:meanabs:1"))
+    with pytest.raises(PolicyError, match="fp1 model fingerprint .* from an older moesz.*redo it"):
+        pack(str(path), old, tmp_path / "o")
+    assert not (tmp_path / "o" / "manifest.json").exists()
