@@ -167,15 +167,27 @@ def build_points(spec: GridSpec, moe_layers: Sequence[int], experts_per_layer: i
     if spec.layers is None:   # the whole model at each level: the uniform policies
         targets.append(("all", "model", tuple(moe_layers)))
     points = []
-    bounded = [c for c in spec.codecs if c not in BASELINE_CODECS]
+    chosen = [c for c in spec.codecs if c not in BASELINE_CODECS]
+    bounded = [c for c in chosen if _error_bounded(c)]
     for level in spec.levels:
         for codec in bounded:
             for target, kind, lays in targets:
                 points.append(Point(target, kind, lays, spec.experts, codec, spec.mode, level,
                                     codec_options=_opts(spec, codec)))
+    # formats without a bound (gq, nf4, mxfp4, GGUF types): one point per target, no level
+    for codec in (c for c in chosen if not _error_bounded(c)):
+        for target, kind, lays in targets:
+            points.append(Point(target, kind, lays, spec.experts, codec, "none", None,
+                                codec_options=_opts(spec, codec)))
     for codec in BASELINE_CODECS:
         points.append(Point("all", "model", tuple(moe_layers), "all", codec, "none", None))
     return points
+
+
+def _error_bounded(codec: str) -> bool:
+    from profiles.codecs import get_codec
+
+    return codec == "noise" or get_codec(codec).error_bounded
 
 
 def paper_layers(moe_layers: Sequence[int]) -> tuple[int, ...]:

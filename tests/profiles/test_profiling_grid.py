@@ -58,6 +58,16 @@ def test_default_grid_has_layers_groups_model_and_baselines():
     assert [p.target for p in chosen] == ["layer:3", "layer:3", "all", "all", "all"]
 
 
+def test_formats_without_a_bound_get_one_point_per_target():
+    """q4_k or nf4 in --codecs: no levels to sweep, one point per target (mode none)."""
+    spec = GridSpec(codecs=("szp", "q4_k", "nf4"), levels=(1.0, 2.0), groups=thirds(MOE))
+    points = build_points(spec, MOE, 8)
+    fmt = [p for p in points if p.codec in ("q4_k", "nf4")]
+    assert len(fmt) == 2 * 12 and all(p.mode == "none" and p.level is None for p in fmt)
+    assert len([p for p in points if p.codec == "szp"]) == 12 * 2
+    assert len({p.key for p in points}) == len(points)
+
+
 def test_paper_design_matches_the_study_shape():
     assert paper_layers(tuple(range(1, 27))) == (1, 13, 20, 26)      # the study's layers of 26
     assert paper_groups(tuple(range(1, 27))) == {"G1": tuple(range(1, 11)),
