@@ -17,7 +17,10 @@ by concatenating ranges of the memory-mapped shards, and a single element is fou
 reading the rest. FP8 (e4m3) per-expert weights carry their `weight_scale_inv` beside them.
 
 Non-expert weights keep their on-disk names except where the architecture renames a module in
-memory (`_RENAMES`: mixtral's `block_sparse_moe` is `mlp`; phimoe's router too).
+memory (`_RENAMES`: mixtral's `block_sparse_moe` is `mlp`; phimoe's router too). Decoder layers
+past the config's `num_hidden_layers` are not part of the model transformers builds (DeepSeek-V3
+stores its multi-token-prediction module, experts and all, as `model.layers.61`): their tensors
+are set aside (`ExpertLayout.beyond`), neither experts nor weights to load.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ _FUSED = re.compile(r"^(?P<w>gate_up_proj|down_proj)(?P<bias>_bias)?$")
 _GATE_UP = {"w1": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1), "gate_proj": ("gate_up_proj", 0),
             "up_proj": ("gate_up_proj", 1), "w2": ("down_proj", 0), "down_proj": ("down_proj", 0)}
 TENSOR_ORDER = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+_ANY_LAYER = re.compile(r"^(?:.*\.)?layers\.(?P<layer>\d+)\.")
 _SHARED = re.compile(r"\.(shared_expert|shared_experts|shared_expert_gate)\.")
 # in-memory renames of non-expert weights (transformers' conversion mapping, rename rules only)
 _RENAMES = {
@@ -92,6 +96,8 @@ class ExpertLayout:
         experts: (layer, expert) -> that expert's tensors in `TENSOR_ORDER`.
         routed: on-disk names of every routed-expert tensor (FP8 scales included).
         shared: on-disk names of the shared experts' tensors.
+        beyond: on-disk names of the tensors of decoder layers past the config's
+            `num_hidden_layers` (a multi-token-prediction layer), which the model does not have.
     """
 
     kind: str
@@ -100,6 +106,7 @@ class ExpertLayout:
     experts: dict[tuple[int, int], tuple[ExpertTensor, ...]]
     routed: frozenset[str]
     shared: frozenset[str]
+    beyond: frozenset[str] = frozenset()
 
     @property
     def tensor_shapes(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
@@ -123,8 +130,13 @@ def expert_layout(files: CheckpointFiles, config=None) -> ExpertLayout:
     """
     per: dict[tuple[int, int], dict[str, list[tuple[int, str, str | None]]]] = {}
     fused: dict[int, dict[str, str]] = {}
-    routed, shared = set(), set()
+    routed, shared, beyond = set(), set(), set()
+    num_layers = getattr(config, "num_hidden_layers", None)
     for name in files.tensors:
+        any_layer = _ANY_LAYER.match(name)
+        if isinstance(num_layers, int) and any_layer and int(any_layer["layer"]) >= num_layers:
+            beyond.add(name)
+            continue
         if _SHARED.search(name):
             shared.add(name)
             continue
@@ -176,7 +188,8 @@ def expert_layout(files: CheckpointFiles, config=None) -> ExpertLayout:
         raise ModelError(f"{files.path}: the files hold {n} experts per layer, config.json says "
                          f"{declared}; the checkpoint is incomplete or the config belongs to "
                          f"another model")
-    return ExpertLayout(kind, tuple(layers), n, experts, frozenset(routed), frozenset(shared))
+    return ExpertLayout(kind, tuple(layers), n, experts, frozenset(routed), frozenset(shared),
+                        frozenset(beyond))
 
 
 def _per_expert(files, per) -> dict[tuple[int, int], tuple[ExpertTensor, ...]]:

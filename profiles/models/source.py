@@ -96,7 +96,8 @@ class FileExperts:
 
         arch = self.geometry.architecture
         for name, info in self.files.tensors.items():
-            if name in self.layout.routed or name.endswith("_scale_inv"):
+            if name in self.layout.routed or name in self.layout.beyond \
+                    or name.endswith("_scale_inv"):
                 continue
             out_name = non_expert_name(name, arch)
             if info.dtype == "F8_E4M3":

@@ -302,3 +302,33 @@ def test_an_fp1_fingerprint_is_refused_with_a_line_saying_to_redo_it(tmp_path):
     with pytest.raises(PolicyError, match="fp1 model fingerprint .* from an older moesz.*redo it"):
         pack(str(path), old, tmp_path / "o")
     assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+def test_decoder_layers_past_the_config_are_not_experts_of_the_model(tmp_path):
+    """DeepSeek-V3 ships its multi-token-prediction layer as `model.layers.61` (experts and all)
+    beside 61 decoder layers; transformers does not build it. Files and memory agree on the
+    model's layers, and the layer is left out of the fingerprint, offloading and pack."""
+    from safetensors.torch import load_file, save_file
+
+    path = save_tiny_model("deepseek_v3", tmp_path / "ds")
+    plain = checkpoint_info(str(path))
+    tensors = load_file(path / "model.safetensors")
+    extra = {k.replace("model.layers.2.", "model.layers.3."): v.clone()
+             for k, v in tensors.items() if k.startswith("model.layers.2.")}
+    extra["model.layers.3.eh_proj.weight"] = torch.zeros(32, 64, dtype=torch.bfloat16)
+    save_file({**tensors, **extra}, path / "model.safetensors", metadata={"format": "pt"})
+    info = checkpoint_info(str(path))
+    memory = load_model(str(path))
+    assert info.geometry.moe_layers == memory.geometry.moe_layers == (1, 2)
+    assert info.geometry == memory.geometry
+    assert info.fingerprint == plain.fingerprint == model_fingerprint(memory.expert_map)
+    disk = load_model(str(path), offload=True)
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(memory.model(ids).logits, disk.model(ids).logits)
+    ckpt = pack(str(path), SZP, tmp_path / "packed")
+    assert sorted(r for r in ckpt.manifest["files"] if r.startswith("experts/")) == [
+        "experts/layer_001.bin", "experts/layer_002.bin"]
+    from profiles.packed import load_packed
+
+    load_packed(ckpt.path)
