@@ -136,6 +136,7 @@ def _prepare(out: Path, stamp: dict) -> dict[int, tuple[list[dict], dict]]:
             and not state.is_dir():
         raise PackedError(f"--out {out}: directory is not empty and holds no packed checkpoint; "
                           f"choose a new or empty directory")
+    earlier = _listed_files(out)
     (out / MANIFEST).unlink(missing_ok=True)  # from here on the directory is incomplete
     state.mkdir(parents=True, exist_ok=True)
     (out / "experts").mkdir(exist_ok=True)
@@ -159,8 +160,32 @@ def _prepare(out: Path, stamp: dict) -> dict[int, tuple[list[dict], dict]]:
     else:
         for f in state.glob("layer_*.json"):
             f.unlink()
+        _remove_earlier_output(out, earlier)
         atomic_write_json(stamp_file, stamp)
     return done
+
+
+def _listed_files(out: Path) -> set[str]:
+    """The files an earlier complete pack in `out` lists in its manifest (none if unreadable)."""
+    try:
+        return {str(rel) for rel in json.loads((out / MANIFEST).read_text())["files"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def _remove_earlier_output(out: Path, listed: set[str]) -> None:
+    """Remove what an earlier pack of another model or policy wrote into `out` (its layer files,
+    weights, config and tokenizer): the manifest lists every file it finds in `out`, so a stale
+    one would pass for part of the new checkpoint (another model's tokenizer, a layer it lacks)."""
+    from profiles.models.source import TOKENIZER_FILES
+
+    names = set(listed) | {NON_EXPERT, "config.json", *TOKENIZER_FILES}
+    names |= {p.relative_to(out).as_posix() for p in (out / "experts").glob("layer_*.bin")}
+    for rel in names:
+        target = out / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts or not target.is_file():
+            continue  # only files inside `out`
+        target.unlink()
 
 
 def _pack_layer(src, policy, layer: int, out: Path, rel: str, done0: int, total: int,

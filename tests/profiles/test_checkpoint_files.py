@@ -332,3 +332,37 @@ def test_decoder_layers_past_the_config_are_not_experts_of_the_model(tmp_path):
     from profiles.packed import load_packed
 
     load_packed(ckpt.path)
+
+
+def test_packing_over_another_models_pack_leaves_none_of_its_files(tmp_path):
+    """--out may be an earlier packed checkpoint to overwrite: its layer files and tokenizer must
+    not survive into (and be listed by) the new one when the new model has fewer MoE layers and
+    no tokenizer of its own."""
+    from profiles.packed import load_packed
+
+    first = save_tiny_model("mixtral", tmp_path / "m")            # MoE layers 0-2
+    (first / "tokenizer.json").write_text(json.dumps({"kind": "not ours"}))
+    out = tmp_path / "packed"
+    pack(str(first), SZP, out)
+    second = save_tiny_model("qwen3_moe", tmp_path / "q")         # MoE layers 1-2, no tokenizer
+    ckpt = pack(str(second), SZP, out)
+    assert sorted(r for r in ckpt.manifest["files"] if r.startswith("experts/")) == [
+        "experts/layer_001.bin", "experts/layer_002.bin"]
+    assert not (out / "experts" / "layer_000.bin").exists()
+    assert not (out / "tokenizer.json").exists() and "tokenizer.json" not in ckpt.manifest["files"]
+    assert load_packed(out).tokenizer is None
+
+
+def test_a_changed_policy_does_not_resume_and_leaves_no_stale_layer(tmp_path):
+    path = save_tiny_model("mixtral", tmp_path / "m")
+    out = tmp_path / "packed"
+    with pytest.raises(KeyboardInterrupt):
+        pack(str(path), SZP, out, progress=lambda d, t, lab: (_ for _ in ()).throw(
+            KeyboardInterrupt) if lab.endswith("done") else None)
+    raw = Policy(default=StorageSpec.parse("raw"))
+    ckpt = pack(str(path), raw, out)
+    assert {e["spec"] for e in ckpt.manifest["experts"]} == {"raw"}
+    fresh = pack(str(path), raw, tmp_path / "fresh")
+    for rel in fresh.manifest["files"]:
+        if rel.startswith("experts/"):
+            assert (out / rel).read_bytes() == (fresh.path / rel).read_bytes(), rel
