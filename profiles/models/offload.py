@@ -86,6 +86,16 @@ class PackedReader:
         blobs = {b.name: parse_blob(host, b, f"{where} {b.name}") for b in e.blobs}
         return Record(None, blobs, e.size)
 
+    def close(self) -> None:
+        """Close the layer files."""
+        fds = getattr(self, "_fds", {})  # absent when __init__ failed
+        for fd in fds.values():
+            os.close(fd)
+        fds.clear()
+
+    def __del__(self) -> None:
+        self.close()
+
 
 @dataclass
 class OffloadStats:
@@ -193,9 +203,12 @@ class OffloadedExperts:
             self.cache, self.cache_bytes = saved
 
     def close(self) -> None:
+        """Remove the hooks and close the reader's files."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        if hasattr(self.reader, "close"):
+            self.reader.close()
 
 
 def build_offloaded(source, reader, host_budget_bytes: int | None, trust_remote_code: bool = False

@@ -16,6 +16,7 @@ the raw decoded bytes are sent — as the simulator's cost model says for CPU co
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -106,8 +107,6 @@ class DiskRecords:
         if rec is not None:
             self.cache.move_to_end(key)
             return rec
-        import os
-
         from profiles.packed.records import PackedError
 
         e = self.entries[key]
@@ -130,6 +129,16 @@ class DiskRecords:
             self.held -= old.stored_nbytes
         self.peak = max(self.peak, self.held)
         return rec
+
+    def close(self) -> None:
+        """Close the layer files (records already read stay usable)."""
+        fds = getattr(self, "_fds", {})  # absent when __init__ failed
+        for fd in fds.values():
+            os.close(fd)
+        fds.clear()
+
+    def __del__(self) -> None:
+        self.close()
 
     def __contains__(self, key) -> bool:
         return key in self.entries

@@ -96,3 +96,37 @@ def test_profile_with_experts_on_disk_measures_what_memory_does(tmp_path):
     ra = pd.read_parquet(tmp_path / "mem" / "ratios.parquet")
     rb = pd.read_parquet(tmp_path / "disk" / "ratios.parquet")
     assert ra.equals(rb)   # ratios read from the files, not the shared buffers
+
+
+def _open_fds() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_packed_models_served_from_disk_close_their_layer_files(tmp_path):
+    """Each packed model opened with experts on disk (a sweep, a server's reloads) reads its
+    layer files through descriptors that go with it: none are left open after it is dropped."""
+    import gc
+
+    from profiles.models.offload import PackedReader
+
+    path = save_tiny_model("qwen3_moe", tmp_path / "q")
+    ckpt = pack(str(path), SZP, tmp_path / "packed")
+    gc.collect()
+    before = _open_fds()
+    for _ in range(3):
+        disk = load_model(str(ckpt.path), host_mem=1000)
+        logits(disk)
+        del disk
+        reader = PackedReader(ckpt)
+        reader.read((1, 0))
+        reader.read((2, 3))
+        del reader
+    gc.collect()
+    assert _open_fds() == before
+    reader = PackedReader(ckpt)
+    reader.read((1, 0))
+    reader.close()
+    assert _open_fds() == before

@@ -270,3 +270,26 @@ def test_ans_experts_decode_in_place_like_the_in_memory_policy(tiny_loaded):
     assert r.output_ids == ref.ids.tolist() and r.misses > 0
     for a, b in zip(ref.logits, r.logits):
         torch.testing.assert_close(b, a, atol=LOGIT_ATOL, rtol=0)
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_the_disk_tier_closes_its_layer_files(tiny_loaded, tmp_path):
+    import gc
+    import os
+
+    from profiles.runtime.store import ExpertStore
+
+    ckpt = pack(tiny_loaded(), SZP, tmp_path / "ckpt")
+    gc.collect()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        store = ExpertStore.from_packed(ckpt, host_budget_bytes=1000)
+        assert store.on_disk
+        store.records[(0, 0)], store.records[(2, 1)]
+        del store
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before
+    store = ExpertStore.from_packed(ckpt, host_budget_bytes=1000)
+    store.records[(1, 0)]
+    store.records.close()
+    assert len(os.listdir("/proc/self/fd")) == before
