@@ -136,6 +136,29 @@ class Blob:
             raise CodecError(f"{path}: no such blob file; check the path")
         return cls.from_bytes(path.read_bytes(), source=str(path))
 
+    @staticmethod
+    def read_header(data, source: str = "blob") -> dict[str, Any]:
+        """The header dict of a blob from its leading bytes alone (magic, version, header), to
+        learn its codec and fallback without reading the payload; nothing is CRC-checked.
+
+        Raises:
+            CodecError: the bytes are not the start of a moesz blob of this container version.
+        """
+        buf = memoryview(data).cast("B")
+        if len(buf) < _PREFIX.size:
+            raise CodecError(f"{source}: {len(buf)} bytes is shorter than a blob's prefix")
+        magic, version, hlen = _PREFIX.unpack_from(buf, 0)
+        if magic != MAGIC or version != CONTAINER_VERSION or _PREFIX.size + hlen > len(buf):
+            raise CodecError(f"{source}: not the start of a moesz blob (container version "
+                             f"{CONTAINER_VERSION})")
+        try:
+            head = json.loads(bytes(buf[_PREFIX.size: _PREFIX.size + hlen]).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            head = None
+        if not isinstance(head, dict):
+            raise CodecError(f"{source}: blob header is malformed; re-encode it")
+        return head
+
     @classmethod
     def from_bytes(cls, data, source: str = "blob") -> "Blob":
         """Parse bytes written by `to_bytes`, checking magic, lengths and CRC32 before anything else.

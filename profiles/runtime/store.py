@@ -101,6 +101,7 @@ class DiskRecords:
         self.cache: "OrderedDict[Key, ExpertRecord]" = OrderedDict()
         self.held = self.peak = self.reads = self.read_bytes = 0
         self._fds: dict[str, int] = {}
+        self._infos: dict[Key, RecordInfo] | None = None
 
     def __getitem__(self, key: Key) -> "ExpertRecord":
         rec = self.cache.get(key)
@@ -110,9 +111,7 @@ class DiskRecords:
         from profiles.packed.records import PackedError
 
         e = self.entries[key]
-        fd = self._fds.get(e.file)
-        if fd is None:
-            fd = self._fds[e.file] = os.open(self.ckpt.path / e.file, os.O_RDONLY)
+        fd = self._fd(e.file)
         host = torch.empty(e.size, dtype=torch.uint8, pin_memory=self.pin)
         n = os.preadv(fd, [memoryview(host.numpy())], e.offset)
         if n != e.size:
@@ -150,17 +149,38 @@ class DiskRecords:
         return len(self.entries)
 
     def infos(self) -> dict[Key, RecordInfo]:
-        from profiles.policy import StorageSpec
+        """Sizes and decode place of every record, from the manifest and each blob's header
+        (a few hundred bytes read per blob, once): a blob stored as a lossless fallback decodes
+        on the host whatever the spec's codec, as `ExpertRecord.device_decodable` says."""
+        if self._infos is None:
+            self._infos = {key: self._info(e) for key, e in self.entries.items()}
+        return self._infos
+
+    def _info(self, e) -> RecordInfo:
+        from profiles.codecs import Blob
+        from profiles.errors import CodecError
+        from profiles.packed.records import PackedError
         from profiles.runtime.device_decode import decodes_in_place
 
-        out = {}
-        for key, e in self.entries.items():
+        fd = self._fd(e.file)
+        codecs, decodable = [], True
+        for b in e.blobs:
+            where = f"{self.ckpt.path / e.file} layer {e.layer} expert {e.expert} {b.name}"
             try:
-                codec = StorageSpec.parse(e.spec).codec
-            except Exception:  # noqa: BLE001 — an unparsable spec decodes on the host
-                codec = "?"
-            out[key] = RecordInfo(e.size, e.original_bytes, decodes_in_place(codec), (codec,))
-        return out
+                head = Blob.read_header(os.pread(fd, b.payload_offset - b.offset,
+                                                 e.offset + b.offset), where)
+                codec, fallback = str(head["codec"]), bool(head["lossless_fallback"])
+            except (CodecError, KeyError) as exc:
+                raise PackedError(f"{exc}; repack the model") from None
+            codecs.append(codec)
+            decodable = decodable and decodes_in_place(codec) and not fallback
+        return RecordInfo(e.size, e.original_bytes, decodable, tuple(dict.fromkeys(codecs)))
+
+    def _fd(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(self.ckpt.path / file, os.O_RDONLY)
+        return fd
 
 
 def _device_decodable(blobs: Iterable[Any]) -> bool:

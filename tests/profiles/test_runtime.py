@@ -293,3 +293,18 @@ def test_the_disk_tier_closes_its_layer_files(tiny_loaded, tmp_path):
     store.records[(1, 0)]
     store.records.close()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_the_disk_tier_plans_with_the_records_own_decode_place(tiny_loaded, tmp_path):
+    """gpt_oss's zero expert biases are stored as lossless fallbacks inside szp records: those
+    records decode on the host and cross the link decoded. The disk tier, which plans before
+    reading any record, must say so as the all-in-memory store does (else device bytes are
+    planned at the compressed size)."""
+    from profiles.runtime.store import ExpertStore
+
+    ckpt = pack(tiny_loaded("gpt_oss"), SZP, tmp_path / "ckpt")
+    ram = ExpertStore.from_packed(ckpt)
+    disk = ExpertStore.from_packed(ckpt, host_budget_bytes=1000)
+    assert disk.on_disk and not any(r.device_decodable for r in ram.infos().values())
+    assert disk.infos() == ram.infos()
+    assert disk.records.reads == 0          # planned without reading a record
