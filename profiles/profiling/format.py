@@ -23,6 +23,7 @@ KIND = "model_profile"
 SCHEMA_VERSION = 1
 PROFILE_FILE = "profile.json"
 RATIOS_FILE = "ratios.parquet"
+RATIOS_MODEL_FILE = "ratios.json"   # the fingerprint of the model the ratios were measured on
 SENSITIVITY_FILE = "sensitivity.parquet"
 TRACES_FILE = "traces.parquet"
 SWEEP_DB = "sweep.db"

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from profiles.errors import ProfileError
+from profiles.fileio import atomic_write_json
 from profiles.profiling import format as fmt
 from profiles.profiling.grid import GridSpec, Point
 from profiles.profiling.storage import display_url
@@ -51,6 +52,7 @@ def ratios_step(out: Path, loaded, spec: GridSpec, req, progress):
     path = out / fmt.RATIOS_FILE
     codecs = [c for c in spec.codecs if c != "noise"]
     done, old = set(), None
+    _check_ratios_model(out, loaded.fingerprint)
     if path.exists():
         try:
             old = pd.read_parquet(path)
@@ -64,8 +66,24 @@ def ratios_step(out: Path, loaded, spec: GridSpec, req, progress):
                          layers=layers, done_keys=done, progress=None if progress is None else
                          (lambda d, t, label: progress(d, t, label)))
     frame = new if old is None or len(old) == 0 else pd.concat([old, new], ignore_index=True)
+    atomic_write_json(out / fmt.RATIOS_MODEL_FILE, {"fingerprint": loaded.fingerprint})
     fmt.write_table(out, fmt.RATIOS_FILE, frame)
     return frame
+
+
+def _check_ratios_model(out: Path, fingerprint: str) -> None:
+    """Refuse ratios in `out` measured on another model (`ratios.json` names it; a ratio table
+    can exist before profile.json does, e.g. after `--ratios-only`)."""
+    try:
+        theirs = json.loads((out / fmt.RATIOS_MODEL_FILE).read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no record (a profile from before it was kept): as before
+    if theirs != fingerprint:
+        from profiles.models.fingerprint import fingerprint_mismatch
+
+        reason = fingerprint_mismatch(theirs, fingerprint, fmt.RATIOS_MODEL_FILE)
+        raise ProfileError(f"{out / fmt.RATIOS_FILE} holds ratios of another model "
+                           f"({reason or f'fingerprint {theirs}'}); use another --out")
 
 
 def baseline_and_traces(out: Path, view, evalset: dict, req, progress):

@@ -366,3 +366,23 @@ def test_a_changed_policy_does_not_resume_and_leaves_no_stale_layer(tmp_path):
     for rel in fresh.manifest["files"]:
         if rel.startswith("experts/"):
             assert (out / rel).read_bytes() == (fresh.path / rel).read_bytes(), rel
+
+
+def test_ratios_of_another_model_in_out_are_refused_not_reused(tmp_path):
+    """--ratios-only writes ratios.parquet before any profile.json exists; a later run for
+    another model into the same --out must not take those ratios as its own."""
+    a = save_tiny_model("mixtral", tmp_path / "a")
+    b = save_tiny_model("mixtral", tmp_path / "b", seed=1)   # same geometry, other weights
+    out = tmp_path / "prof"
+    args = ["--out", str(out), "--ratios-only", "--codecs", "szp", "--levels", "1",
+            "--ratio-sample", "1"]
+    r = runner.invoke(app, ["profile", "model", str(a), *args])
+    assert r.exit_code == 0, r.output
+    _one_line_error(["profile", "model", str(b), *args], "ratios of another model")
+    from profiles.profiling import ProfileRequest, profile_model
+
+    with pytest.raises(Exception, match="ratios of another model"):
+        profile_model(ProfileRequest(model=str(b), out=out, codecs="szp", levels="1",
+                                     ratio_sample=1, limit=1, tasks="sort"))
+    r = runner.invoke(app, ["profile", "model", str(a), *args])   # its own model resumes
+    assert r.exit_code == 0, r.output
