@@ -321,9 +321,25 @@ def _checkpoint_dir(kind: str, arg: str) -> Path:
     path = Path(arg).expanduser()
     if not path.is_dir():
         raise ModelError(f"model {arg!r}: no such directory; {_SPEC_HELP}")
+    _refuse_packed(path)
     if not (path / "config.json").exists():
         raise ModelError(f"{path}: no config.json; expected a transformers checkpoint directory")
     return path
+
+
+def _refuse_packed(path: Path) -> None:
+    """A packed checkpoint (or an interrupted pack) is not a checkpoint of weights: say so rather
+    than that its non-expert file holds no experts."""
+    from profiles.packed.records import MANIFEST
+
+    if (path / MANIFEST).is_file():
+        raise ModelError(f"{path} is a packed checkpoint (its experts are stored compressed); "
+                         f"this command reads the original checkpoint — give that directory, "
+                         f"or serve this one with `moesz run` or `moesz model eval`")
+    if (path / ".pack-state").is_dir():
+        raise ModelError(f"{path}: an incomplete packed checkpoint (the pack was interrupted or "
+                         f"failed; no {MANIFEST}); rerun the same `moesz pack` command to "
+                         f"resume it")
 
 
 def _read_config(path: Path, trust_remote_code: bool):

@@ -386,3 +386,27 @@ def test_ratios_of_another_model_in_out_are_refused_not_reused(tmp_path):
                                      ratio_sample=1, limit=1, tasks="sort"))
     r = runner.invoke(app, ["profile", "model", str(a), *args])   # its own model resumes
     assert r.exit_code == 0, r.output
+
+
+def test_packed_directories_given_as_checkpoints_say_what_they_are(tmp_path):
+    """An interrupted pack's directory holds non_expert.safetensors but no experts: commands that
+    read checkpoints said 'no routed-expert tensors … needs a Mixture-of-Experts model'."""
+    path = save_tiny_model("mixtral", tmp_path / "m")
+    out = tmp_path / "packed"
+    with pytest.raises(KeyboardInterrupt):
+        pack(str(path), SZP, out, progress=lambda d, t, lab: (_ for _ in ()).throw(
+            KeyboardInterrupt) if lab.endswith("done") else None)
+    (out / "non_expert.safetensors").write_bytes(
+        (path / "model.safetensors").read_bytes())   # as if it had got that far
+    for args in (["model", "info", str(out)],
+                 ["model", "eval", str(out), "--limit", "1"],
+                 ["model", "eval", str(out), "--limit", "1", "--host-mem", "10%"],
+                 ["pack", str(out), "--uniform", "raw", "--out", str(tmp_path / "o")],
+                 ["profile", "model", str(out), "--out", str(tmp_path / "p"), "--ratios-only"]):
+        _one_line_error(args, "incomplete packed checkpoint")
+    done = pack(str(path), SZP, out)
+    for args in (["model", "info", str(done.path)],
+                 ["pack", str(done.path), "--uniform", "raw", "--out", str(tmp_path / "o")],
+                 ["profile", "model", str(done.path), "--out", str(tmp_path / "p"),
+                  "--ratios-only"]):
+        _one_line_error(args, "is a packed checkpoint")
