@@ -114,7 +114,8 @@ def checkpoint_info(spec: str, trust_remote_code: bool = False) -> CheckpointInf
 
     kind, arg, _ = _parse_spec(spec)
     if kind in ("preset", "arch"):
-        raise ModelError(f"{spec} is a geometry without weights; it has no fingerprint")
+        raise ModelError(f"{spec} is a geometry without weights (no fingerprint, no experts to "
+                         f"read); this needs builtin or a local checkpoint directory")
     path = _checkpoint_dir(kind, arg)
     config = _read_config(path, trust_remote_code)
     dtype, block = checkpoint_format(config, path)

@@ -410,3 +410,10 @@ def test_packed_directories_given_as_checkpoints_say_what_they_are(tmp_path):
                  ["profile", "model", str(done.path), "--out", str(tmp_path / "p"),
                   "--ratios-only"]):
         _one_line_error(args, "is a packed checkpoint")
+
+
+def test_weightless_specs_read_as_files_name_what_is_needed(tmp_path):
+    for args in (["pack", "arch:mixtral", "--uniform", "raw", "--out", str(tmp_path / "o")],
+                 ["profile", "model", "preset:mixtral-8x7b", "--out", str(tmp_path / "p"),
+                  "--ratios-only"]):
+        _one_line_error(args, "needs builtin or a local checkpoint directory")
