@@ -260,7 +260,9 @@ def _result(rt: OffloadedRuntime, gen, label: str, policy, dev, serving) -> RunR
         cache_capacity_bytes=None if cap == float("inf") else float(cap),
         cache_peak_bytes=int(rt.cache_peak), resident_peak_bytes=int(rt.resident_peak),
         kv_cache_bytes=rt.budget.kv_bytes, staging_bytes=rt.budget.staging_bytes,
-        host_expert_bytes=rt.store.host_bytes, preload_bytes=st["preload_bytes"],
+        # the disk tier's is what its LRU held at most (measured), not its budget
+        host_expert_bytes=rt.store.records.peak if rt.store.on_disk else rt.store.host_bytes,
+        preload_bytes=st["preload_bytes"],
         device_peak_bytes=(int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda"
                            else None),
         output_ids=tensor_list(gen.ids), config=serving.to_dict(), notes=tuple(notes),
