@@ -357,6 +357,7 @@ def _offloaded_policy(loaded, policy: Policy, surrogate: str | None, progress
             bounds = [b.abs_bound for b in (rec.blobs or {}).values() if b.abs_bound]
             stored = (sum(b.nbytes for b in rec.blobs.values()) if rec.blobs is not None else
                       sum(compressed_nbytes(t, codec="raw") for t in rec.tensors.values()))
+            del rec   # held past the loop, it would sit on top of the host budget
             rows.append(ExpertStorage(layer, e, policy.spec_for(layer, e).describe(),
                                       max(bounds) if bounds else None, stored,
                                       g.bytes_per_expert))

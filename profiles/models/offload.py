@@ -193,14 +193,16 @@ class OffloadedExperts:
 
     @contextmanager
     def using(self, reader) -> Iterator[None]:
-        """Serve from `reader` (another policy's blobs) inside the block, then as before."""
+        """Serve from `reader` (another policy's blobs) inside the block, then as before. The
+        host cache is emptied on the way in and out (keeping the records cached before the block
+        would hold them on top of the budget)."""
         old, self.reader = self.reader, reader
-        saved, self.cache, self.cache_bytes = (self.cache, self.cache_bytes), OrderedDict(), 0
+        self.cache, self.cache_bytes = OrderedDict(), 0
         try:
             yield
         finally:
             self.reader = old
-            self.cache, self.cache_bytes = saved
+            self.cache, self.cache_bytes = OrderedDict(), 0
 
     def close(self) -> None:
         """Remove the hooks and close the reader's files."""

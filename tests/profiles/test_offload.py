@@ -130,3 +130,28 @@ def test_packed_models_served_from_disk_close_their_layer_files(tmp_path):
     reader.read((1, 0))
     reader.close()
     assert _open_fds() == before
+
+
+def _records_alive() -> int:
+    import gc
+
+    from profiles.models.offload import Record
+
+    gc.collect()
+    return sum(r.nbytes for r in gc.get_objects() if type(r) is Record)
+
+
+def test_a_policy_block_keeps_the_host_budget():
+    """--host-mem bounds the expert records in host memory while a policy is evaluated too
+    (every perturbed point of a profile, validate, model eval --uniform): the records cached
+    before the block, and the last one its size pass read, must not be held on top."""
+    budget = 150_000
+    disk = load_model("builtin", host_mem=budget)
+    logits(disk)
+    assert 0 < _records_alive() <= budget
+    with apply_policy(disk, Policy(default=StorageSpec.parse("raw"))):
+        assert _records_alive() <= budget
+        logits(disk)
+        assert _records_alive() <= budget
+    logits(disk)
+    assert _records_alive() <= budget
