@@ -32,6 +32,8 @@ import torch
 from profiles.errors import ModelError
 
 Key = tuple[int, int]
+# what transformers' experts modules call the routed expert indices (their second argument)
+_INDEX_NAMES = ("top_k_index", "router_indices", "topk_indices", "selected_experts")
 
 
 @dataclass
@@ -152,10 +154,15 @@ class OffloadedExperts:
         return buffers
 
     def _fill(self, layer: int, args, kwargs) -> None:
-        index = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
-        if index is None:
-            raise ModelError("the experts module was called without top_k_index; this "
-                             "architecture's experts cannot be served from disk")
+        index = next((kwargs[k] for k in _INDEX_NAMES if k in kwargs),
+                     args[1] if len(args) > 1 else None)
+        if not isinstance(index, torch.Tensor) or index.is_floating_point() \
+                or index.dtype == torch.bool:
+            what = "without them" if index is None else f"with {_describe(index)} instead"
+            raise ModelError(f"the experts module of layer {layer} was called {what}, but serving "
+                             f"experts from disk needs the routed expert indices (top_k_index, an "
+                             f"integer tensor); load this architecture into memory (no "
+                             f"--host-mem)")
         self.stats.layers_seen.add(layer)
         for e in torch.unique(index).tolist():
             if 0 <= e < self.emap.experts_per_layer:
@@ -211,6 +218,12 @@ class OffloadedExperts:
         self._hooks = []
         if hasattr(self.reader, "close"):
             self.reader.close()
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).replace('torch.', '')} tensor"
+    return f"a {type(value).__name__}"
 
 
 def build_offloaded(source, reader, host_budget_bytes: int | None, trust_remote_code: bool = False

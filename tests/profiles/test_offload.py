@@ -155,3 +155,27 @@ def test_a_policy_block_keeps_the_host_budget():
         assert _records_alive() <= budget
     logits(disk)
     assert _records_alive() <= budget
+
+
+def test_the_routed_indices_are_found_however_the_experts_module_is_called(tmp_path):
+    """The pre-hook fills the experts the call routes to, passed positionally or as
+    `top_k_index=`; anything that is not an integer index tensor (a routing mask, scores) is
+    refused in one line rather than read as expert numbers."""
+    memory = load_model(str(save_tiny_model("gpt_oss", tmp_path / "g")))
+    disk = load_model(str(tmp_path / "g"), offload=True)
+    layer = disk.expert_map.moe_layers[0]
+    mine, ref = disk.expert_map.expert_modules[layer], memory.expert_map.expert_modules[layer]
+    torch.manual_seed(0)
+    h = torch.randn(5, 32)
+    idx = torch.tensor([[3, 1], [0, 3], [1, 2], [3, 0], [2, 1]])
+    w = torch.softmax(torch.randn(5, 2), dim=-1)
+    with torch.no_grad():
+        want = ref(h, idx, w)
+        for args, kw in (((h, idx, w), {}), ((h,), {"top_k_index": idx, "top_k_weights": w})):
+            for buf in disk.offload.buffers.values():
+                buf.fill_(float("nan"))
+            assert torch.equal(mine(*args, **kw), want)
+        mask = torch.zeros(5, 4, dtype=torch.bool).scatter_(1, idx, True)
+        for bad in (idx.float(), mask):
+            with pytest.raises(ModelError, match="needs the routed expert indices"):
+                mine(h, bad, w)
