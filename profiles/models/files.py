@@ -263,6 +263,8 @@ def _read_index(index: Path) -> tuple[tuple[Path, ...], dict[str, str]]:
     try:
         doc = json.loads(index.read_text())
         weight_map = dict(doc["weight_map"])
+        if not all(isinstance(v, str) and v for v in weight_map.values()):
+            raise ValueError("a shard name is not a string")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
             ValueError) as exc:
         raise ModelError(f"{index}: not a safetensors index ({type(exc).__name__}); expected "

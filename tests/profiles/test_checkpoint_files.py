@@ -417,3 +417,10 @@ def test_weightless_specs_read_as_files_name_what_is_needed(tmp_path):
                  ["profile", "model", "preset:mixtral-8x7b", "--out", str(tmp_path / "p"),
                   "--ratios-only"]):
         _one_line_error(args, "needs builtin or a local checkpoint directory")
+
+
+def test_an_index_that_names_a_shard_by_a_number(tmp_path):
+    path = save_tiny_model("mixtral", tmp_path / "m")
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": 1}}))
+    _one_line_error(["model", "info", str(path)], "not a safetensors index")
+
