@@ -223,6 +223,11 @@ def geometry_from_files(files, layout, config, name: str, dtype: str,
     routed = per_expert * len(layout.experts)
     shared = sum(files.tensors[n].nbytes for n in layout.shared)
     hidden = int(config.hidden_size)
+    down = dict(shapes).get("down_proj")
+    if down is not None and len(down) == 2 and hidden not in down:
+        raise ModelError(f"{name}: config.json says hidden_size {hidden}, but the experts' "
+                         f"down_proj in the files is {down[0]}x{down[1]}; config.json belongs to "
+                         f"another model or was edited — restore the checkpoint's own")
     heads = int(getattr(config, "num_attention_heads", 0) or 0)
     num_layers = int(getattr(config, "num_hidden_layers", 0) or max(layout.moe_layers) + 1)
     return ModelGeometry(

@@ -259,6 +259,13 @@ def build_offloaded(source, reader, host_budget_bytes: int | None, trust_remote_
         model.tie_weights()
     emap = build_expert_map(model, source.spec)
     offload = OffloadedExperts(model, emap, reader, host_budget_bytes)
+    stored = dict(source.geometry.expert_tensor_shapes)
+    for name, buf in offload.buffers.items():
+        if name in stored and tuple(stored[name]) != tuple(buf.shape[1:]):
+            raise ModelError(f"{source.path}: expert tensor {name} is "
+                             f"{'x'.join(map(str, stored[name]))} in the files, but the model "
+                             f"config.json describes has {'x'.join(map(str, buf.shape[1:]))}; "
+                             f"the checkpoint and config.json disagree")
     load_non_expert(model, emap, source.non_expert_tensors(), str(source.path))
     model.eval()
     return model, build_expert_map(model, source.spec), offload
@@ -282,6 +289,11 @@ def load_non_expert(model, emap, tensors, where: str) -> None:
                 raise ModelError(f"{where}: weight {name} does not belong to this "
                                  f"{model.config.model_type} model; the checkpoint and "
                                  f"config.json disagree")
+            if tuple(target.shape) != tuple(out.shape):
+                raise ModelError(f"{where}: weight {name} is {'x'.join(map(str, out.shape))} "
+                                 f"in the files, {'x'.join(map(str, target.shape))} in the model "
+                                 f"config.json describes; the checkpoint and config.json "
+                                 f"disagree")
             raw = np.concatenate([np.asarray(c).reshape(-1).view(np.uint8)
                                   for c in out.chunks()]) if out.nbytes else np.zeros(0, np.uint8)
             t = torch.from_numpy(raw).view(ST_DTYPES[out.dtype][2]).reshape(out.shape)

@@ -424,3 +424,24 @@ def test_an_index_that_names_a_shard_by_a_number(tmp_path):
     (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": 1}}))
     _one_line_error(["model", "info", str(path)], "not a safetensors index")
 
+
+def _edit_config(path: Path, **changes) -> None:
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_a_config_json_of_another_width_is_refused_in_one_line(tmp_path):
+    """config.json disagreeing with the files' shapes: model info reported the expert FFN width
+    from the wrong axis, and evaluation from disk ended in a copy_ traceback."""
+    wide = save_tiny_model("mixtral", tmp_path / "wide")
+    _edit_config(wide, hidden_size=64)
+    for args in (["model", "info", str(wide)],
+                 ["model", "eval", str(wide), "--limit", "1", "--host-mem", "1GiB"],
+                 ["pack", str(wide), "--uniform", "raw", "--out", str(tmp_path / "o")]):
+        _one_line_error(args, "config.json")
+    for name, change in (("ffn", {"intermediate_size": 48}), ("vocab", {"vocab_size": 128})):
+        path = save_tiny_model("mixtral", tmp_path / name)
+        _edit_config(path, **change)
+        _one_line_error(["model", "eval", str(path), "--limit", "1", "--host-mem", "1GiB"],
+                        "config.json disagree")
