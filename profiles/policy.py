@@ -338,7 +338,8 @@ def _offloaded_policy(loaded, policy: Policy, surrogate: str | None, progress
                       ) -> Iterator[PolicyReport]:
     """`apply_policy` for a model whose experts stay on disk: the experts are served from the
     policy's real blobs (each encoded from the files, decoded when its layer runs); one pass
-    over every expert measures the stored bytes first."""
+    over every expert the policy encodes measures the stored bytes first (raw experts' sizes
+    follow from their shapes, so they are not read)."""
     from profiles.codecs import compressed_nbytes
     from profiles.models.offload import FileReader
 
@@ -349,16 +350,28 @@ def _offloaded_policy(loaded, policy: Policy, surrogate: str | None, progress
     if surrogate is not None:
         raise PolicyError("surrogate noise edits weights in memory; a model served from disk "
                           "(--host-mem) takes real codec round trips only")
-    files = FileReader(loaded.offload.reader.source, policy)
+    files = FileReader(reader, policy)
     g, emap, rows = loaded.geometry, loaded.expert_map, []
+    raw_bytes = None
     with loaded.offload.using(files):
         for i, (layer, e) in enumerate((r.layer, r.expert) for r in emap.experts):
+            spec = policy.spec_for(layer, e)
+            if spec.codec == "raw":
+                if raw_bytes is None:  # the same for every expert: one shape, one dtype
+                    raw_bytes = sum(compressed_nbytes(torch.zeros(shape, dtype=reader.dtype),
+                                                      codec="raw")
+                                    for _, shape in g.expert_tensor_shapes)
+                rows.append(ExpertStorage(layer, e, spec.describe(), None, raw_bytes,
+                                          g.bytes_per_expert))
+                if progress is not None:
+                    progress(i + 1, len(emap.experts), f"layer {layer} expert {e}")
+                continue
             rec = loaded.offload.record((layer, e))
             bounds = [b.abs_bound for b in (rec.blobs or {}).values() if b.abs_bound]
             stored = (sum(b.nbytes for b in rec.blobs.values()) if rec.blobs is not None else
                       sum(compressed_nbytes(t, codec="raw") for t in rec.tensors.values()))
             del rec   # held past the loop, it would sit on top of the host budget
-            rows.append(ExpertStorage(layer, e, policy.spec_for(layer, e).describe(),
+            rows.append(ExpertStorage(layer, e, spec.describe(),
                                       max(bounds) if bounds else None, stored,
                                       g.bytes_per_expert))
             if progress is not None:

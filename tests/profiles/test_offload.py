@@ -179,3 +179,19 @@ def test_the_routed_indices_are_found_however_the_experts_module_is_called(tmp_p
         for bad in (idx.float(), mask):
             with pytest.raises(ModelError, match="needs the routed expert indices"):
                 mine(h, bad, w)
+
+
+def test_a_one_layer_policy_reads_only_that_layer_before_evaluating():
+    """A sensitivity point perturbs one layer and stores the rest raw. The in-memory path leaves
+    raw experts untouched; from disk, measuring their stored bytes must not read them either
+    (a sweep of a 93 GB model read all 93 GB at every point)."""
+    memory, disk = load_model("builtin"), load_model("builtin", host_mem=150_000)
+    layer = disk.expert_map.moe_layers[3]
+    policy = Policy(layers={layer: StorageSpec.parse("szp:meanabs:1")})
+    reads = disk.offload.stats.reads
+    with apply_policy(disk, policy) as b:
+        assert disk.offload.stats.reads - reads == disk.expert_map.experts_per_layer
+        got = logits(disk)
+    with apply_policy(memory, policy) as a:
+        assert torch.equal(logits(memory), got)
+    assert a.stored_bytes == b.stored_bytes and a.ratio == b.ratio
