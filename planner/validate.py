@@ -160,7 +160,7 @@ def validate_plan(plan: str | Path, *, split: str = "validate", limit: int | Non
     doc["timings_s"] = {"load_and_baseline": t1 - t0, "apply_policy": t2 - t1,
                         "evaluate_plan": t3 - t2, "source": "measured (wall clock)"}
     if loaded.offload is not None:
-        from planner.cli.model_eval import offload_summary
+        from profiles.models.offload import offload_summary
 
         doc["experts_from_disk"] = offload_summary(loaded)
     return doc

@@ -140,6 +140,8 @@ def eval_(
     doc = _eval_doc(result, base, policy is not None, verdicts, label, surrogate, seed, report,
                     fid, ppl_base, ppl)
     if loaded.offload is not None:
+        from profiles.models.offload import offload_summary
+
         doc["experts_from_disk"] = offload_summary(loaded)
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
@@ -198,16 +200,6 @@ def host_bytes(model: str, host_mem: Optional[str], trust_remote_code: bool = Fa
     g = read_packed(model, verify=False).geometry if is_packed(model) else \
         resolve_geometry(model, trust_remote_code)
     return int(budget.fraction * g.routed_expert_bytes)
-
-
-def offload_summary(loaded) -> dict:
-    """What serving the experts from disk did (measured counts), for output documents."""
-    from profiles.packed.write import peak_rss_bytes
-
-    s = loaded.offload.stats
-    return {"host_budget_bytes": loaded.offload.budget, "expert_reads": s.reads,
-            "read_bytes": s.read_bytes, "host_hits": s.hits,
-            "host_peak_bytes": s.host_peak_bytes, "peak_rss_bytes": peak_rss_bytes()}
 
 
 def _fmt(iv: dict, signed: bool = False) -> str:

@@ -226,6 +226,16 @@ def _describe(value) -> str:
     return f"a {type(value).__name__}"
 
 
+def offload_summary(loaded) -> dict:
+    """What serving `loaded`'s experts from disk did (measured counts), for output documents."""
+    from profiles.packed.write import peak_rss_bytes
+
+    s = loaded.offload.stats
+    return {"host_budget_bytes": loaded.offload.budget, "expert_reads": s.reads,
+            "read_bytes": s.read_bytes, "host_hits": s.hits,
+            "host_peak_bytes": s.host_peak_bytes, "peak_rss_bytes": peak_rss_bytes()}
+
+
 def build_offloaded(source, reader, host_budget_bytes: int | None, trust_remote_code: bool = False
                     ) -> tuple[Any, Any, OffloadedExperts]:
     """(model, expert map, OffloadedExperts) of a checkpoint whose experts stay on disk.
