@@ -21,7 +21,6 @@ front of the disk: memory is the non-expert weights, one layer of expert buffers
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -67,36 +66,24 @@ class PackedReader:
     """Experts from a packed checkpoint's layer files (each record's CRC32s checked)."""
 
     def __init__(self, ckpt) -> None:
+        from profiles.packed.read import RecordFiles
+
         self.ckpt = ckpt
         self.entries = {e.key: e for e in ckpt.experts}
-        self._fds: dict[str, int] = {}
+        self.files = RecordFiles(ckpt)
 
     def read(self, key: Key) -> Record:
         from profiles.packed import parse_blob
-        from profiles.packed.records import PackedError
 
         e = self.entries[key]
-        fd = self._fds.get(e.file)
-        if fd is None:
-            fd = self._fds[e.file] = os.open(self.ckpt.path / e.file, os.O_RDONLY)
-        raw = os.pread(fd, e.size, e.offset)
-        if len(raw) != e.size:
-            raise PackedError(f"{self.ckpt.path / e.file}: ended inside layer {e.layer} expert "
-                              f"{e.expert}; the file is truncated — repack the model")
-        host = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        host = self.files.read(e)
         where = f"{self.ckpt.path / e.file} layer {e.layer} expert {e.expert}"
         blobs = {b.name: parse_blob(host, b, f"{where} {b.name}") for b in e.blobs}
         return Record(None, blobs, e.size)
 
     def close(self) -> None:
         """Close the layer files."""
-        fds = getattr(self, "_fds", {})  # absent when __init__ failed
-        for fd in fds.values():
-            os.close(fd)
-        fds.clear()
-
-    def __del__(self) -> None:
-        self.close()
+        self.files.close()
 
 
 @dataclass

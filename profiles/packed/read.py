@@ -86,6 +86,50 @@ def read_expert_files(ckpt: PackedCheckpoint, pin: bool = False
     return out
 
 
+class RecordFiles:
+    """Positioned reads of single expert records from a packed checkpoint's layer files, one open
+    descriptor per file (closed by `close()` or when dropped): what the disk tier and evaluation
+    with experts on disk read on each miss."""
+
+    def __init__(self, ckpt: PackedCheckpoint) -> None:
+        self.ckpt = ckpt
+        self._fds: dict[str, int] = {}
+
+    def read(self, entry: ExpertEntry, pin: bool = False) -> torch.Tensor:
+        """Expert `entry`'s record bytes as a uint8 tensor (page-locked when `pin`).
+
+        Raises:
+            PackedError: the layer file ends inside the record.
+        """
+        host = torch.empty(entry.size, dtype=torch.uint8, pin_memory=pin)
+        n = os.preadv(self._fd(entry.file), [memoryview(host.numpy())], entry.offset)
+        if n != entry.size:
+            raise PackedError(f"{self.ckpt.path / entry.file}: read {n} of {entry.size} bytes of "
+                              f"layer {entry.layer} expert {entry.expert}; the file is truncated "
+                              f"— repack the model")
+        return host
+
+    def read_bytes(self, entry: ExpertEntry, start: int, size: int) -> bytes:
+        """`size` bytes at `start` within expert `entry`'s record (e.g. a blob header)."""
+        return os.pread(self._fd(entry.file), size, entry.offset + start)
+
+    def _fd(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(self.ckpt.path / file, os.O_RDONLY)
+        return fd
+
+    def close(self) -> None:
+        """Close the layer files (records already read stay usable)."""
+        fds = getattr(self, "_fds", {})  # absent when __init__ failed
+        for fd in fds.values():
+            os.close(fd)
+        fds.clear()
+
+    def __del__(self) -> None:
+        self.close()
+
+
 def parse_blob(record: torch.Tensor, entry: BlobEntry, where: str):
     """Parse (and CRC-check) one blob inside an expert record; the payload views the record."""
     from profiles.codecs import Blob

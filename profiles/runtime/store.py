@@ -16,7 +16,6 @@ the raw decoded bytes are sent — as the simulator's cost model says for CPU co
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -96,11 +95,13 @@ class DiskRecords:
     def __init__(self, ckpt, budget_bytes: int, pin: bool = False) -> None:
         from collections import OrderedDict
 
+        from profiles.packed.read import RecordFiles
+
         self.ckpt, self.budget, self.pin = ckpt, int(budget_bytes), pin
         self.entries = {e.key: e for e in ckpt.experts}
         self.cache: "OrderedDict[Key, ExpertRecord]" = OrderedDict()
         self.held = self.peak = self.reads = self.read_bytes = 0
-        self._fds: dict[str, int] = {}
+        self.files = RecordFiles(ckpt)
         self._infos: dict[Key, RecordInfo] | None = None
 
     def __getitem__(self, key: Key) -> "ExpertRecord":
@@ -108,15 +109,8 @@ class DiskRecords:
         if rec is not None:
             self.cache.move_to_end(key)
             return rec
-        from profiles.packed.records import PackedError
-
         e = self.entries[key]
-        fd = self._fd(e.file)
-        host = torch.empty(e.size, dtype=torch.uint8, pin_memory=self.pin)
-        n = os.preadv(fd, [memoryview(host.numpy())], e.offset)
-        if n != e.size:
-            raise PackedError(f"{self.ckpt.path / e.file}: read {n} of {e.size} bytes of layer "
-                              f"{e.layer} expert {e.expert}; the file is truncated — repack")
+        host = self.files.read(e, self.pin)
         self.reads += 1
         self.read_bytes += e.size
         rec = _record(e.layer, e.expert, e.spec, host, e.blobs, e.original_bytes,
@@ -131,13 +125,7 @@ class DiskRecords:
 
     def close(self) -> None:
         """Close the layer files (records already read stay usable)."""
-        fds = getattr(self, "_fds", {})  # absent when __init__ failed
-        for fd in fds.values():
-            os.close(fd)
-        fds.clear()
-
-    def __del__(self) -> None:
-        self.close()
+        self.files.close()
 
     def __contains__(self, key) -> bool:
         return key in self.entries
@@ -162,13 +150,12 @@ class DiskRecords:
         from profiles.packed.records import PackedError
         from profiles.runtime.device_decode import decodes_in_place
 
-        fd = self._fd(e.file)
         codecs, decodable = [], True
         for b in e.blobs:
             where = f"{self.ckpt.path / e.file} layer {e.layer} expert {e.expert} {b.name}"
             try:
-                head = Blob.read_header(os.pread(fd, b.payload_offset - b.offset,
-                                                 e.offset + b.offset), where)
+                head = Blob.read_header(self.files.read_bytes(e, b.offset,
+                                                              b.payload_offset - b.offset), where)
                 codec, fallback = str(head["codec"]), bool(head["lossless_fallback"])
             except (CodecError, KeyError) as exc:
                 raise PackedError(f"{exc}; repack the model") from None
@@ -176,11 +163,6 @@ class DiskRecords:
             decodable = decodable and decodes_in_place(codec) and not fallback
         return RecordInfo(e.size, e.original_bytes, decodable, tuple(dict.fromkeys(codecs)))
 
-    def _fd(self, file: str) -> int:
-        fd = self._fds.get(file)
-        if fd is None:
-            fd = self._fds[file] = os.open(self.ckpt.path / file, os.O_RDONLY)
-        return fd
 
 
 def _device_decodable(blobs: Iterable[Any]) -> bool:
