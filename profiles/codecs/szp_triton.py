@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from profiles.codecs import triton_util
 from profiles.codecs.szp_reference import (BLOCK, CHUNK_BLOCKS, num_blocks, num_chunks,
                                            rate_area_nbytes, recip_precision)
 
@@ -28,19 +29,11 @@ DECODE_TILE_BLOCKS = 64
 
 def available() -> tuple[bool, str]:
     """(True, "") if Triton can run here: a CUDA device, or the CPU interpreter when requested."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False, "triton is not installed (pip install 'moesz[gpu]')"
-    if torch.cuda.is_available() or _interpreting():
-        return True, ""
-    return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU)"
+    return triton_util.available()
 
 
 def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return triton_util.interpreting()
 
 
 try:
@@ -156,7 +149,7 @@ if triton is not None:
 
 
 def _launch_opts() -> dict:
-    return {} if _interpreting() else {"enable_fp_fusion": False}
+    return triton_util.launch_opts()
 
 
 def encode(x: torch.Tensor, eb: float, variant: str = "fixed",
