@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import random
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -207,8 +208,11 @@ class Simulation:
         self._resident = c.resident_bytes.tolist()
         self._linkb = c.link_bytes.tolist()
         self._storedb = c.stored_bytes.tolist()
-        self._in_host = self.mem.in_host.tolist()
+        # the disk tier: as the runtime's (`DiskRecords`), an LRU of stored records within the
+        # host budget, empty at the start; a fetch of a record it lacks reads the disk first
         self._disk_tier = not bool(self.mem.in_host.all())
+        self._host_lru: "OrderedDict[tuple[int, int], int]" = OrderedDict()
+        self._host_held = self._host_peak = 0
         self._layer_pos = {layer: i for i, layer in enumerate(layers)}
         hot = [((layers[li], e), int(c.resident_bytes[li, e])) for li, e in self.wl.hot_order()]
         if self.mem.layer_capacity_bytes is not None:
@@ -269,9 +273,28 @@ class Simulation:
             if where == GPU and self._hdec[li][e] == 0:
                 st.append((self.gpu_dec, self._gdec[li][e]))
             stages = self._stage_cache[li][e] = tuple(st)
-        if not self._in_host[li][e]:
+        if self._host_read(li, e):
             return ((self.ssd, self._ssd_s(li, e)),) + stages
         return stages
+
+    def _host_read(self, li: int, e: int) -> bool:
+        """Whether expert e must be read from disk (and count it); touches the host LRU."""
+        if not self._disk_tier:
+            return False
+        key = (self.g.moe_layers[li], e)
+        lru = self._host_lru
+        if key in lru:
+            lru.move_to_end(key)
+            return False
+        size = self._storedb[li][e]
+        lru[key] = size
+        self._host_held += size
+        while self._host_held > self.mem.host_budget_bytes and len(lru) > 1:
+            self._host_held -= lru.popitem(last=False)[1]
+        self._host_peak = max(self._host_peak, self._host_held)
+        self.stats["bytes_ssd"] += size
+        self.stats["ssd_reads"] += 1
+        return True
 
     def _fetch(self, li: int, e: int, prio: int) -> _Job:
         key = (self.g.moe_layers[li], e)
@@ -281,9 +304,6 @@ class Simulation:
         stats["transfers"] += 1
         if prio == PREFETCH:
             stats["bytes_h2d_prefetch"] += nbytes
-        if not self._in_host[li][e]:
-            stats["bytes_ssd"] += self._storedb[li][e]
-            stats["ssd_reads"] += 1
         job = _Job("prefetch" if prio == PREFETCH else "fetch", key, li, e, prio,
                    self._fetch_stages(li, e), self._arrive)
         self.inflight[key] = job
@@ -330,14 +350,11 @@ class Simulation:
 
     def _cpu_run(self, li: int, e: int, tokens: int, then: Callable) -> None:
         stages = []
-        if not self._in_host[li][e]:
+        if self._host_read(li, e):
             stages.append((self.ssd, self._ssd_s(li, e)))
         # decoded and run in the same thread, one after the other
         stages.append((self.cpu, self._mdec[li][e] + self.times.cpu_expert_s(tokens)))
         self.stats["cpu_runs"] += 1
-        if not self._in_host[li][e]:
-            self.stats["bytes_ssd"] += self._storedb[li][e]
-            self.stats["ssd_reads"] += 1
         self._advance(_Job("cpu", (self.g.moe_layers[li], e), li, e, DEMAND, stages, then))
 
     # -- one MoE layer -----------------------------------------------------------------------
@@ -366,8 +383,8 @@ class Simulation:
         experts, counts = self.wl.steps[step_idx].layers[li]
         hm = self.hm[phase]
         if self._disk_tier:
-            layer, in_host, cache = self.g.moe_layers[li], self._in_host[li], self.cache
-            reads = sum(1 for e in experts if not in_host[e] and (layer, e) not in cache
+            layer, host, cache = self.g.moe_layers[li], self._host_lru, self.cache
+            reads = sum(1 for e in experts if (layer, e) not in host and (layer, e) not in cache
                         and (layer, e) not in self.inflight and (layer, e) not in self.staged[li])
             self._ssd_depth = max(1, min(self.depth, reads))
         if self.opt.pipeline:
@@ -498,7 +515,8 @@ class Simulation:
             gpu_mem_bytes=int(gpu_used), gpu_budget_bytes=mem.gpu_budget_bytes,
             cache_capacity_bytes=(None if mem.cache_capacity_bytes == float("inf")
                                   else float(mem.cache_capacity_bytes)),
-            kv_cache_bytes=mem.kv_bytes, host_mem_bytes=mem.host_used_bytes,
+            kv_cache_bytes=mem.kv_bytes,
+            host_mem_bytes=self._host_peak if self._disk_tier else mem.host_used_bytes,
             host_budget_bytes=mem.host_budget_bytes,
             disk_busy_fraction=self.ssd.active_fraction(end), disk_depth=self.depth,
             labels=tuple(labels),

@@ -21,6 +21,7 @@ The host part takes well under a minute on a 2-core machine.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import os
 import platform
@@ -112,6 +113,8 @@ def measure_hardware(model: str | None = None, *, name: str | None = None,
         steps += list(DEVICE_STEPS)
     if geometry is not None:
         steps += ["model timings"]
+        if not use_gpu:
+            steps += ["runtime calibration"]
     done = 0
 
     def step(label: str) -> None:
@@ -161,8 +164,19 @@ def measure_hardware(model: str | None = None, *, name: str | None = None,
         + ("; quick smoke-test sizes, not for planning" if quick else ""),
         date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         command=command, hostname=socket.gethostname(), packages=package_versions())
-    return HardwareProfile(name=name or socket.gethostname(), host=host, source=source,
+    prof = HardwareProfile(name=name or socket.gethostname(), host=host, source=source,
                            gpu=gpu_profile, model_timings=timings, raw=raw)
+    if geometry is not None and not use_gpu:
+        # the CPU device: the runtime's own runs time what a served step pays (framework code
+        # between kernels, per-expert launches) that the kernel microbenchmarks leave out
+        from profiles.runtime.calibrate import runtime_calibration
+
+        prof, samples = runtime_calibration(model, prof, tokens=8 if quick else 32,
+                                            batches=(1,) if quick else (1, 4))
+        raw["runtime_calibration"] = samples
+        prof = dataclasses.replace(prof, raw=raw)
+        step("runtime calibration")
+    return prof
 
 
 def package_versions() -> dict[str, str]:
