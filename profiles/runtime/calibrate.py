@@ -258,8 +258,50 @@ def runtime_calibration(model, base: HardwareProfile, *, device: str = "cpu", to
     gpu = prof.gpu
     if gpu is not None and gpu.serial:   # one copy for every direction on the CPU device
         link = gpu.h2d_pinned if runs_all[1].config.get("pinned", True) else gpu.h2d_pageable
+        per_miss = miss_overhead_s(runs_all[1::2], mt)
+        raw["per_miss_overhead_s"] = per_miss
+        if per_miss > 0:
+            link = replace(link, latency_s=link.latency_s + per_miss,
+                           note=f"{link.note}; latency includes {per_miss * 1e6:.0f} us of the "
+                                f"runtime's own work per miss (cache, bookkeeping), the cold "
+                                f"calibration runs' step time not covered by copies, decodes, "
+                                f"experts and the all-hit runs' per-layer time")
         gpu = replace(gpu, h2d_pinned=link, h2d_pageable=link, d2h_pinned=link, d2h_pageable=link)
     return replace(prof, gpu=gpu, model_timings=(mt,) + others), raw
+
+
+def miss_overhead_s(cold_runs: Sequence[RunResult], mt: ModelTimings) -> float:
+    """Seconds per miss that a step with misses pays beyond its copies, decodes, experts, LM head
+    and the all-hit per-layer time: the runtime's own work per fetched expert (Python
+    bookkeeping, allocation), which on the CPU device runs in the model's thread like the copy."""
+    total, misses = 0.0, 0
+    for r in cold_runs:
+        g = r.geometry
+        steps = sorted((a, b, item[1]) for track, item, a, b in r.spans if track == "steps")
+        starts = [s[0] for s in steps]
+        charged = [0.0] * len(steps)
+        fetched = [0] * len(steps)
+        for track, item, a, b in r.spans:
+            k = bisect.bisect_right(starts, a) - 1
+            if k < 0 or track == "steps":
+                continue
+            if track == "GPU compute" and isinstance(item, Computed):
+                charged[k] += mt.expert_ffn.at(item.tokens)
+            elif track == "GPU compute" and isinstance(item, tuple) and item[0] == "lm_head":
+                charged[k] += b - a
+            elif track in ("H2D link", "GPU decode") or (track == "GPU compute"
+                                                         and isinstance(item, Job)):
+                charged[k] += b - a
+                if track == "H2D link":
+                    fetched[k] += 1
+        B, P = r.batch_size, r.prompt_tokens
+        for k, (a, b, phase) in enumerate(steps):
+            if phase != "decode" or not fetched[k]:
+                continue
+            rest = g.num_layers * mt.attention_router.at(B, P + k)
+            total += (b - a) - charged[k] - rest
+            misses += fetched[k]
+    return max(0.0, total / misses) if misses else 0.0
 
 
 def expert_decode_rates(loaded, base: HardwareProfile, raw: dict, repeats: int = 5

@@ -126,23 +126,31 @@ class DiskRecords:
 
     def held_in_memory(self, key: Key) -> bool:
         """Whether the record is in the host LRU (a request would not read the disk)."""
-        return key in self.cache
+        return self.cache.get(key) is not None
 
     def request(self, key: Key):
         """A `Future` of the record: done at once when it is in host memory, else read on the
-        disk pool (up to `depth` reads in flight). Call `result()` from the thread that owns
-        this object; it inserts the record into the host LRU."""
+        disk pool (up to `depth` reads in flight). The LRU takes the record's place when it is
+        requested (evicting the least recently used as needed), as the simulator's disk tier
+        does. Call `result()` from the thread that owns this object."""
         from concurrent.futures import Future
 
-        rec = self.cache.get(key)
-        if rec is not None:
+        if key in self.cache:
             self.cache.move_to_end(key)
-            fut: Future = Future()
-            fut.set_result(rec)
-            return fut
-        pending = self._pending.get(key)
-        if pending is None:
-            pending = self._pending[key] = _Read(self, key, self.pool.submit(self._load, key))
+            rec = self.cache[key]
+            if rec is not None:
+                fut: Future = Future()
+                fut.set_result(rec)
+                return fut
+            return self._pending[key]          # its read is still in flight
+        size = self.entries[key].size
+        self.cache[key] = None                 # a place for the record while it is read
+        self.held += size
+        while self.held > self.budget and len(self.cache) > 1:
+            old, rec = self.cache.popitem(last=False)
+            self.held -= self.entries[old].size
+        self.peak = max(self.peak, self.held)
+        pending = self._pending[key] = _Read(self, key, self.pool.submit(self._load, key))
         return pending
 
     def _load(self, key: Key) -> "ExpertRecord":
@@ -172,16 +180,12 @@ class DiskRecords:
         self.cache.clear()
         self.held = 0
 
-    def _insert(self, key: Key, rec: "ExpertRecord") -> None:
-        self._pending.pop(key, None)
-        if key in self.cache:
-            return
-        self.cache[key] = rec
-        self.held += rec.stored_nbytes
-        while self.held > self.budget and len(self.cache) > 1:
-            _, old = self.cache.popitem(last=False)
-            self.held -= old.stored_nbytes
-        self.peak = max(self.peak, self.held)
+    def _landed(self, read: "_Read", rec: "ExpertRecord") -> None:
+        """A read's record arrived: it fills its place in the LRU unless that was evicted."""
+        if self._pending.get(read.key) is read:
+            del self._pending[read.key]
+        if read.key in self.cache and self.cache[read.key] is None:
+            self.cache[read.key] = rec
 
     def close(self) -> None:
         """Stop the read pool and close the layer files (records already read stay usable)."""
@@ -239,7 +243,7 @@ class _Read:
 
     def result(self) -> "ExpertRecord":
         rec = self.future.result()
-        self.records._insert(self.key, rec)
+        self.records._landed(self, rec)
         return rec
 
 
