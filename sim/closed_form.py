@@ -91,7 +91,7 @@ class ClosedFormModel:
         from sim.engine import disk_depth
 
         self.disk_depth = disk_depth(hardware, serving)
-        self.cpu_parallel = cpu_parallel(hardware, None, serving.cpu_workers)
+        self.cpu_parallel = lambda k: cpu_parallel(hardware, None, int(k))
         B = serving.batch_size
         dec = wl.decode_steps
         t = self.times
@@ -198,11 +198,11 @@ class ClosedFormModel:
             gb = np.asarray(gb, dtype=np.float64)
             dec_s = np.divide(self.bf16_bytes / 1e9, gb, out=np.zeros(np.broadcast(b, gb).shape),
                               where=(gb > 0) & (gb < np.inf))
-        W, P = s.cpu_workers, self.cpu_parallel
+        W = s.cpu_workers
+        cpu_k = None
         if cd is not None and np.any(cd):
             cd = np.broadcast_to(np.asarray(cd, dtype=bool), dec_s.shape)
-            # each of W busy workers decodes a whole expert at P / W of one thread's speed
-            cpu_dec = np.where(cd, dec_s * W / P, 0.0)
+            cpu_dec = dec_s          # one worker alone; scaled below by the misses decoding at once
             gpu_dec = np.where(cd, 0.0, dec_s)
             link_b = np.where(cd, float(self.original_bytes), b)
         else:
@@ -226,6 +226,12 @@ class ClosedFormModel:
             T_all = self.compute_s
         m1 = np.divide(m, q, out=np.zeros(np.broadcast(m, q).shape), where=q > 0)
         more = np.maximum(m1 - 1.0, 0.0)  # misses after the first, in a step that has any
+        if cpu_dec is not None:
+            # k of a step's misses decode at once on the workers, each at parallel(k) / k
+            cpu_k = np.clip(np.rint(m1), 1, W)
+            ks, inv = np.unique(cpu_k, return_inverse=True)
+            par = np.array([self.cpu_parallel(k) for k in ks])[inv].reshape(cpu_k.shape)
+            cpu_dec = np.where(cd, cpu_dec * cpu_k / par, 0.0)
         link_s = self.link_latency_s + link_b / self.link_bps
         ssd = ssd_period = None
         if self.host_budget is not None:
@@ -254,7 +260,7 @@ class ClosedFormModel:
             p_first, p_period = 0.0, 0.0
             if cpu_dec is not None:
                 with_copy = np.where(cd, cpu_dec + link_s, 0.0)
-                p_first, p_period = with_copy, with_copy / W
+                p_first, p_period = with_copy, with_copy / cpu_k
             if ssd is not None:
                 p_first, p_period = p_first + ssd, np.maximum(p_period, ssd_period)
             one = s_work + C
@@ -266,7 +272,7 @@ class ClosedFormModel:
             first = link_s + dec_miss + comp_miss
             period = np.maximum(np.maximum(link_s, dec_miss), comp_miss)
             if cpu_dec is not None:
-                first, period = first + cpu_dec, np.maximum(period, cpu_dec / W)
+                first, period = first + cpu_dec, np.maximum(period, cpu_dec / cpu_k)
             if ssd is not None:
                 first, period = first + ssd, np.maximum(period, ssd_period)
             miss_part = np.maximum(T_all, first + more * period)
@@ -297,8 +303,6 @@ class ClosedFormModel:
         cpu = (where == CPU).any(axis=1)
         dec = np.where(where == CPU, costs.cpu_decode_s,
                        np.where(where == GPU, costs.gpu_decode_s, 0.0)).mean(axis=1)
-        W, P = self.serving.cpu_workers, self.cpu_parallel
-        dec = np.where(cpu, dec * P / W, dec)  # back to one thread's time
         if self.serving.on_miss == "cpu":
             dec = costs.cpu_miss_decode_s.mean(axis=1)
         elif self.serving.gpu_decode == "stream":

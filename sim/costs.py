@@ -6,8 +6,9 @@ decode on the host and send raw bytes), the GPU or CPU decode time of one expert
 it occupies in the GPU cache (`resident_form`). Decode rates come from the hardware profile in
 GB/s of original bf16 bytes (2 bytes per value), so time = values * 2 / (gbps * 1e9). CPU codec
 rates are per thread; the runtime's `cpu_workers` threads each decode a whole expert, several
-experts at once, and `cpu_decode_s` is the time one expert takes on one of them while all are
-busy: one thread's time x workers / the measured thread scaling (`CodecSpeed.parallel`).
+experts at once, and `cpu_decode_s` is one thread's time for one expert: with k experts decoding
+at once each takes that x k / the measured thread scaling at k (`CodecSpeed.parallel`), which
+the simulator applies per layer.
 Experts run on the CPU on a miss (`on_miss = cpu`) are decoded in the calling thread.
 """
 
@@ -37,7 +38,7 @@ class ExpertCosts:
     resident_bytes: np.ndarray  # bytes held in the GPU cache
     decode_where: np.ndarray  # NONE, GPU or CPU
     gpu_decode_s: np.ndarray  # GPU decode of one expert (0 when none)
-    cpu_decode_s: np.ndarray  # CPU decode of one expert on one of cpu_workers busy threads (0: none)
+    cpu_decode_s: np.ndarray  # CPU decode of one expert by one worker thread alone (0: none)
     hit_decode_s: np.ndarray  # GPU decode on every use (compressed residency), else 0
     cpu_miss_decode_s: np.ndarray  # CPU decode (one thread) before CPU execution (on-miss cpu)
     labels: tuple[str, ...] = field(default=())
@@ -176,11 +177,10 @@ def _expert_row(geometry, layer, spec, hardware, serving, ratios, orig, bf16_byt
                 resident, hdec = stored, gdec
         else:
             where = CPU
-            # each worker decodes a whole expert; W busy workers run at parallel(W) / W of one
-            W = serving.cpu_workers
-            one = bf16_bytes / (_cpu_rate(hardware, codec, level, labels,
-                                          "because it decodes on the CPU") * 1e9)
-            cdec = one * W / cpu_parallel(hardware, codec, W, labels)
+            # each worker decodes a whole expert; k busy workers run at parallel(k) / k of one
+            cdec = bf16_bytes / (_cpu_rate(hardware, codec, level, labels,
+                                           "because it decodes on the CPU") * 1e9)
+            cpu_parallel(hardware, codec, serving.cpu_workers, labels)   # its label
         if serving.on_miss == "cpu":
             # decoded in the thread that runs the expert
             why = "to run missed experts on the CPU"

@@ -34,7 +34,7 @@ from sim.costs import CPU, GPU, ExpertCosts
 from sim.memory import MemoryLayout, memory_layout
 from sim.prefetch import make_prefetcher
 from sim.results import SimResult
-from sim.servers import DEMAND, PREFETCH, Recorder, Server, Track
+from sim.servers import DEMAND, PREFETCH, URGENT, Recorder, Server, Track
 from sim.timing import TimeModel
 from sim.workload import Workload
 
@@ -196,12 +196,9 @@ class Simulation:
         # per-expert stage durations as nested lists (fast scalar access in the event loop)
         self._link_s = [[self.link.time_s(float(b)) for b in row] for row in c.link_bytes]
         self._gdec = c.gpu_decode_s.tolist()
-        self._cdec = c.cpu_decode_s.tolist()
-        if self.serial:
-            # on the CPU device a host-codec expert's worker thread also makes the copy
-            self._cdec = [[d + (ls if d > 0 else 0.0) for d, ls in zip(dr, lr)]
-                          for dr, lr in zip(self._cdec, self._link_s)]
-        self._ssd_depth = 1
+        self._cdec = c.cpu_decode_s.tolist()     # one worker thread alone
+        self._ssd_depth = self._cpu_k = 1
+        self._parallel: dict[int, float] = {}
         self._hdec = c.hit_decode_s.tolist()
         self._mdec = c.cpu_miss_decode_s.tolist()
         self._where = c.decode_where.tolist()
@@ -211,6 +208,7 @@ class Simulation:
         # the disk tier: as the runtime's (`DiskRecords`), an LRU of stored records within the
         # host budget, empty at the start; a fetch of a record it lacks reads the disk first
         self._disk_tier = not bool(self.mem.in_host.all())
+        self._any_cpu_decode = bool((c.decode_where == CPU).any())
         self._host_lru: "OrderedDict[tuple[int, int], int]" = OrderedDict()
         self._host_held = self._host_peak = 0
         self._layer_pos = {layer: i for i, layer in enumerate(layers)}
@@ -245,7 +243,10 @@ class Simulation:
             i += 1
             if dur > 0:
                 job.i = i
-                if job.prio:  # a prefetch may be promoted later: remember where it waits
+                if self.serial and i >= 2 and stages[i - 2][0].__class__ is Track:
+                    # the CPU device decodes a record right after copying it, in one go
+                    server.submit(job, dur, URGENT, self._advance)
+                elif job.prio:  # a prefetch may be promoted later: remember where it waits
                     job.server = server
                     job.entry = server.submit(job, dur, PREFETCH, self._advance)
                 else:
@@ -263,19 +264,32 @@ class Simulation:
         """The stages of fetching expert e of layer position li (the part after the disk read is
         cached: it never changes)."""
         stages = self._stage_cache[li][e]
+        where = self._where[li][e]
         if stages is None:
             st = []
-            where = self._where[li][e]
-            if where == CPU:
-                st.append((self.cpu_dec, self._cdec[li][e]))
             if not (self.serial and where == CPU):
                 st.append((self.h2d, self._link_s[li][e]))
             if where == GPU and self._hdec[li][e] == 0:
                 st.append((self.gpu_dec, self._gdec[li][e]))
             stages = self._stage_cache[li][e] = tuple(st)
+        if where == CPU:
+            stages = ((self.cpu_dec, self._cpu_dec_s(li, e)),) + stages
         if self._host_read(li, e):
             return ((self.ssd, self._ssd_s(li, e)),) + stages
         return stages
+
+    def _cpu_dec_s(self, li: int, e: int) -> float:
+        """A worker's decode of expert e while `_cpu_k` experts decode at once (the host-codec
+        misses a layer issues together, up to the workers), at the measured thread scaling; on
+        the CPU device the worker then copies the decoded expert too."""
+        k = self._cpu_k
+        p = self._parallel.get(k)
+        if p is None:
+            from sim.costs import cpu_parallel
+
+            p = self._parallel[k] = cpu_parallel(self.hw, None, k)
+        d = self._cdec[li][e] * k / p
+        return d + self._link_s[li][e] if self.serial else d
 
     def _host_read(self, li: int, e: int) -> bool:
         """Whether expert e must be read from disk (and count it); touches the host LRU."""
@@ -304,7 +318,10 @@ class Simulation:
         stats["transfers"] += 1
         if prio == PREFETCH:
             stats["bytes_h2d_prefetch"] += nbytes
-        job = _Job("prefetch" if prio == PREFETCH else "fetch", key, li, e, prio,
+        # on the CPU device the runtime copies a prefetch at once, in line with the demand work
+        # of the layer that issued it: it does not yield to later demand traffic
+        queue_prio = DEMAND if self.serial else prio
+        job = _Job("prefetch" if prio == PREFETCH else "fetch", key, li, e, queue_prio,
                    self._fetch_stages(li, e), self._arrive)
         self.inflight[key] = job
         self._advance(job)
@@ -382,6 +399,11 @@ class Simulation:
     def _layer(self, step_idx: int, li: int, phase: str, then: Callable[[Any], None]) -> None:
         experts, counts = self.wl.steps[step_idx].layers[li]
         hm = self.hm[phase]
+        if self._any_cpu_decode:
+            layer, cache, where = self.g.moe_layers[li], self.cache, self._where[li]
+            n = sum(1 for e in experts if where[e] == CPU and (layer, e) not in cache
+                    and (layer, e) not in self.inflight and (layer, e) not in self.staged[li])
+            self._cpu_k = max(1, min(self.serving.cpu_workers, n))
         if self._disk_tier:
             layer, host, cache = self.g.moe_layers[li], self._host_lru, self.cache
             reads = sum(1 for e in experts if (layer, e) not in host and (layer, e) not in cache

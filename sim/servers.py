@@ -19,6 +19,7 @@ import simpy
 from simpy.events import Timeout
 
 DEMAND, PREFETCH = 0, 1
+URGENT = -1   # demand work that continues the job just finished on the same unit: queue front
 
 
 class Recorder:
@@ -65,6 +66,8 @@ class Server:
             self.busy += 1
             entry[3] = self.env._now
             Timeout(self.env, duration, entry).callbacks.append(self._finish)
+        elif prio == URGENT:
+            self.queues[DEMAND].appendleft(entry)
         else:
             self.queues[prio].append(entry)
         return entry

@@ -333,7 +333,7 @@ def expert_decode_rates(loaded, base: HardwareProfile, raw: dict, repeats: int =
         levels = old.levels if get_codec(codec).error_bounded else (None,)
         rates = []
         for lv in levels:
-            pol = (Policy.uniform(codec, old.mode, lv) if lv is not None
+            pol = (Policy.uniform(codec, old.mode or "meanabs", lv) if lv is not None
                    else Policy.uniform(codec))
             rec = ExpertStore.from_tensors([(first.layer, first.expert, tensors)], pol,
                                            None)[(first.layer, first.expert)]

@@ -42,6 +42,36 @@ from profiles.serving import ServingConfig
 Key = tuple[int, int]
 
 
+class _Resident(dict):
+    """(layer, expert) -> the resident expert's reference, with `held`: the bytes of the tensor
+    storages those references hold, measured from the tensors as each is added (kept up to date
+    on every add and removal, so a miss costs the same whatever the cache holds)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held = 0
+        self._bytes: dict[Key, int] = {}
+
+    @staticmethod
+    def _storage_bytes(ref: tuple[str, Any]) -> int:
+        kind, data = ref
+        tensors = [data[0]] if kind == "payload" else list(data.values())
+        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in tensors}.values())
+
+    def __setitem__(self, key: Key, ref: tuple[str, Any]) -> None:
+        self.pop(key, None)
+        n = self._storage_bytes(ref)
+        self._bytes[key] = n
+        self.held += n
+        super().__setitem__(key, ref)
+
+    def pop(self, key: Key, *default):
+        if key in self:
+            self.held -= self._bytes.pop(key)
+        return super().pop(key, *default)
+
+
 class OffloadedRuntime:
     """Serve `model` with its routed experts in `store`, under `serving`, on `device`.
 
@@ -145,7 +175,7 @@ class OffloadedRuntime:
                     s.cache_policy, self.budget.layer_capacity_bytes, hot)
             else:
                 self.cache = make_cache(s.cache_policy, self.budget.cache_capacity_bytes, hot)
-            self.resident: dict[Key, tuple[str, Any]] = {}
+            self.resident: _Resident = _Resident()
             self.inflight: dict[Key, FetchJob] = {}
             self.staged: dict[int, dict[Key, tuple[str, Any]]] = {
                 li: {} for li in range(len(self.layers))}
@@ -355,12 +385,7 @@ class OffloadedRuntime:
     def _note_resident(self) -> None:
         """Track the cache's bytes and, measured from the tensors held, the resident bytes."""
         self.cache_peak = max(self.cache_peak, self.cache.used_bytes)
-        held = 0
-        for kind, data in self.resident.values():
-            tensors = [data[0]] if kind == "payload" else list(data.values())
-            held += sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                         for t in tensors}.values())
-        self.resident_peak = max(self.resident_peak, held)
+        self.resident_peak = max(self.resident_peak, self.resident.held)
 
     # -- prefetch ------------------------------------------------------------------------------
     def _prefetch(self, next_pos: int, h: torch.Tensor) -> None:

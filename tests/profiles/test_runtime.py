@@ -308,3 +308,32 @@ def test_the_disk_tier_plans_with_the_records_own_decode_place(tiny_loaded, tmp_
     assert disk.on_disk and not any(r.device_decodable for r in ram.infos().values())
     assert disk.infos() == ram.infos()
     assert disk.records.reads == 0          # planned without reading a record
+
+
+def test_runtime_calibration_of_the_cpu_device(tiny_loaded):
+    """The CPU device calibrated on the model's own runs: decode speeds re-timed on a real
+    expert, attention per batch from all-hit runs, the copy fit from the cold runs' copies with
+    the runtime's per-miss work in its latency; all labelled measured."""
+    import copy
+
+    from profiles.hardware import profile_from_dict
+    from profiles.runtime.calibrate import runtime_calibration
+    from tests.sim.conftest import HW_DOC
+
+    doc = copy.deepcopy(HW_DOC)
+    doc["gpu"]["device_type"] = "cpu"
+    doc["model_timings"] = []
+    base = profile_from_dict(doc, "base")
+    lm = tiny_loaded()
+    prof, raw = runtime_calibration(lm, base, tokens=4, prompt=4, batches=(1, 2))
+    dev = prof.gpu
+    assert dev.serial and dev.h2d_pinned == dev.h2d_pageable == dev.d2h_pinned
+    assert dev.h2d_pinned.source == "measured" and "copies" in dev.h2d_pinned.note
+    assert raw["per_miss_overhead_s"] >= 0
+    assert dev.decode["szp"].source == "measured" and "one expert of" in dev.decode["szp"].note
+    assert prof.host.codecs["sz3"].decode.source == "measured"
+    mt = prof.timings_for(lm.geometry)
+    assert mt is not None and mt.expert_ffn.source == "measured"
+    assert set(mt.attention_router.batch) >= {1, 2}        # a row per calibrated batch
+    assert mt.attention_router.source == "measured" and min(min(r) for r in
+                                                            mt.attention_router.seconds) > 0
