@@ -123,7 +123,7 @@ def main() -> int:
     save_hardware(base, out / "hardware.json")
     print(f"# measured the host and the CPU device in {time.perf_counter() - t0:.0f} s; disk best "
           f"depth {base.host.disk_depth}", flush=True)
-    rows = []
+    rows, disk_rows = [], []
     for label in names:
         spec = MODELS[label]
         t1 = time.perf_counter()
@@ -171,10 +171,41 @@ def main() -> int:
             rows.append(row)
             print(f"{label:24s} {row['config']:42s} measured {r.tokens_per_s:8.2f} tok/s  "
                   f"predicted {p.tokens_per_s:8.2f}  error {row['error']:+.1%}", flush=True)
-        (out / "fidelity.json").write_text(json.dumps({"machine": machine, "rows": rows},
-                                                      indent=2))
+        # the runtime's disk-tier read speed against the measured curve, by read method
+        rec = int(g.bytes_per_expert)
+        depth = hw.host.disk_depth
+        curve = hw.host.disk_curve
+        sv = ServingConfig(gpu_mem_fraction=0.25, host_mem_fraction=0.1, prompt_tokens=16,
+                           generated_tokens=8 if args.quick else args.tokens, disk_depth=depth)
+        for method in ("direct", "fadvise", "cached"):
+            r = measure_throughput(packed["raw"], None, sv, device="cpu", read_method=method)
+            busy = r.disk_busy_fraction * r.time_s
+            disk_rows.append({"model": label, "method": method, "depth": depth,
+                              "record_bytes": rec, "bytes": r.bytes_disk, "reads": r.disk_reads,
+                              "gbps_while_reading": r.bytes_disk / busy / 1e9 if busy else None,
+                              "curve_gbps": curve.aggregate_gbps(rec, depth),
+                              "tokens_per_s": r.tokens_per_s})
+        (out / "fidelity.json").write_text(json.dumps({"machine": machine, "rows": rows,
+                                                       "disk": disk_rows}, indent=2))
         del lm
     print_report(rows, machine)
+    print()
+    print("| model | read method | reads in flight | record | GB/s while reading (runtime) | "
+          "curve GB/s at that size and depth | tok/s |")
+    print("|---|---|---|---|---|---|---|")
+    for d in disk_rows:
+        got = "n/a" if d["gbps_while_reading"] is None else f"{d['gbps_while_reading']:.2f}"
+        print(f"| {d['model']} | {d['method']} | {d['depth']} | {d['record_bytes'] / 2**20:.2f} "
+              f"MiB | {got} | {d['curve_gbps']:.2f} | {d['tokens_per_s']:.2f} |")
+    curve = base.host.disk_curve
+    print()
+    print("| read size | " + " | ".join(f"{d} in flight" for d in curve.depths) + " |")
+    print("|---|" + "---|" * len(curve.depths))
+    for size, row in zip(curve.sizes, curve.gbps):
+        print(f"| {size / 1024:g} KiB | " + " | ".join(f"{v:.2f} GB/s" for v in row) + " |")
+    print(f"best depth {curve.best_depth} ({curve.method}); depth-1 line fit "
+          f"{base.host.disk_read.latency_s * 1e6:.0f} us + bytes / {base.host.disk_read.gbps:.2f} "
+          f"GB/s, fit error {base.host.disk_read.fit_rel_error:.0%}")
     return 0
 
 

@@ -46,6 +46,14 @@ def check_same_machine(result, hardware) -> None:
                           f"moesz on a machine without a GPU); measure this machine again with "
                           f"`moesz profile hardware --out hw.json`")
     ran = str(result.device).split(":")[0]
+    if ran == "cpu" and dev.device_type == "cpu" and dev.threads is not None:
+        import torch
+
+        if torch.get_num_threads() != dev.threads:
+            raise ConfigError(f"{name} was measured with {dev.threads} torch threads and this run "
+                              f"uses {torch.get_num_threads()}: the CPU device is not the same; "
+                              f"run with OMP_NUM_THREADS={dev.threads}, or measure the profile "
+                              f"again with the threads the run uses")
     if ran != dev.device_type:
         what = "a GPU" if dev.device_type == "cuda" else "the CPU as the device"
         raise ConfigError(f"the run used {ran} but {name} describes {what} ({dev.name}): a "

@@ -49,7 +49,7 @@ def measure_cpu_device(levels, mode: str, raw: dict, step, *, memory_bytes: Figu
                                       "CPU device copies and compute share one thread"),
         bf16_gemm_tflops=gemm,
         d2d_gbps=Figure(memcpy.value, memcpy.source, "host memory copy: " + memcpy.note),
-        decode=decode, device_type="cpu")
+        decode=decode, device_type="cpu", threads=threads)
 
 
 def _copies(raw: dict, sizes) -> LinkFit:

@@ -196,7 +196,9 @@ def _gpu(d: Any, at: _At) -> GpuProfile:
                                        at.sub("h2d_under_compute_gbps")),
         bf16_gemm_tflops=_figure(_get(d, "bf16_gemm_tflops", at), at.sub("bf16_gemm_tflops")),
         d2d_gbps=_figure(_get(d, "d2d_gbps", at), at.sub("d2d_gbps")),
-        decode=decode, device_type=_device_type(d.get("device_type", "cuda"), at))
+        decode=decode, device_type=_device_type(d.get("device_type", "cuda"), at),
+        threads=None if d.get("threads") is None else int(_num(d["threads"], at.sub("threads"),
+                                                                positive=True)))
 
 
 def _device_type(v: Any, at: _At) -> str:

@@ -242,6 +242,7 @@ class GpuProfile:
     d2d_gbps: Figure
     decode: Mapping[str, LevelCurve] = field(default_factory=dict)
     device_type: str = "cuda"
+    threads: int | None = None    # the CPU device: torch threads its figures were measured with
 
     @property
     def serial(self) -> bool:

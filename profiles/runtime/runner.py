@@ -57,7 +57,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def open_model(model: Any, policy=None, device: torch.device | None = None,
                trust_remote_code: bool = False, progress: Progress | None = None,
                pinned: bool = True, store: ExpertStore | None = None,
-               serving: ServingConfig | None = None):
+               serving: ServingConfig | None = None, read_method: str = "direct"):
     """Resolve `model` to (transformers model, expert map, geometry, store, label, policy,
     keep_originals, tokenizer). `arch:`/`preset:` specs build a random-weight model
     (`random_model`) on the device. A packed directory whose records exceed `serving`'s host
@@ -84,7 +84,8 @@ def open_model(model: Any, policy=None, device: torch.device | None = None,
                 ckpt.geometry.routed_expert_bytes)
             store = ExpertStore.from_packed(
                 ckpt, pin=pin, host_budget_bytes=host,
-                disk_depth=None if serving is None else serving.disk_depth)
+                disk_depth=None if serving is None else serving.disk_depth,
+                read_method=read_method)
             return (m, emap, ckpt.geometry, store, str(model), ckpt.policy, False,
                     load_tokenizer(ckpt.path, trust_remote_code))
         if is_geometry_spec(str(model)):
@@ -115,7 +116,8 @@ def measure_throughput(model: Any, policy=None, serving: ServingConfig = Serving
                        record_logits: bool = False,
                        trust_remote_code: bool = False, store: ExpertStore | None = None,
                        placement_traces: str | None = None,
-                       progress: Progress | None = None) -> RunResult:
+                       progress: Progress | None = None,
+                       read_method: str = "direct") -> RunResult:
     """Generate with the offloaded runtime and measure throughput, traffic and cache behaviour.
 
     Args:
@@ -137,6 +139,9 @@ def measure_throughput(model: Any, policy=None, serving: ServingConfig = Serving
             static-hot pins (`profiles.traces.placement_counts`, as the simulator ranks them);
             default: this run's own warm-up routing (an oracle).
         progress: `progress(done, total, label)` while encoding experts and per generated step.
+        read_method: the disk tier's reads (a packed directory under a host budget): `direct`
+            (O_DIRECT, the default), `fadvise` (drop each record's pages after reading it) or
+            `cached` (through the page cache) — `profiles.packed.read.RecordFiles`.
 
     Returns:
         The measured `RunResult`.
@@ -148,7 +153,7 @@ def measure_throughput(model: Any, policy=None, serving: ServingConfig = Serving
     dev = resolve_device(device)
     m, emap, geometry, store, label, policy, keep, _ = open_model(
         model, policy, dev, trust_remote_code, progress, pinned=serving.pinned, store=store,
-        serving=serving)
+        serving=serving, read_method=read_method)
     if prompt_ids is not None:
         serving = replace(serving, batch_size=int(prompt_ids.shape[0]),
                           prompt_tokens=int(prompt_ids.shape[1]))
