@@ -11,6 +11,7 @@ each configuration is measured `--repeats` times and the median run is compared:
     python benchmarks/fidelity.py --out runs/fidelity                  # the whole grid
     python benchmarks/fidelity.py --out runs/fidelity --quick          # a smoke test (minutes)
     python benchmarks/fidelity.py --out runs/fidelity --models builtin
+    python benchmarks/fidelity.py --out runs/fidelity-gpu --device cuda    # on a GPU machine
 
 Grid, per model: policies raw / szp / sz3 / gq (4 bit, group 64) at GPU budgets of 10, 25 and
 50 % of the routed-expert bytes; at 25 %, host budgets that force disk reads (10 % of the
@@ -91,6 +92,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3,
                     help="measured runs per configuration; the median one is compared")
     ap.add_argument("--quick", action="store_true", help="a smoke test: few rows, small profile")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="where the runtime runs (cuda: the same grid on a GPU, its profile "
+                         "measured with the GPU section)")
     args = ap.parse_args()
 
     import torch
@@ -118,7 +122,7 @@ def main() -> int:
     print(f"# machine: {machine}; torch {torch.__version__}, {torch.get_num_threads()} threads",
           flush=True)
     t0 = time.perf_counter()
-    base = measure_hardware(None, disk_dir=out, quick=args.quick, gpu=False,
+    base = measure_hardware(None, disk_dir=out, quick=args.quick, gpu=args.device == "cuda",
                             command="benchmarks/fidelity.py")
     save_hardware(base, out / "hardware.json")
     print(f"# measured the host and the CPU device in {time.perf_counter() - t0:.0f} s; disk best "
@@ -131,7 +135,8 @@ def main() -> int:
         g = lm.geometry
         hw = replace(base, model_timings=(model_timings(g, base.host, None, {},
                                                         quick=args.quick),))
-        hw, _ = runtime_calibration(lm, hw, tokens=8 if args.quick else args.tokens,
+        hw, _ = runtime_calibration(lm, hw, device=args.device,
+                                    tokens=8 if args.quick else args.tokens,
                                     batches=(1,) if args.quick else (1, 4))
         slug = label.split()[0]
         save_hardware(hw, out / f"hardware-{slug}.json")
@@ -149,7 +154,8 @@ def main() -> int:
                                prefetch=cfg.get("prefetch", "none"), batch_size=cfg.get("batch", 1),
                                prompt_tokens=16, generated_tokens=8 if args.quick else args.tokens,
                                disk_depth=cfg.get("depth"))
-            runs = sorted((measure_throughput(packed[cfg["policy"]], None, sv, device="cpu")
+            runs = sorted((measure_throughput(packed[cfg["policy"]], None, sv,
+                                              device=args.device)
                            for _ in range(max(1, args.repeats))), key=lambda x: x.tokens_per_s)
             r = runs[len(runs) // 2]
             p = predict_for_run(r, hw).result
@@ -178,7 +184,8 @@ def main() -> int:
         sv = ServingConfig(gpu_mem_fraction=0.25, host_mem_fraction=0.1, prompt_tokens=16,
                            generated_tokens=8 if args.quick else args.tokens, disk_depth=depth)
         for method in ("direct", "fadvise", "cached"):
-            r = measure_throughput(packed["raw"], None, sv, device="cpu", read_method=method)
+            r = measure_throughput(packed["raw"], None, sv, device=args.device,
+                                   read_method=method)
             busy = r.disk_busy_fraction * r.time_s
             disk_rows.append({"model": label, "method": method, "depth": depth,
                               "record_bytes": rec, "bytes": r.bytes_disk, "reads": r.disk_reads,

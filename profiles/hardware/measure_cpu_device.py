@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 
-from profiles.errors import CodecError
 from profiles.hardware.fit import fit_link, median_seconds
 from profiles.hardware.schema import Figure, GpuProfile, LevelCurve, LinkFit
 
@@ -83,30 +82,13 @@ def _gemm(raw: dict, hidden: int) -> Figure:
 
 def _codecs(levels, mode: str, raw: dict, shape, repeats: int) -> dict[str, LevelCurve]:
     from profiles.codecs import list_codecs
-    from profiles.codecs.bench import bench
     from profiles.codecs.sources import random_tensor
+    from profiles.hardware.measure_gpu import codec_curves
     from profiles.runtime.device_decode import decodes_in_place
 
     tensor = random_tensor("gaussian", shape, "bf16", seed=0)
-    out = {}
-    for codec in list_codecs():
-        if codec.name == "raw" or not decodes_in_place(codec.name) or \
-                not codec.availability()[0]:
-            continue
-        try:
-            rows = bench([("gaussian", tensor)], [codec.name], mode, levels, repeats=repeats,
-                         device="cpu")
-        except (ImportError, CodecError) as exc:   # recorded; the other figures still count
-            raw[f"device.decode.{codec.name}"] = {"skipped": f"{type(exc).__name__}: {exc}"}
-            continue
-        raw[f"device.decode.{codec.name}"] = [r.to_dict() for r in rows]
-        note = (f"decode on the CPU device (the model's thread, {torch.get_num_threads()} torch "
-                f"threads) of {tensor.numel()} Gaussian bf16 values (sigma 0.02), median of "
-                f"{repeats} after a warm-up; GB/s of original bf16 bytes")
-        if codec.error_bounded:
-            out[codec.name] = LevelCurve(tuple(r.level for r in rows),
-                                         tuple(r.decode_gbps for r in rows), "measured", mode, note)
-        else:
-            out[codec.name] = LevelCurve((1.0,), (rows[0].decode_gbps,), "measured", None,
-                                         note + f"; {codec.name} ignores the level")
-    return out
+    names = [c.name for c in list_codecs() if c.name != "raw" and decodes_in_place(c.name)]
+    return codec_curves(names, tensor, "cpu", levels, mode, repeats, raw, "device.decode",
+                        f"decode on the CPU device (the model's thread, {torch.get_num_threads()} "
+                        f"torch threads) of {tensor.numel()} Gaussian bf16 values (sigma 0.02), "
+                        f"median of {repeats} after a warm-up; GB/s of original bf16 bytes")

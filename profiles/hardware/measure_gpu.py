@@ -143,28 +143,40 @@ def _time_d2d(dev: torch.device, n: int) -> tuple[float, list[float]]:
 
 def _gpu_codecs(dev: torch.device, levels, mode: str, raw: dict) -> dict[str, LevelCurve]:
     from profiles.codecs import list_codecs
-    from profiles.codecs.bench import bench
     from profiles.codecs.sources import random_tensor
 
     side = int(_CODEC_VALUES ** 0.5)
     tensor = random_tensor("gaussian", (side, side), "bf16", seed=0)
+    names = [c.name for c in list_codecs() if c.gpu_decodable and c.name != "raw"]
+    return codec_curves(names, tensor, str(dev), levels, mode, 5, raw, "gpu.decode",
+                        f"decode on the GPU of {tensor.numel() >> 20} Mi Gaussian bf16 values "
+                        f"(sigma 0.02), median of 5 after a warm-up; GB/s of original bf16 bytes")
+
+
+def codec_curves(names, tensor, device: str, levels, mode: str, repeats: int, raw: dict,
+                 raw_key: str, note: str) -> dict[str, LevelCurve]:
+    """Decode GB/s (of original bf16 bytes) per level of every available codec in `names`, by
+    `profiles.codecs.bench` on `tensor` on `device`; samples (or why a codec was skipped) go to
+    `raw[f"{raw_key}.{name}"]`."""
+    from profiles.codecs import get_codec
+    from profiles.codecs.bench import bench
+
     out = {}
-    for codec in list_codecs():
-        if not codec.gpu_decodable or codec.name == "raw" or not codec.availability()[0]:
+    for name in names:
+        codec = get_codec(name)
+        if not codec.availability()[0]:
             continue
         try:
-            rows = bench([("gaussian", tensor)], [codec.name], mode, levels, repeats=5,
-                         device=str(dev))
+            rows = bench([("gaussian", tensor)], [name], mode, levels, repeats=repeats,
+                         device=device)
         except (ImportError, CodecError) as exc:   # recorded; the other figures still count
-            raw[f"gpu.decode.{codec.name}"] = {"skipped": f"{type(exc).__name__}: {exc}"}
+            raw[f"{raw_key}.{name}"] = {"skipped": f"{type(exc).__name__}: {exc}"}
             continue
-        raw[f"gpu.decode.{codec.name}"] = [r.to_dict() for r in rows]
-        note = (f"decode on the GPU of {tensor.numel() >> 20} Mi Gaussian bf16 values (sigma "
-                f"0.02), median of 5 after a warm-up; GB/s of original bf16 bytes")
+        raw[f"{raw_key}.{name}"] = [r.to_dict() for r in rows]
         if codec.error_bounded:
-            out[codec.name] = LevelCurve(tuple(r.level for r in rows),
-                                         tuple(r.decode_gbps for r in rows), "measured", mode, note)
+            out[name] = LevelCurve(tuple(r.level for r in rows),
+                                   tuple(r.decode_gbps for r in rows), "measured", mode, note)
         else:
-            out[codec.name] = LevelCurve((1.0,), (rows[0].decode_gbps,), "measured", None,
-                                         note + f"; {codec.name} ignores the level")
+            out[name] = LevelCurve((1.0,), (rows[0].decode_gbps,), "measured", None,
+                                   note + f"; {name} ignores the level")
     return out

@@ -165,15 +165,7 @@ def _disk_curve(d: Any, at: _At) -> DiskCurve:
     depths = tuple(int(v) for v in _series(d, "depths", at, positive=True))
     _increasing(sizes, at.sub("sizes"))
     _increasing(depths, at.sub("depths"))
-    rows = _get(d, "gbps", at)
-    if not isinstance(rows, list) or len(rows) != len(sizes):
-        raise at.sub("gbps").fail(f"must be a list of {len(sizes)} rows (one per request size)")
-    gbps = []
-    for i, row in enumerate(rows):
-        ra = at.sub("gbps").sub(i)
-        if not isinstance(row, list) or len(row) != len(depths):
-            raise ra.fail(f"must be a list of {len(depths)} numbers (one per depth)")
-        gbps.append(tuple(_num(x, ra.sub(j), positive=True) for j, x in enumerate(row)))
+    gbps = _grid(d, "gbps", at, len(sizes), "request size", len(depths), "depth", positive=True)
     best = int(_num(_get(d, "best_depth", at), at.sub("best_depth"), positive=True))
     err = d.get("fit_rel_error")
     return DiskCurve(sizes, depths, tuple(gbps), best, str(d.get("method", "")), _source(d, at),
@@ -213,16 +205,25 @@ def _attention(d: Any, at: _At) -> AttentionTimings:
     ctx = tuple(int(c) for c in _series(d, "context_tokens", at, positive=True))
     _increasing(batch, at.sub("batch"))
     _increasing(ctx, at.sub("context_tokens"))
-    rows = _get(d, "seconds", at)
-    if not isinstance(rows, list) or len(rows) != len(batch):
-        raise at.sub("seconds").fail(f"must be a list of {len(batch)} rows (one per batch size)")
-    secs = []
+    secs = _grid(d, "seconds", at, len(batch), "batch size", len(ctx), "context length",
+                 nonneg=True)
+    return AttentionTimings(batch, ctx, secs, _source(d, at), str(d.get("note", "")))
+
+
+def _grid(d: dict, key: str, at: _At, n_rows: int, row_what: str, n_cols: int, col_what: str,
+          *, positive: bool = False, nonneg: bool = False) -> tuple[tuple[float, ...], ...]:
+    """A table of numbers `d[key][row][col]` with the given shape."""
+    rows = _get(d, key, at)
+    if not isinstance(rows, list) or len(rows) != n_rows:
+        raise at.sub(key).fail(f"must be a list of {n_rows} rows (one per {row_what})")
+    out = []
     for i, row in enumerate(rows):
-        ra = at.sub("seconds").sub(i)
-        if not isinstance(row, list) or len(row) != len(ctx):
-            raise ra.fail(f"must be a list of {len(ctx)} numbers (one per context length)")
-        secs.append(tuple(_num(x, ra.sub(j), nonneg=True) for j, x in enumerate(row)))
-    return AttentionTimings(batch, ctx, tuple(secs), _source(d, at), str(d.get("note", "")))
+        ra = at.sub(key).sub(i)
+        if not isinstance(row, list) or len(row) != n_cols:
+            raise ra.fail(f"must be a list of {n_cols} numbers (one per {col_what})")
+        out.append(tuple(_num(x, ra.sub(j), positive=positive, nonneg=nonneg)
+                         for j, x in enumerate(row)))
+    return tuple(out)
 
 
 def _timings(d: Any, at: _At) -> ModelTimings:
