@@ -293,9 +293,9 @@ class OffloadedRuntime:
     def _compute(self, key: Key, ref: tuple[str, Any], h, w, rows) -> torch.Tensor:
         """One expert on the device: decode first if it is held compressed."""
         kind, data = ref
-        if kind == "payload":      # held compressed: decode on every use
-            buf, copied = data
-            weights, ready = self.transfers.decode(self.store[key], buf, Job("use", key), copied)
+        if kind == "payload":      # held compressed: decode on every use (the record's blob
+            buf, copied, record = data  # headers came with it: no second read from disk)
+            weights, ready = self.transfers.decode(record, buf, Job("use", key), copied)
             if ready is not None:
                 cur = torch.cuda.current_stream(self.device)
                 cur.wait_event(ready)
@@ -351,7 +351,7 @@ class OffloadedRuntime:
     @staticmethod
     def _ref(job: FetchJob) -> tuple[str, Any]:
         if job.payload is not None:
-            return ("payload", (job.payload, job.ready))
+            return ("payload", (job.payload, job.ready, job.record))
         return ("weights", job.weights)
 
     def _arrive(self, job: FetchJob, wait: bool = False) -> tuple[str, Any]:

@@ -130,9 +130,10 @@ def _cpu_profile(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("depth", [1, 3])
+@pytest.mark.parametrize("depth, resident", [(1, "decompressed"), (3, "decompressed"),
+                                             (3, "compressed")])
 def test_the_disk_tier_reads_exactly_the_bytes_the_simulator_predicts(packed_dir, tmp_path,
-                                                                      depth):
+                                                                      depth, resident):
     """A host budget below the packed experts: the runtime reads missing records from the layer
     files (page cache bypassed, `depth` in flight); the simulator, fed the run, predicts the same
     hits, misses, disk reads and bytes on each tier."""
@@ -140,7 +141,8 @@ def test_the_disk_tier_reads_exactly_the_bytes_the_simulator_predicts(packed_dir
 
     ckpt = read_packed(packed_dir)
     sv = ServingConfig(gpu_mem_fraction=0.3, host_mem_bytes=ckpt.stored_expert_bytes // 3,
-                       prompt_tokens=4, generated_tokens=8, disk_depth=depth)
+                       prompt_tokens=4, generated_tokens=8, disk_depth=depth,
+                       resident_form=resident)
     r = measure_throughput(packed_dir, None, sv, device="cpu")
     assert r.disk_reads > 0 and r.bytes_disk > 0 and r.config["disk_depth"] == depth
     assert any(f"{depth} reads in flight" in n for n in r.notes)
