@@ -96,6 +96,53 @@ class PlanOutcome:
     timings_s: dict = field(default_factory=dict)
 
 
+METRIC_UNITS = {"content": "fraction of prompts", "strict": "fraction of prompts",
+                "kl": "nats per token", "ppl": "perplexity ratio - 1"}
+
+
+def parse_budget(text: str) -> tuple[str, str]:
+    """`kl=0.02` -> ("kl", "0.02"); the metric is checked against the profile later.
+
+    Raises:
+        ConfigError: no `=`, or an empty metric or value.
+    """
+    metric, sep, value = str(text).partition("=")
+    if not sep or not metric.strip() or not value.strip():
+        raise ConfigError(f"--budget {text!r}: expected METRIC=VALUE, e.g. kl=0.02 (nats per "
+                          f"token), ppl=1.01 (perplexity ratio), content=0.01 or mybench=0.02")
+    return metric.strip(), value.strip()
+
+
+def resolve_metric(metric: str, prof: ModelProfile) -> tuple[str, list[str] | None, dict]:
+    """(accuracy-model metric, tasks to average over or None, the profile's metrics record) for a
+    budget metric: content, strict, kl, ppl, or a task's name (its content accuracy).
+
+    Raises:
+        ConfigError: the profile does not have the metric (the message lists those it has).
+    """
+    from profiles.profiling.metrics import AGGREGATE_METRICS, check_metric, profile_metrics
+
+    metrics = dict(profile_metrics(prof.doc))
+    if "metrics" not in prof.doc:   # an older (or synthetic) profile: what its rows hold
+        metrics["available"] = ["content", "strict", "kl"] + prof.tasks
+    check_metric(metric, metrics, f"the profile {prof.path}")
+    if metric in AGGREGATE_METRICS:
+        return metric, None, metrics
+    return "content", [metric], metrics
+
+
+def budget_value(budget: Any, metric: str) -> float:
+    """The largest allowed drop for a budget given by the user: `ppl` budgets are ratios
+    (1.01 allows 1 %), drops of ratio - 1; every other metric's budget is its drop."""
+    b = check_budget(budget)
+    if metric != "ppl":
+        return b
+    if b < 1:
+        raise ConfigError(f"--budget ppl={budget}: a perplexity-ratio budget is at least 1 (e.g. "
+                          f"1.01 allows 1 % more perplexity)")
+    return b - 1.0
+
+
 def check_budget(budget: Any) -> float:
     """The budget as a float >= 0, or a ConfigError naming the problem."""
     try:
@@ -152,8 +199,8 @@ def _infeasible_message(table: ChoiceTable, accuracy: AccuracyModel, budget: flo
                 "--layers all")
     if best[0] <= budget:
         return None
-    unit = "nats" if accuracy.metric == "kl" else f"{accuracy.metric} accuracy"
-    return (f"--accuracy-budget {budget:g} is infeasible: the smallest predicted drop reachable "
+    unit = METRIC_UNITS[accuracy.metric]
+    return (f"the budget {accuracy.metric} drop <= {budget:g} is infeasible: the smallest predicted drop reachable "
             f"with any compression is {best[0]:.4g} ({unit}, one-sided bound z={accuracy.z:g}; "
             f"{best[1]}); raise the budget to at least {best[0]:.4g} or serve the model "
             f"uncompressed")
@@ -204,7 +251,7 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    budget = check_budget(req.budget)
+    check_budget(req.budget)
     if req.trials < 1:
         raise ConfigError(f"--trials {req.trials} must be >= 1")
     if req.warm_trials < 0:
@@ -214,7 +261,9 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
     prof = load_profile(req.profile)
     hw = load_hardware(req.hardware)
     hw_src = hardware_source(req.hardware)
-    accuracy = AccuracyModel(prof.sensitivity, req.metric, z=req.z)
+    base_metric, metric_tasks, metrics = resolve_metric(req.metric, prof)
+    budget = budget_value(req.budget, req.metric)
+    accuracy = AccuracyModel(prof.sensitivity, base_metric, z=req.z, tasks=metric_tasks)
     constraint = accuracy.constraint(budget)
     cf = ClosedFormModel(hw, prof.geometry, req.serving, _workload(req, prof))
     timings["setup_s"] = time.perf_counter() - t0
@@ -316,6 +365,10 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
     doc = plan_document(req, prof, hw_src, hw, accuracy, table, chosen, options, milp, milp_tps,
                         cold, cold_best, final, baselines, base_sims, cf, codecs, budget,
                         timings)
+    doc["budget"].update(unit=METRIC_UNITS[accuracy.metric], given=float(req.budget),
+                         averaged_over_tasks=list(accuracy.tasks) if accuracy.metric not in
+                         ("kl", "ppl") else [])
+    doc["evaluation"] = metrics
     plan = save_plan(doc, out) if out else plan_from_dict(doc)
     return PlanOutcome(plan, table, milp, cold, final, baselines, accuracy, cf, prof, search.study,
                        timings)

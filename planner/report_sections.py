@@ -58,6 +58,16 @@ def iv_text(d, scale: float = 100.0, unit: str = " pts", digits: int = 2) -> str
     return f"{iv.value * scale:{f}} [{iv.low * scale:{f}}, {iv.high * scale:{f}}]{unit}"
 
 
+def iv_sig(d, unit: str = "", digits: int = 3) -> str:
+    """`+1.23e-05 [+1.1e-05, +1.4e-05] nats`: an interval with significant digits, for metrics
+    (KL, perplexity ratio) whose values span orders of magnitude."""
+    if d is None:
+        return "n/a"
+    iv = d if isinstance(d, Interval) else to_interval(d)
+    f = f"+.{digits}g"
+    return f"{iv.value:{f}} [{iv.low:{f}}, {iv.high:{f}}]{unit}"
+
+
 def model_name(plan, val, demo, profile_dir) -> str:
     for doc in (demo, val):
         if doc and isinstance(doc.get("model"), dict) and doc["model"].get("spec"):

@@ -29,6 +29,10 @@ def plan(
     accuracy_budget: Optional[str] = typer.Option(
         None, "--accuracy-budget", help="Largest allowed drop of the metric averaged over tasks "
         "(0.01 = one point; nats for --metric kl)."),
+    budget: Optional[str] = typer.Option(
+        None, "--budget", help="The budget naming its metric: kl=0.02 (nats per token), "
+        "ppl=1.01 (perplexity ratio), content=0.01, strict=0.01, or TASK=0.02 (one benchmark's "
+        "content accuracy); the profile must have the metric."),
     gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="GPU budget: 24GiB or 25%."),
     host_mem: str = typer.Option("unlimited", "--host-mem",
                                  help="Host budget for stored experts: 512GiB or 25%."),
@@ -47,7 +51,8 @@ def plan(
     placement_traces: Optional[str] = typer.Option(
         None, "--placement-traces", help="Rank static placements by these traces instead of the "
         "profile's own (which the plan is predicted on)."),
-    metric: str = typer.Option("content", "--metric", help="content, strict or kl."),
+    metric: str = typer.Option("content", "--metric", help="Metric of --accuracy-budget: content, "
+                               "strict, kl, ppl or a task's name (or use --budget METRIC=X)."),
     codecs: Optional[str] = typer.Option(None, "--codecs",
                                          help="Codecs to consider, e.g. szp,sz3 (default: those "
                                               "that cut transfer here)."),
@@ -84,7 +89,14 @@ def plan(
     from planner.pipeline import PlanRequest, make_plan, write_plots
     from profiles.serving import ServingConfig, parse_mem
 
-    for name, value in (("--profile", profile), ("--accuracy-budget", accuracy_budget),
+    from planner.pipeline import parse_budget
+
+    if budget is not None and accuracy_budget is not None:
+        raise ConfigError("give --accuracy-budget X (content, or --metric) or --budget METRIC=X, "
+                          "not both")
+    if budget is not None:
+        metric, accuracy_budget = parse_budget(budget)
+    for name, value in (("--profile", profile), ("--accuracy-budget or --budget", accuracy_budget),
                         ("--gpu-mem", gpu_mem), ("--out", out)):
         if value is None:
             raise ConfigError(f"{name} is required: moesz plan --profile DIR --hardware "
@@ -165,6 +177,8 @@ def show(
 def _fmt_drop(d: dict | None) -> tuple[str, str]:
     if not d:
         return "n/a", "n/a"
+    if d.get("metric") in ("kl", "ppl"):   # values span orders of magnitude
+        return f"{d['value']:+.3g} [{d['low']:+.3g}, {d['high']:+.3g}]", f"{d['ucb']:.3g}"
     return f"{d['value']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]", f"{d['ucb']:.4f}"
 
 
@@ -184,9 +198,11 @@ def print_plan(doc: dict) -> None:
                   f"{_budget(sv, 'gpu_mem')}, host budget {_budget(sv, 'host_mem')}, cache "
                   f"{sv['cache_policy']}, prefetch {sv['prefetch']}, batch {sv['batch_size']}, "
                   f"{sv['generated_tokens']} tokens")
-    console.print(f"budget: {b['metric']} drop <= {b['value']:g} ({b['unit']}), "
-                  f"{b['bound']} z={b['z']:.3f}, averaged over {len(b['averaged_over_tasks'])} "
-                  f"task(s)")
+    over = (f", averaged over {len(b['averaged_over_tasks'])} task(s)"
+            if b.get("averaged_over_tasks") else "")
+    given = (f" (given as ppl={b['given']:g})" if b["metric"] == "ppl" and "given" in b else "")
+    console.print(f"budget: {b['metric']} drop <= {b['value']:g} ({b['unit']}){given}, "
+                  f"{b['bound']} z={b['z']:.3f}{over}", highlight=False)
     t = Table(title="predicted (closed form, and the discrete-event simulation)",
               title_justify="left")
     for col in ("policy", "tok/s closed form", "tok/s sim", "drop [95% CI]", "upper bound",
