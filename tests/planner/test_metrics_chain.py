@@ -1,0 +1,158 @@
+"""A user's own checkpoint through profile -> plan -> validate on the metrics the user chooses: a
+random-initialised Mixtral-style checkpoint with a locally built Hugging Face tokenizer, a JSONL
+benchmark and a text corpus, budgets on kl, ppl, content and the benchmark by name."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from typer.testing import CliRunner
+
+from planner.cli import app
+from tests.profiles.eval_helpers import one_torch_thread, save_text_checkpoint  # noqa: F401
+
+runner = CliRunner()
+WORDS = "the cat sat on a mat and then it ran to see what was there by the sea".split()
+
+
+def _files(root):
+    rng = random.Random(0)
+    text = root / "corpus.txt"
+    text.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 50)))
+                                + "." for _ in range(50)), encoding="utf-8")
+    bench = root / "sums.jsonl"
+    with bench.open("w") as fh:
+        for _ in range(40):
+            a, b = rng.randint(1, 50), rng.randint(1, 50)
+            fh.write(json.dumps({"question": f"what is {a} plus {b}?",
+                                 "answer": f"{a}+{b} #### {a + b}"}) + "\n")
+    return text, bench
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory):
+    root = tmp_path_factory.mktemp("user")
+    ckpt = save_text_checkpoint("mixtral", root / "ckpt")
+    text, bench = _files(root)
+    out = root / "prof"
+    r = runner.invoke(app, ["profile", "model", str(ckpt), "--out", str(out), "--codecs", "szp",
+                            "--levels", "1,3", "--limit", "8", "--max-new-tokens", "6",
+                            "--bench", str(bench), "--text", str(text), "--text-tokens", "1500"])
+    assert r.exit_code == 0, r.output
+    return root, ckpt, out, text, bench
+
+
+def test_profile_records_its_metrics_and_split(profiled):
+    _, _, out, text, bench = profiled
+    doc = json.loads((out / "profile.json").read_text())
+    m = doc["metrics"]
+    assert m["available"] == ["content", "strict", "kl", "ppl", "sums"]
+    assert m["builtin_tasks"] == [] and doc["tasks"] == ["sums"]
+    assert m["text"]["path"] == str(text.resolve()) and len(m["text"]["sha256"]) == 64
+    assert "blake2b" in m["split_method"]
+    import pandas as pd
+
+    sens = pd.read_parquet(out / "sensitivity.parquet")
+    lossy = sens[sens.codec == "szp"]
+    assert (lossy.kl_nats > 0).all() and (lossy.kl_low <= lossy.kl_nats).all()
+    assert (lossy.kl_nats <= lossy.kl_high).all() and (lossy.ppl_ratio > 0).all()
+    # the benchmark's profile half only: its validate half stays unseen
+    base = json.loads((out / "baseline.json").read_text())
+    prompts = base["tasks"][0]["prompts"]
+    from profiles.evaluation.textmetrics import split_of
+
+    assert prompts and all(split_of(p.split("Question: ")[1].split("\n")[0]) == "profile"
+                           for p in prompts)
+
+
+@pytest.mark.parametrize("budget", ["kl=0.01", "ppl=1.01", "content=0.5", "sums=0.5"])
+def test_plan_and_validate_on_each_metric(profiled, budget):
+    root, _, out, _, _ = profiled
+    metric = budget.split("=")[0]
+    plan = root / f"plan-{metric}.json"
+    r = runner.invoke(app, ["plan", "--profile", str(out), "--budget", budget, "--gpu-mem",
+                            "25%", "--trials", "10", "--warm-trials", "2", "--rerank", "1",
+                            "--no-plots", "--out", str(plan)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(plan.read_text())
+    assert doc["budget"]["metric"] == metric
+    assert doc["budget"]["value"] == pytest.approx(0.01 if metric == "ppl" else
+                                                   float(budget.split("=")[1]))
+    assert doc["evaluation"]["tasks"] == ["sums"]
+    r = runner.invoke(app, ["validate", str(plan), "--limit", "8", "--cache-dir",
+                            str(root / "cache"), "--json"])
+    assert r.exit_code == 0, r.output
+    val = json.loads(r.output)
+    assert val["metric"] == metric and val["verdict"] in ("held", "violated", "inconclusive")
+    text = val["measured"]["text"]
+    assert "validate half" in text["corpus"] and text["tokens"] > 0
+    drop = val["measured"]["accuracy_drop"]
+    assert drop["low"] <= drop["value"] <= drop["high"]
+    if metric == "kl":
+        assert drop["value"] == text["kl_nats"]["value"] > 0
+    if metric == "ppl":
+        assert drop["value"] == pytest.approx(text["ppl_ratio"]["value"] - 1)
+    if metric in ("content", "sums"):
+        assert list(val["measured"]["tasks"]) == ["sums"]
+
+
+def test_a_budget_on_a_missing_metric_lists_what_the_profile_has(profiled, tmp_path):
+    _, _, out, _, _ = profiled
+    r = runner.invoke(app, ["plan", "--profile", str(out), "--budget", "gsm8k=0.02",
+                            "--gpu-mem", "25%", "--out", str(tmp_path / "p.json")])
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines() == [
+        "error: budget metric 'gsm8k' is not in the profile " + str(out) + "; it has content, "
+        "strict, kl, ppl, sums; add a benchmark with --bench FILE when profiling"]
+    r = runner.invoke(app, ["plan", "--profile", str(out), "--budget", "kl", "--gpu-mem", "25%",
+                            "--out", str(tmp_path / "p.json")])
+    assert r.exit_code == 1 and "expected METRIC=VALUE" in r.output
+
+
+def test_text_only_profile_has_no_accuracy_metric(profiled, tmp_path):
+    root, ckpt, _, text, _ = profiled
+    out = tmp_path / "prof"
+    r = runner.invoke(app, ["profile", "model", str(ckpt), "--out", str(out), "--codecs", "szp",
+                            "--levels", "1", "--groups", "none", "--text", str(text),
+                            "--text-tokens", "800"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "profile.json").read_text())["metrics"]["available"] == ["kl", "ppl"]
+    r = runner.invoke(app, ["plan", "--profile", str(out), "--accuracy-budget", "0.01",
+                            "--gpu-mem", "25%", "--out", str(tmp_path / "p.json")])
+    assert r.exit_code == 1 and "budget metric 'content' is not in the profile" in r.output
+    assert "it has kl, ppl" in r.output
+
+
+@pytest.mark.parametrize("case", ["empty", "malformed", "pattern", "text-empty", "text-missing",
+                                  "lm-eval"])
+def test_bad_inputs_are_one_line(profiled, tmp_path, case):
+    _, ckpt, _, text, bench = profiled
+    args = ["profile", "model", str(ckpt), "--out", str(tmp_path / "p")]
+    if case == "empty":
+        (tmp_path / "e.jsonl").write_text("")
+        args += ["--bench", str(tmp_path / "e.jsonl")]
+        want = "no items; expected JSON lines"
+    elif case == "malformed":
+        (tmp_path / "m.jsonl").write_text('{"question": "a", "answer": "1"}\n{"question": \n')
+        args += ["--bench", str(tmp_path / "m.jsonl")]
+        want = "line 2: not valid JSON"
+    elif case == "pattern":
+        args += ["--bench", str(bench), "--extract", r"ANSWER: (\d+)"]
+        want = "finds the reference in none of its 40 answers"
+    elif case == "text-empty":
+        (tmp_path / "e.txt").write_text("\n\n")
+        args += ["--text", str(tmp_path / "e.txt")]
+        want = "the file is empty"
+    elif case == "text-missing":
+        args += ["--text", str(tmp_path / "nope.txt")]
+        want = "no such file"
+    else:
+        args += ["--lm-eval", "hellaswag"]
+        want = "--lm-eval hellaswag"
+    r = runner.invoke(app, args)
+    assert r.exit_code == 1, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and want in lines[0], r.output
+    assert not (tmp_path / "p").exists()   # refused before anything was written
