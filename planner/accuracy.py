@@ -203,7 +203,11 @@ class AccuracyModel:
         if df.empty:
             raise ProfileError(f"sensitivity profile has no rows with surrogate {surrogate!r} and "
                                f"experts 'all'; profile with real codec round trips")
-        if metric in TEXT_METRICS:
+        # profiles made before the text metrics have KL without an interval: its spread over
+        # the task rows is its uncertainty, as before
+        self._legacy_kl = metric == "kl" and ("kl_low" not in df.columns
+                                              or not df["kl_low"].notna().any())
+        if metric in TEXT_METRICS and not self._legacy_kl:
             # the text metrics repeat on every task row of a point: one value per point
             df = df.assign(task="text")
         else:
@@ -270,8 +274,11 @@ class AccuracyModel:
             mean, T = float(row.mean), int(row.T)
             if not math.isfinite(mean):
                 continue
-            sd_m = math.sqrt(float(row.s2)) / T
-            sd_m = sd_m if math.isfinite(sd_m) else 0.0  # a profile without KL intervals
+            if self._legacy_kl:
+                sd_m = float(row.std) / math.sqrt(T) if T >= 2 else 0.0
+            else:
+                sd_m = math.sqrt(float(row.s2)) / T
+            sd_m = sd_m if math.isfinite(sd_m) else 0.0
             if self.metric in TEXT_METRICS:
                 pv = None
             elif T == 1 and math.isfinite(row.p):

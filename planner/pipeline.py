@@ -57,6 +57,8 @@ class PlanRequest:
         placement_traces: rank static placements by this trace file instead of the profile's
             traces (which are an oracle for the workload they describe).
         command: the command line, recorded in the plan.
+        verify: measure this many of the best candidates for real on the profile split
+            (`planner.verify`) and plan the fastest whose measured bound meets the budget.
     """
 
     profile: str
@@ -77,6 +79,7 @@ class PlanRequest:
     cache_allocation: bool = False
     placement_traces: str | None = None
     command: str = ""
+    verify: int = 0
 
 
 @dataclass(frozen=True)
@@ -258,6 +261,8 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
         raise ConfigError(f"--warm-trials {req.warm_trials} must be >= 0")
     if req.rerank < 0:
         raise ConfigError(f"--rerank {req.rerank} must be >= 0 (0: rank by the closed form only)")
+    if req.verify < 0:
+        raise ConfigError(f"--verify {req.verify} must be >= 0 (0: trust the prediction)")
     prof = load_profile(req.profile)
     hw = load_hardware(req.hardware)
     hw_src = hardware_source(req.hardware)
@@ -333,7 +338,7 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
     # (lossless, rtn8, rtn4 on every layer), re-ranked by the discrete-event simulation
     t = time.perf_counter()
     options = [from_candidate(c, table, accuracy, cf, prof, req.serving)
-               for c in final.top[:max(req.rerank, 1)]]
+               for c in final.top[:max(req.rerank, req.verify, 1)]]
     best_cf = max(o.tokens_per_s for o in options)
     # a baseline competes when the search cannot hold it: not expressible in the choice table,
     # or judged by the profile's measurement of that exact policy (the search uses the additive
@@ -352,6 +357,14 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
         order = sorted(range(len(options)), key=lambda i: (-options[i].tokens_per_s, i))
     options = [options[i] for i in order]
     chosen = options[0]
+    verification = None
+    if req.verify > 0:
+        from planner.verify import verify_options
+
+        t = time.perf_counter()
+        chosen, verification = verify_options(prof, accuracy, budget, options, req.verify,
+                                              progress)
+        timings["verify_s"] = time.perf_counter() - t
     base_sims: dict[str, float] = {o.source.split(": ", 1)[1]: o.tokens_per_s_simulation
                                    for o in options if o.source.startswith("baseline")
                                    and o.tokens_per_s_simulation is not None}
@@ -369,6 +382,10 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
                          averaged_over_tasks=list(accuracy.tasks) if accuracy.metric not in
                          ("kl", "ppl") else [])
     doc["evaluation"] = metrics
+    if verification is not None:
+        doc["verification"] = verification
+        if verification["warning"]:
+            doc.setdefault("warnings", []).append(verification["warning"])
     plan = save_plan(doc, out) if out else plan_from_dict(doc)
     return PlanOutcome(plan, table, milp, cold, final, baselines, accuracy, cf, prof, search.study,
                        timings)

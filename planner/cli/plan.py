@@ -70,6 +70,9 @@ def plan(
     confidence: float = typer.Option(0.95, "--confidence",
                                      help="One-sided confidence of the accuracy bound."),
     rerank: int = typer.Option(3, "--rerank", help="Candidates re-ranked by the simulator."),
+    verify: int = typer.Option(0, "--verify", help="Measure the best N candidates for real on "
+                               "the profile split (loads the model; rows kept in the profile) "
+                               "and plan the fastest whose measured bound meets the budget."),
     simulate_baselines: bool = typer.Option(False, "--simulate-baselines",
                                             help="Also simulate every baseline."),
     cache_allocation: bool = typer.Option(False, "--cache-allocation",
@@ -128,7 +131,7 @@ def plan(
                       trials=trials, warm_trials=warm_trials, storage=storage, seed=seed,
                       sampler=sampler, space=space, z=float(norm.ppf(confidence)), rerank=rerank,
                       simulate_baselines=simulate_baselines, cache_allocation=cache_allocation,
-                      placement_traces=placement_traces,
+                      placement_traces=placement_traces, verify=verify,
                       command="moesz plan " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
     with Progress(transient=True, disable=as_json) as bar:
         task = bar.add_task("planning", total=None)
@@ -246,6 +249,20 @@ def print_plan(doc: dict) -> None:
                    "n/a" if x["layer_s_per_step"] is None else
                    f"{x['layer_s_per_step'] * 1e3:.3f} ms")
     console.print(lt)
+    ver = doc.get("verification")
+    if ver:
+        vt = Table(title=f"verified candidates (measured on the profile split, {ver['wall_s']:.0f} "
+                         f"s; the plan's accuracy is {ver['chosen_accuracy']})",
+                   title_justify="left")
+        for col in ("rank", "candidate", "tok/s sim", "predicted drop", "measured drop [95%]",
+                    "measured bound", "meets budget"):
+            vt.add_column(col, justify="left" if col == "candidate" else "right")
+        for c in ver["candidates"]:
+            pd_, _ = _fmt_drop(c["predicted_drop"])
+            md, ub = _fmt_drop(c["measured_drop"])
+            vt.add_row(str(c["rank"]), c["source"], _num(c["tokens_per_s_simulation"]), pd_, md,
+                       ub, "yes" if c["meets_budget_measured"] else "no")
+        console.print(vt)
     for w in doc.get("warnings", []):
         console.print(f"[yellow]warning:[/yellow] {w}")
     for n in doc.get("notes", []):

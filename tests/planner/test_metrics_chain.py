@@ -156,3 +156,34 @@ def test_bad_inputs_are_one_line(profiled, tmp_path, case):
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and want in lines[0], r.output
     assert not (tmp_path / "p").exists()   # refused before anything was written
+
+
+def test_verify_measures_candidates_and_a_rerun_reuses_them(profiled):
+    root, _, out, _, _ = profiled
+    plan = root / "plan-verified.json"
+    args = ["plan", "--profile", str(out), "--budget", "kl=0.01", "--gpu-mem", "25%",
+            "--trials", "10", "--warm-trials", "2", "--rerank", "2", "--verify", "2",
+            "--no-plots", "--out", str(plan)]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "verified candidates" in r.output
+    doc = json.loads(plan.read_text())
+    ver = doc["verification"]
+    assert ver["verified"] == 2 and len(ver["candidates"]) == 2
+    ok = [c for c in ver["candidates"] if c["meets_budget_measured"]]
+    assert ver["chosen_accuracy"] == ("measured" if ok else "predicted")
+    if ok:
+        assert doc["predicted"]["accuracy_drop"]["kind"].startswith("measured (verified")
+        assert doc["predicted"]["accuracy_drop"] == ok[0]["measured_drop"]
+        assert ok[0]["measured_drop"]["ucb"] <= doc["budget"]["value"]
+    for c in ver["candidates"]:
+        assert c["measured_drop"]["value"] > 0   # lossy policies move the distribution
+    import pandas as pd
+
+    rows = pd.read_parquet(out / "verified.parquet")
+    assert rows["policy_digest"].nunique() == 2
+    stamp = (out / "verified.parquet").stat().st_mtime_ns
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert (out / "verified.parquet").stat().st_mtime_ns == stamp   # nothing measured again
+    assert json.loads(plan.read_text())["verification"]["candidates"] == ver["candidates"]

@@ -1,0 +1,92 @@
+"""Plans checked by measurement: the additive model proposes, measurement decides.
+
+After the search and the simulator's re-ranking, the best `n` distinct candidate policies are
+measured for real on the profile split (`profiles.profiling.verify.measure_policies`: real codec
+round trips, the profile's tasks, benchmarks and text, paired with the unperturbed baseline), and
+the plan becomes the fastest candidate whose *measured* one-sided upper bound meets the budget.
+The measured rows stay in the profile (`verified.parquet`), so a rerun reuses them. When no
+measured candidate meets the budget, the plan keeps the predicted best and says so.
+
+A measured drop is aggregated like the accuracy model's single-layer effects: accuracy metrics
+as the mean change over the budget's tasks with the per-task paired half-widths combined in
+quadrature, `kl` and `ppl` from their bootstrap intervals; the standard error is the 95 %
+half-width / 1.96, and the bound is drop + z * sd with the plan's z.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Callable, Sequence
+
+from planner.accuracy import TEXT_METRICS, Z95, AccuracyModel, DropPrediction
+from profiles.profiling.metrics import TEXT_ROW
+
+Progress = Callable[[int, int, str], None]
+MEASURED_KIND = "measured (verified on the profile split, whole policy)"
+
+
+def measured_drop(rows: Sequence[dict], accuracy: AccuracyModel) -> DropPrediction:
+    """A policy's measured drop of the accuracy model's metric, from its verified rows."""
+    from profiles.profiling.sensitivity import mean_change_interval
+
+    m = accuracy.metric
+    if m in TEXT_METRICS:
+        r = rows[0]
+        col, low, high, shift = (("kl_nats", "kl_low", "kl_high", 0.0) if m == "kl" else
+                                 ("ppl_ratio", "ppl_ratio_low", "ppl_ratio_high", 1.0))
+        drop = float(r[col]) - shift
+        sd = (float(r[high]) - float(r[low])) / 2 / Z95
+    else:
+        parts = [(-float(r[f"{m}_change"]), -float(r[f"{m}_change_high"]),
+                  -float(r[f"{m}_change_low"])) for r in rows
+                 if r["task"] != TEXT_ROW and r["task"] in accuracy.tasks]
+        drop, lo, hi = mean_change_interval(parts)
+        sd = (hi - lo) / 2 / Z95
+    sd = sd if math.isfinite(sd) else 0.0
+    return DropPrediction(m, drop, sd, accuracy.z, drop, sd * sd, MEASURED_KIND)
+
+
+def verify_options(prof, accuracy: AccuracyModel, budget: float, options: Sequence, n: int,
+                   progress: Progress | None = None):
+    """(the chosen option, the plan's `verification` record) after measuring the best `n`
+    distinct options (in their ranked order, fastest first)."""
+    import time
+
+    from profiles.profiling.verify import measure_policies, policy_digest
+
+    t0 = time.perf_counter()
+    picked, seen = [], set()
+    for o in options:
+        key = policy_digest(o.policy)
+        if key not in seen:
+            seen.add(key)
+            picked.append(o)
+        if len(picked) == n:
+            break
+    rows = measure_policies(prof.path, [o.policy for o in picked], progress=progress)
+    records, chosen = [], None
+    for rank, (o, r) in enumerate(zip(picked, rows)):
+        meas = measured_drop(r, accuracy)
+        ok = meas.ucb <= budget
+        records.append({"rank": rank + 1, "source": o.source,
+                        "tokens_per_s_closed_form": o.tokens_per_s,
+                        "tokens_per_s_simulation": o.tokens_per_s_simulation,
+                        "predicted_drop": o.drop.to_dict() if o.drop is not None else None,
+                        "measured_drop": meas.to_dict(), "meets_budget_measured": ok,
+                        "layers": [x["spec"] for x in o.layers]})
+        if ok and chosen is None:
+            chosen = replace(o, drop=meas)
+    warning = None
+    if chosen is None:
+        chosen = options[0]
+        warning = (f"none of the {len(picked)} verified candidates meets the budget by its "
+                   f"measured upper bound; the plan is the predicted best, unverified (raise "
+                   f"--verify or the budget)")
+    return chosen, {"candidates": records, "verified": len(picked),
+                    "chosen_accuracy": "measured" if warning is None else "predicted",
+                    "chosen_source": chosen.source, "warning": warning,
+                    "rows_file": str(prof.path / "verified.parquet"),
+                    "wall_s": time.perf_counter() - t0,
+                    "method": "real codec round trips on the profile split, paired with the "
+                              "profile's baseline; " + MEASURED_KIND}
