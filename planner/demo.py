@@ -3,10 +3,13 @@
 1. hardware: measured when a CUDA GPU is present, else the shipped `preset:h200-published`
    (published figures, labelled so in every output);
 2. profile the built-in model on a small grid (`profiles.profiling.profile_model`): compression
-   ratios of every MoE layer, per-layer sensitivity on the `profile` split, routing traces;
+   ratios of every MoE layer, per-layer sensitivity on the `profile` split, next-token KL,
+   top-1 agreement and perplexity ratio on the text corpus shipped with the package
+   (`profiles/builtin/corpus.txt`, its profile half), routing traces;
 3. plan for a one-point content budget under a GPU memory budget that forces cache misses — the
    non-expert weights and KV cache plus a fraction of the routed-expert bytes
-   (`planner.pipeline.make_plan`);
+   (`planner.pipeline.make_plan`), its best candidates measured for real on the profile split
+   (`--verify`, `planner.verify`);
 4. the memory-budget sweep: the plan, no compression, the best uniform level, rtn8 and rtn4
    simulated across GPU budgets on the profile's traces (`sim.study.run_study`), and the plan's
    simulated timeline as a Perfetto trace;
@@ -50,6 +53,8 @@ class DemoSize:
     tokens: int            # generated tokens per sequence in the simulations
     sweep_fractions: tuple[str, ...]
     budget: float          # content accuracy drop, averaged over tasks
+    verify: int = 3        # candidates measured for real before the plan is chosen
+    text_tokens: int | None = None  # shipped corpus's profile half (None: the default budget)
 
 
 SIZES = {
@@ -58,7 +63,7 @@ SIZES = {
                         ("5%", "10%", "25%", "50%", "100%"), 0.01),
     # 8 prompts per task cannot resolve one point (a single layer's predicted drop has an upper
     # bound near 0.14), so the smoke run plans for a budget it can meet
-    "ci": DemoSize("0,7", "1", "none", 8, 8, 12, 4, 16, ("10%", "25%", "100%"), 0.3),
+    "ci": DemoSize("0,7", "1", "none", 8, 8, 12, 4, 16, ("10%", "25%", "100%"), 0.3, 2, 600),
 }
 GPU_FRACTION = "25%"   # of the routed-expert bytes, on top of non-expert weights and KV cache
 
@@ -154,9 +159,14 @@ def _hardware(out: Path, hardware: str | None, stage) -> tuple[str, str]:
 def _profile(out: Path, sz: DemoSize, stage):
     from profiles.profiling import ProfileRequest, profile_model
 
+    from profiles.evaluation.textmetrics import builtin_corpus_path
+    from profiles.tasks import TASKS
+
     req = ProfileRequest(model="builtin", out=out / "profile", codecs="szp", mode="meanabs",
                          levels=sz.levels, layers=sz.layers, groups=sz.groups,
-                         limit=sz.profile_limit, command="moesz demo (profile step)")
+                         limit=sz.profile_limit, command="moesz demo (profile step)",
+                         text=str(builtin_corpus_path()), text_tokens=sz.text_tokens,
+                         tasks=",".join(TASKS))
     return profile_model(req, progress=stage)
 
 
@@ -168,7 +178,8 @@ def _plan(out: Path, sz: DemoSize, hw_spec: str, stage):
         parse_mem(GPU_FRACTION, what="demo GPU budget"), None)
     req = PlanRequest(profile=str(out / "profile"), hardware=hw_spec, budget=sz.budget,
                       serving=serving, metric="content", trials=sz.trials,
-                      warm_trials=sz.warm_trials, seed=0, command="moesz demo (plan step)")
+                      warm_trials=sz.warm_trials, seed=0, command="moesz demo (plan step)",
+                      verify=sz.verify)
     outcome = make_plan(req, out=str(out / "plan.json"), progress=stage)
     write_plots(outcome, out / "plan-plots")
     return outcome
@@ -290,6 +301,18 @@ def summary_lines(record: dict, out: Path) -> list[str]:
                      f"{milp['tokens_per_s']:.1f} (closed form)")
     how = (" (the profile split's measurement of this policy)" if str(
         p["accuracy_drop"].get("kind", "")).startswith("measured") else "")
+    ver = plan.get("verification")
+    if ver:
+        lines.append(f"  verified: {ver['verified']} best candidates measured on the profile "
+                     f"split; the plan's accuracy is {ver['chosen_accuracy']} "
+                     f"({ver['chosen_source']})")
+    if str(p["accuracy_drop"].get("kind", "")).startswith("measured (verified"):
+        how = " (measured on the profile split, whole policy)"
+    kl = (val["measured"].get("text") or {}).get("kl_nats")
+    if kl:
+        lines.append(f"  KL(base || plan) on the shipped corpus's validate half: "
+                     f"{kl['value']:.3g} [{kl['low']:.3g}, {kl['high']:.3g}] nats per token "
+                     f"(measured)")
     lines += [f"  content drop: predicted{how} {iv_text(p['accuracy_drop'])}; measured "
               f"{iv_text(m['accuracy_drop'])} on {val['n_prompts']} held-out prompts",
               f"  stored expert bytes: measured {m['stored_bytes']:,} ({m['ratio']:.2f}x smaller "

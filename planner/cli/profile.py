@@ -193,8 +193,9 @@ def model_cmd(
                                         "unperturbed model, top-1 agreement and perplexity ratio "
                                         "on its profile half (default: the built-in tasks' "
                                         "prompts and answers)."),
-    text_tokens: int = typer.Option(16384, "--text-tokens", help="Predicted tokens of the text's "
-                                    "profile half, at most."),
+    text_tokens: Optional[int] = typer.Option(None, "--text-tokens", help="Predicted tokens of "
+                                              "the text's profile half, at most (default: as "
+                                              "many as a 2 GiB reference holds, up to 65,536)."),
     lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="lm-evaluation-harness tasks "
                                           "TASK[,TASK] (needs lm_eval and local data)."),
 ) -> None:

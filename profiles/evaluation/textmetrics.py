@@ -20,8 +20,10 @@ next token (`text_metrics`):
 Positions of one sequence are correlated, sequences are not (they are disjoint pieces of the
 corpus), so the 95 % intervals are percentile bootstraps over sequences (B. Efron and R.
 Tibshirani, An Introduction to the Bootstrap, 1993, ch. 13), with a fixed generator seed: the same
-weights give the same interval. Memory: the reference holds positions x vocabulary float32 values
-(16 384 positions of a 32 k vocabulary take 2 GB); keep `max_tokens` small for large vocabularies.
+weights give the same interval. Memory: the reference holds positions x vocabulary float32 values,
+so the default text budget is as many predicted tokens as fit in `REFERENCE_BYTES` (2 GiB), at
+most `MAX_AUTO_TOKENS`: 65 536 tokens for the built-in model's 21-token vocabulary, 16 384 for a
+32 k vocabulary, 3 579 for a 150 k one (`auto_max_tokens`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ SPLIT_METHOD = ("blake2b (8 bytes) of the item's UTF-8 question (benchmarks) or 
 SPLITS = ("profile", "validate")
 BOOTSTRAP = 2000
 DEFAULT_SEQ_TOKENS = 128
-DEFAULT_MAX_TOKENS = 16384
+DEFAULT_MAX_TOKENS = None           # None: as many as REFERENCE_BYTES allow, at most MAX_AUTO
+REFERENCE_BYTES = 2 << 30           # the reference's log-probabilities: 2 GiB at most
+MAX_AUTO_TOKENS = 65536
 Progress = Callable[[int, int, str], None]
 
 
@@ -96,8 +100,17 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def auto_max_tokens(model) -> int:
+    """The default text budget for `model`: predicted tokens whose reference fits in
+    `REFERENCE_BYTES` (float32 per vocabulary entry), at most `MAX_AUTO_TOKENS`."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 32000
+    # [positions, vocab] float32 -> bytes = 4 * positions * vocab
+    return max(256, min(MAX_AUTO_TOKENS, REFERENCE_BYTES // (4 * int(vocab))))
+
+
 def read_text(path: str | Path, tokenizer, split: str, seq_tokens: int = DEFAULT_SEQ_TOKENS,
-              max_tokens: int | None = DEFAULT_MAX_TOKENS, model=None) -> TextCorpus:
+              max_tokens: int | None = DEFAULT_MAX_TOKENS, model=None,
+              all_tokens: bool = False) -> TextCorpus:
     """One half of a UTF-8 text file, as token sequences.
 
     Args:
@@ -106,8 +119,10 @@ def read_text(path: str | Path, tokenizer, split: str, seq_tokens: int = DEFAULT
         split: `profile` or `validate`.
         seq_tokens: longest sequence in tokens, BOS included (capped by the model's
             `max_position_embeddings` when `model` is given).
-        max_tokens: stop adding sequences once this many predicted tokens are in (None: all).
-        model: the model, for its context length.
+        max_tokens: stop adding sequences once this many predicted tokens are in (None: the
+            default budget for `model`, `auto_max_tokens`).
+        model: the model, for its context length and vocabulary.
+        all_tokens: ignore `max_tokens` and take the whole half.
 
     Raises:
         MoeszError: a missing, unreadable, non-UTF-8 or empty file, one the tokenizer cannot
@@ -141,9 +156,11 @@ def read_text(path: str | Path, tokenizer, split: str, seq_tokens: int = DEFAULT
             s = tuple(lead + ids[i:i + span])
             if len(s) >= 2:
                 seqs.append(s)
+    if max_tokens is None and not all_tokens:
+        max_tokens = auto_max_tokens(model)
     mine, total = [], 0
     for s in seqs:
-        if split_of(s) == split and (max_tokens is None or total < max_tokens):
+        if split_of(s) == split and (all_tokens or total < max_tokens):
             mine.append(s)
             total += len(s) - 1
     if not mine:
@@ -212,7 +229,7 @@ def _log_probs(model, corpus: TextCorpus, batch_size: int,
     return out
 
 
-def text_reference(model, corpus: TextCorpus, batch_size: int = 32,
+def text_reference(model, corpus: TextCorpus, batch_size: int = 64,
                    progress: Progress | None = None) -> TextReference:
     """Run the unperturbed model once on the corpus half; reuse the result for every comparison."""
     lps = _log_probs(model, corpus, batch_size, progress, "text reference")
@@ -261,9 +278,11 @@ def bootstrap_ratio(num: np.ndarray, den: np.ndarray, transform=None, seed: int 
 
 
 @torch.no_grad()
-def text_metrics(model, ref: TextReference, batch_size: int = 32,
-                 progress: Progress | None = None) -> TextMetrics:
-    """KL(base || model), top-1 agreement and perplexity ratio on the reference's corpus half."""
+def per_sequence(model, ref: TextReference, batch_size: int = 64,
+                 progress: Progress | None = None) -> dict[str, np.ndarray]:
+    """Per sequence of the reference's corpus: summed KL(base || model) `kl` (nats), positions
+    where the top-1 tokens agree `agree`, summed NLL of the model `nll` and of the base
+    `base_nll`, and predicted positions `n` (what `text_metrics` and additivity checks pool)."""
     lps = _log_probs(model, ref.corpus, batch_size, progress, "text metrics")
     kl, agree, nll, n = [], [], [], []
     for lb, lp, t in zip(ref.log_probs, lps, ref.targets):
@@ -271,9 +290,16 @@ def text_metrics(model, ref: TextReference, batch_size: int = 32,
         kl.append(float(k.double().sum()))
         agree.append(float((lb.argmax(-1) == lp.argmax(-1)).double().sum()))
         nll.append(-float(lp.gather(-1, t[:, None]).double().sum()))
-        n.append(len(t))
-    kl, agree, nll, n = map(np.asarray, (kl, agree, nll, n))
-    n = n.astype(float)
+        n.append(float(len(t)))
+    return {"kl": np.asarray(kl), "agree": np.asarray(agree), "nll": np.asarray(nll),
+            "base_nll": ref.nll, "n": np.asarray(n)}
+
+
+def text_metrics(model, ref: TextReference, batch_size: int = 64,
+                 progress: Progress | None = None) -> TextMetrics:
+    """KL(base || model), top-1 agreement and perplexity ratio on the reference's corpus half."""
+    d = per_sequence(model, ref, batch_size, progress)
+    kl, agree, nll, n = d["kl"], d["agree"], d["nll"], d["n"]
     method = f"percentile bootstrap over {len(n)} sequences, {BOOTSTRAP} resamples (95%)"
     k = bootstrap_ratio(kl, n)
     a = bootstrap_ratio(agree, n)

@@ -38,7 +38,7 @@ class EvalSpec:
     tasks: tuple[str, ...]
     benches: tuple[UserBenchmark, ...]
     text: str | None
-    text_tokens: int = DEFAULT_MAX_TOKENS
+    text_tokens: int | None = DEFAULT_MAX_TOKENS   # None: the model's default budget
     seq_tokens: int = DEFAULT_SEQ_TOKENS
 
     def with_split(self, split: str) -> "EvalSpec":
@@ -72,7 +72,7 @@ def _sha256(path: str) -> str:
 
 def eval_spec(tasks: Sequence[str] | None, bench: Sequence[str] = (), template: str | None = None,
               extract: str | None = None, max_new_tokens: int = 256, text: str | None = None,
-              text_tokens: int = DEFAULT_MAX_TOKENS, lm_eval: str | None = None,
+              text_tokens: int | None = DEFAULT_MAX_TOKENS, lm_eval: str | None = None,
               split: str = "profile") -> EvalSpec:
     """Check the evaluation options before any model is loaded.
 
@@ -112,7 +112,7 @@ def eval_spec(tasks: Sequence[str] | None, bench: Sequence[str] = (), template: 
         seen.add(b.name)
     if text is not None:
         _check_text_file(text)
-    if text_tokens < 1:
+    if text_tokens is not None and text_tokens < 1:
         raise ConfigError(f"--text-tokens {text_tokens} must be at least 1")
     return EvalSpec(builtin, tuple(benches), None if text is None else str(text), text_tokens)
 
@@ -194,7 +194,7 @@ def spec_from_record(metrics: dict) -> EvalSpec:
     return EvalSpec(tuple(metrics.get("builtin_tasks") or ()),
                     tuple(UserBenchmark.from_dict(b) for b in metrics.get("benchmarks") or ()),
                     None if text is None else text["path"],
-                    int(text["max_tokens"]) if text else DEFAULT_MAX_TOKENS,
+                    text.get("max_tokens") if text else DEFAULT_MAX_TOKENS,
                     int(text["seq_tokens"]) if text else DEFAULT_SEQ_TOKENS)
 
 

@@ -75,7 +75,7 @@ class ProfileRequest:
     extract: str | None = None           # answer-extraction pattern of the benchmarks
     max_new_tokens: int = 256            # generation budget per benchmark item
     text: str | None = None              # text corpus for kl and ppl (profile half)
-    text_tokens: int = DEFAULT_MAX_TOKENS  # predicted tokens of the text half, at most
+    text_tokens: int | None = DEFAULT_MAX_TOKENS  # text half's predicted tokens (None: auto)
     lm_eval: str | None = None           # lm-evaluation-harness tasks (refused with a line)
 
 

@@ -38,8 +38,8 @@ def test_split_is_stable_disjoint_and_balanced():
 def test_text_halves_partition_the_file(tmp_path):
     tok = hf_text_tokenizer()
     path = _corpus(tmp_path / "c.txt")
-    prof = read_text(path, tok, "profile", seq_tokens=32, max_tokens=None)
-    val = read_text(path, tok, "validate", seq_tokens=32, max_tokens=None)
+    prof = read_text(path, tok, "profile", seq_tokens=32, all_tokens=True)
+    val = read_text(path, tok, "validate", seq_tokens=32, all_tokens=True)
     assert not set(prof.sequences) & set(val.sequences)
     assert len(prof.sequences) + len(val.sequences) == prof.total_sequences
     assert all(s[0] == tok.bos_token_id and len(s) <= 32 for s in prof.sequences)

@@ -1,0 +1,152 @@
+"""KL as the planner's workhorse: does per-layer KL add up, and how does it map to accuracy?
+
+    python benchmarks/kl_bench.py additivity MODEL --text FILE [--level 1] [--codec szp]
+    python benchmarks/kl_bench.py calibration PROFILE_DIR [--level ...]
+
+`additivity` applies `CODEC:meanabs:LEVEL` (real codec round trips) to each MoE layer alone, to
+each third of the layers and to the whole model, and measures the next-token KL(base ||
+perturbed) per sequence of the text's profile half (`profiles.evaluation.textmetrics`). For each
+multi-layer policy it reports the measured KL, the sum of its layers' single-layer KLs and their
+ratio, with a 95 % percentile bootstrap over sequences that resamples the same sequences for
+numerator and denominator (the measurements are paired). Also the per-layer KL interval's
+half-width over its point estimate.
+
+`calibration` fits, on a profile with accuracy tasks and text metrics, the content-accuracy drop
+(mean over tasks) against KL over every measured point, by weighted least squares through the
+origin (weights: 1 / the drop's variance from its paired interval; standard error inflated by the
+reduced chi-square when the points scatter more than their intervals): drop ~= beta * KL.
+
+Prints markdown for benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.machine import describe  # noqa: E402
+
+B = 2000
+
+
+def additivity(args) -> None:
+    import torch
+
+    from profiles.evaluation.textmetrics import per_sequence, read_text, text_reference
+    from profiles.models import load_model
+    from profiles.policy import Policy, StorageSpec, apply_policy
+    from profiles.profiling.grid import parse_groups
+    from profiles.profiling.steps import compute_view
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    loaded = load_model(args.model)
+    # fp32 arithmetic on the checkpoint's (decoded) weights, as the profiler does on the CPU
+    corpus = read_text(args.text, loaded.tokenizer, "profile", max_tokens=args.tokens,
+                       model=loaded.model)
+    ref = text_reference(compute_view(loaded, "fp32").model, corpus)
+    layers = list(loaded.geometry.moe_layers)
+    spec = StorageSpec(args.codec, "meanabs", args.level)
+
+    def measure(on):
+        pol = Policy(fingerprint=loaded.fingerprint, layers={lay: spec for lay in on})
+        with apply_policy(loaded, pol, measure_bytes=False):
+            return per_sequence(compute_view(loaded, "fp32").model, ref)["kl"]
+
+    single = {lay: measure([lay]) for lay in layers}
+    groups = dict(parse_groups("thirds", layers))
+    groups["all"] = tuple(layers)
+    n = np.array([len(t) for t in ref.targets], dtype=float)
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, len(n), size=(B, len(n)))
+    print(f"## KL additivity: {args.model}, {spec.describe()} ({date.today()})\n")
+    print(f"Machine: {describe()}. Command: `python benchmarks/kl_bench.py additivity "
+          f"{args.model} --text {args.text} --level {args.level:g} --codec {args.codec}`. "
+          f"Text: {corpus.describe()}.\n")
+    print("| layer | KL nats/token [95% bootstrap] | half-width / estimate |")
+    print("|---|---|---|")
+    for lay in layers:
+        k = single[lay]
+        v = k.sum() / n.sum()
+        bs = k[idx].sum(1) / n[idx].sum(1)
+        lo, hi = np.quantile(bs, [0.025, 0.975])
+        print(f"| {lay} | {v:.4g} [{lo:.4g}, {hi:.4g}] | {(hi - lo) / 2 / v:.1%} |")
+    print("\n| policy | layers | measured KL | sum of single-layer KLs | measured / sum "
+          "[95% paired bootstrap] |")
+    print("|---|---|---|---|---|")
+    for name, ls in groups.items():
+        meas = measure(ls)
+        summed = sum(single[lay] for lay in ls)
+        r = meas.sum() / summed.sum()
+        rb = meas[idx].sum(1) / summed[idx].sum(1)
+        lo, hi = np.quantile(rb, [0.025, 0.975])
+        print(f"| {name} | {','.join(map(str, ls))} | {meas.sum() / n.sum():.4g} | "
+              f"{summed.sum() / n.sum():.4g} | {r:.3f} [{lo:.3f}, {hi:.3f}] |")
+    print(f"\n{len(layers) + len(groups)} policies measured in {time.perf_counter() - t0:.0f} s "
+          f"(wall clock, one thread).")
+
+
+def calibration(args) -> None:
+    import pandas as pd
+
+    from profiles.profiling.metrics import TEXT_ROW
+    from profiles.profiling.sensitivity import mean_change_interval
+
+    s = pd.read_parquet(Path(args.profile) / "sensitivity.parquet")
+    s = s[(s.surrogate == "none") & (s.task != TEXT_ROW) & s.kl_nats.notna()]
+    pts = []
+    for key, g in s.groupby(["target", "codec", "mode", "level"], dropna=False):
+        if key[1] in ("raw", "lossless"):
+            continue
+        c, lo, hi = mean_change_interval(list(zip(g.content_change, g.content_change_low,
+                                                  g.content_change_high)))
+        sd = (hi - lo) / 2 / 1.959964
+        pts.append((key[0], key[1], key[3], float(g.kl_nats.iloc[0]), -c, sd))
+    kl = np.array([p[3] for p in pts])
+    drop = np.array([p[4] for p in pts])
+    w = 1 / np.array([max(p[5], 1e-6) ** 2 for p in pts])
+    beta = float((w * kl * drop).sum() / (w * kl * kl).sum())
+    se = math.sqrt(1 / (w * kl * kl).sum())
+    chi2 = float((w * (drop - beta * kl) ** 2).sum() / max(1, len(pts) - 1))
+    se *= math.sqrt(max(1.0, chi2))
+    print(f"## KL to accuracy calibration: {args.profile} ({date.today()})\n")
+    print(f"Machine: {describe()}. Command: `python benchmarks/kl_bench.py calibration "
+          f"{args.profile}`.\n")
+    print("| point | storage | KL nats/token | content drop, pts [95%] |")
+    print("|---|---|---|---|")
+    for t, codec, level, k, d, sd in sorted(pts, key=lambda p: p[3]):
+        lv = "" if level != level else f":{level:g}"
+        print(f"| {t} | {codec}{lv} | {k:.4g} | {100 * d:+.2f} ± {100 * 1.96 * sd:.2f} |")
+    print(f"\ncontent drop = beta x KL, beta = {beta:.3f} points-fraction per nat "
+          f"(95% CI [{beta - 1.96 * se:.3f}, {beta + 1.96 * se:.3f}]), reduced chi-square "
+          f"{chi2:.2f}, {len(pts)} points: a KL of 0.01 nats/token predicts a content drop of "
+          f"{100 * beta * 0.01:.2f} [{100 * (beta - 1.96 * se) * 0.01:.2f}, "
+          f"{100 * (beta + 1.96 * se) * 0.01:.2f}] points.")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("additivity")
+    a.add_argument("model")
+    a.add_argument("--text", required=True)
+    a.add_argument("--level", type=float, default=1.0)
+    a.add_argument("--codec", default="szp")
+    a.add_argument("--tokens", type=int, default=None)
+    c = sub.add_parser("calibration")
+    c.add_argument("profile")
+    args = ap.parse_args()
+    additivity(args) if args.cmd == "additivity" else calibration(args)
+
+
+if __name__ == "__main__":
+    main()
