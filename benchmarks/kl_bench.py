@@ -1,7 +1,8 @@
 """KL as the planner's workhorse: does per-layer KL add up, and how does it map to accuracy?
 
     python benchmarks/kl_bench.py additivity MODEL --text FILE [--level 1] [--codec szp]
-    python benchmarks/kl_bench.py calibration PROFILE_DIR [--level ...]
+    python benchmarks/kl_bench.py calibration PROFILE_DIR
+    python benchmarks/kl_bench.py plans PROFILE_DIR --budgets content=0.01,kl=0.02 [--verify 3]
 
 `additivity` applies `CODEC:meanabs:LEVEL` (real codec round trips) to each MoE layer alone, to
 each third of the layers and to the whole model, and measures the next-token KL(base ||
@@ -15,6 +16,11 @@ half-width over its point estimate.
 (mean over tasks) against KL over every measured point, by weighted least squares through the
 origin (weights: 1 / the drop's variance from its paired interval; standard error inflated by the
 reduced chi-square when the points scatter more than their intervals): drop ~= beta * KL.
+
+`plans` plans on the profile at each budget as the demo does (H200 preset, GPU budget 25 % of the
+routed-expert bytes, 128 generated tokens), with `--verify` candidates measured, and validates
+each plan on the held-out validate split: predicted tokens/s (simulation) of the plan, the best
+uniform level that meets the budget and rtn8, and the plan's measured drop.
 
 Prints markdown for benchmarks/RESULTS.md.
 """
@@ -133,6 +139,55 @@ def calibration(args) -> None:
           f"{100 * (beta + 1.96 * se) * 0.01:.2f}] points.")
 
 
+def plans(args) -> None:
+    import json
+
+    from planner.pipeline import PlanRequest, make_plan, parse_budget
+    from planner.validate import validate_plan
+    from profiles.serving import ServingConfig, parse_mem
+
+    serving = ServingConfig(generated_tokens=128, prompt_tokens=16).with_budgets(
+        parse_mem("25%", what="GPU budget"), None)
+    out = Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"## Planner on the user's metrics: {args.profile} ({date.today()})\n")
+    print(f"Machine: {describe()}. Command: `python benchmarks/kl_bench.py plans {args.profile} "
+          f"--budgets {args.budgets} --verify {args.verify}`; hardware preset:h200-published, "
+          f"GPU budget 25 % of routed-expert bytes, batch 1, 128 tokens.\n")
+    print("| budget | plan | plan tok/s (sim) | best uniform meeting it, tok/s | rtn8 tok/s "
+          "(meets?) | plan's drop: predicted [95%] (kind) | measured on validate [95%] | "
+          "verdict | plan + verify + validate s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for b in args.budgets.split(","):
+        metric, value = parse_budget(b)
+        t0 = time.perf_counter()
+        req = PlanRequest(profile=args.profile, hardware="preset:h200-published", budget=value,
+                          serving=serving, metric=metric, trials=150, warm_trials=20, seed=0,
+                          verify=args.verify, command=f"kl_bench plans {b}")
+        path = out / f"plan-{metric}-{value}.json"
+        make_plan(req, out=str(path))
+        val = validate_plan(path, cache_dir=out / "cache")
+        wall = time.perf_counter() - t0
+        doc = json.loads(path.read_text())
+        p = doc["predicted"]
+        base = {x["name"]: x for x in doc["baselines"]}
+        uni = [x for n, x in base.items() if n.startswith("uniform") and x.get("meets_budget")
+               and x.get("tokens_per_s")]
+        best_u = max(uni, key=lambda x: x["tokens_per_s"], default=None)
+        r8 = base.get("rtn8", {})
+        d, m = p["accuracy_drop"], val["measured"]["accuracy_drop"]
+        kind = "measured" if str(d.get("kind", "")).startswith("measured") else "predicted"
+        layers = "; ".join(sorted({x["spec"] for x in doc["layers"]}))
+        f = ".4g"
+        print(f"| {b} | {p['source']}: {layers} | {p['tokens_per_s']:.1f} | "
+              + (f"{best_u['name']} {best_u['tokens_per_s']:.1f}" if best_u else "none")
+              + f" | {r8.get('tokens_per_s') or float('nan'):.1f} "
+              f"({'yes' if r8.get('meets_budget') else 'no'}) | "
+              f"{d['value']:{f}} [{d['low']:{f}}, {d['high']:{f}}] ({kind}) | "
+              f"{m['value']:{f}} [{m['low']:{f}}, {m['high']:{f}}] | {val['verdict']} | "
+              f"{wall:.0f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -144,8 +199,13 @@ def main() -> None:
     a.add_argument("--tokens", type=int, default=None)
     c = sub.add_parser("calibration")
     c.add_argument("profile")
+    p = sub.add_parser("plans")
+    p.add_argument("profile")
+    p.add_argument("--budgets", default="content=0.005,content=0.01,content=0.02")
+    p.add_argument("--verify", type=int, default=3)
+    p.add_argument("--work", default="kl-bench-plans")
     args = ap.parse_args()
-    additivity(args) if args.cmd == "additivity" else calibration(args)
+    {"additivity": additivity, "calibration": calibration, "plans": plans}[args.cmd](args)
 
 
 if __name__ == "__main__":
