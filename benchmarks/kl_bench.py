@@ -104,39 +104,23 @@ def additivity(args) -> None:
 def calibration(args) -> None:
     import pandas as pd
 
-    from profiles.profiling.metrics import TEXT_ROW
-    from profiles.profiling.sensitivity import mean_change_interval
+    from planner.calibration import calibration_points, fit_calibration
 
     s = pd.read_parquet(Path(args.profile) / "sensitivity.parquet")
-    s = s[(s.surrogate == "none") & (s.task != TEXT_ROW) & s.kl_nats.notna()]
-    pts = []
-    for key, g in s.groupby(["target", "codec", "mode", "level"], dropna=False):
-        if key[1] in ("raw", "lossless"):
-            continue
-        c, lo, hi = mean_change_interval(list(zip(g.content_change, g.content_change_low,
-                                                  g.content_change_high)))
-        sd = (hi - lo) / 2 / 1.959964
-        pts.append((key[0], key[1], key[3], float(g.kl_nats.iloc[0]), -c, sd))
-    kl = np.array([p[3] for p in pts])
-    drop = np.array([p[4] for p in pts])
-    w = 1 / np.array([max(p[5], 1e-6) ** 2 for p in pts])
-    beta = float((w * kl * drop).sum() / (w * kl * kl).sum())
-    se = math.sqrt(1 / (w * kl * kl).sum())
-    chi2 = float((w * (drop - beta * kl) ** 2).sum() / max(1, len(pts) - 1))
-    se *= math.sqrt(max(1.0, chi2))
+    pts = calibration_points(s)
+    cal = fit_calibration(s)
     print(f"## KL to accuracy calibration: {args.profile} ({date.today()})\n")
     print(f"Machine: {describe()}. Command: `python benchmarks/kl_bench.py calibration "
           f"{args.profile}`.\n")
     print("| point | storage | KL nats/token | content drop, pts [95%] |")
     print("|---|---|---|---|")
-    for t, codec, level, k, d, sd in sorted(pts, key=lambda p: p[3]):
-        lv = "" if level != level else f":{level:g}"
-        print(f"| {t} | {codec}{lv} | {k:.4g} | {100 * d:+.2f} ± {100 * 1.96 * sd:.2f} |")
-    print(f"\ncontent drop = beta x KL, beta = {beta:.3f} points-fraction per nat "
-          f"(95% CI [{beta - 1.96 * se:.3f}, {beta + 1.96 * se:.3f}]), reduced chi-square "
-          f"{chi2:.2f}, {len(pts)} points: a KL of 0.01 nats/token predicts a content drop of "
-          f"{100 * beta * 0.01:.2f} [{100 * (beta - 1.96 * se) * 0.01:.2f}, "
-          f"{100 * (beta + 1.96 * se) * 0.01:.2f}] points.")
+    for t, storage, k, d, sd in sorted(pts, key=lambda p: p[2]):
+        print(f"| {t} | {storage} | {k:.4g} | {100 * d:+.2f} ± {100 * 1.96 * sd:.2f} |")
+    b, se = cal.beta, cal.beta_se
+    print(f"\ncontent drop = beta x KL, beta = {b:.3f} per nat (95% CI [{b - 1.96 * se:.3f}, "
+          f"{b + 1.96 * se:.3f}]), reduced chi-square {cal.chi2_reduced:.2f}, {cal.points} "
+          f"points: a KL of 0.01 nats/token implies a content drop of {b:.2f} "
+          f"[{b - 1.96 * se:.2f}, {b + 1.96 * se:.2f}] points.")
 
 
 def plans(args) -> None:

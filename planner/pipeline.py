@@ -382,6 +382,15 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
                          averaged_over_tasks=list(accuracy.tasks) if accuracy.metric not in
                          ("kl", "ppl") else [])
     doc["evaluation"] = metrics
+    if accuracy.metric == "kl" and metrics.get("tasks"):
+        from planner.calibration import fit_calibration
+
+        cal = fit_calibration(prof.sensitivity)
+        if cal is not None:
+            d = doc["predicted"]["accuracy_drop"]
+            doc["kl_calibration"] = cal.to_dict()
+            doc["predicted"]["content_drop_via_kl"] = cal.predict(d["value"], max(d["low"], 0.0),
+                                                                  d["high"])
     if verification is not None:
         doc["verification"] = verification
         if verification["warning"]:

@@ -249,6 +249,14 @@ def print_plan(doc: dict) -> None:
                    "n/a" if x["layer_s_per_step"] is None else
                    f"{x['layer_s_per_step'] * 1e3:.3f} ms")
     console.print(lt)
+    via = p.get("content_drop_via_kl")
+    if via:
+        c = doc["kl_calibration"]
+        console.print(f"content drop the plan's KL implies: {100 * via['value']:+.2f} "
+                      f"[{100 * via['low']:+.2f}, {100 * via['high']:+.2f}] points (predicted: "
+                      f"calibration content drop = {c['beta']:.3g} x KL, beta ± "
+                      f"{1.96 * c['beta_se']:.2g}, fitted on {c['points']} profile points, "
+                      f"reduced chi-square {c['chi2_reduced']:.2f})", highlight=False)
     ver = doc.get("verification")
     if ver:
         vt = Table(title=f"verified candidates (measured on the profile split, {ver['wall_s']:.0f} "

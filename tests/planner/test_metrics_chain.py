@@ -81,6 +81,9 @@ def test_plan_and_validate_on_each_metric(profiled, budget):
     assert doc["budget"]["value"] == pytest.approx(0.01 if metric == "ppl" else
                                                    float(budget.split("=")[1]))
     assert doc["evaluation"]["tasks"] == ["sums"]
+    if metric == "kl":   # the accuracy drop the KL implies, from the profile's calibration
+        via = doc["predicted"]["content_drop_via_kl"]
+        assert via["low"] <= via["value"] <= via["high"] and doc["kl_calibration"]["points"] > 2
     r = runner.invoke(app, ["validate", str(plan), "--limit", "8", "--cache-dir",
                             str(root / "cache"), "--json"])
     assert r.exit_code == 0, r.output
