@@ -362,8 +362,15 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
         from planner.verify import verify_options
 
         t = time.perf_counter()
-        chosen, verification = verify_options(prof, accuracy, budget, options, req.verify,
-                                              progress)
+        verified, verification = verify_options(prof, accuracy, budget, options, req.verify,
+                                                progress)
+        if verified is None:   # nothing measured meets the budget: store every expert raw
+            raw = next(b for b in baselines if b.name == "no compression")
+            verified = from_baseline(raw, prof, cf, req.serving)
+            if req.rerank > 0:
+                verified = replace(verified, tokens_per_s_simulation=_simulate(
+                    prof, hw, verified.serving, verified.policy, cf.workload))
+        chosen = verified
         timings["verify_s"] = time.perf_counter() - t
     base_sims: dict[str, float] = {o.source.split(": ", 1)[1]: o.tokens_per_s_simulation
                                    for o in options if o.source.startswith("baseline")

@@ -5,7 +5,8 @@ measured for real on the profile split (`profiles.profiling.verify.measure_polic
 round trips, the profile's tasks, benchmarks and text, paired with the unperturbed baseline), and
 the plan becomes the fastest candidate whose *measured* one-sided upper bound meets the budget.
 The measured rows stay in the profile (`verified.parquet`), so a rerun reuses them. When no
-measured candidate meets the budget, the plan keeps the predicted best and says so.
+measured candidate meets the budget, the plan stores every expert raw (bit-exact, so certainly
+within any budget) and says which candidate came closest.
 
 A measured drop is aggregated like the accuracy model's single-layer effects: accuracy metrics
 as the mean change over the budget's tasks with the per-task paired half-widths combined in
@@ -49,8 +50,9 @@ def measured_drop(rows: Sequence[dict], accuracy: AccuracyModel) -> DropPredicti
 
 def verify_options(prof, accuracy: AccuracyModel, budget: float, options: Sequence, n: int,
                    progress: Progress | None = None):
-    """(the chosen option, the plan's `verification` record) after measuring the best `n`
-    distinct options (in their ranked order, fastest first)."""
+    """(the chosen option, or None when no measured candidate meets the budget; the plan's
+    `verification` record) after measuring the best `n` distinct options (in their ranked
+    order, fastest first)."""
     import time
 
     from profiles.profiling.verify import measure_policies, policy_digest
@@ -79,13 +81,15 @@ def verify_options(prof, accuracy: AccuracyModel, budget: float, options: Sequen
             chosen = replace(o, drop=meas)
     warning = None
     if chosen is None:
-        chosen = options[0]
+        best = min(records, key=lambda r: r["measured_drop"]["ucb"])
         warning = (f"none of the {len(picked)} verified candidates meets the budget by its "
-                   f"measured upper bound; the plan is the predicted best, unverified (raise "
-                   f"--verify or the budget)")
+                   f"measured upper bound (the lowest is {best['measured_drop']['ucb']:.4g}, "
+                   f"{best['source']}), so the plan stores every expert raw, which is exact; "
+                   f"raise --verify or the budget, or profile with more prompts")
     return chosen, {"candidates": records, "verified": len(picked),
-                    "chosen_accuracy": "measured" if warning is None else "predicted",
-                    "chosen_source": chosen.source, "warning": warning,
+                    "chosen_accuracy": "measured" if warning is None else "exact (raw)",
+                    "chosen_source": chosen.source if chosen else "baseline: no compression",
+                    "warning": warning,
                     "rows_file": str(prof.path / "verified.parquet"),
                     "wall_s": time.perf_counter() - t0,
                     "method": "real codec round trips on the profile split, paired with the "

@@ -174,7 +174,7 @@ def test_verify_measures_candidates_and_a_rerun_reuses_them(profiled):
     ver = doc["verification"]
     assert ver["verified"] == 2 and len(ver["candidates"]) == 2
     ok = [c for c in ver["candidates"] if c["meets_budget_measured"]]
-    assert ver["chosen_accuracy"] == ("measured" if ok else "predicted")
+    assert ver["chosen_accuracy"] == ("measured" if ok else "exact (raw)")
     if ok:
         assert doc["predicted"]["accuracy_drop"]["kind"].startswith("measured (verified")
         assert doc["predicted"]["accuracy_drop"] == ok[0]["measured_drop"]
@@ -190,3 +190,26 @@ def test_verify_measures_candidates_and_a_rerun_reuses_them(profiled):
     assert r.exit_code == 0, r.output
     assert (out / "verified.parquet").stat().st_mtime_ns == stamp   # nothing measured again
     assert json.loads(plan.read_text())["verification"]["candidates"] == ver["candidates"]
+
+
+def test_verification_decides_on_the_measured_bound(profiled):
+    from planner.pipeline import PlanRequest, make_plan
+    from planner.plan_document import from_baseline
+    from planner.verify import verify_options
+    from profiles.serving import ServingConfig, parse_mem
+
+    _, _, out, _, _ = profiled
+    serving = ServingConfig().with_budgets(parse_mem("25%", what="gpu"), None)
+    outcome = make_plan(PlanRequest(profile=str(out), hardware="preset:h200-published",
+                                    budget=0.01, serving=serving, metric="kl", trials=5,
+                                    warm_trials=0, rerank=0))
+    opts = [from_baseline(b, outcome.profile, outcome.closed_form, serving)
+            for b in outcome.baselines if b.name in ("rtn4", "rtn8")]
+    chosen, rec = verify_options(outcome.profile, outcome.accuracy, 1.0, opts, 2)
+    assert chosen.source == opts[0].source and rec["chosen_accuracy"] == "measured"
+    assert chosen.drop.kind.startswith("measured") and chosen.drop.ucb <= 1.0
+    # a budget no measurement meets: nothing is chosen, and the record says which came closest
+    tight = min(c["measured_drop"]["ucb"] for c in rec["candidates"]) / 2
+    chosen, rec = verify_options(outcome.profile, outcome.accuracy, tight, opts, 2)
+    assert chosen is None and rec["chosen_accuracy"] == "exact (raw)"
+    assert "the lowest is" in rec["warning"] and "stores every expert raw" in rec["warning"]
