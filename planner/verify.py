@@ -1,7 +1,8 @@
 """Plans checked by measurement: the additive model proposes, measurement decides.
 
-After the search and the simulator's re-ranking, the best `n` distinct candidate policies are
-measured for real on the profile split (`profiles.profiling.verify.measure_policies`: real codec
+After the search and the simulator's re-ranking, `n` candidate policies (the certified best,
+and MILP optima at looser budgets that are predicted faster: `planner.pipeline`) are measured
+for real on the profile split (`profiles.profiling.verify.measure_policies`: real codec
 round trips, the profile's tasks, benchmarks and text, paired with the unperturbed baseline), and
 the plan becomes the fastest candidate whose *measured* one-sided upper bound meets the budget.
 The measured rows stay in the profile (`verified.parquet`), so a rerun reuses them. When no
