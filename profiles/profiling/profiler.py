@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from profiles.errors import ConfigError, ProfileError
+from profiles.errors import ConfigError, MoeszError, ProfileError
 from profiles.evaluation.textmetrics import DEFAULT_MAX_TOKENS
 from profiles.evaluation.threads import torch_threads
 from profiles.profiling import format as fmt
@@ -155,9 +155,7 @@ def _profile(req: ProfileRequest, progress: Progress | None, t0: float) -> Profi
     _check_out(out, loaded, evalset)
     try:
         corpus = spec_eval.corpus(loaded, req.split)
-    except ConfigError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - MoeszError from the tokenizer or the file
+    except MoeszError as exc:   # the file, or a tokenizer that cannot encode it
         raise ConfigError(str(exc)) from None
 
     from profiles.evaluation.textmetrics import builtin_corpus, text_reference
