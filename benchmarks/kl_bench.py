@@ -28,7 +28,6 @@ Prints markdown for benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from datetime import date
@@ -126,7 +125,8 @@ def calibration(args) -> None:
 def plans(args) -> None:
     import json
 
-    from planner.pipeline import PlanRequest, make_plan, parse_budget
+    from planner.budget import parse_budget
+    from planner.pipeline import PlanRequest, make_plan
     from planner.validate import validate_plan
     from profiles.serving import ServingConfig, parse_mem
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from planner.accuracy import AccuracyModel
 from planner.baselines import Baseline, compute_baselines
+from planner.budget import METRIC_UNITS, budget_value, check_budget, resolve_metric
 from planner.choices import ChoiceTable, build_table, default_codecs
 from planner.milp import MilpResult, solve_knapsack
 from planner.modelprofile import ModelProfile, load_profile
@@ -97,65 +98,6 @@ class PlanOutcome:
     profile: ModelProfile
     study: Any = None
     timings_s: dict = field(default_factory=dict)
-
-
-METRIC_UNITS = {"content": "fraction of prompts", "strict": "fraction of prompts",
-                "kl": "nats per token", "ppl": "perplexity ratio - 1"}
-
-
-def parse_budget(text: str) -> tuple[str, str]:
-    """`kl=0.02` -> ("kl", "0.02"); the metric is checked against the profile later.
-
-    Raises:
-        ConfigError: no `=`, or an empty metric or value.
-    """
-    metric, sep, value = str(text).partition("=")
-    if not sep or not metric.strip() or not value.strip():
-        raise ConfigError(f"--budget {text!r}: expected METRIC=VALUE, e.g. kl=0.02 (nats per "
-                          f"token), ppl=1.01 (perplexity ratio), content=0.01 or mybench=0.02")
-    return metric.strip(), value.strip()
-
-
-def resolve_metric(metric: str, prof: ModelProfile) -> tuple[str, list[str] | None, dict]:
-    """(accuracy-model metric, tasks to average over or None, the profile's metrics record) for a
-    budget metric: content, strict, kl, ppl, or a task's name (its content accuracy).
-
-    Raises:
-        ConfigError: the profile does not have the metric (the message lists those it has).
-    """
-    from profiles.profiling.metrics import AGGREGATE_METRICS, check_metric, profile_metrics
-
-    metrics = dict(profile_metrics(prof.doc))
-    if "metrics" not in prof.doc:   # an older (or synthetic) profile: what its rows hold
-        metrics["available"] = ["content", "strict", "kl"] + prof.tasks
-    check_metric(metric, metrics, f"the profile {prof.path}")
-    if metric in AGGREGATE_METRICS:
-        return metric, None, metrics
-    return "content", [metric], metrics
-
-
-def budget_value(budget: Any, metric: str) -> float:
-    """The largest allowed drop for a budget given by the user: `ppl` budgets are ratios
-    (1.01 allows 1 %), drops of ratio - 1; every other metric's budget is its drop."""
-    b = check_budget(budget)
-    if metric != "ppl":
-        return b
-    if b < 1:
-        raise ConfigError(f"--budget ppl={budget}: a perplexity-ratio budget is at least 1 (e.g. "
-                          f"1.01 allows 1 % more perplexity)")
-    return b - 1.0
-
-
-def check_budget(budget: Any) -> float:
-    """The budget as a float >= 0, or a ConfigError naming the problem."""
-    try:
-        b = float(budget)
-    except (TypeError, ValueError):
-        raise ConfigError(f"--accuracy-budget {budget!r} is not a number; give a drop such as "
-                          f"0.01 (one point of accuracy) or 0.05 nats for --metric kl") from None
-    if not math.isfinite(b) or b < 0:
-        raise ConfigError(f"--accuracy-budget {budget!r} must be a finite number >= 0 (e.g. 0.01)")
-    return b
 
 
 def _milp(table: ChoiceTable, cf, constraint, build) -> tuple[MilpResult, ChoiceTable]:
@@ -238,56 +180,6 @@ def _simulate(prof, hw, serving, policy, workload) -> float:
     run = simulate_policy(geometry=prof.geometry, hardware=hw, serving=serving, policy=policy,
                           workload=workload, ratios=prof.ratios)
     return float(run.result.tokens_per_s)
-
-
-# budgets the MILP proposes beyond, for --verify: the additive bound sums every layer's
-# uncertainty, so policies it cannot certify may still measure within the budget
-VERIFY_RELAX = (1.5, 2.0, 3.0, 4.0, 6.0)
-
-
-def _verify_candidates(req: PlanRequest, options: list, table: ChoiceTable,
-                       accuracy: AccuracyModel, budget: float, cf, prof, hw) -> list:
-    """What --verify N measures, fastest first: the best option the additive model certifies,
-    the MILP optima at budgets VERIFY_RELAX times larger that are faster than it (closest to the
-    budget first, N - 1 at most), then the next certified options up to N."""
-    from planner.search import Candidate
-
-    def speed(o) -> float:
-        return o.tokens_per_s_simulation if o.tokens_per_s_simulation is not None \
-            else o.tokens_per_s
-
-    anchor, picked = options[0], [options[0]]
-    seen = {tuple(x["spec"] for x in anchor.layers)}
-    for k in VERIFY_RELAX:
-        if len(picked) >= req.verify:
-            break
-        res = solve_knapsack(table.layer_s, table.mu, table.var, accuracy.constraint(budget * k))
-        if res is None:
-            continue
-        choice = tuple(int(c) for c in res.choice)
-        M, V = table.sums(choice)
-        o = from_candidate(Candidate(choice, _tps(cf, table, choice), M, V,
-                                     table.host_bytes(choice), False, -1),
-                           table, accuracy, cf, prof, req.serving)
-        key = tuple(x["spec"] for x in o.layers)
-        if key in seen:
-            continue
-        o = replace(o, source=f"MILP optimum at {k:g} x budget (not certified by the additive "
-                              f"model)")
-        if req.rerank > 0:
-            o = replace(o, tokens_per_s_simulation=_simulate(prof, hw, o.serving, o.policy,
-                                                             cf.workload))
-        if speed(o) > speed(anchor):
-            seen.add(key)
-            picked.append(o)
-    for o in options[1:]:
-        if len(picked) >= req.verify:
-            break
-        key = tuple(x["spec"] for x in o.layers)
-        if key not in seen:
-            seen.add(key)
-            picked.append(o)
-    return sorted(picked, key=lambda o: -speed(o))
 
 
 def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | None = None
@@ -409,10 +301,14 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
     chosen = options[0]
     verification = None
     if req.verify > 0:
-        from planner.verify import verify_options
+        from planner.verify import verify_candidates, verify_options
 
         t = time.perf_counter()
-        candidates = _verify_candidates(req, options, table, accuracy, budget, cf, prof, hw)
+        candidates = verify_candidates(
+            options, req.verify, table, accuracy, budget, lambda o: from_candidate(
+                o, table, accuracy, cf, prof, req.serving), lambda c: _tps(cf, table, c),
+            (lambda o: _simulate(prof, hw, o.serving, o.policy, cf.workload))
+            if req.rerank > 0 else None)
         verified, verification = verify_options(prof, accuracy, budget, candidates,
                                                 len(candidates), progress)
         if verified is None:   # nothing measured meets the budget: store every expert raw

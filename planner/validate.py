@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path

@@ -49,6 +49,64 @@ def measured_drop(rows: Sequence[dict], accuracy: AccuracyModel) -> DropPredicti
     return DropPrediction(m, drop, sd, accuracy.z, drop, sd * sd, MEASURED_KIND)
 
 
+# budgets the MILP proposes beyond, for --verify: the additive bound sums every layer's
+# uncertainty, so policies it cannot certify may still measure within the budget
+VERIFY_RELAX = (1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def verify_candidates(options: Sequence, n: int, table, accuracy: AccuracyModel, budget: float,
+                      option_of: Callable, tps_of: Callable, simulate: Callable | None) -> list:
+    """What --verify N measures, fastest first: the best option the additive model certifies,
+    the MILP optima at budgets VERIFY_RELAX times larger that are faster than it (closest to the
+    budget first, N - 1 at most), then the next certified options up to N.
+
+    Args:
+        options: the ranked options of the plan (certified by the additive model).
+        n: how many to measure.
+        table: the choice table; accuracy, budget: the plan's accuracy model and budget.
+        option_of: a search `Candidate` -> an option.
+        tps_of: an assignment -> closed-form tokens/s.
+        simulate: an option -> simulated tokens/s (None: rank by the closed form).
+    """
+    from planner.milp import solve_knapsack
+    from planner.search import Candidate
+
+    def speed(o) -> float:
+        return o.tokens_per_s_simulation if o.tokens_per_s_simulation is not None \
+            else o.tokens_per_s
+
+    anchor, picked = options[0], [options[0]]
+    seen = {tuple(x["spec"] for x in anchor.layers)}
+    for k in VERIFY_RELAX:
+        if len(picked) >= n:
+            break
+        res = solve_knapsack(table.layer_s, table.mu, table.var, accuracy.constraint(budget * k))
+        if res is None:
+            continue
+        choice = tuple(int(c) for c in res.choice)
+        M, V = table.sums(choice)
+        o = option_of(Candidate(choice, tps_of(choice), M, V, table.host_bytes(choice), False,
+                                -1))
+        key = tuple(x["spec"] for x in o.layers)
+        if key in seen:
+            continue
+        o = replace(o, source=f"MILP optimum at {k:g} x budget (not certified by the additive "
+                              f"model)")
+        if simulate is not None:
+            o = replace(o, tokens_per_s_simulation=simulate(o))
+        if speed(o) > speed(anchor):
+            seen.add(key)
+            picked.append(o)
+    for o in options[1:]:
+        if len(picked) >= n:
+            break
+        key = tuple(x["spec"] for x in o.layers)
+        if key not in seen:
+            seen.add(key)
+            picked.append(o)
+    return sorted(picked, key=lambda o: -speed(o))
+
+
 def verify_options(prof, accuracy: AccuracyModel, budget: float, options: Sequence, n: int,
                    progress: Progress | None = None):
     """(the chosen option, or None when no measured candidate meets the budget; the plan's

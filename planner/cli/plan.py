@@ -92,7 +92,7 @@ def plan(
     from planner.pipeline import PlanRequest, make_plan, write_plots
     from profiles.serving import ServingConfig, parse_mem
 
-    from planner.pipeline import parse_budget
+    from planner.budget import parse_budget
 
     if budget is not None and accuracy_budget is not None:
         raise ConfigError("give --accuracy-budget X (content, or --metric) or --budget METRIC=X, "
