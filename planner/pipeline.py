@@ -32,6 +32,7 @@ from profiles.errors import ConfigError, PlanError
 from profiles.serving import ServingConfig
 
 Progress = Callable[[int, int, str], None]
+DEFAULT_VERIFY = 3   # candidates `moesz plan` measures on a measured profile unless told otherwise
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,9 @@ class PlanRequest:
         placement_traces: rank static placements by this trace file instead of the profile's
             traces (which are an oracle for the workload they describe).
         command: the command line, recorded in the plan.
-        verify: measure this many of the best candidates for real on the profile split
-            (`planner.verify`) and plan the fastest whose measured bound meets the budget.
+        verify: measure this many candidates for real on the profile split (`planner.verify`)
+            and plan the fastest whose measured bound meets the budget; None: DEFAULT_VERIFY
+            on a measured profile, 0 on a synthetic one (it has no model to measure).
     """
 
     profile: str
@@ -80,7 +82,7 @@ class PlanRequest:
     cache_allocation: bool = False
     placement_traces: str | None = None
     command: str = ""
-    verify: int = 0
+    verify: int | None = 0
 
 
 @dataclass(frozen=True)
@@ -203,9 +205,15 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
         raise ConfigError(f"--warm-trials {req.warm_trials} must be >= 0")
     if req.rerank < 0:
         raise ConfigError(f"--rerank {req.rerank} must be >= 0 (0: rank by the closed form only)")
-    if req.verify < 0:
+    if req.verify is not None and req.verify < 0:
         raise ConfigError(f"--verify {req.verify} must be >= 0 (0: trust the prediction)")
     prof = load_profile(req.profile)
+    verify_note = None
+    if req.verify is None:
+        req = replace(req, verify=0 if prof.synthetic else DEFAULT_VERIFY)
+        if prof.synthetic:
+            verify_note = ("not verified by measurement: the profile is synthetic, there is no "
+                           "model to measure")
     hw = load_hardware(req.hardware)
     hw_src = hardware_source(req.hardware)
     base_metric, metric_tasks, metrics = resolve_metric(req.metric, prof)
@@ -345,6 +353,8 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
             doc["kl_calibration"] = cal.to_dict()
             doc["predicted"]["content_drop_via_kl"] = cal.predict(d["value"], max(d["low"], 0.0),
                                                                   d["high"])
+    if verify_note:
+        doc.setdefault("notes", []).append(verify_note)
     if verification is not None:
         doc["verification"] = verification
         if verification["warning"]:

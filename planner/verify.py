@@ -131,6 +131,7 @@ def verify_options(prof, accuracy: AccuracyModel, budget: float, options: Sequen
         meas = measured_drop(r, accuracy)
         ok = meas.ucb <= budget
         records.append({"rank": rank + 1, "source": o.source,
+                        "policy_digest": policy_digest(o.policy),
                         "tokens_per_s_closed_form": o.tokens_per_s,
                         "tokens_per_s_simulation": o.tokens_per_s_simulation,
                         "predicted_drop": o.drop.to_dict() if o.drop is not None else None,

@@ -70,9 +70,10 @@ def plan(
     confidence: float = typer.Option(0.95, "--confidence",
                                      help="One-sided confidence of the accuracy bound."),
     rerank: int = typer.Option(3, "--rerank", help="Candidates re-ranked by the simulator."),
-    verify: int = typer.Option(0, "--verify", help="Measure the best N candidates for real on "
-                               "the profile split (loads the model; rows kept in the profile) "
-                               "and plan the fastest whose measured bound meets the budget."),
+    verify: Optional[int] = typer.Option(
+        None, "--verify", help="Measure N candidates for real on the profile split (loads the "
+        "model; rows kept in the profile, reused on rerun) and plan the fastest whose measured "
+        "bound meets the budget; default 3 on a measured profile, 0 on a synthetic one."),
     simulate_baselines: bool = typer.Option(False, "--simulate-baselines",
                                             help="Also simulate every baseline."),
     cache_allocation: bool = typer.Option(False, "--cache-allocation",

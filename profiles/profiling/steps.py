@@ -243,7 +243,7 @@ def profile_meta(req, loaded, spec: GridSpec, points, tasks, limit, compute, bas
         "codecs": list(spec.codecs), "mode": spec.mode, "levels": list(spec.levels),
         "targets": targets, "experts": spec.experts,
         "groups": {k: list(v) for k, v in spec.groups.items()},
-        "design": spec.design, "compute_dtype": compute,
+        "design": spec.design, "compute_dtype": compute, "host_mem_bytes": req.host_mem,
         "catastrophic_drop": req.catastrophic_drop,
         "ratio_sample": req.ratio_sample if req.ratio_sample is not None else 16,
         "storage": display_url(req.storage)   # a password in the URL is not written down

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Callable, Sequence
 
-from profiles.errors import ProfileError
+from profiles.errors import MoeszError, ProfileError
 from profiles.profiling import format as fmt
 from profiles.profiling.grid import Point
 
@@ -83,8 +83,15 @@ def measure_policies(profile_dir: str | Path, policies: Sequence, progress: Prog
                                f"to complete the profile before verifying plans")
         baseline = EvalResult.load(d / steps.BASELINE_FILE)
         spec = spec_from_record(profile_metrics(doc)).with_split(doc["split"])
+        host_mem = doc.get("host_mem_bytes")
         with torch_threads(threads):
-            loaded = load_model(doc["model"]["spec"])
+            try:
+                loaded = load_model(doc["model"]["spec"], host_mem=host_mem,
+                                    offload=host_mem is not None)
+            except MoeszError as exc:
+                raise ProfileError(f"{d}: its model {doc['model']['spec']!r} cannot be loaded to "
+                                   f"measure the candidates ({exc}); give --verify 0 to plan on "
+                                   f"the prediction alone") from None
             if loaded.fingerprint != doc["model"].get("fingerprint"):
                 raise ProfileError(f"{d}: the model {doc['model']['spec']} now has fingerprint "
                                    f"{loaded.fingerprint}, the profile "
