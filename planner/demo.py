@@ -54,7 +54,9 @@ class DemoSize:
     sweep_fractions: tuple[str, ...]
     budget: float          # content accuracy drop, averaged over tasks
     verify: int = 3        # candidates measured for real before the plan is chosen
-    text_tokens: int | None = None  # shipped corpus's profile half (None: the default budget)
+    # a quarter of the shipped corpus's profile half: the KL of every point at about twice the
+    # interval of the full default budget, for a quarter of its cost
+    text_tokens: int | None = 16384
 
 
 SIZES = {
@@ -68,8 +70,35 @@ SIZES = {
 GPU_FRACTION = "25%"   # of the routed-expert bytes, on top of non-expert weights and KV cache
 
 
+@dataclass(frozen=True)
+class DemoMetrics:
+    """What the demo measures the built-in model with, beyond its tasks, and the budget's metric
+    (docs/metrics.md): `text` replaces the shipped corpus, `bench` adds JSONL benchmarks."""
+
+    text: str | None = None
+    bench: tuple[str, ...] = ()
+    budget: str | None = None   # METRIC=X; default content at the size's budget
+
+    def resolved_budget(self, sz: "DemoSize") -> tuple[str, float]:
+        """(metric, value), checked before any work: the metric must be one the demo's profile
+        will have (content, strict, kl, ppl, a built-in task or a --bench file's stem)."""
+        from planner.budget import budget_value, parse_budget
+        from profiles.profiling.metrics import AGGREGATE_METRICS
+        from profiles.tasks import TASKS
+
+        if self.budget is None:
+            return "content", sz.budget
+        metric, value = parse_budget(self.budget)
+        have = list(AGGREGATE_METRICS) + list(TASKS) + [Path(b).stem for b in self.bench]
+        if metric not in have:
+            raise ConfigError(f"--budget {self.budget}: the demo's profile will not have metric "
+                              f"{metric!r}; it will have {', '.join(have)}")
+        budget_value(value, metric)   # a bad number fails here, not after the profile
+        return metric, float(value)
+
+
 def run_demo(out_dir: str | Path, progress: Progress | None = None, size: str = "default",
-             hardware: str | None = None) -> dict:
+             hardware: str | None = None, metrics: DemoMetrics = DemoMetrics()) -> dict:
     """Run the demo into `out_dir` and return its record (also written as `demo.json`).
 
     Args:
@@ -77,16 +106,24 @@ def run_demo(out_dir: str | Path, progress: Progress | None = None, size: str = 
         progress: `progress(done, total, label)`; labels start with the stage name.
         size: `default` (a few minutes on 2 CPU cores) or `ci` (tests).
         hardware: a hardware profile to use instead of measuring / the preset.
+        metrics: a text, benchmarks and a budget naming its metric (default: the shipped
+            corpus, the built-in tasks, a content budget).
 
     Returns:
         The demo record: stages with their wall-clock seconds, the headline figures (each
         labelled measured / predicted / preset) and the files written.
 
     Raises:
-        ConfigError: an unknown size or an output path that is a file.
+        ConfigError: an unknown size, an output path that is a file, a budget on a metric the
+            profile will not have, or a bad text or benchmark file.
     """
     if size not in SIZES:
         raise ConfigError(f"demo size {size!r} is unknown; choose {' or '.join(SIZES)}")
+    from profiles.profiling.metrics import eval_spec
+    from profiles.tasks import TASKS
+
+    metric, budget = metrics.resolved_budget(SIZES[size])
+    eval_spec(list(TASKS), metrics.bench, text=metrics.text)  # bad files fail before any work
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the report")
@@ -102,8 +139,8 @@ def run_demo(out_dir: str | Path, progress: Progress | None = None, size: str = 
         return result
 
     hw_spec, hw_note = timed("hardware", lambda: _hardware(out, hardware, stage))
-    profile = timed("profile", lambda: _profile(out, sz, stage))
-    outcome = timed("plan", lambda: _plan(out, sz, hw_spec, stage))
+    profile = timed("profile", lambda: _profile(out, sz, stage, metrics))
+    outcome = timed("plan", lambda: _plan(out, sz, hw_spec, stage, metric, budget))
     sweep = timed("sweep", lambda: _sweep(out, sz, hw_spec, outcome, stage))
     val = timed("validate", lambda: _validate(out, sz, stage))
     record = _record(out, size, sz, hw_spec, hw_note, profile, outcome, sweep, val, timings,
@@ -156,7 +193,7 @@ def _hardware(out: Path, hardware: str | None, stage) -> tuple[str, str]:
                     "on this machine)")
 
 
-def _profile(out: Path, sz: DemoSize, stage):
+def _profile(out: Path, sz: DemoSize, stage, metrics: DemoMetrics):
     from profiles.profiling import ProfileRequest, profile_model
 
     from profiles.evaluation.textmetrics import builtin_corpus_path
@@ -165,19 +202,19 @@ def _profile(out: Path, sz: DemoSize, stage):
     req = ProfileRequest(model="builtin", out=out / "profile", codecs="szp", mode="meanabs",
                          levels=sz.levels, layers=sz.layers, groups=sz.groups,
                          limit=sz.profile_limit, command="moesz demo (profile step)",
-                         text=str(builtin_corpus_path()), text_tokens=sz.text_tokens,
-                         tasks=",".join(TASKS))
+                         text=metrics.text or str(builtin_corpus_path()),
+                         text_tokens=sz.text_tokens, tasks=",".join(TASKS), bench=metrics.bench)
     return profile_model(req, progress=stage)
 
 
-def _plan(out: Path, sz: DemoSize, hw_spec: str, stage):
+def _plan(out: Path, sz: DemoSize, hw_spec: str, stage, metric: str, budget: float):
     from planner.pipeline import PlanRequest, make_plan, write_plots
     from profiles.serving import ServingConfig, parse_mem
 
     serving = ServingConfig(generated_tokens=sz.tokens, prompt_tokens=16).with_budgets(
         parse_mem(GPU_FRACTION, what="demo GPU budget"), None)
-    req = PlanRequest(profile=str(out / "profile"), hardware=hw_spec, budget=sz.budget,
-                      serving=serving, metric="content", trials=sz.trials,
+    req = PlanRequest(profile=str(out / "profile"), hardware=hw_spec, budget=budget,
+                      serving=serving, metric=metric, trials=sz.trials,
                       warm_trials=sz.warm_trials, seed=0, command="moesz demo (plan step)",
                       verify=sz.verify)
     outcome = make_plan(req, out=str(out / "plan.json"), progress=stage)
@@ -284,8 +321,9 @@ def summary_lines(record: dict, out: Path) -> list[str]:
     lines = [f"moesz demo: built-in model, {record['size']} size, {record['wall_s']:.0f} s "
              f"(measured wall clock)",
              f"hardware: {record['hardware']['spec']} — {record['hardware']['note']}",
-             f"plan: budget {plan['budget']['value']:g} {plan['budget']['metric']} accuracy, GPU "
-             f"budget {record['gpu_budget']}",
+             f"plan: budget {plan['budget']['metric']} drop <= {plan['budget']['value']:g} "
+             f"({plan['budget'].get('unit', 'fraction of prompts')}), GPU budget "
+             f"{record['gpu_budget']}",
              "  layers: " + _grouped(plan["layers"]),
              f"  decode tokens/s, predicted: plan {_num(p.get('tokens_per_s_simulation'))} "
              f"(simulation), {_num(p.get('tokens_per_s_closed_form'))} (closed form)"]
@@ -303,18 +341,26 @@ def summary_lines(record: dict, out: Path) -> list[str]:
         p["accuracy_drop"].get("kind", "")).startswith("measured") else "")
     ver = plan.get("verification")
     if ver:
-        lines.append(f"  verified: {ver['verified']} best candidates measured on the profile "
-                     f"split; the plan's accuracy is {ver['chosen_accuracy']} "
+        lines.append(f"  verified: {ver['verified']} candidates measured on the profile split "
+                     f"({sum(c['meets_budget_measured'] for c in ver['candidates'])} within the "
+                     f"budget); the plan's accuracy is {ver['chosen_accuracy']} "
                      f"({ver['chosen_source']})")
     if str(p["accuracy_drop"].get("kind", "")).startswith("measured (verified"):
         how = " (measured on the profile split, whole policy)"
     kl = (val["measured"].get("text") or {}).get("kl_nats")
     if kl:
-        lines.append(f"  KL(base || plan) on the shipped corpus's validate half: "
+        lines.append(f"  KL(base || plan) on the text's validate half: "
                      f"{kl['value']:.3g} [{kl['low']:.3g}, {kl['high']:.3g}] nats per token "
                      f"(measured)")
-    lines += [f"  content drop: predicted{how} {iv_text(p['accuracy_drop'])}; measured "
-              f"{iv_text(m['accuracy_drop'])} on {val['n_prompts']} held-out prompts",
+    metric = plan["budget"]["metric"]
+    if metric in ("kl", "ppl"):
+        from planner.report_sections import iv_sig
+
+        fmt, where = iv_sig, "the text's validate half"
+    else:
+        fmt, where = iv_text, f"{val['n_prompts']} held-out prompts"
+    lines += [f"  {metric} drop: predicted{how} {fmt(p['accuracy_drop'])}; measured "
+              f"{fmt(m['accuracy_drop'])} on {where}",
               f"  stored expert bytes: measured {m['stored_bytes']:,} ({m['ratio']:.2f}x smaller "
               f"than bf16)",
               f"verdict: {val['verdict']} — {val['verdict_detail']['reason']}"]
