@@ -9,6 +9,7 @@ planned as drops of ratio - 1; every other budget is the largest allowed drop it
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from profiles.errors import ConfigError
@@ -70,3 +71,57 @@ def check_budget(budget: Any) -> float:
     if not math.isfinite(b) or b < 0:
         raise ConfigError(f"--accuracy-budget {budget!r} must be a finite number >= 0 (e.g. 0.01)")
     return b
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One budget of a plan: the metric as the user named it, the value as given (a ratio for
+    ppl), the largest allowed drop, and the accuracy model that predicts it."""
+
+    metric: str
+    given: float
+    value: float
+    accuracy: Any   # planner.accuracy.AccuracyModel
+
+    def record(self, drop) -> dict:
+        """This budget against a drop (a `DropPrediction`, or None when it cannot be told)."""
+        ucb = None if drop is None else float(drop.ucb)
+        return {"metric": self.metric, "value": self.value, "given": self.given,
+                "unit": METRIC_UNITS[self.accuracy.metric],
+                "drop": None if drop is None else drop.to_dict(), "ucb": ucb,
+                "meets": ucb is not None and ucb <= self.value + 1e-12,
+                "used": None if ucb is None else (ucb / self.value if self.value > 0
+                                                  else (0.0 if ucb <= 0 else math.inf))}
+
+
+def make_budget(metric: str, given: Any, prof, z: float) -> Budget:
+    """A `Budget` on a profile, its metric checked (`resolve_metric`) and value converted."""
+    from planner.accuracy import AccuracyModel
+
+    base, tasks, _ = resolve_metric(metric, prof)
+    value = budget_value(given, metric)
+    return Budget(metric, float(given), value,
+                  AccuracyModel(prof.sensitivity, base, z=z, tasks=tasks))
+
+
+def predicted_drop(budget: Budget, option):
+    """An option's predicted drop of `budget`'s metric: the profile's whole-model measurement
+    for a uniform policy it measured, else the additive model; None when neither can tell (a
+    choice without single-layer rows)."""
+    from profiles.errors import ProfileError
+
+    labels = {int(x["layer"]): x["spec"] for x in option.layers}
+    if len(set(labels.values())) == 1:
+        measured = budget.accuracy.measured_uniform(next(iter(labels.values())))
+        if measured is not None:
+            return measured
+    try:
+        return budget.accuracy.predict(labels)
+    except ProfileError:
+        return None
+
+
+def binding(records: list[dict]) -> str | None:
+    """The metric whose bound uses the largest share of its budget (None without any bound)."""
+    known = [r for r in records if r["used"] is not None]
+    return max(known, key=lambda r: r["used"])["metric"] if known else None

@@ -21,7 +21,8 @@ import numpy as np
 
 from planner.accuracy import AccuracyModel
 from planner.baselines import Baseline, compute_baselines
-from planner.budget import METRIC_UNITS, budget_value, check_budget, resolve_metric
+from planner.budget import (METRIC_UNITS, binding, budget_value, check_budget, make_budget,
+                            predicted_drop, resolve_metric)
 from planner.choices import ChoiceTable, build_table, default_codecs
 from planner.milp import MilpResult, solve_knapsack
 from planner.modelprofile import ModelProfile, load_profile
@@ -62,6 +63,9 @@ class PlanRequest:
         verify: measure this many candidates for real on the profile split (`planner.verify`)
             and plan the fastest whose measured bound meets the budget; None: DEFAULT_VERIFY
             on a measured profile, 0 on a synthetic one (it has no model to measure).
+        more_budgets: further (metric, value) budgets every plan must also meet: the search
+            runs on the first, the others are checked on its candidates (predicted, or
+            measured when verified); the plan says which budget binds.
     """
 
     profile: str
@@ -83,6 +87,7 @@ class PlanRequest:
     placement_traces: str | None = None
     command: str = ""
     verify: int | None = 0
+    more_budgets: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -219,6 +224,7 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
     base_metric, metric_tasks, metrics = resolve_metric(req.metric, prof)
     budget = budget_value(req.budget, req.metric)
     accuracy = AccuracyModel(prof.sensitivity, base_metric, z=req.z, tasks=metric_tasks)
+    more = [make_budget(m, v, prof, req.z) for m, v in req.more_budgets]
     constraint = accuracy.constraint(budget)
     cf = ClosedFormModel(hw, prof.geometry, req.serving, _workload(req, prof))
     timings["setup_s"] = time.perf_counter() - t0
@@ -306,27 +312,31 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
     else:
         order = sorted(range(len(options)), key=lambda i: (-options[i].tokens_per_s, i))
     options = [options[i] for i in order]
+
+    def raw_option():   # every expert raw: exact, within any budget
+        raw = from_baseline(next(b for b in baselines if b.name == "no compression"), prof, cf,
+                            req.serving)
+        return replace(raw, tokens_per_s_simulation=_simulate(
+            prof, hw, raw.serving, raw.policy, cf.workload)) if req.rerank > 0 else raw
+
+    if more:   # the further budgets, predicted on each option
+        options = [o for o in options
+                   if all(b.record(predicted_drop(b, o))["meets"] for b in more)] or [raw_option()]
     chosen = options[0]
     verification = None
     if req.verify > 0:
         from planner.verify import verify_candidates, verify_options
 
-        t = time.perf_counter()
+        tv = time.perf_counter()
         candidates = verify_candidates(
             options, req.verify, table, accuracy, budget, lambda o: from_candidate(
                 o, table, accuracy, cf, prof, req.serving), lambda c: _tps(cf, table, c),
             (lambda o: _simulate(prof, hw, o.serving, o.policy, cf.workload))
             if req.rerank > 0 else None)
         verified, verification = verify_options(prof, accuracy, budget, candidates,
-                                                len(candidates), progress)
-        if verified is None:   # nothing measured meets the budget: store every expert raw
-            raw = next(b for b in baselines if b.name == "no compression")
-            verified = from_baseline(raw, prof, cf, req.serving)
-            if req.rerank > 0:
-                verified = replace(verified, tokens_per_s_simulation=_simulate(
-                    prof, hw, verified.serving, verified.policy, cf.workload))
-        chosen = verified
-        timings["verify_s"] = time.perf_counter() - t
+                                                len(candidates), progress, more)
+        chosen = verified if verified is not None else raw_option()
+        timings["verify_s"] = time.perf_counter() - tv
     base_sims: dict[str, float] = {o.source.split(": ", 1)[1]: o.tokens_per_s_simulation
                                    for o in options if o.source.startswith("baseline")
                                    and o.tokens_per_s_simulation is not None}
@@ -344,6 +354,17 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
                          averaged_over_tasks=list(accuracy.tasks) if accuracy.metric not in
                          ("kl", "ppl") else [])
     doc["evaluation"] = metrics
+    ucb = 0.0 if chosen.drop is None else float(chosen.drop.ucb)
+    primary = {"metric": req.metric, "value": budget, "given": float(req.budget),
+               "unit": METRIC_UNITS[accuracy.metric],
+               "drop": None if chosen.drop is None else chosen.drop.to_dict(), "ucb": ucb,
+               "meets": True, "used": ucb / budget if budget > 0 else 0.0}
+    measured_more = (verification or {}).pop("chosen_more", None) or {}
+    records = [primary] + [b.record(measured_more.get(b.metric) or predicted_drop(b, chosen))
+                           for b in more]
+    if more:
+        doc["budgets"] = records
+        doc["binding_budget"] = binding(records)
     if accuracy.metric == "kl" and metrics.get("tasks"):
         from planner.calibration import fit_calibration
 

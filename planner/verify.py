@@ -108,7 +108,7 @@ def verify_candidates(options: Sequence, n: int, table, accuracy: AccuracyModel,
 
 
 def verify_options(prof, accuracy: AccuracyModel, budget: float, options: Sequence, n: int,
-                   progress: Progress | None = None):
+                   progress: Progress | None = None, more: Sequence = ()):
     """(the chosen option, or None when no measured candidate meets the budget; the plan's
     `verification` record) after measuring the best `n` distinct options (in their ranked
     order, fastest first)."""
@@ -127,18 +127,21 @@ def verify_options(prof, accuracy: AccuracyModel, budget: float, options: Sequen
             break
     rows = measure_policies(prof.path, [o.policy for o in picked], progress=progress)
     records, chosen = [], None
+    chosen_more = None
     for rank, (o, r) in enumerate(zip(picked, rows)):
         meas = measured_drop(r, accuracy)
-        ok = meas.ucb <= budget
+        others = {b.metric: measured_drop(r, b.accuracy) for b in more}   # planner.budget
+        ok = meas.ucb <= budget and all(others[b.metric].ucb <= b.value for b in more)
         records.append({"rank": rank + 1, "source": o.source,
                         "policy_digest": policy_digest(o.policy),
                         "tokens_per_s_closed_form": o.tokens_per_s,
                         "tokens_per_s_simulation": o.tokens_per_s_simulation,
                         "predicted_drop": o.drop.to_dict() if o.drop is not None else None,
                         "measured_drop": meas.to_dict(), "meets_budget_measured": ok,
+                        "measured_more": {k: v.to_dict() for k, v in others.items()},
                         "layers": [x["spec"] for x in o.layers]})
         if ok and chosen is None:
-            chosen = replace(o, drop=meas)
+            chosen, chosen_more = replace(o, drop=meas), others
     warning = None
     if chosen is None:
         best = min(records, key=lambda r: r["measured_drop"]["ucb"])
@@ -149,6 +152,7 @@ def verify_options(prof, accuracy: AccuracyModel, budget: float, options: Sequen
     return chosen, {"candidates": records, "verified": len(picked),
                     "chosen_accuracy": "measured" if warning is None else "exact (raw)",
                     "chosen_source": chosen.source if chosen else "baseline: no compression",
+                    "chosen_more": chosen_more,
                     "warning": warning,
                     "rows_file": str(prof.path / "verified.parquet"),
                     "wall_s": time.perf_counter() - t0,

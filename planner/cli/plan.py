@@ -29,10 +29,11 @@ def plan(
     accuracy_budget: Optional[str] = typer.Option(
         None, "--accuracy-budget", help="Largest allowed drop of the metric averaged over tasks "
         "(0.01 = one point; nats for --metric kl)."),
-    budget: Optional[str] = typer.Option(
+    budget: Optional[list[str]] = typer.Option(
         None, "--budget", help="The budget naming its metric: kl=0.02 (nats per token), "
         "ppl=1.01 (perplexity ratio), content=0.01, strict=0.01, or TASK=0.02 (one benchmark's "
-        "content accuracy); the profile must have the metric."),
+        "content accuracy); the profile must have the metric. Repeatable: the plan meets every "
+        "one (the search runs on the first) and says which binds."),
     gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="GPU budget: 24GiB or 25%."),
     host_mem: str = typer.Option("unlimited", "--host-mem",
                                  help="Host budget for stored experts: 512GiB or 25%."),
@@ -95,11 +96,14 @@ def plan(
 
     from planner.budget import parse_budget
 
-    if budget is not None and accuracy_budget is not None:
-        raise ConfigError("give --accuracy-budget X (content, or --metric) or --budget METRIC=X, "
-                          "not both")
-    if budget is not None:
-        metric, accuracy_budget = parse_budget(budget)
+    budgets = [parse_budget(b) for b in budget or ()]
+    if budgets and accuracy_budget is not None:   # the accuracy budget is then one more
+        budgets.append((metric, accuracy_budget))
+    if budgets:
+        metric, accuracy_budget = budgets[0]
+    if len({m for m, _ in budgets}) < len(budgets):
+        raise ConfigError(f"two budgets on the same metric ({', '.join(m for m, _ in budgets)}); "
+                          f"give each metric once")
     for name, value in (("--profile", profile), ("--accuracy-budget or --budget", accuracy_budget),
                         ("--gpu-mem", gpu_mem), ("--out", out)):
         if value is None:
@@ -133,6 +137,7 @@ def plan(
                       sampler=sampler, space=space, z=float(norm.ppf(confidence)), rerank=rerank,
                       simulate_baselines=simulate_baselines, cache_allocation=cache_allocation,
                       placement_traces=placement_traces, verify=verify,
+                      more_budgets=tuple(budgets[1:]),
                       command="moesz plan " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
     with Progress(transient=True, disable=as_json) as bar:
         task = bar.add_task("planning", total=None)
@@ -250,6 +255,14 @@ def print_plan(doc: dict) -> None:
                    "n/a" if x["layer_s_per_step"] is None else
                    f"{x['layer_s_per_step'] * 1e3:.3f} ms")
     console.print(lt)
+    if doc.get("budgets"):
+        parts = []
+        for r in doc["budgets"]:
+            bound = "n/a" if r["ucb"] is None else f"{r['ucb']:.4g}"
+            kind = str((r.get("drop") or {}).get("kind", "")).split(" (")[0] or "unknown"
+            parts.append(f"{r['metric']} <= {r['value']:g}: upper bound {bound} ({kind})"
+                         + (", binding" if r["metric"] == doc.get("binding_budget") else ""))
+        console.print("budgets the plan meets: " + "; ".join(parts), highlight=False)
     via = p.get("content_drop_via_kl")
     if via:
         c = doc["kl_calibration"]

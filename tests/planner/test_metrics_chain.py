@@ -214,3 +214,29 @@ def test_verification_decides_on_the_measured_bound(profiled):
     chosen, rec = verify_options(outcome.profile, outcome.accuracy, tight, opts, 2)
     assert chosen is None and rec["chosen_accuracy"] == "exact (raw)"
     assert "the lowest is" in rec["warning"] and "stores every expert raw" in rec["warning"]
+
+
+def test_two_budgets_are_both_met_and_the_binding_one_named(profiled):
+    import pandas as pd
+
+    root, _, out, _, _ = profiled
+    sens = pd.read_parquet(out / "sensitivity.parquet")
+    whole = sens[sens.target == "all"].groupby("codec").first()
+    # between rtn8's KL and rtn4's: the faster rtn4 is out, rtn8 is in
+    assert whole.loc["rtn8", "kl_high"] < whole.loc["rtn4", "kl_low"]
+    kl = (whole.loc["rtn8", "kl_high"] + whole.loc["rtn4", "kl_low"]) / 2
+    plan = root / "plan-two.json"
+    r = runner.invoke(app, ["plan", "--profile", str(out), "--budget", "sums=0.5", "--budget",
+                            f"kl={kl:.6g}", "--gpu-mem", "25%", "--trials", "10", "--warm-trials",
+                            "2", "--rerank", "1", "--verify", "0", "--no-plots", "--out",
+                            str(plan)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(plan.read_text())
+    assert [b["metric"] for b in doc["budgets"]] == ["sums", "kl"]
+    assert all(b["meets"] for b in doc["budgets"])
+    assert doc["binding_budget"] == max(doc["budgets"], key=lambda b: b["used"])["metric"]
+    assert {x["spec"] for x in doc["layers"]} != {"rtn4"}
+    assert "budgets the plan meets" in r.output and ", binding" in r.output
+    r = runner.invoke(app, ["plan", "--profile", str(out), "--budget", "kl=0.1", "--budget",
+                            "kl=0.2", "--gpu-mem", "25%", "--out", str(root / "p.json")])
+    assert r.exit_code == 1 and "two budgets on the same metric" in r.output
