@@ -94,7 +94,8 @@ def validate_plan(plan: str | Path, *, split: str = "validate", limit: int | Non
                   tasks: Sequence[str] | None = None, model: str | None = None,
                   cache_dir: str | Path | None = None, batch_size: int = 64,
                   threads: int | None = 1, progress: Progress | None = None,
-                  host_mem: int | None = None, offload: bool = False) -> dict:
+                  host_mem: int | None = None, offload: bool = False,
+                  text: str | None = None, bench: Sequence[str] = ()) -> dict:
     """Measure a plan's accuracy for real and judge it against its budget.
 
     Args:
@@ -111,6 +112,9 @@ def validate_plan(plan: str | Path, *, split: str = "validate", limit: int | Non
         host_mem, offload: evaluate with the routed experts on disk, at most `host_mem` bytes of
             them in host memory (`profiles.models.offload`), for models larger than RAM; the
             arithmetic is then the model's own dtype.
+        text: measure the text metrics on this file's validate half instead of the plan's text.
+        bench: measure these JSONL benchmarks' validate halves instead of the plan's (read with
+            the plan's first benchmark's template and pattern, else the defaults).
 
     Returns:
         The validation document (kind `validation`): `measured`, `predicted`, `budget`,
@@ -125,7 +129,7 @@ def validate_plan(plan: str | Path, *, split: str = "validate", limit: int | Non
     from profiles.policy import apply_policy
 
     facts = read_plan(plan, model)
-    spec = _plan_spec(facts, tasks)
+    spec = _plan_spec(facts, tasks, text, bench)
     limit = limit if limit is not None else _profile_limit(facts)
     if limit < 1:
         raise PlanError(f"--limit {limit} must be at least 1 prompt per task")
@@ -189,10 +193,16 @@ def validate_plan(plan: str | Path, *, split: str = "validate", limit: int | Non
     return doc
 
 
-def _plan_spec(facts: PlanFacts, tasks: Sequence[str] | None):
+def _plan_spec(facts: PlanFacts, tasks: Sequence[str] | None, text: str | None = None,
+               bench: Sequence[str] = ()):
     """The evaluation set to measure: the plan's profile's (validate halves), or the built-in
-    tasks for plans made before profiles recorded it; `tasks` narrows the built-in tasks."""
-    from profiles.profiling.metrics import EvalSpec, spec_from_record
+    tasks for plans made before profiles recorded it; `tasks` narrows the built-in tasks, `text`
+    and `bench` replace the plan's text and benchmarks.
+
+    Raises:
+        PlanError: a replacement file that cannot be read, or one that drops the plan's metric.
+    """
+    from profiles.profiling.metrics import EvalSpec, eval_spec, spec_from_record
     from profiles.tasks import check_task_names
 
     record = facts.doc.get("evaluation")
@@ -200,6 +210,21 @@ def _plan_spec(facts: PlanFacts, tasks: Sequence[str] | None):
         EvalSpec(tuple(check_task_names(None)), (), None)
     if tasks:
         spec = replace(spec, tasks=tuple(check_task_names(list(tasks))))
+    if text is not None or bench:
+        first = spec.benches[0] if spec.benches else None
+        try:
+            given = eval_spec(None, tuple(bench), first.template if first else None,
+                              first.extract if first else None,
+                              first.max_new_tokens if first else 256, text, split="validate")
+        except MoeszError as exc:
+            raise PlanError(str(exc)) from None
+        spec = replace(spec, text=given.text if text is not None else spec.text,
+                       benches=given.benches if bench else spec.benches)
+        names = set(spec.task_names())
+        if facts.metric not in METRICS and facts.metric not in names:
+            raise PlanError(f"{facts.path}: its budget is on {facts.metric!r}, which the given "
+                            f"--bench files do not include ({', '.join(sorted(names))}); "
+                            f"give that benchmark too")
     return spec.with_split("validate")
 
 

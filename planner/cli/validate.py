@@ -59,6 +59,12 @@ def validate(
     device: Optional[str] = typer.Option(None, "--device", help="--throughput: cuda or cpu."),
     trace_out: Optional[str] = typer.Option(None, "--trace-out", help="--throughput: Chrome trace "
                                             "with the measured and predicted timelines."),
+    text: Optional[str] = typer.Option(None, "--text", help="Measure KL, top-1 agreement and "
+                                       "perplexity ratio on this file's validate half instead of "
+                                       "the plan's text."),
+    bench: Optional[list[str]] = typer.Option(None, "--bench", help="JSONL benchmark to measure "
+                                              "(its validate half) instead of the plan's "
+                                              "(repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Measure a plan's accuracy on the held-out split and judge it against its budget."""
@@ -89,7 +95,7 @@ def validate(
                             cache_dir=cache_dir, batch_size=batch_size, threads=threads,
                             progress=progress, host_mem=host_bytes(
                                 model or read_plan(plan).model_spec, host_mem)
-                            if host_mem else None)
+                            if host_mem else None, text=text, bench=tuple(bench or ()))
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
         return

@@ -240,3 +240,25 @@ def test_two_budgets_are_both_met_and_the_binding_one_named(profiled):
     r = runner.invoke(app, ["plan", "--profile", str(out), "--budget", "kl=0.1", "--budget",
                             "kl=0.2", "--gpu-mem", "25%", "--out", str(root / "p.json")])
     assert r.exit_code == 1 and "two budgets on the same metric" in r.output
+
+
+def test_validate_on_another_text_or_benchmark(profiled, tmp_path):
+    root, _, out, text, bench = profiled
+    plan = root / "plan-sums-other.json"
+    r = runner.invoke(app, ["plan", "--profile", str(out), "--budget", "sums=0.5", "--gpu-mem",
+                            "25%", "--trials", "10", "--warm-trials", "2", "--verify", "0",
+                            "--no-plots", "--out", str(plan)])
+    assert r.exit_code == 0, r.output
+    other = tmp_path / "other.txt"
+    other.write_text(text.read_text()[:3000])
+    r = runner.invoke(app, ["validate", str(plan), "--limit", "4", "--cache-dir",
+                            str(root / "cache"), "--text", str(other), "--json"])
+    assert r.exit_code == 0, r.output
+    val = json.loads(r.output)
+    assert val["measured"]["text"]["corpus"].startswith(str(other) + ", validate half")
+    copy = tmp_path / "more.jsonl"
+    copy.write_text(bench.read_text())
+    r = runner.invoke(app, ["validate", str(plan), "--limit", "4", "--cache-dir",
+                            str(root / "cache"), "--bench", str(copy)])
+    assert r.exit_code == 1
+    assert "its budget is on 'sums', which the given --bench files do not include" in r.output
