@@ -152,8 +152,9 @@ def _infeasible_message(table: ChoiceTable, accuracy: AccuracyModel, budget: flo
     if best[0] <= budget:
         return None
     unit = METRIC_UNITS[accuracy.metric]
-    return (f"the budget {accuracy.metric} drop <= {budget:g} is infeasible: the smallest predicted drop reachable "
-            f"with any compression is {best[0]:.4g} ({unit}, one-sided bound z={accuracy.z:g}; "
+    return (f"the budget {accuracy.metric} drop <= {budget:g} is infeasible: the smallest "
+            f"predicted drop reachable with any compression is {best[0]:.4g} ({unit}, one-sided "
+            f"bound z={accuracy.z:g}; "
             f"{best[1]}); raise the budget to at least {best[0]:.4g} or serve the model "
             f"uncompressed")
 
