@@ -151,7 +151,8 @@ def read_text(path: str | Path, tokenizer, split: str, seq_tokens: int = DEFAULT
         try:
             ids = _encode(tokenizer, d)
         except MoeszError as exc:
-            raise MoeszError(f"--text {p}: the model's tokenizer cannot encode it ({exc})") from None
+            raise MoeszError(f"--text {p}: the model's tokenizer cannot encode it "
+                             f"({exc})") from None
         for i in range(0, len(ids), span):
             s = tuple(lead + ids[i:i + span])
             if len(s) >= 2:
