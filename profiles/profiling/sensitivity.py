@@ -271,7 +271,6 @@ class SensitivityRunner:
             "strict_gained": sc.gained, "strict_lost": sc.lost,
             "codec_options": _opts_json(point)}
 
-
     def _text_row(self, point: Point, fid) -> dict:
         nan = math.nan
         return {
