@@ -129,7 +129,7 @@ def validate_plan(plan: str | Path, *, split: str = "validate", limit: int | Non
     from profiles.policy import apply_policy
 
     facts = read_plan(plan, model)
-    spec = _plan_spec(facts, tasks, text, bench)
+    spec = _plan_spec(facts, tasks, text, bench, split)
     limit = limit if limit is not None else _profile_limit(facts)
     if limit < 1:
         raise PlanError(f"--limit {limit} must be at least 1 prompt per task")
@@ -163,7 +163,8 @@ def validate_plan(plan: str | Path, *, split: str = "validate", limit: int | Non
         corpus = None
         if spec.text is not None:
             try:
-                corpus = spec.corpus(view, split)
+                corpus = spec.corpus(view, split if split in ("profile", "validate")
+                                     else "validate")
             except MoeszError as exc:
                 raise PlanError(f"{facts.path}: its text corpus cannot be read ({exc})") from None
         elif facts.metric in ("kl", "ppl"):
@@ -194,7 +195,7 @@ def validate_plan(plan: str | Path, *, split: str = "validate", limit: int | Non
 
 
 def _plan_spec(facts: PlanFacts, tasks: Sequence[str] | None, text: str | None = None,
-               bench: Sequence[str] = ()):
+               bench: Sequence[str] = (), split: str = "validate"):
     """The evaluation set to measure: the plan's profile's (validate halves), or the built-in
     tasks for plans made before profiles recorded it; `tasks` narrows the built-in tasks, `text`
     and `bench` replace the plan's text and benchmarks.
@@ -225,7 +226,8 @@ def _plan_spec(facts: PlanFacts, tasks: Sequence[str] | None, text: str | None =
             raise PlanError(f"{facts.path}: its budget is on {facts.metric!r}, which the given "
                             f"--bench files do not include ({', '.join(sorted(names))}); "
                             f"give that benchmark too")
-    return spec.with_split("validate")
+    # benchmarks and texts have two halves; the built-in tasks' `train` split has no counterpart
+    return spec.with_split(split if split in ("profile", "validate") else "validate")
 
 
 def _profile_limit(facts: PlanFacts) -> int:
