@@ -32,8 +32,10 @@ import pandas as pd
 from scipy.stats import norm
 
 from profiles.errors import ConfigError, ProfileError
+from profiles.profiling.metrics import TEXT_ROW
 
-METRICS = ("content", "strict", "kl")
+METRICS = ("content", "strict", "kl", "ppl")
+TEXT_METRICS = ("kl", "ppl")  # one value per point, measured on the text corpus
 Z95 = 1.959963984540054  # two-sided 95 % interval half-width in standard errors
 Z_ONE_SIDED_95 = 1.6448536269514722
 RAW = "raw"
@@ -176,7 +178,9 @@ class AccuracyModel:
 
     Args:
         sensitivity: `sensitivity.parquet` as a DataFrame (columns of docs/model-profile.md).
-        metric: `content` (default), `strict` (absolute fractions) or `kl` (nats).
+        metric: `content` (default), `strict` (absolute fractions), `kl` (nats per token) or
+            `ppl` (perplexity ratio - 1).
+        tasks: average `content`/`strict` over these tasks only (None: every task).
         z: one-sided standard-normal quantile of the feasibility bound (1.645 = 95 %).
         holm_alpha: family-wise error rate of the Holm gate on gains.
         surrogate: which rows to use (`none` = real codec round trips).
@@ -188,7 +192,7 @@ class AccuracyModel:
 
     def __init__(self, sensitivity: pd.DataFrame, metric: str = "content",
                  z: float = Z_ONE_SIDED_95, holm_alpha: float = 0.05,
-                 surrogate: str = "none") -> None:
+                 surrogate: str = "none", tasks: list[str] | None = None) -> None:
         if metric not in METRICS:
             raise ConfigError(f"--metric {metric!r} is unknown; choose {', '.join(METRICS)}")
         if not (isinstance(z, (int, float)) and math.isfinite(z) and z >= 0):
@@ -199,6 +203,21 @@ class AccuracyModel:
         if df.empty:
             raise ProfileError(f"sensitivity profile has no rows with surrogate {surrogate!r} and "
                                f"experts 'all'; profile with real codec round trips")
+        # profiles made before the text metrics have KL without an interval: its spread over
+        # the task rows is its uncertainty, as before
+        self._legacy_kl = metric == "kl" and ("kl_low" not in df.columns
+                                              or not df["kl_low"].notna().any())
+        if metric in TEXT_METRICS and not self._legacy_kl:
+            # the text metrics repeat on every task row of a point: one value per point
+            df = df.assign(task="text")
+        else:
+            df = df[df["task"].astype(str) != TEXT_ROW]
+            if tasks is not None:
+                df = df[df["task"].astype(str).isin(list(tasks))]
+            if df.empty:
+                raise ProfileError(f"the profile has no accuracy rows for {metric} "
+                                   f"{'of ' + ', '.join(tasks) if tasks else ''}; profile with "
+                                   f"--bench FILE or the built-in tasks")
         self.tasks = sorted(df["task"].astype(str).unique())
         self.notes: list[str] = []
         effects = self._aggregate(df)
@@ -217,8 +236,16 @@ class AccuracyModel:
 
     # -- building --------------------------------------------------------------------------
     def _row_drop(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        if self.metric == "kl":
-            return df["kl_nats"].to_numpy(float), np.full(len(df), np.nan)
+        if self.metric in TEXT_METRICS:
+            col, shift = ("kl_nats", 0.0) if self.metric == "kl" else ("ppl_ratio", 1.0)
+            low, high = ("kl_low", "kl_high") if self.metric == "kl" else \
+                ("ppl_ratio_low", "ppl_ratio_high")
+            if col not in df.columns:
+                raise ProfileError(f"the profile has no {col} column (made before the text "
+                                   f"metrics); profile again to plan on {self.metric}")
+            half = ((df[high].to_numpy(float) - df[low].to_numpy(float)) / 2
+                    if high in df.columns else np.full(len(df), np.nan))
+            return df[col].to_numpy(float) - shift, np.abs(half) / Z95
         ch = df[f"{self.metric}_change"].to_numpy(float)
         half = (df[f"{self.metric}_change_high"].to_numpy(float)
                 - df[f"{self.metric}_change_low"].to_numpy(float)) / 2
@@ -226,7 +253,7 @@ class AccuracyModel:
 
     def _aggregate(self, df: pd.DataFrame) -> dict[tuple[str, str], Effect]:
         drop, sd = self._row_drop(df)
-        p = df[f"{self.metric}_mcnemar_p"].to_numpy(float) if self.metric != "kl" \
+        p = df[f"{self.metric}_mcnemar_p"].to_numpy(float) if self.metric not in TEXT_METRICS \
             else np.full(len(df), np.nan)
         labels = [spec_label(c, m, lv) for c, m, lv in zip(df["codec"].astype(str),
                                                            df["mode"], df["level"])]
@@ -247,12 +274,12 @@ class AccuracyModel:
             mean, T = float(row.mean), int(row.T)
             if not math.isfinite(mean):
                 continue
-            if self.metric == "kl":
+            if self._legacy_kl:
                 sd_m = float(row.std) / math.sqrt(T) if T >= 2 else 0.0
             else:
                 sd_m = math.sqrt(float(row.s2)) / T
             sd_m = sd_m if math.isfinite(sd_m) else 0.0
-            if self.metric == "kl":
+            if self.metric in TEXT_METRICS:
                 pv = None
             elif T == 1 and math.isfinite(row.p):
                 pv = float(row.p)  # the exact McNemar test of the one task
@@ -266,9 +293,14 @@ class AccuracyModel:
         return out
 
     def _holm(self, effects: dict) -> dict:
-        """Zero every gain (drop < 0) that does not survive Holm's step-down correction."""
+        """Zero every gain (drop < 0) that does not survive Holm's step-down correction (for
+        ppl: whose 95 % interval does not exclude no change)."""
         if self.metric == "kl":
             return effects
+        if self.metric == "ppl":
+            return {k: (Effect(e.target, e.label, 0.0, e.sd, e.measured_drop, None, e.tasks, True)
+                        if e.drop < 0 and e.drop + Z95 * e.sd >= 0 else e)
+                    for k, e in effects.items()}
         keys = [k for k, e in effects.items() if e.p_value is not None]
         order = sorted(keys, key=lambda k: effects[k].p_value)
         m, rejected = len(order), set()
@@ -378,7 +410,7 @@ class AccuracyModel:
 
     def detection_warning(self, budget: float, detection_limit: dict | None) -> str | None:
         """A warning when the budget is below what the profile can detect, else None."""
-        if self.metric == "kl":
+        if self.metric in TEXT_METRICS:
             return None
         if detection_limit and detection_limit.get("metric", self.metric) == self.metric \
                 and detection_limit.get("half_width") is not None:

@@ -3,10 +3,13 @@
 1. hardware: measured when a CUDA GPU is present, else the shipped `preset:h200-published`
    (published figures, labelled so in every output);
 2. profile the built-in model on a small grid (`profiles.profiling.profile_model`): compression
-   ratios of every MoE layer, per-layer sensitivity on the `profile` split, routing traces;
+   ratios of every MoE layer, per-layer sensitivity on the `profile` split, next-token KL,
+   top-1 agreement and perplexity ratio on the text corpus shipped with the package
+   (`profiles/builtin/corpus.txt`, its profile half), routing traces;
 3. plan for a one-point content budget under a GPU memory budget that forces cache misses — the
    non-expert weights and KV cache plus a fraction of the routed-expert bytes
-   (`planner.pipeline.make_plan`);
+   (`planner.pipeline.make_plan`), its best candidates measured for real on the profile split
+   (`--verify`, `planner.verify`);
 4. the memory-budget sweep: the plan, no compression, the best uniform level, rtn8 and rtn4
    simulated across GPU budgets on the profile's traces (`sim.study.run_study`), and the plan's
    simulated timeline as a Perfetto trace;
@@ -54,6 +57,10 @@ class DemoSize:
     tokens: int            # generated tokens per sequence in the simulations
     sweep_fractions: tuple[str, ...]
     budget: float          # content accuracy drop, averaged over tasks
+    verify: int = 3        # candidates measured for real before the plan is chosen
+    # a quarter of the shipped corpus's profile half: the KL of every point at about twice the
+    # interval of the full default budget, for a quarter of its cost
+    text_tokens: int | None = 16384
 
 
 SIZES = {
@@ -62,13 +69,40 @@ SIZES = {
                         ("5%", "10%", "25%", "50%", "100%"), 0.01),
     # 8 prompts per task cannot resolve one point (a single layer's predicted drop has an upper
     # bound near 0.14), so the smoke run plans for a budget it can meet
-    "ci": DemoSize("0,7", "1", "none", 8, 8, 12, 4, 16, ("10%", "25%", "100%"), 0.3),
+    "ci": DemoSize("0,7", "1", "none", 8, 8, 12, 4, 16, ("10%", "25%", "100%"), 0.3, 2, 600),
 }
 GPU_FRACTION = "25%"   # of the routed-expert bytes, on top of non-expert weights and KV cache
 
 
+@dataclass(frozen=True)
+class DemoMetrics:
+    """What the demo measures the built-in model with, beyond its tasks, and the budget's metric
+    (docs/metrics.md): `text` replaces the shipped corpus, `bench` adds JSONL benchmarks."""
+
+    text: str | None = None
+    bench: tuple[str, ...] = ()
+    budget: str | None = None   # METRIC=X; default content at the size's budget
+
+    def resolved_budget(self, sz: "DemoSize") -> tuple[str, float]:
+        """(metric, value), checked before any work: the metric must be one the demo's profile
+        will have (content, strict, kl, ppl, a built-in task or a --bench file's stem)."""
+        from planner.budget import budget_value, parse_budget
+        from profiles.profiling.metrics import AGGREGATE_METRICS
+        from profiles.tasks import TASKS
+
+        if self.budget is None:
+            return "content", sz.budget
+        metric, value = parse_budget(self.budget)
+        have = list(AGGREGATE_METRICS) + list(TASKS) + [Path(b).stem for b in self.bench]
+        if metric not in have:
+            raise ConfigError(f"--budget {self.budget}: the demo's profile will not have metric "
+                              f"{metric!r}; it will have {', '.join(have)}")
+        budget_value(value, metric)   # a bad number fails here, not after the profile
+        return metric, float(value)
+
+
 def run_demo(out_dir: str | Path, progress: Progress | None = None, size: str = "default",
-             hardware: str | None = None) -> dict:
+             hardware: str | None = None, metrics: DemoMetrics = DemoMetrics()) -> dict:
     """Run the demo into `out_dir` and return its record (also written as `demo.json`).
 
     Args:
@@ -76,16 +110,24 @@ def run_demo(out_dir: str | Path, progress: Progress | None = None, size: str = 
         progress: `progress(done, total, label)`; labels start with the stage name.
         size: `default` (a few minutes on 2 CPU cores) or `ci` (tests).
         hardware: a hardware profile to use instead of measuring / the preset.
+        metrics: a text, benchmarks and a budget naming its metric (default: the shipped
+            corpus, the built-in tasks, a content budget).
 
     Returns:
         The demo record: stages with their wall-clock seconds, the headline figures (each
         labelled measured / predicted / preset) and the files written.
 
     Raises:
-        ConfigError: an unknown size or an output path that is a file.
+        ConfigError: an unknown size, an output path that is a file, a budget on a metric the
+            profile will not have, or a bad text or benchmark file.
     """
     if size not in SIZES:
         raise ConfigError(f"demo size {size!r} is unknown; choose {' or '.join(SIZES)}")
+    from profiles.profiling.metrics import eval_spec
+    from profiles.tasks import TASKS
+
+    metric, budget = metrics.resolved_budget(SIZES[size])
+    eval_spec(list(TASKS), metrics.bench, text=metrics.text)  # bad files fail before any work
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the report")
@@ -101,8 +143,8 @@ def run_demo(out_dir: str | Path, progress: Progress | None = None, size: str = 
         return result
 
     hw_spec, hw_note = timed("hardware", lambda: _hardware(out, hardware, stage))
-    profile = timed("profile", lambda: _profile(out, sz, stage))
-    outcome = timed("plan", lambda: _plan(out, sz, hw_spec, stage))
+    profile = timed("profile", lambda: _profile(out, sz, stage, metrics))
+    outcome = timed("plan", lambda: _plan(out, sz, hw_spec, stage, metric, budget))
     sweep = timed("sweep", lambda: _sweep(out, sz, hw_spec, outcome, stage))
     val = timed("validate", lambda: _validate(out, sz, stage))
     here = timed("this machine", lambda: _this_machine(out, sz, outcome, stage))
@@ -158,24 +200,30 @@ def _hardware(out: Path, hardware: str | None, stage) -> tuple[str, str]:
                     "on this machine)")
 
 
-def _profile(out: Path, sz: DemoSize, stage):
+def _profile(out: Path, sz: DemoSize, stage, metrics: DemoMetrics):
     from profiles.profiling import ProfileRequest, profile_model
+
+    from profiles.evaluation.textmetrics import builtin_corpus_path
+    from profiles.tasks import TASKS
 
     req = ProfileRequest(model="builtin", out=out / "profile", codecs="szp", mode="meanabs",
                          levels=sz.levels, layers=sz.layers, groups=sz.groups,
-                         limit=sz.profile_limit, command="moesz demo (profile step)")
+                         limit=sz.profile_limit, command="moesz demo (profile step)",
+                         text=metrics.text or str(builtin_corpus_path()),
+                         text_tokens=sz.text_tokens, tasks=",".join(TASKS), bench=metrics.bench)
     return profile_model(req, progress=stage)
 
 
-def _plan(out: Path, sz: DemoSize, hw_spec: str, stage):
+def _plan(out: Path, sz: DemoSize, hw_spec: str, stage, metric: str, budget: float):
     from planner.pipeline import PlanRequest, make_plan, write_plots
     from profiles.serving import ServingConfig, parse_mem
 
     serving = ServingConfig(generated_tokens=sz.tokens, prompt_tokens=16).with_budgets(
         parse_mem(GPU_FRACTION, what="demo GPU budget"), None)
-    req = PlanRequest(profile=str(out / "profile"), hardware=hw_spec, budget=sz.budget,
-                      serving=serving, metric="content", trials=sz.trials,
-                      warm_trials=sz.warm_trials, seed=0, command="moesz demo (plan step)")
+    req = PlanRequest(profile=str(out / "profile"), hardware=hw_spec, budget=budget,
+                      serving=serving, metric=metric, trials=sz.trials,
+                      warm_trials=sz.warm_trials, seed=0, command="moesz demo (plan step)",
+                      verify=sz.verify)
     outcome = make_plan(req, out=str(out / "plan.json"), progress=stage)
     write_plots(outcome, out / "plan-plots")
     return outcome
@@ -296,8 +344,9 @@ def summary_lines(record: dict, out: Path) -> list[str]:
     lines = [f"moesz demo: built-in model, {record['size']} size, {record['wall_s']:.0f} s "
              f"(measured wall clock)",
              f"hardware: {record['hardware']['spec']} — {record['hardware']['note']}",
-             f"plan: budget {plan['budget']['value']:g} {plan['budget']['metric']} accuracy, GPU "
-             f"budget {record['gpu_budget']}",
+             f"plan: budget {plan['budget']['metric']} drop <= {plan['budget']['value']:g} "
+             f"({plan['budget'].get('unit', 'fraction of prompts')}), GPU budget "
+             f"{record['gpu_budget']}",
              "  layers: " + _grouped(plan["layers"]),
              f"  decode tokens/s, predicted: plan {_num(p.get('tokens_per_s_simulation'))} "
              f"(simulation), {_num(p.get('tokens_per_s_closed_form'))} (closed form)"]
@@ -313,8 +362,28 @@ def summary_lines(record: dict, out: Path) -> list[str]:
                      f"{milp['tokens_per_s']:.1f} (closed form)")
     how = (" (the profile split's measurement of this policy)" if str(
         p["accuracy_drop"].get("kind", "")).startswith("measured") else "")
-    lines += [f"  content drop: predicted{how} {iv_text(p['accuracy_drop'])}; measured "
-              f"{iv_text(m['accuracy_drop'])} on {val['n_prompts']} held-out prompts",
+    ver = plan.get("verification")
+    if ver:
+        lines.append(f"  verified: {ver['verified']} candidates measured on the profile split "
+                     f"({sum(c['meets_budget_measured'] for c in ver['candidates'])} within the "
+                     f"budget); the plan's accuracy is {ver['chosen_accuracy']} "
+                     f"({ver['chosen_source']})")
+    if str(p["accuracy_drop"].get("kind", "")).startswith("measured (verified"):
+        how = " (measured on the profile split, whole policy)"
+    kl = (val["measured"].get("text") or {}).get("kl_nats")
+    if kl:
+        lines.append(f"  KL(base || plan) on the text's validate half: "
+                     f"{kl['value']:.3g} [{kl['low']:.3g}, {kl['high']:.3g}] nats per token "
+                     f"(measured)")
+    metric = plan["budget"]["metric"]
+    if metric in ("kl", "ppl"):
+        from planner.report_sections import iv_sig
+
+        fmt, where = iv_sig, "the text's validate half"
+    else:
+        fmt, where = iv_text, f"{val['n_prompts']} held-out prompts"
+    lines += [f"  {metric} drop: predicted{how} {fmt(p['accuracy_drop'])}; measured "
+              f"{fmt(m['accuracy_drop'])} on {where}",
               f"  stored expert bytes: measured {m['stored_bytes']:,} ({m['ratio']:.2f}x smaller "
               f"than bf16)",
               f"verdict: {val['verdict']} — {val['verdict_detail']['reason']}"]

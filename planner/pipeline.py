@@ -21,6 +21,8 @@ import numpy as np
 
 from planner.accuracy import AccuracyModel
 from planner.baselines import Baseline, compute_baselines
+from planner.budget import (METRIC_UNITS, binding, budget_value, check_budget, make_budget,
+                            predicted_drop, resolve_metric)
 from planner.choices import ChoiceTable, build_table, default_codecs
 from planner.milp import MilpResult, solve_knapsack
 from planner.modelprofile import ModelProfile, load_profile
@@ -31,6 +33,7 @@ from profiles.errors import ConfigError, PlanError
 from profiles.serving import ServingConfig
 
 Progress = Callable[[int, int, str], None]
+DEFAULT_VERIFY = 3   # candidates `moesz plan` measures on a measured profile unless told otherwise
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,12 @@ class PlanRequest:
         placement_traces: rank static placements by this trace file instead of the profile's
             traces (which are an oracle for the workload they describe).
         command: the command line, recorded in the plan.
+        verify: measure this many candidates for real on the profile split (`planner.verify`)
+            and plan the fastest whose measured bound meets the budget; None: DEFAULT_VERIFY
+            on a measured profile, 0 on a synthetic one (it has no model to measure).
+        more_budgets: further (metric, value) budgets every plan must also meet: the search
+            runs on the first, the others are checked on its candidates (predicted, or
+            measured when verified); the plan says which budget binds.
     """
 
     profile: str
@@ -77,6 +86,8 @@ class PlanRequest:
     cache_allocation: bool = False
     placement_traces: str | None = None
     command: str = ""
+    verify: int | None = 0
+    more_budgets: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -94,18 +105,6 @@ class PlanOutcome:
     profile: ModelProfile
     study: Any = None
     timings_s: dict = field(default_factory=dict)
-
-
-def check_budget(budget: Any) -> float:
-    """The budget as a float >= 0, or a ConfigError naming the problem."""
-    try:
-        b = float(budget)
-    except (TypeError, ValueError):
-        raise ConfigError(f"--accuracy-budget {budget!r} is not a number; give a drop such as "
-                          f"0.01 (one point of accuracy) or 0.05 nats for --metric kl") from None
-    if not math.isfinite(b) or b < 0:
-        raise ConfigError(f"--accuracy-budget {budget!r} must be a finite number >= 0 (e.g. 0.01)")
-    return b
 
 
 def _milp(table: ChoiceTable, cf, constraint, build) -> tuple[MilpResult, ChoiceTable]:
@@ -152,9 +151,10 @@ def _infeasible_message(table: ChoiceTable, accuracy: AccuracyModel, budget: flo
                 "--layers all")
     if best[0] <= budget:
         return None
-    unit = "nats" if accuracy.metric == "kl" else f"{accuracy.metric} accuracy"
-    return (f"--accuracy-budget {budget:g} is infeasible: the smallest predicted drop reachable "
-            f"with any compression is {best[0]:.4g} ({unit}, one-sided bound z={accuracy.z:g}; "
+    unit = METRIC_UNITS[accuracy.metric]
+    return (f"the budget {accuracy.metric} drop <= {budget:g} is infeasible: the smallest "
+            f"predicted drop reachable with any compression is {best[0]:.4g} ({unit}, one-sided "
+            f"bound z={accuracy.z:g}; "
             f"{best[1]}); raise the budget to at least {best[0]:.4g} or serve the model "
             f"uncompressed")
 
@@ -204,17 +204,28 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    budget = check_budget(req.budget)
+    check_budget(req.budget)
     if req.trials < 1:
         raise ConfigError(f"--trials {req.trials} must be >= 1")
     if req.warm_trials < 0:
         raise ConfigError(f"--warm-trials {req.warm_trials} must be >= 0")
     if req.rerank < 0:
         raise ConfigError(f"--rerank {req.rerank} must be >= 0 (0: rank by the closed form only)")
+    if req.verify is not None and req.verify < 0:
+        raise ConfigError(f"--verify {req.verify} must be >= 0 (0: trust the prediction)")
     prof = load_profile(req.profile)
+    verify_note = None
+    if req.verify is None:
+        req = replace(req, verify=0 if prof.synthetic else DEFAULT_VERIFY)
+        if prof.synthetic:
+            verify_note = ("not verified by measurement: the profile is synthetic, there is no "
+                           "model to measure")
     hw = load_hardware(req.hardware)
     hw_src = hardware_source(req.hardware)
-    accuracy = AccuracyModel(prof.sensitivity, req.metric, z=req.z)
+    base_metric, metric_tasks, metrics = resolve_metric(req.metric, prof)
+    budget = budget_value(req.budget, req.metric)
+    accuracy = AccuracyModel(prof.sensitivity, base_metric, z=req.z, tasks=metric_tasks)
+    more = [make_budget(m, v, prof, req.z) for m, v in req.more_budgets]
     constraint = accuracy.constraint(budget)
     cf = ClosedFormModel(hw, prof.geometry, req.serving, _workload(req, prof))
     timings["setup_s"] = time.perf_counter() - t0
@@ -284,7 +295,7 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
     # (lossless, rtn8, rtn4 on every layer), re-ranked by the discrete-event simulation
     t = time.perf_counter()
     options = [from_candidate(c, table, accuracy, cf, prof, req.serving)
-               for c in final.top[:max(req.rerank, 1)]]
+               for c in final.top[:max(req.rerank, req.verify, 1)]]
     best_cf = max(o.tokens_per_s for o in options)
     # a baseline competes when the search cannot hold it: not expressible in the choice table,
     # or judged by the profile's measurement of that exact policy (the search uses the additive
@@ -302,7 +313,31 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
     else:
         order = sorted(range(len(options)), key=lambda i: (-options[i].tokens_per_s, i))
     options = [options[i] for i in order]
+
+    def raw_option():   # every expert raw: exact, within any budget
+        raw = from_baseline(next(b for b in baselines if b.name == "no compression"), prof, cf,
+                            req.serving)
+        return replace(raw, tokens_per_s_simulation=_simulate(
+            prof, hw, raw.serving, raw.policy, cf.workload)) if req.rerank > 0 else raw
+
+    if more:   # the further budgets, predicted on each option
+        options = [o for o in options
+                   if all(b.record(predicted_drop(b, o))["meets"] for b in more)] or [raw_option()]
     chosen = options[0]
+    verification = None
+    if req.verify > 0:
+        from planner.verify import verify_candidates, verify_options
+
+        tv = time.perf_counter()
+        candidates = verify_candidates(
+            options, req.verify, table, accuracy, budget, lambda o: from_candidate(
+                o, table, accuracy, cf, prof, req.serving), lambda c: _tps(cf, table, c),
+            (lambda o: _simulate(prof, hw, o.serving, o.policy, cf.workload))
+            if req.rerank > 0 else None)
+        verified, verification = verify_options(prof, accuracy, budget, candidates,
+                                                len(candidates), progress, more)
+        chosen = verified if verified is not None else raw_option()
+        timings["verify_s"] = time.perf_counter() - tv
     base_sims: dict[str, float] = {o.source.split(": ", 1)[1]: o.tokens_per_s_simulation
                                    for o in options if o.source.startswith("baseline")
                                    and o.tokens_per_s_simulation is not None}
@@ -316,6 +351,36 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
     doc = plan_document(req, prof, hw_src, hw, accuracy, table, chosen, options, milp, milp_tps,
                         cold, cold_best, final, baselines, base_sims, cf, codecs, budget,
                         timings)
+    doc["budget"].update(unit=METRIC_UNITS[accuracy.metric], given=float(req.budget),
+                         averaged_over_tasks=list(accuracy.tasks) if accuracy.metric not in
+                         ("kl", "ppl") else [])
+    doc["evaluation"] = metrics
+    ucb = 0.0 if chosen.drop is None else float(chosen.drop.ucb)
+    primary = {"metric": req.metric, "value": budget, "given": float(req.budget),
+               "unit": METRIC_UNITS[accuracy.metric],
+               "drop": None if chosen.drop is None else chosen.drop.to_dict(), "ucb": ucb,
+               "meets": True, "used": ucb / budget if budget > 0 else 0.0}
+    measured_more = (verification or {}).pop("chosen_more", None) or {}
+    records = [primary] + [b.record(measured_more.get(b.metric) or predicted_drop(b, chosen))
+                           for b in more]
+    if more:
+        doc["budgets"] = records
+        doc["binding_budget"] = binding(records)
+    if accuracy.metric == "kl" and metrics.get("tasks"):
+        from planner.calibration import fit_calibration
+
+        cal = fit_calibration(prof.sensitivity)
+        if cal is not None:
+            d = doc["predicted"]["accuracy_drop"]
+            doc["kl_calibration"] = cal.to_dict()
+            doc["predicted"]["content_drop_via_kl"] = cal.predict(d["value"], max(d["low"], 0.0),
+                                                                  d["high"])
+    if verify_note:
+        doc.setdefault("notes", []).append(verify_note)
+    if verification is not None:
+        doc["verification"] = verification
+        if verification["warning"]:
+            doc.setdefault("warnings", []).append(verification["warning"])
     plan = save_plan(doc, out) if out else plan_from_dict(doc)
     return PlanOutcome(plan, table, milp, cold, final, baselines, accuracy, cf, prof, search.study,
                        timings)

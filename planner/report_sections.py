@@ -58,6 +58,16 @@ def iv_text(d, scale: float = 100.0, unit: str = " pts", digits: int = 2) -> str
     return f"{iv.value * scale:{f}} [{iv.low * scale:{f}}, {iv.high * scale:{f}}]{unit}"
 
 
+def iv_sig(d, unit: str = "", digits: int = 3) -> str:
+    """`+1.23e-05 [+1.1e-05, +1.4e-05] nats`: an interval with significant digits, for metrics
+    (KL, perplexity ratio) whose values span orders of magnitude."""
+    if d is None:
+        return "n/a"
+    iv = d if isinstance(d, Interval) else to_interval(d)
+    f = f"+.{digits}g"
+    return f"{iv.value:{f}} [{iv.low:{f}}, {iv.high:{f}}]{unit}"
+
+
 def model_name(plan, val, demo, profile_dir) -> str:
     for doc in (demo, val):
         if doc and isinstance(doc.get("model"), dict) and doc["model"].get("spec"):
@@ -116,14 +126,21 @@ def summary(view, val, thr, sweep) -> list[str]:
           "| figure | predicted | measured |", "|---|---|---|"]
     if view and view["drop"] is not None or val:
         metric = (view or {}).get("metric") or (val or {}).get("metric", "content")
-        unit = (1.0, " nats", 4) if metric == "kl" else (100.0, " pts", 2)
-        pred = iv_text(view["drop"], *unit) if view and view["drop"] else "n/a"
-        meas = iv_text((val or {}).get("measured", {}).get("accuracy_drop"), *unit) if val else \
+        text = metric in ("kl", "ppl")
+        fmt = (lambda d: iv_sig(d, " nats" if metric == "kl" else "")) if text else \
+            (lambda d: iv_text(d, 100.0, " pts", 2))
+        pred = fmt(view["drop"]) if view and view["drop"] else "n/a"
+        meas = fmt((val or {}).get("measured", {}).get("accuracy_drop")) if val else \
             "not validated"
-        what = "mean KL(base ‖ plan)" if metric == "kl" else \
-            f"{metric} accuracy drop, mean over tasks"
-        md.append(f"| {what} (95 % interval) | {pred} (additive accuracy model, `profile` split) "
-                  f"| {meas} ({'t interval over sequence groups' if metric == 'kl' else 'paired'},"
+        what = {"kl": "mean KL(base ‖ plan), nats per token", "ppl": "perplexity ratio − 1",
+                "content": "content accuracy drop, mean over tasks",
+                "strict": "strict accuracy drop, mean over tasks"}.get(
+            metric, f"{metric} content accuracy drop")
+        kind = str((view or {}).get("predicted", {}).get("accuracy_drop", {}).get("kind", ""))
+        how = ("measured on the `profile` split, whole policy" if kind.startswith("measured")
+               else "additive accuracy model, `profile` split")
+        md.append(f"| {what} (95 % interval) | {pred} ({how}) "
+                  f"| {meas} ({'bootstrap over text sequences' if text else 'paired'},"
                   f" `{(val or {}).get('split', 'validate')}` split) |")
     if val:
         v = val.get("verdict", "?")

@@ -12,15 +12,19 @@ disjoint in its operands and read only here, so the comparison is out of sample.
 4. average the plan's metric over tasks (MOVER interval, `planner.verdict`), and give the verdict
    `held` / `violated` / `inconclusive` against the plan's budget.
 
-For a plan whose metric is `kl`, the drop is the mean KL(base || plan) in nats on calibration
-sequences from the validate split, with a t interval over independent groups of sequences.
+The plan carries its profile's evaluation set (`evaluation`: built-in tasks, user benchmarks and
+the text corpus, each split by a stable hash into the profile and validate halves), and validation
+measures the other half of each. For a plan whose metric is `kl` the drop is the mean KL(base ||
+plan) in nats per token on the text's validate half (the built-in tasks' validate prompts and
+answers without a text); for `ppl` the perplexity ratio minus 1; both with bootstrap intervals
+over sequences (`profiles.evaluation.textmetrics`). For a task's name, the drop is that task's
+content accuracy drop.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,14 +33,13 @@ from typing import Callable, Sequence
 import torch
 
 from planner.verdict import TaskChange, decide, mean_change, negate
-from profiles.errors import ModelError, PlanError
+from profiles.errors import ModelError, MoeszError, PlanError
 from profiles.evaluation.accuracy import Interval
 from profiles.evaluation.paired import mcnemar_exact_p
 from profiles.evaluation.threads import torch_threads
 
 KIND, SCHEMA_VERSION = "validation", 1
-METRICS = ("content", "strict", "kl")
-KL_GROUPS = 8
+METRICS = ("content", "strict", "kl", "ppl")
 DEFAULT_LIMIT = 300  # prompts per task; the profiler's default too
 Progress = Callable[[int, int, str], None]
 
@@ -75,9 +78,10 @@ def read_plan(path: str | Path, model: str | None = None) -> PlanFacts:
                         f"unknown; pass --model")
     budget = doc["budget"]
     metric, value = budget.get("metric", "content"), budget.get("value")
-    if metric not in METRICS or not isinstance(value, (int, float)) or value < 0:
+    tasks = list((doc.get("evaluation") or {}).get("tasks") or [])
+    if metric not in METRICS + tuple(tasks) or not isinstance(value, (int, float)) or value < 0:
         raise PlanError(f"{plan.path}: field 'budget' is {budget!r}; expected {{metric: "
-                        f"{'|'.join(METRICS)}, value: a non-negative number}}")
+                        f"{'|'.join(METRICS + tuple(tasks))}, value: a non-negative number}}")
     pred = doc["predicted"]["accuracy_drop"]
     method = " ".join(str(pred[k]) for k in ("kind", "interval") if pred.get(k)) or \
         "predicted (additive accuracy model)"
@@ -90,7 +94,8 @@ def validate_plan(plan: str | Path, *, split: str = "validate", limit: int | Non
                   tasks: Sequence[str] | None = None, model: str | None = None,
                   cache_dir: str | Path | None = None, batch_size: int = 64,
                   threads: int | None = 1, progress: Progress | None = None,
-                  host_mem: int | None = None, offload: bool = False) -> dict:
+                  host_mem: int | None = None, offload: bool = False,
+                  text: str | None = None, bench: Sequence[str] = ()) -> dict:
     """Measure a plan's accuracy for real and judge it against its budget.
 
     Args:
@@ -107,6 +112,9 @@ def validate_plan(plan: str | Path, *, split: str = "validate", limit: int | Non
         host_mem, offload: evaluate with the routed experts on disk, at most `host_mem` bytes of
             them in host memory (`profiles.models.offload`), for models larger than RAM; the
             arithmetic is then the model's own dtype.
+        text: measure the text metrics on this file's validate half instead of the plan's text.
+        bench: measure these JSONL benchmarks' validate halves instead of the plan's (read with
+            the plan's first benchmark's template and pattern, else the defaults).
 
     Returns:
         The validation document (kind `validation`): `measured`, `predicted`, `budget`,
@@ -116,10 +124,12 @@ def validate_plan(plan: str | Path, *, split: str = "validate", limit: int | Non
         PlanError: the plan cannot be read or was made for another model fingerprint.
     """
     from profiles.evaluation import cached_baseline, evaluate
+    from profiles.evaluation.textmetrics import builtin_corpus, text_metrics, text_reference
     from profiles.models import load_model
     from profiles.policy import apply_policy
 
     facts = read_plan(plan, model)
+    spec = _plan_spec(facts, tasks, text, bench, split)
     limit = limit if limit is not None else _profile_limit(facts)
     if limit < 1:
         raise PlanError(f"--limit {limit} must be at least 1 prompt per task")
@@ -141,20 +151,38 @@ def validate_plan(plan: str | Path, *, split: str = "validate", limit: int | Non
         base_file = cache / f"baseline-{name}-{split}-{limit}{'-fp32' if wide else ''}.json"
         stage = _Stages(progress)
         view = _view(loaded, wide)
-        base = cached_baseline(view, base_file, tasks, split, limit, batch_size=batch_size,
-                               progress=stage("baseline"))
-        calib = _kl_setup(view, split, limit) if facts.metric == "kl" else None
+        kw = dict(split=split, limit=limit, batch_size=batch_size)
+        if spec.tasks and not spec.benches:
+            base = cached_baseline(view, base_file, list(spec.tasks), progress=stage("baseline"),
+                                   **kw)
+        elif spec.benches:
+            base = evaluate(view, tasks=list(spec.tasks), benchmarks=spec.benches,
+                            progress=stage("baseline"), **kw)
+        else:
+            base = None
+        corpus = None
+        if spec.text is not None:
+            try:
+                corpus = spec.corpus(view, split if split in ("profile", "validate")
+                                     else "validate")
+            except MoeszError as exc:
+                raise PlanError(f"{facts.path}: its text corpus cannot be read ({exc})") from None
+        elif facts.metric in ("kl", "ppl"):
+            corpus = builtin_corpus(view.tokenizer, split, per_task=max(4, min(limit, 32)),
+                                    model=view.model)
+        ref = text_reference(view.model, corpus) if corpus is not None else None
         del view
         t1 = time.perf_counter()
         with apply_policy(loaded, facts.policy, progress=stage("apply policy")) as report:
             t2 = time.perf_counter()
             view = _view(loaded, wide)  # the decoded (bf16) weights, wider arithmetic only
-            result = evaluate(view, tasks=[t.task for t in base.tasks], split=split, limit=limit,
-                              batch_size=batch_size, baseline=base, condition="plan",
-                              progress=stage("plan"))
-            kl = _kl_measure(view, calib) if calib is not None else None
+            result = None if base is None else evaluate(
+                view, tasks=[t.task for t in base.tasks if t.task in spec.tasks],
+                benchmarks=spec.benches, baseline=base, condition="plan",
+                progress=stage("plan"), **kw)
+            text = text_metrics(view.model, ref) if ref is not None else None
         t3 = time.perf_counter()
-    doc = _document(facts, loaded, split, limit, base, result, report, kl)
+    doc = _document(facts, loaded, split, limit, base, result, report, text)
     doc["compute"] = ("fp32 arithmetic on the checkpoint's (decoded) bf16 weights, on the CPU"
                       if wide else f"the model's own dtype on {next(loaded.model.parameters()).device}")
     doc["timings_s"] = {"load_and_baseline": t1 - t0, "apply_policy": t2 - t1,
@@ -164,6 +192,42 @@ def validate_plan(plan: str | Path, *, split: str = "validate", limit: int | Non
 
         doc["experts_from_disk"] = offload_summary(loaded)
     return doc
+
+
+def _plan_spec(facts: PlanFacts, tasks: Sequence[str] | None, text: str | None = None,
+               bench: Sequence[str] = (), split: str = "validate"):
+    """The evaluation set to measure: the plan's profile's (validate halves), or the built-in
+    tasks for plans made before profiles recorded it; `tasks` narrows the built-in tasks, `text`
+    and `bench` replace the plan's text and benchmarks.
+
+    Raises:
+        PlanError: a replacement file that cannot be read, or one that drops the plan's metric.
+    """
+    from profiles.profiling.metrics import EvalSpec, eval_spec, spec_from_record
+    from profiles.tasks import check_task_names
+
+    record = facts.doc.get("evaluation")
+    spec = spec_from_record(record) if isinstance(record, dict) else \
+        EvalSpec(tuple(check_task_names(None)), (), None)
+    if tasks:
+        spec = replace(spec, tasks=tuple(check_task_names(list(tasks))))
+    if text is not None or bench:
+        first = spec.benches[0] if spec.benches else None
+        try:
+            given = eval_spec(None, tuple(bench), first.template if first else None,
+                              first.extract if first else None,
+                              first.max_new_tokens if first else 256, text, split="validate")
+        except MoeszError as exc:
+            raise PlanError(str(exc)) from None
+        spec = replace(spec, text=given.text if text is not None else spec.text,
+                       benches=given.benches if bench else spec.benches)
+        names = set(spec.task_names())
+        if facts.metric not in METRICS and facts.metric not in names:
+            raise PlanError(f"{facts.path}: its budget is on {facts.metric!r}, which the given "
+                            f"--bench files do not include ({', '.join(sorted(names))}); "
+                            f"give that benchmark too")
+    # benchmarks and texts have two halves; the built-in tasks' `train` split has no counterpart
+    return spec.with_split(split if split in ("profile", "validate") else "validate")
 
 
 def _profile_limit(facts: PlanFacts) -> int:
@@ -202,10 +266,10 @@ class _Stages:
         return lambda done, total, label: self.progress(done, total, f"{name}: {label}")
 
 
-def _document(facts: PlanFacts, loaded, split, limit, base, result, report, kl) -> dict:
+def _document(facts: PlanFacts, loaded, split, limit, base, result, report, text) -> dict:
     tasks, changes = {}, {"strict": [], "content": []}
     pooled = {"strict": [0, 0], "content": [0, 0]}
-    for b, r in zip(base.tasks, result.tasks):
+    for b, r in zip(base.tasks if base else (), result.tasks if result else ()):
         tasks[r.task] = {"n": r.n, "base": {"strict": b.strict.to_dict(),
                                             "content": b.content.to_dict()},
                          "plan": {"strict": r.strict.to_dict(), "content": r.content.to_dict()}}
@@ -217,19 +281,32 @@ def _document(facts: PlanFacts, loaded, split, limit, base, result, report, kl) 
             changes[metric].append(TaskChange(r.task, r.n, pc.change))
             pooled[metric][0] += pc.gained
             pooled[metric][1] += pc.lost
-    drops = {m: negate(mean_change(changes[m])) for m in ("strict", "content")}
+    drops = {m: negate(mean_change(changes[m])) for m in ("strict", "content") if changes[m]}
+    pvalue = None
     if facts.metric == "kl":
-        drop, per_task = kl, ()
-    else:
+        drop, per_task = text.kl_nats, ()
+    elif facts.metric == "ppl":
+        r = text.ppl_ratio
+        drop, per_task = Interval(r.value - 1, r.low - 1, r.high - 1,
+                                  f"perplexity ratio - 1, {r.method}"), ()
+    elif facts.metric in ("content", "strict"):
         drop, per_task = drops[facts.metric], changes[facts.metric]
+        pvalue = mcnemar_exact_p(*pooled[facts.metric])
+    else:   # one task's content accuracy
+        per_task = [c for c in changes["content"] if c.task == facts.metric]
+        drop = negate(mean_change(per_task))
+        pvalue = tasks[facts.metric]["content_mcnemar_p"]
     verdict = decide(drop, facts.budget, per_task)
     n_prompts = sum(t["n"] for t in tasks.values())
     measured = {
         "source": "measured", "metric": facts.metric, "accuracy_drop": drop.to_dict(),
-        "strict_drop": drops["strict"].to_dict(), "content_drop": drops["content"].to_dict(),
-        "mcnemar_p": (mcnemar_exact_p(*pooled[facts.metric]) if facts.metric != "kl" else None),
+        "strict_drop": drops["strict"].to_dict() if "strict" in drops else None,
+        "content_drop": drops["content"].to_dict() if "content" in drops else None,
+        "mcnemar_p": pvalue,
         "mcnemar_p_method": "exact McNemar on the discordant prompts pooled over tasks",
-        "interval_method": drop.method, "kl_nats": kl.to_dict() if kl else None,
+        "interval_method": drop.method,
+        "kl_nats": text.kl_nats.to_dict() if text else None,
+        "text": text.to_dict() if text else None,
         "tasks": tasks, "stored_bytes": report.stored_bytes,
         "original_bytes": report.original_bytes, "ratio": report.ratio,
         "bytes_method": "real encodes of every routed expert (headers counted)"}
@@ -245,35 +322,3 @@ def _document(facts: PlanFacts, loaded, split, limit, base, result, report, kl) 
             "metric": facts.metric, "budget": facts.doc.get("budget"),
             "measured": measured, "predicted": predicted, "verdict": verdict.verdict,
             "verdict_detail": verdict.to_dict()}
-
-
-def _kl_setup(loaded, split: str, limit: int):
-    """Base distributions on KL_GROUPS independent groups of validate-split sequences."""
-    from profiles.evaluation import base_distributions, builtin_calibration
-    from profiles.evaluation.fidelity import Calibration
-
-    calib = builtin_calibration(loaded.model, loaded.tokenizer, per_task=max(4, min(limit, 32)),
-                                split=split)
-    rows = calib.input_ids.shape[0]
-    groups = []
-    for g in range(min(KL_GROUPS, rows)):
-        idx = list(range(g, rows, KL_GROUPS))
-        sub = Calibration(calib.input_ids[idx], calib.attention_mask[idx],
-                          f"{calib.description}, group {g + 1}")
-        groups.append(base_distributions(loaded.model, sub))
-    return groups
-
-
-def _kl_measure(loaded, groups) -> Interval:
-    """Mean KL(base || plan) in nats, t interval over the groups' means."""
-    from scipy.stats import t as student
-
-    from profiles.evaluation import fidelity
-
-    means = [fidelity(loaded.model, g).mean_kl_nats for g in groups]
-    k = len(means)
-    m = sum(means) / k
-    sd = math.sqrt(sum((x - m) ** 2 for x in means) / (k - 1)) if k > 1 else 0.0
-    half = float(student.ppf(0.975, k - 1)) * sd / math.sqrt(k) if k > 1 else 0.0
-    return Interval(m, max(0.0, m - half), m + half,
-                    f"t interval over {k} groups of calibration sequences (95%)")

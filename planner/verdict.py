@@ -126,7 +126,8 @@ def decide(drop: Interval, budget: float, changes: Sequence[TaskChange] = ()) ->
     check_interval(drop, "measured drop")
     if not math.isfinite(budget) or budget < 0:
         raise MoeszError(f"budget {budget!r} is not a non-negative number; expected e.g. 0.01")
-    text = (f"measured drop {drop.value:+.4f}, 95 % interval [{drop.low:+.4f}, {drop.high:+.4f}], "
+    f = "+.4f" if max(abs(drop.low), abs(drop.high), budget) >= 1e-3 else "+.3g"  # KL: tiny
+    text = (f"measured drop {drop.value:{f}}, 95 % interval [{drop.low:{f}}, {drop.high:{f}}], "
             f"budget {budget:g}")
     if drop.high <= budget:
         return Verdict("held", f"{text}: the upper end is within the budget")

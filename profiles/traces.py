@@ -202,27 +202,49 @@ def record_traces(loaded, tasks: Sequence[str] | None = None, split: str = "prof
         MoeszError: unknown task or split, limit < 1, a model without tokenizer or routers.
     """
     from profiles.evaluation.evaluate import answer_budget, task_examples
-    from profiles.evaluation.generate import greedy_generate
 
     if loaded.tokenizer is None:
         raise ModelError(f"{loaded.spec}: no tokenizer files in the checkpoint directory; routing "
                          f"traces need one to encode prompts")
     examples = task_examples(tasks, split, limit, seed)
+    return record_prompt_traces(
+        loaded, [(task, [e.prompt for e in exs], answer_budget(loaded.tokenizer, exs), ())
+                 for task, exs in examples.items()], batch_size, progress)
+
+
+def record_prompt_traces(loaded, sources: Sequence[tuple[str, Sequence[str], int, Sequence[str]]],
+                         batch_size: int = 64, progress: Progress | None = None
+                         ) -> TraceRecording:
+    """Generate greedily on any prompts and record every routing decision.
+
+    Args:
+        loaded: a `profiles.models.LoadedModel` (with a tokenizer).
+        sources: (task name, prompts, max_new_tokens, stop strings) per task, in order.
+        batch_size: prompts per forward pass.
+        progress: `progress(done, total, label)` per batch.
+
+    Raises:
+        MoeszError: a model without tokenizer or routers, or no prompt at all.
+    """
+    from profiles.evaluation.generate import greedy_generate
+
+    if loaded.tokenizer is None:
+        raise ModelError(f"{loaded.spec}: no tokenizer files in the checkpoint directory; routing "
+                         f"traces need one to encode prompts")
     prompts, names, gens = [], [], []
-    for task, exs in examples.items():
-        prompts += [e.prompt for e in exs]
-        names += [task] * len(exs)
+    for task, ps, _, _ in sources:
+        prompts += list(ps)
+        names += [task] * len(ps)
     recorder = RouterRecorder(loaded.expert_map, range(len(prompts)), names)
     with recorder:
         done = 0
-        for task, exs in examples.items():
-            new = answer_budget(loaded.tokenizer, exs)
+        for task, ps, new, stop in sources:
             gens += greedy_generate(
-                loaded.model, loaded.tokenizer, [e.prompt for e in exs], new, batch_size,
+                loaded.model, loaded.tokenizer, list(ps), new, batch_size, stop=stop,
                 on_forward=recorder.on_forward, label=f"trace {task}",
                 progress=None if progress is None else
                 (lambda d, t, lab, base=done: progress(base + d, len(prompts), lab)))
-            done += len(exs)
+            done += len(ps)
     return TraceRecording(recorder.frame(), tuple(prompts), tuple(names), tuple(gens))
 
 

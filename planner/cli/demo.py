@@ -13,14 +13,21 @@ def demo(
                              "or ci (a tiny smoke run)."),
     hardware: Optional[str] = typer.Option(None, "--hardware", help="Hardware profile to use "
                                            "(default: measured on a GPU, else preset:h200-published)."),
+    text: Optional[str] = typer.Option(None, "--text", help="UTF-8 text for kl and ppl "
+                                       "(default: the corpus shipped with the package)."),
+    bench: Optional[list[str]] = typer.Option(None, "--bench", help="JSONL benchmark to profile "
+                                              "beside the built-in tasks (repeatable)."),
+    budget: Optional[str] = typer.Option(None, "--budget", help="The plan's budget naming its "
+                                         "metric, e.g. kl=0.02 (default: content=0.01)."),
 ) -> None:
     """Run the whole chain on the built-in model and write a report folder."""
     from pathlib import Path
 
     from planner.cli.model_eval import _progress_bar
-    from planner.demo import run_demo, summary_lines
+    from planner.demo import DemoMetrics, run_demo, summary_lines
 
+    metrics = DemoMetrics(text=text, bench=tuple(bench or ()), budget=budget)
     with _progress_bar("demo") as progress:
-        record = run_demo(out, progress=progress, size=size, hardware=hardware)
+        record = run_demo(out, progress=progress, size=size, hardware=hardware, metrics=metrics)
     for line in summary_lines(record, Path(out)):
         typer.echo(line)

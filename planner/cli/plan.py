@@ -29,6 +29,11 @@ def plan(
     accuracy_budget: Optional[str] = typer.Option(
         None, "--accuracy-budget", help="Largest allowed drop of the metric averaged over tasks "
         "(0.01 = one point; nats for --metric kl)."),
+    budget: Optional[list[str]] = typer.Option(
+        None, "--budget", help="The budget naming its metric: kl=0.02 (nats per token), "
+        "ppl=1.01 (perplexity ratio), content=0.01, strict=0.01, or TASK=0.02 (one benchmark's "
+        "content accuracy); the profile must have the metric. Repeatable: the plan meets every "
+        "one (the search runs on the first) and says which binds."),
     gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="GPU budget: 24GiB or 25%."),
     host_mem: str = typer.Option("unlimited", "--host-mem",
                                  help="Host budget for stored experts: 512GiB or 25%."),
@@ -47,7 +52,8 @@ def plan(
     placement_traces: Optional[str] = typer.Option(
         None, "--placement-traces", help="Rank static placements by these traces instead of the "
         "profile's own (which the plan is predicted on)."),
-    metric: str = typer.Option("content", "--metric", help="content, strict or kl."),
+    metric: str = typer.Option("content", "--metric", help="Metric of --accuracy-budget: content, "
+                               "strict, kl, ppl or a task's name (or use --budget METRIC=X)."),
     codecs: Optional[str] = typer.Option(None, "--codecs",
                                          help="Codecs to consider, e.g. szp,sz3 (default: those "
                                               "that cut transfer here)."),
@@ -65,6 +71,10 @@ def plan(
     confidence: float = typer.Option(0.95, "--confidence",
                                      help="One-sided confidence of the accuracy bound."),
     rerank: int = typer.Option(3, "--rerank", help="Candidates re-ranked by the simulator."),
+    verify: Optional[int] = typer.Option(
+        None, "--verify", help="Measure N candidates for real on the profile split (loads the "
+        "model; rows kept in the profile, reused on rerun) and plan the fastest whose measured "
+        "bound meets the budget; default 3 on a measured profile, 0 on a synthetic one."),
     simulate_baselines: bool = typer.Option(False, "--simulate-baselines",
                                             help="Also simulate every baseline."),
     cache_allocation: bool = typer.Option(False, "--cache-allocation",
@@ -84,7 +94,17 @@ def plan(
     from planner.pipeline import PlanRequest, make_plan, write_plots
     from profiles.serving import ServingConfig, parse_mem
 
-    for name, value in (("--profile", profile), ("--accuracy-budget", accuracy_budget),
+    from planner.budget import parse_budget
+
+    budgets = [parse_budget(b) for b in budget or ()]
+    if budgets and accuracy_budget is not None:   # the accuracy budget is then one more
+        budgets.append((metric, accuracy_budget))
+    if budgets:
+        metric, accuracy_budget = budgets[0]
+    if len({m for m, _ in budgets}) < len(budgets):
+        raise ConfigError(f"two budgets on the same metric ({', '.join(m for m, _ in budgets)}); "
+                          f"give each metric once")
+    for name, value in (("--profile", profile), ("--accuracy-budget or --budget", accuracy_budget),
                         ("--gpu-mem", gpu_mem), ("--out", out)):
         if value is None:
             raise ConfigError(f"{name} is required: moesz plan --profile DIR --hardware "
@@ -116,7 +136,8 @@ def plan(
                       trials=trials, warm_trials=warm_trials, storage=storage, seed=seed,
                       sampler=sampler, space=space, z=float(norm.ppf(confidence)), rerank=rerank,
                       simulate_baselines=simulate_baselines, cache_allocation=cache_allocation,
-                      placement_traces=placement_traces,
+                      placement_traces=placement_traces, verify=verify,
+                      more_budgets=tuple(budgets[1:]),
                       command="moesz plan " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
     with Progress(transient=True, disable=as_json) as bar:
         task = bar.add_task("planning", total=None)
@@ -165,6 +186,8 @@ def show(
 def _fmt_drop(d: dict | None) -> tuple[str, str]:
     if not d:
         return "n/a", "n/a"
+    if d.get("metric") in ("kl", "ppl"):   # values span orders of magnitude
+        return f"{d['value']:+.3g} [{d['low']:+.3g}, {d['high']:+.3g}]", f"{d['ucb']:.3g}"
     return f"{d['value']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]", f"{d['ucb']:.4f}"
 
 
@@ -184,9 +207,11 @@ def print_plan(doc: dict) -> None:
                   f"{_budget(sv, 'gpu_mem')}, host budget {_budget(sv, 'host_mem')}, cache "
                   f"{sv['cache_policy']}, prefetch {sv['prefetch']}, batch {sv['batch_size']}, "
                   f"{sv['generated_tokens']} tokens")
-    console.print(f"budget: {b['metric']} drop <= {b['value']:g} ({b['unit']}), "
-                  f"{b['bound']} z={b['z']:.3f}, averaged over {len(b['averaged_over_tasks'])} "
-                  f"task(s)")
+    over = (f", averaged over {len(b['averaged_over_tasks'])} task(s)"
+            if b.get("averaged_over_tasks") else "")
+    given = (f" (given as ppl={b['given']:g})" if b["metric"] == "ppl" and "given" in b else "")
+    console.print(f"budget: {b['metric']} drop <= {b['value']:g} ({b['unit']}){given}, "
+                  f"{b['bound']} z={b['z']:.3f}{over}", highlight=False)
     t = Table(title="predicted (closed form, and the discrete-event simulation)",
               title_justify="left")
     for col in ("policy", "tok/s closed form", "tok/s sim", "drop [95% CI]", "upper bound",
@@ -230,6 +255,36 @@ def print_plan(doc: dict) -> None:
                    "n/a" if x["layer_s_per_step"] is None else
                    f"{x['layer_s_per_step'] * 1e3:.3f} ms")
     console.print(lt)
+    if doc.get("budgets"):
+        parts = []
+        for r in doc["budgets"]:
+            bound = "n/a" if r["ucb"] is None else f"{r['ucb']:.4g}"
+            kind = str((r.get("drop") or {}).get("kind", "")).split(" (")[0] or "unknown"
+            parts.append(f"{r['metric']} <= {r['value']:g}: upper bound {bound} ({kind})"
+                         + (", binding" if r["metric"] == doc.get("binding_budget") else ""))
+        console.print("budgets the plan meets: " + "; ".join(parts), highlight=False)
+    via = p.get("content_drop_via_kl")
+    if via:
+        c = doc["kl_calibration"]
+        console.print(f"content drop the plan's KL implies: {100 * via['value']:+.2f} "
+                      f"[{100 * via['low']:+.2f}, {100 * via['high']:+.2f}] points (predicted: "
+                      f"calibration content drop = {c['beta']:.3g} x KL, beta ± "
+                      f"{1.96 * c['beta_se']:.2g}, fitted on {c['points']} profile points, "
+                      f"reduced chi-square {c['chi2_reduced']:.2f})", highlight=False)
+    ver = doc.get("verification")
+    if ver:
+        vt = Table(title=f"verified candidates (measured on the profile split, {ver['wall_s']:.0f} "
+                         f"s; the plan's accuracy is {ver['chosen_accuracy']})",
+                   title_justify="left")
+        for col in ("rank", "candidate", "tok/s sim", "predicted drop", "measured drop [95%]",
+                    "measured bound", "meets budget"):
+            vt.add_column(col, justify="left" if col == "candidate" else "right")
+        for c in ver["candidates"]:
+            pd_, _ = _fmt_drop(c["predicted_drop"])
+            md, ub = _fmt_drop(c["measured_drop"])
+            vt.add_row(str(c["rank"]), c["source"], _num(c["tokens_per_s_simulation"]), pd_, md,
+                       ub, "yes" if c["meets_budget_measured"] else "no")
+        console.print(vt)
     for w in doc.get("warnings", []):
         console.print(f"[yellow]warning:[/yellow] {w}")
     for n in doc.get("notes", []):

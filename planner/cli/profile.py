@@ -202,6 +202,24 @@ def model_cmd(
     ratios_only: bool = typer.Option(
         False, "--ratios-only", help="Only measure compression ratios, streamed expert by expert "
         "from the checkpoint's files (no model is loaded); a full run reuses them."),
+    bench: Optional[list[Path]] = typer.Option(None, "--bench", help="JSONL benchmark with "
+                                               "question/answer lines (repeatable); its profile "
+                                               "half (by a hash of the question) is measured."),
+    template: Optional[str] = typer.Option(None, "--template", help="Prompt template for --bench, "
+                                           "with {question}."),
+    extract: Optional[str] = typer.Option(None, "--extract", help="Answer-extraction regex for "
+                                          "--bench strict accuracy."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Generation budget for "
+                                       "--bench items."),
+    text: Optional[Path] = typer.Option(None, "--text", help="UTF-8 text corpus: KL to the "
+                                        "unperturbed model, top-1 agreement and perplexity ratio "
+                                        "on its profile half (default: the built-in tasks' "
+                                        "prompts and answers)."),
+    text_tokens: Optional[int] = typer.Option(None, "--text-tokens", help="Predicted tokens of "
+                                              "the text's profile half, at most (default: as "
+                                              "many as a 2 GiB reference holds, up to 65,536)."),
+    lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="lm-evaluation-harness tasks "
+                                          "TASK[,TASK] (needs lm_eval and local data)."),
 ) -> None:
     """Profile a model: compression ratios, accuracy sensitivity, routing traces -> DIR."""
     from planner.cli.model_eval import host_bytes
@@ -212,7 +230,10 @@ def model_cmd(
         groups=groups, target=target, limit=limit, tasks=tasks, split=split, design=design,
         storage=storage, max_evals=max_evals, ratio_sample=ratio_sample, seed=seed,
         wait_for_others=not no_wait, threads=threads, command=_command(ctx),
-        host_mem=host_bytes(model, host_mem) if host_mem else None)
+        host_mem=host_bytes(model, host_mem) if host_mem else None,
+        bench=tuple(str(b) for b in bench or ()), template=template, extract=extract,
+        max_new_tokens=max_new_tokens, text=None if text is None else str(text),
+        text_tokens=text_tokens, lm_eval=lm_eval)
     if ratios_only:
         _ratios_only(request, as_json)
         return
@@ -308,11 +329,18 @@ def _print_model_profile(prof) -> None:
                f"{d['points_done']}/{d['points_total']} points"
                + ("" if d["complete"] else " (incomplete)"))
     base = ", ".join(f"{t} {100 * b['content']['value']:.1f}%" for t, b in d["baseline"].items())
-    _out.print(f"baseline content accuracy (measured): {base}")
+    from profiles.profiling.metrics import profile_metrics
+
+    if base:
+        _out.print(f"baseline content accuracy (measured): {base}")
+    metrics = profile_metrics(d)
+    _out.print(f"metrics a budget may name: {', '.join(metrics['available'])} (kl: "
+               f"{metrics['kl']['unit']} on {metrics['kl']['corpus']})", highlight=False)
     how = (f"median paired 95% half-width over {lim['points_measured']} points"
            if lim.get("points_measured") else "no point yet: the floor with no discordant prompt")
-    _out.print(f"detection limit ({lim['metric']} accuracy, mean over tasks): "
-               f"±{100 * lim['half_width']:.2f} points ({how}; measured)")
+    if lim.get("metric"):
+        _out.print(f"detection limit ({lim['metric']} accuracy, mean over tasks): "
+                   f"±{100 * lim['half_width']:.2f} points ({how}; measured)")
     for title, header, rows in (ratio_table(prof), sensitivity_table(prof), paper_table(prof)):
         if not rows:
             continue

@@ -62,6 +62,12 @@ def validate(
     hardware_here: Optional[str] = typer.Option(
         None, "--hardware-here", help="--throughput without a GPU: this machine's profile "
         "(`moesz profile hardware --model MODEL`); default: measured and calibrated now."),
+    text: Optional[str] = typer.Option(None, "--text", help="Measure KL, top-1 agreement and "
+                                       "perplexity ratio on this file's validate half instead of "
+                                       "the plan's text."),
+    bench: Optional[list[str]] = typer.Option(None, "--bench", help="JSONL benchmark to measure "
+                                              "(its validate half) instead of the plan's "
+                                              "(repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Measure a plan's accuracy on the held-out split and judge it against its budget."""
@@ -92,7 +98,7 @@ def validate(
                             cache_dir=cache_dir, batch_size=batch_size, threads=threads,
                             progress=progress, host_mem=host_bytes(
                                 model or read_plan(plan).model_spec, host_mem)
-                            if host_mem else None)
+                            if host_mem else None, text=text, bench=tuple(bench or ()))
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
         return
@@ -101,7 +107,7 @@ def validate(
 
 def print_validation(doc: dict, console: Console) -> None:
     """The validation as a table: per task, measured (with intervals) and the plan's prediction."""
-    from planner.report_sections import iv_text
+    from planner.report_sections import iv_sig, iv_text
 
     m, p = doc["measured"], doc["predicted"]
     t = Table(title=f"{doc['plan']} on {doc['model']['spec']}, split {doc['split']}, "
@@ -117,11 +123,21 @@ def print_validation(doc: dict, console: Console) -> None:
                   iv_text(r["content_change"], unit=""), f"{r['content_mcnemar_p']:.2g}")
     console.print(t)
     metric = doc["metric"]
-    unit = (1.0, " nats", 4) if metric == "kl" else (100.0, " pts", 2)
-    what = "mean KL(base || plan)" if metric == "kl" else f"{metric} drop, mean over tasks"
-    pred = iv_text(p["accuracy_drop"], *unit) if p.get("accuracy_drop") else "not in the plan"
-    console.print(f"{what}: measured {iv_text(m['accuracy_drop'], *unit)}"
+    unit = {"kl": (1.0, " nats", 4), "ppl": (1.0, "", 4)}.get(metric, (100.0, " pts", 2))
+    what = {"kl": "mean KL(base || plan), nats per token",
+            "ppl": "perplexity ratio - 1",
+            "content": "content drop, mean over tasks",
+            "strict": "strict drop, mean over tasks"}.get(metric, f"{metric} content drop")
+    fmt = (lambda d: iv_sig(d, unit[1])) if metric in ("kl", "ppl") else \
+        (lambda d: iv_text(d, *unit))
+    pred = fmt(p["accuracy_drop"]) if p.get("accuracy_drop") else "not in the plan"
+    console.print(f"{what}: measured {fmt(m['accuracy_drop'])}"
                   f" ({m['interval_method']}); predicted by the plan {pred}")
+    if m.get("text"):
+        x = m["text"]
+        console.print(f"text ({x['corpus']}; measured): KL {iv_sig(x['kl_nats'], ' nats')}"
+                      f", top-1 agreement {iv_text(x['top1_agreement'], 100.0, ' %', 2)}, "
+                      f"perplexity ratio {iv_sig(x['ppl_ratio'], '', 6)}", highlight=False)
     if m.get("mcnemar_p") is not None:
         console.print(f"exact McNemar p (discordant prompts pooled over tasks): {m['mcnemar_p']:.3g}")
     if m.get("ratio"):

@@ -52,6 +52,8 @@ class UserBenchmark:
         extract: regular expression that finds the strict answer in a continuation.
         max_new_tokens: most tokens generated per question.
         stop: strings that end a continuation early.
+        split: `profile` or `validate` keeps only the items whose question hashes to that half
+            (`profiles.evaluation.textmetrics.split_of`); None keeps every item.
     """
 
     path: str
@@ -60,6 +62,7 @@ class UserBenchmark:
     extract: str = DEFAULT_EXTRACT
     max_new_tokens: int = 256
     stop: tuple[str, ...] = DEFAULT_STOP
+    split: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -74,18 +77,62 @@ class UserBenchmark:
                              f"expression ({exc})") from None
         if self.max_new_tokens < 1:
             raise MoeszError(f"max_new_tokens {self.max_new_tokens} must be at least 1")
+        if self.split is not None:
+            from profiles.evaluation.textmetrics import check_split
+
+            check_split(self.split, "benchmark split")
+
+    def to_dict(self) -> dict:
+        """How the benchmark is read and scored (what a profile records to reproduce it)."""
+        return {"path": self.path, "name": self.name, "template": self.template,
+                "extract": self.extract, "max_new_tokens": self.max_new_tokens,
+                "stop": list(self.stop)}
+
+    @classmethod
+    def from_dict(cls, d: dict, split: str | None = None) -> "UserBenchmark":
+        return cls(str(d["path"]), str(d["name"]), str(d["template"]), str(d["extract"]),
+                   int(d["max_new_tokens"]), tuple(d.get("stop", DEFAULT_STOP)), split)
+
+    def check_extract(self) -> None:
+        """Refuse a pattern that finds the reference in none of the file's answers written out
+        (so strict accuracy could never be right).
+
+        Raises:
+            MoeszError: no answer of the file matches `extract`.
+        """
+        items = [(str(i["question"]), str(i["answer"])) for _, i in _read_jsonl(Path(self.path))]
+        if not items:
+            raise MoeszError(f"{self.path}: no items; expected JSON lines with 'question' and "
+                             f"'answer'")
+        for _, answer in items:
+            m = re.search(self.extract, answer)
+            if m is not None and same_answer(m.group(1) if m.groups() else m.group(0),
+                                             reference_answer(answer)):
+                return
+        raise MoeszError(f"{self.path}: the answer-extraction pattern {self.extract!r} finds the "
+                         f"reference in none of its {len(items)} answers; give --extract a "
+                         f"pattern that matches how the answers are written (e.g. "
+                         f"{DEFAULT_EXTRACT!r} for '... #### 42')")
 
     def examples(self, limit: int | None = None) -> list[UserExample]:
         """The first `limit` items of the file (all when None), in file order."""
-        out = []
+        from profiles.evaluation.textmetrics import split_of
+
+        out, seen = [], 0
         for number, item in _read_jsonl(Path(self.path)):
+            seen += 1
             if limit is not None and len(out) >= limit:
                 break
+            if self.split is not None and split_of(str(item["question"])) != self.split:
+                continue
             reference = reference_answer(str(item["answer"]))
             if not reference:
                 raise MoeszError(f"{self.path} line {number}: empty answer")
             prompt = self.template.replace("{question}", str(item["question"]))
             out.append(UserExample(self.name, prompt, str(item["answer"]), reference))
+        if not out and seen:
+            raise MoeszError(f"{self.path}: none of its {seen} items falls in the {self.split} "
+                             f"half (split by a hash of the question); give more items")
         if not out:
             raise MoeszError(f"{self.path}: no items; expected JSON lines with 'question' and "
                              f"'answer'")

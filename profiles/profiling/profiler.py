@@ -28,7 +28,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from profiles.errors import ConfigError, ProfileError
+from profiles.errors import ConfigError, MoeszError, ProfileError
+from profiles.evaluation.textmetrics import DEFAULT_MAX_TOKENS
 from profiles.evaluation.threads import torch_threads
 from profiles.profiling import format as fmt
 from profiles.profiling import steps
@@ -69,6 +70,13 @@ class ProfileRequest:
     heartbeat_s: float = 10.0
     grace_s: float = 120.0
     host_mem: int | None = None          # bytes: evaluate with the routed experts on disk
+    bench: Sequence[str] = ()            # user JSONL benchmarks (profile half of each)
+    template: str | None = None          # prompt template of the benchmarks
+    extract: str | None = None           # answer-extraction pattern of the benchmarks
+    max_new_tokens: int = 256            # generation budget per benchmark item
+    text: str | None = None              # text corpus for kl and ppl (profile half)
+    text_tokens: int | None = DEFAULT_MAX_TOKENS  # text half's predicted tokens (None: auto)
+    lm_eval: str | None = None           # lm-evaluation-harness tasks (refused with a line)
 
 
 @dataclass(frozen=True)
@@ -123,12 +131,15 @@ def profile_model(request: ProfileRequest, progress: Progress | None = None) -> 
 
 
 def _profile(req: ProfileRequest, progress: Progress | None, t0: float) -> ProfileResult:
-    from profiles.tasks import check_task_names
+    from profiles.profiling.metrics import eval_spec, metrics_record
 
     limit = DEFAULT_LIMIT if req.limit is None else req.limit
     if limit < 1:
         raise ConfigError(f"--limit {limit} must be at least 1 prompt per task")
-    tasks = check_task_names(_split_list(req.tasks) or None)
+    spec_eval = eval_spec(_split_list(req.tasks) or None, tuple(req.bench), req.template,
+                          req.extract, req.max_new_tokens, req.text, req.text_tokens,
+                          req.lm_eval, split=req.split)
+    tasks = list(spec_eval.tasks)
     out = Path(req.out)
     _check_options(req)               # fail before the (slow) model load where possible
     _report(progress, 0, 1, "loading model")
@@ -139,10 +150,15 @@ def _profile(req: ProfileRequest, progress: Progress | None, t0: float) -> Profi
     keys = [p.key for p in points]
     by_key = {p.key: p for p in points}
     compute = _compute_dtype(req.compute_dtype, loaded)
-    evalset = {"split": req.split, "tasks": tasks, "limit": limit, "seed": req.seed}
+    evalset = {"split": req.split, "tasks": tasks, "limit": limit, "seed": req.seed,
+               **spec_eval.identity()}
     _check_out(out, loaded, evalset)
+    try:
+        corpus = spec_eval.corpus(loaded, req.split)
+    except MoeszError as exc:   # the file, or a tokenizer that cannot encode it
+        raise ConfigError(str(exc)) from None
 
-    from profiles.evaluation import base_distributions, builtin_calibration
+    from profiles.evaluation.textmetrics import builtin_corpus, text_reference
     from profiles.profiling.sensitivity import SensitivityRunner, top_experts
     from profiles.profiling.sweep import Sweep, open_storage
 
@@ -151,21 +167,29 @@ def _profile(req: ProfileRequest, progress: Progress | None, t0: float) -> Profi
     identity = {"fingerprint": loaded.fingerprint, "split": req.split, "tasks": tasks,
                 "prompts_per_task": limit, "seed": req.seed, "compute_dtype": compute,
                 "catastrophic_drop": req.catastrophic_drop}
+    if spec_eval.benches or spec_eval.text:   # absent otherwise: older sweeps keep matching
+        identity.update(spec_eval.identity())
     sweep = Sweep(storage, STUDY_NAME, identity, heartbeat_s=req.heartbeat_s, grace_s=req.grace_s)
     out.mkdir(parents=True, exist_ok=True)
 
     steps.ratios_step(out, loaded, spec, req, progress)
     warnings: list[str] = []
     view = steps.compute_view(loaded, compute)
-    baseline, traces = steps.baseline_and_traces(out, view, evalset, req, progress)
-    calib = builtin_calibration(view.model, view.tokenizer, per_task=16, split=req.split,
-                                seed=req.seed)
-    base_fid = base_distributions(view.model, calib)
+    baseline, traces = steps.baseline_and_traces(out, view, evalset, req, progress, spec_eval,
+                                                 corpus)
+    if corpus is None:
+        corpus = builtin_corpus(view.tokenizer, req.split, per_task=16, seed=req.seed,
+                                model=view.model)
+    base_fid = text_reference(view.model, corpus,
+                              progress=None if progress is None else
+                              (lambda d, t, label: progress(d, t, label)))
     top = top_experts(traces, g.moe_layers, g.experts_per_layer)
     runner = SensitivityRunner(loaded, baseline, base_fid, top, seed=req.seed,
-                               batch_size=req.batch_size, catastrophic_drop=req.catastrophic_drop)
+                               batch_size=req.batch_size, catastrophic_drop=req.catastrophic_drop,
+                               benches={b.name: b for b in spec_eval.benches})
     base_digests = steps.layer_digests(loaded, g.moe_layers)
-    meta = steps.profile_meta(req, loaded, spec, points, tasks, limit, compute, baseline)
+    meta = steps.profile_meta(req, loaded, spec, points, spec_eval.task_names(), limit, compute,
+                              baseline, metrics_record(spec_eval, corpus.describe()))
 
     def run_point(key: str) -> tuple[float, list[dict]]:
         point = by_key[key]
@@ -326,12 +350,19 @@ def _check_out(out: Path, loaded, evalset: dict) -> None:
         reason = fingerprint_mismatch(theirs, loaded.fingerprint, f"the profile in {out}")
         raise ProfileError(f"{out} holds a profile of another model "
                            f"({reason or f'fingerprint {theirs}'}); use another --out")
-    for field, want in (("split", evalset["split"]), ("tasks", list(evalset["tasks"])),
+    names = list(evalset["tasks"]) + [b["name"] for b in evalset.get("benches", [])]
+    for field, want in (("split", evalset["split"]), ("tasks", names),
                         ("prompts_per_task", evalset["limit"]), ("seed", evalset["seed"])):
         if doc.get(field) != want:
             raise ProfileError(f"{out} was profiled with {field}={doc.get(field)!r}, this run "
                                f"asks for {want!r}; use another --out, or rerun with the same "
                                f"settings")
+    have = (doc.get("metrics") or {}).get("text")
+    want = evalset.get("text")
+    if (have or {}).get("sha256") != (want or {}).get("sha256") and (have or want):
+        raise ProfileError(f"{out} was profiled with text {(have or {}).get('path')!r}, this run "
+                           f"asks for {(want or {}).get('path')!r} (or the file changed); use "
+                           f"another --out, or rerun with the same --text")
 
 
 def _compute_dtype(requested: str, loaded) -> str:

@@ -4,7 +4,11 @@ For a `Point`, the targeted experts go through the point's storage (a real codec
 the study's noise surrogate at the same bound) with `profiles.policy.apply_policy`; the model then
 answers the same prompts as the unperturbed baseline (`profiles.evaluation`), and each task gets
 its strict and content accuracy change with Newcombe's paired interval and the exact McNemar
-p-value, plus the label-free KL(base || perturbed) and top-1 agreement on a fixed calibration set.
+p-value, plus the label-free KL(base || perturbed), top-1 agreement and perplexity ratio on a text
+corpus (`profiles.evaluation.textmetrics`: the `--text` file's profile half, else the built-in
+tasks' prompts and answers), with bootstrap intervals over sequences. Tasks are the built-in ones
+and user JSONL benchmarks alike; a profile with a text and no task gets one row per point (task
+`(text)`) holding the text metrics only.
 
 Cost control: the prompts are answered in two stages; after the first quarter (at least 16 per
 task) a point whose content accuracy, averaged over tasks, has fallen by more than
@@ -26,6 +30,7 @@ from typing import Callable, Mapping, Sequence
 
 from profiles.policy import Policy, StorageSpec
 from profiles.profiling.grid import Point
+from profiles.profiling.metrics import TEXT_ROW
 
 Progress = Callable[[int, int, str], None]
 INTERVAL_METHOD = "newcombe-paired"
@@ -69,6 +74,8 @@ def point_policy(point: Point, top: Mapping[int, Sequence[int]],
 def mean_change_interval(changes: Sequence[tuple[float, float, float]]) -> tuple[float, float, float]:
     """(mean, low, high) of per-task (change, low, high), half-widths combined in quadrature."""
     t = len(changes)
+    if t == 0:
+        return math.nan, math.nan, math.nan
     mean = sum(c for c, _, _ in changes) / t
     down = math.sqrt(sum((c - lo) ** 2 for c, lo, _ in changes)) / t
     up = math.sqrt(sum((hi - c) ** 2 for c, _, hi in changes)) / t
@@ -77,6 +84,7 @@ def mean_change_interval(changes: Sequence[tuple[float, float, float]]) -> tuple
 
 def half_width(rows: Sequence[dict], metric: str = "content") -> float | None:
     """Half-width of the mean-over-tasks interval of one point's rows (None if early-stopped)."""
+    rows = [r for r in rows if r.get("task") != TEXT_ROW]
     if not rows or any(r.get("stopped_early") for r in rows):
         return None
     _, lo, hi = mean_change_interval([(r[f"{metric}_change"], r[f"{metric}_change_low"],
@@ -100,6 +108,10 @@ def floor_half_width(baseline, metric: str = "content") -> float:
 
 def detection_limit(baseline, point_rows: Sequence[Sequence[dict]], metric: str = "content") -> dict:
     """The profile's `detection_limit` record (docs/model-profile.md)."""
+    if not baseline.tasks:
+        return {"metric": None, "half_width": 0.0, "floor_half_width": 0.0,
+                "points_measured": 0, "prompts_per_task": 0, "tasks": 0,
+                "method": "no accuracy task in this profile (text metrics only)"}
     widths = [w for rows in point_rows if (w := half_width(rows, metric)) is not None]
     floor = floor_half_width(baseline, metric)
     typical = statistics.median(widths) if widths else floor
@@ -130,8 +142,9 @@ class SensitivityRunner:
     Args:
         loaded: the `LoadedModel`.
         baseline: the unperturbed `EvalResult` on the sweep's prompts.
-        base_fidelity: `BaseDistributions` of the unperturbed model on the calibration set.
+        base_fidelity: `TextReference` of the unperturbed model on the text corpus.
         top: per-layer experts by activation (for `top:N` targets).
+        benches: user benchmarks among the baseline's tasks, by task name.
         seed: surrogate noise seed.
         batch_size: prompts per forward pass.
         catastrophic_drop: stop a point early when its mean content change is surely below minus
@@ -146,6 +159,10 @@ class SensitivityRunner:
     batch_size: int = 128
     catastrophic_drop: float | None = 0.5
     progress: Progress | None = None
+    benches: Mapping[str, object] = None
+
+    def __post_init__(self) -> None:
+        self.benches = dict(self.benches or {})
 
     def run(self, point: Point) -> tuple[float, list[dict]]:
         """Apply the point's policy to `loaded`, evaluate it, restore; (mean content change,
@@ -168,10 +185,10 @@ class SensitivityRunner:
             unchanged: the perturbation left every weight bit-identical (a lossless codec); the
                 greedy answers are then the baseline's own and are not generated again.
         """
-        from profiles.evaluation import fidelity
+        from profiles.evaluation.textmetrics import text_metrics
 
-        n = self.baseline.tasks[0].n
-        if unchanged:
+        n = max((t.n for t in self.baseline.tasks), default=0)
+        if unchanged or n == 0:
             results = {t.task: (list(t.prompts), list(t.generations), list(t.strict_correct),
                                 list(t.content_correct)) for t in self.baseline.tasks}
             stopped = False
@@ -182,9 +199,12 @@ class SensitivityRunner:
             if not stopped and first < n:
                 more = self._answer(target, first, n, point)
                 results = {t: _concat(results[t], more[t]) for t in results}
-        fid = fidelity(target.model, self.base_fidelity)
+        fid = text_metrics(target.model, self.base_fidelity)
+        if not self.baseline.tasks:
+            row = self._text_row(point, fid)
+            return point_value([row]), [row]
         rows = [self._row(point, results[t.task], t, fid, stopped) for t in self.baseline.tasks]
-        return sum(r["content_change"] for r in rows) / len(rows), rows
+        return point_value(rows), rows
 
     def _answer(self, target, start: int, stop: int, point: Point) -> dict:
         """Per task (prompts, generations, strict, content) for prompts [start, stop)."""
@@ -194,12 +214,18 @@ class SensitivityRunner:
 
         out = {}
         for t in self.baseline.tasks:
-            exs = generate(t.task, self.baseline.split, self.baseline.limit,
-                           self.baseline.seed)[start:stop]
+            bench = self.benches.get(t.task)
+            if bench is not None:
+                exs = bench.examples(self.baseline.limit)[start:stop]
+                budget, stop_at, scorer = bench.max_new_tokens, bench.stop, bench.score
+            else:
+                exs = generate(t.task, self.baseline.split, self.baseline.limit,
+                               self.baseline.seed)[start:stop]
+                budget, stop_at, scorer = answer_budget(target.tokenizer, exs), (), score
             gens = greedy_generate(target.model, target.tokenizer,
-                                   [e.prompt for e in exs], answer_budget(target.tokenizer, exs),
-                                   self.batch_size, label=f"{point.describe()}: {t.task}")
-            marks = [score(e, g.text) for e, g in zip(exs, gens)]
+                                   [e.prompt for e in exs], budget, self.batch_size,
+                                   label=f"{point.describe()}: {t.task}", stop=stop_at)
+            marks = [scorer(e, g.text) for e, g in zip(exs, gens)]
             out[t.task] = ([e.prompt for e in exs], [g.text for g in gens],
                            [m[0] for m in marks], [m[1] for m in marks])
         return out
@@ -239,11 +265,44 @@ class SensitivityRunner:
             "content_change": cc.change.value, "content_change_low": cc.change.low,
             "content_change_high": cc.change.high,
             "strict_mcnemar_p": sc.mcnemar_p, "content_mcnemar_p": cc.mcnemar_p,
-            "interval_method": INTERVAL_METHOD, "kl_nats": fid.mean_kl_nats,
-            "top1_agreement": fid.top1_agreement, "stopped_early": bool(stopped),
+            "interval_method": INTERVAL_METHOD, **text_columns(fid),
+            "stopped_early": bool(stopped),
             "content_gained": cc.gained, "content_lost": cc.lost,
             "strict_gained": sc.gained, "strict_lost": sc.lost,
             "codec_options": _opts_json(point)}
+
+    def _text_row(self, point: Point, fid) -> dict:
+        nan = math.nan
+        return {
+            "target": point.target, "target_kind": point.target_kind,
+            "layers": ",".join(map(str, point.layers)), "experts": point.experts,
+            "codec": point.codec, "mode": point.mode,
+            "level": nan if point.level is None else float(point.level),
+            "surrogate": point.surrogate, "task": TEXT_ROW, "n": fid.sequences,
+            **{c: nan for c in ("strict_base", "strict", "content_base", "content",
+                                "strict_change", "strict_change_low", "strict_change_high",
+                                "content_change", "content_change_low", "content_change_high",
+                                "strict_mcnemar_p", "content_mcnemar_p")},
+            "interval_method": INTERVAL_METHOD, **text_columns(fid), "stopped_early": False,
+            "content_gained": 0, "content_lost": 0, "strict_gained": 0, "strict_lost": 0,
+            "codec_options": _opts_json(point)}
+
+
+def point_value(rows: Sequence[dict]) -> float:
+    """A point's value in the sweep: its mean content change over tasks, or (a text-only
+    profile) minus its KL."""
+    tasks = [r for r in rows if r.get("task") != TEXT_ROW]
+    if tasks:
+        return sum(r["content_change"] for r in tasks) / len(tasks)
+    return -float(rows[0]["kl_nats"]) if rows else 0.0
+
+
+def text_columns(fid) -> dict:
+    """The text-metric columns of a sensitivity row (docs/model-profile.md)."""
+    return {"kl_nats": fid.kl_nats.value, "kl_low": fid.kl_nats.low, "kl_high": fid.kl_nats.high,
+            "top1_agreement": fid.top1_agreement.value, "ppl_ratio": fid.ppl_ratio.value,
+            "ppl_ratio_low": fid.ppl_ratio.low, "ppl_ratio_high": fid.ppl_ratio.high,
+            "text_tokens": fid.tokens}
 
 
 def _concat(a, b):

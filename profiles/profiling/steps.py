@@ -86,31 +86,72 @@ def _check_ratios_model(out: Path, fingerprint: str) -> None:
                            f"({reason or f'fingerprint {theirs}'}); use another --out")
 
 
-def baseline_and_traces(out: Path, view, evalset: dict, req, progress):
+def baseline_and_traces(out: Path, view, evalset: dict, req, progress, spec=None,
+                        corpus=None):
     """(baseline EvalResult, traces DataFrame): read back when DIR has them for this evaluation
-    set, else recorded now (one greedy pass with router hooks) and written."""
+    set, else recorded now (one greedy pass with router hooks over the built-in tasks and the
+    benchmarks; with neither, over the start of the text's sequences) and written."""
     from profiles.evaluation import EvalResult
-    from profiles.profiling.sensitivity import baseline_from_recording
-    from profiles.traces import read_traces, record_traces, write_traces
+    from profiles.traces import read_traces, write_traces
 
+    names = list(evalset["tasks"]) + ([b.name for b in spec.benches] if spec else [])
     bpath, tpath = out / BASELINE_FILE, out / fmt.TRACES_FILE
     if bpath.exists() and tpath.exists():
         try:
             base = EvalResult.load(bpath)
             if (base.fingerprint, base.split, base.limit, base.seed,
                     [t.task for t in base.tasks]) == (view.fingerprint, evalset["split"],
-                                                      evalset["limit"], evalset["seed"],
-                                                      list(evalset["tasks"])):
+                                                      evalset["limit"], evalset["seed"], names):
                 return base, read_traces(tpath)
         except ProfileError:
             pass
-    rec = record_traces(view, evalset["tasks"], evalset["split"], evalset["limit"],
-                        evalset["seed"], batch_size=req.batch_size,
-                        progress=None if progress is None else
-                        (lambda d, t, label: progress(d, t, f"baseline and traces: {label}")))
-    base = baseline_from_recording(view, rec, evalset["split"], evalset["limit"], evalset["seed"])
-    write_traces(rec.frame, tpath)
+    base, frame = _record_baseline(view, evalset, req, progress, spec, corpus)
+    write_traces(frame, tpath)
     base.save(bpath)
+    return base, frame
+
+TEXT_TRACE_PROMPTS, TEXT_TRACE_TOKENS = 64, 16
+
+
+def _record_baseline(view, evalset: dict, req, progress, spec, corpus):
+    from profiles.evaluation import EvalResult, TaskResult, proportion
+    from profiles.evaluation.evaluate import answer_budget, task_examples
+    from profiles.profiling.sensitivity import baseline_from_recording
+    from profiles.traces import record_prompt_traces
+
+    split, limit, seed = evalset["split"], evalset["limit"], evalset["seed"]
+    builtin = task_examples(evalset["tasks"], split, limit, seed) if evalset["tasks"] else {}
+    benches = {b.name: b.examples(limit) for b in (spec.benches if spec else ())}
+    sources = [(t, [e.prompt for e in exs], answer_budget(view.tokenizer, exs), ())
+               for t, exs in builtin.items()]
+    sources += [(b.name, [e.prompt for e in benches[b.name]], b.max_new_tokens, b.stop)
+                for b in (spec.benches if spec else ())]
+    if not sources:   # text only: route the start of the text's sequences
+        seqs = corpus.sequences[:TEXT_TRACE_PROMPTS]
+        prompts = [view.tokenizer.decode(list(s[1:33] if len(s) > 1 else s),
+                                         skip_special_tokens=True) for s in seqs]
+        sources = [("text", [p for p in prompts if p], TEXT_TRACE_TOKENS, ())]
+    rec = record_prompt_traces(view, sources, batch_size=req.batch_size,
+                               progress=None if progress is None else
+                               (lambda d, t, label: progress(d, t, f"baseline and traces: "
+                                                                   f"{label}")))
+    tasks = []
+    if builtin:
+        n = sum(len(e) for e in builtin.values())
+        sub = replace(rec, prompts=rec.prompts[:n], tasks=rec.tasks[:n],
+                      generations=rec.generations[:n])
+        tasks += list(baseline_from_recording(view, sub, split, limit, seed).tasks)
+    at = sum(len(e) for e in builtin.values())
+    for b in (spec.benches if spec else ()):
+        exs = benches[b.name]
+        gens = rec.generations[at:at + len(exs)]
+        at += len(exs)
+        marks = [b.score(e, g.text) for e, g in zip(exs, gens)]
+        strict, content = [m[0] for m in marks], [m[1] for m in marks]
+        tasks.append(TaskResult(b.name, len(exs), proportion(strict), proportion(content),
+                                tuple(e.prompt for e in exs), tuple(g.text for g in gens),
+                                tuple(strict), tuple(content)))
+    base = EvalResult(view.spec, view.fingerprint, "base", split, limit, seed, tuple(tasks))
     return base, rec.frame
 
 
@@ -178,11 +219,14 @@ def same_weights(sweep, digest: str):
     """(value, rows) of a completed, evaluated point whose perturbed weights hash to `digest`."""
     for key, rows in sweep.completed().items():
         if rows and rows[0].get("weights_digest") == digest and not rows[0].get("reused_from"):
-            return sum(r["content_change"] for r in rows) / len(rows), rows
+            from profiles.profiling.sensitivity import point_value
+
+            return point_value(rows), rows
     return None
 
 
-def profile_meta(req, loaded, spec: GridSpec, points, tasks, limit, compute, baseline) -> dict:
+def profile_meta(req, loaded, spec: GridSpec, points, tasks, limit, compute, baseline,
+                 metrics: dict | None = None) -> dict:
     """The fields of profile.json that do not change while the sweep runs."""
     from profiles.hardware.measure import cpu_model, package_versions
 
@@ -199,7 +243,7 @@ def profile_meta(req, loaded, spec: GridSpec, points, tasks, limit, compute, bas
         "codecs": list(spec.codecs), "mode": spec.mode, "levels": list(spec.levels),
         "targets": targets, "experts": spec.experts,
         "groups": {k: list(v) for k, v in spec.groups.items()},
-        "design": spec.design, "compute_dtype": compute,
+        "design": spec.design, "compute_dtype": compute, "host_mem_bytes": req.host_mem,
         "catastrophic_drop": req.catastrophic_drop,
         "ratio_sample": req.ratio_sample if req.ratio_sample is not None else 16,
         "storage": display_url(req.storage)   # a password in the URL is not written down
@@ -207,6 +251,7 @@ def profile_meta(req, loaded, spec: GridSpec, points, tasks, limit, compute, bas
         "baseline": {t.task: {"strict": t.strict.to_dict(), "content": t.content.to_dict(),
                               "n": t.n} for t in baseline.tasks},
         "points": [p.key for p in points],
+        **({"metrics": metrics} if metrics is not None else {}),
     }
 
 

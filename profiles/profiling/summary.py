@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from profiles.profiling.metrics import TEXT_ROW
 from profiles.profiling.sensitivity import mean_change_interval
 
 Table = tuple[str, list[str], list[list[str]]]
@@ -36,7 +37,7 @@ def ratio_table(prof) -> Table:
 def sensitivity_table(prof) -> Table:
     """One row per point: mean content and strict change over tasks, KL, Holm verdicts."""
     s = prof.sensitivity
-    header = ["target", "experts", "storage", "content Δ pts [95%]", "strict Δ", "KL nats",
+    header = ["target", "experts", "storage", "content Δ pts [95%]", "strict Δ", "KL nats [95%]",
               "top-1", "Holm"]
     if s is None or len(s) == 0 or prof.doc.get("design") == "paper":
         return "accuracy sensitivity (measured, paired vs the unperturbed model)", header, []
@@ -54,9 +55,13 @@ def sensitivity_table(prof) -> Table:
         stopped = " E" if grp.stopped_early.any() else ""
         storage = key[2] + ("" if _nan(key[4]) else f":{key[4]:g}") + \
             ("" if key[5] == "none" else f" ({key[5]})")
-        rows.append([key[0], key[1], storage, _pts(c) + stopped, f"{100 * st[0]:+.1f}",
-                     f"{grp.kl_nats.mean():.3g}", f"{grp.top1_agreement.mean():.3f}",
-                     " ".join(flags) or "-"])
+        text_only = bool((grp.task == TEXT_ROW).all())
+        kl = f"{grp.kl_nats.mean():.3g}"
+        if "kl_low" in grp.columns and grp.kl_low.notna().any():
+            kl += f" [{grp.kl_low.mean():.3g}, {grp.kl_high.mean():.3g}]"
+        rows.append([key[0], key[1], storage, "-" if text_only else _pts(c) + stopped,
+                     "-" if text_only else f"{100 * st[0]:+.1f}", kl,
+                     f"{grp.top1_agreement.mean():.3f}", " ".join(flags) or "-"])
     return ("accuracy sensitivity (measured; change vs the unperturbed model in points, mean over "
             "tasks with its 95% paired interval; E = stopped early as catastrophic; Holm: tasks "
             "whose content change survives a Holm correction over the profile, - worse, + better)",

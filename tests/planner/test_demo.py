@@ -109,3 +109,32 @@ def test_unknown_size_and_file_as_folder_refused(tmp_path):
     f.write_text("x")
     with pytest.raises(ConfigError, match="is a file"):
         run_demo(f, size="ci")
+
+
+def test_demo_refuses_a_budget_or_text_it_cannot_measure(tmp_path):
+    from planner.demo import DemoMetrics
+
+    with pytest.raises(ConfigError, match="will not have metric 'gsm8k'; it will have content"):
+        run_demo(tmp_path / "d", size="ci", metrics=DemoMetrics(budget="gsm8k=0.02"))
+    with pytest.raises(ConfigError, match="perplexity-ratio budget is at least 1"):
+        run_demo(tmp_path / "d", size="ci", metrics=DemoMetrics(budget="ppl=0.5"))
+    with pytest.raises(ConfigError, match="no such file"):
+        run_demo(tmp_path / "d", size="ci", metrics=DemoMetrics(text=str(tmp_path / "no.txt")))
+    assert not (tmp_path / "d").exists()   # refused before anything was written
+
+
+@pytest.mark.slow
+def test_demo_plans_on_a_kl_budget(tmp_path):
+    from typer.testing import CliRunner
+
+    from planner.cli import app
+
+    r = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), "--size", "ci",
+                                 "--budget", "kl=0.05"])
+    assert r.exit_code == 0, r.output
+    plan = json.loads((tmp_path / "d" / "plan.json").read_text())
+    val = json.loads((tmp_path / "d" / "validation.json").read_text())
+    assert plan["budget"]["metric"] == "kl" and val["metric"] == "kl"
+    assert "kl drop: predicted" in r.output and "text's validate half" in r.output
+    assert "corpus.txt, validate half" in val["measured"]["text"]["corpus"]   # the shipped one
+    assert val["measured"]["accuracy_drop"] == val["measured"]["text"]["kl_nats"]
