@@ -239,7 +239,7 @@ class ClosedFormModel:
             # up to `disk_depth` of a step's reads in flight at once
             frac = self._ssd_fraction(b, m)
             k = np.clip(np.rint(m1 * frac), 1, self.disk_depth)
-            read = self.hw.host.disk_read_s_array(b, k)
+            read = self.hw.host.disk_record_s_array(b, k)
             ssd, ssd_period = frac * read, frac * read / k
         if s.on_miss == "cpu":
             cpu_c = self.cpu_expert_s

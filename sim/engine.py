@@ -258,7 +258,7 @@ class Simulation:
     def _ssd_s(self, li: int, e: int) -> float:
         """One read of expert e from disk while `_ssd_depth` reads are in flight (the reads a
         layer issues at once, up to the depth)."""
-        return self.hw.host.disk_read_s(float(self._storedb[li][e]), self._ssd_depth)
+        return self.hw.host.disk_record_s(float(self._storedb[li][e]), self._ssd_depth)
 
     def _fetch_stages(self, li: int, e: int) -> tuple:
         """The stages of fetching expert e of layer position li (the part after the disk read is

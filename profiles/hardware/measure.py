@@ -130,6 +130,7 @@ def measure_hardware(model: str | None = None, *, name: str | None = None,
     cpu, cores, mem = _host_basics()
     step("host basics")
     memcpy = _memcpy_gbps(sizes, raw)
+    check = _record_check_gbps(sizes, raw)
     step("memory copy")
     record = int(geometry.bytes_per_expert) if geometry is not None else None
     disk, curve = disk_read(disk_dir, sizes.disk_file_bytes, sizes.disk_sizes, raw,
@@ -140,7 +141,8 @@ def measure_hardware(model: str | None = None, *, name: str | None = None,
     ffn = _cpu_expert_ffn(sizes, raw)
     step("CPU expert FFN")
     host = HostProfile(cpu=cpu, cores=cores, memory_bytes=mem, memcpy_gbps=memcpy,
-                       disk_read=disk, codecs=codecs, cpu_expert_ffn=ffn, disk_curve=curve)
+                       disk_read=disk, codecs=codecs, cpu_expert_ffn=ffn, disk_curve=curve,
+                       record_check_gbps=check)
     if use_gpu:
         from profiles.hardware.measure_gpu import measure_gpu
 
@@ -243,6 +245,18 @@ def _memcpy_gbps(sizes: Sizes, raw: dict) -> Figure:
     return Figure(n / med / 1e9, "measured",
                   f"numpy.copyto of {n >> 20} MiB, one thread, median of "
                   f"{len(samples)} after a warm-up; GB/s of bytes copied")
+
+
+def _record_check_gbps(sizes: Sizes, raw: dict) -> Figure:
+    """zlib.crc32 GB/s, one thread: the check of every record the disk tier reads."""
+    import zlib
+
+    buf = np.random.default_rng(1).integers(0, 256, sizes.memcpy_bytes // 4, dtype=np.uint8)
+    med, samples = median_seconds(lambda: zlib.crc32(buf), repeats=5)
+    raw["host.record_check"] = {"bytes": int(buf.size), "seconds": samples}
+    return Figure(buf.size / med / 1e9, "measured",
+                  f"zlib.crc32 of {buf.size >> 20} MiB, one thread, median of {len(samples)} "
+                  f"after a warm-up (the check of each record the disk tier reads)")
 
 
 # --- codecs on the CPU ----------------------------------------------------------------------------

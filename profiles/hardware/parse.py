@@ -145,6 +145,8 @@ def _host(d: Any, at: _At) -> HostProfile:
         memcpy_gbps=_figure(_get(d, "memcpy_gbps", at), at.sub("memcpy_gbps")),
         disk_read=_link(_get(d, "disk_read", at), at.sub("disk_read")),
         codecs=codecs, cpu_expert_ffn=ffn,
+        record_check_gbps=None if d.get("record_check_gbps") is None else _figure(
+            d["record_check_gbps"], at.sub("record_check_gbps")),
         disk_curve=None if d.get("disk_curve") is None else _disk_curve(d["disk_curve"],
                                                                          at.sub("disk_curve")))
 

@@ -202,6 +202,23 @@ class HostProfile:
     codecs: Mapping[str, CodecSpeed] = field(default_factory=dict)
     cpu_expert_ffn: CpuExpertFFN | None = None
     disk_curve: DiskCurve | None = None
+    record_check_gbps: Figure | None = None   # CRC32 of a record read from disk, one thread
+
+    def disk_record_s(self, nbytes: float, depth: int = 1) -> float:
+        """Seconds one packed record of `nbytes` takes to come off the disk tier with `depth`
+        reads in flight: its read, then its CRC32 check by the same thread."""
+        check = (nbytes / (self.record_check_gbps.value * 1e9)
+                 if self.record_check_gbps is not None else 0.0)
+        return self.disk_read_s(nbytes, depth) + check
+
+    def disk_record_s_array(self, nbytes, depth):
+        """`disk_record_s` over numpy arrays."""
+        import numpy as np
+
+        b = np.asarray(nbytes, dtype=np.float64)
+        check = (b / (self.record_check_gbps.value * 1e9)
+                 if self.record_check_gbps is not None else 0.0)
+        return self.disk_read_s_array(b, depth) + check
 
     def disk_read_s(self, nbytes: float, depth: int = 1) -> float:
         """Seconds one read of `nbytes` takes with `depth` reads in flight: from the measured curve

@@ -160,7 +160,9 @@ class DiskRecords:
         e = self.entries[key]
         t0 = time.perf_counter()
         host = self.files.read(e, self.pin)
-        t1 = time.perf_counter()
+        rec = _record(e.layer, e.expert, e.spec, host, e.blobs, e.original_bytes,
+                      f"{self.ckpt.path / e.file} layer {e.layer} expert {e.expert}")
+        t1 = time.perf_counter()     # the span covers the read and the record's CRC32 check
         with self._lock:
             self.reads += 1
             self.read_bytes += e.size
@@ -169,8 +171,7 @@ class DiskRecords:
             from profiles.runtime.timeline import Job
 
             tl.host("SSD read", Job("read", key, e.size), t0 - tl._t0, t1 - tl._t0)
-        return _record(e.layer, e.expert, e.spec, host, e.blobs, e.original_bytes,
-                       f"{self.ckpt.path / e.file} layer {e.layer} expert {e.expert}")
+        return rec
 
     def clear(self) -> None:
         """Empty the host LRU (a cold start, as the simulator's disk tier begins)."""

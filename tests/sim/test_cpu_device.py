@@ -65,6 +65,19 @@ def test_disk_tier_golden_with_reads_in_flight(depth, step_s):
     assert 0 < r.disk_busy_fraction <= 1
 
 
+def test_each_record_read_from_disk_is_checked_by_its_reader():
+    """With a measured CRC32 speed (1 GB/s: 1 ms per 1 MB record) each read takes that much more:
+    two in flight, both read and checked by 3.5 ms, copies to 4.7 ms, compute to 4.95 ms."""
+    g = make_geometry()
+    hw = make_hardware(**{"host.disk_curve": CURVE, "gpu.h2d_pinned.gbps": 10.0,
+                          "host.record_check_gbps": {"value": 1.0, "source": "measured"}})
+    sv = serving_with_cache(g, 0, generated_tokens=4, host_mem_bytes=1, disk_depth=2)
+    wl = make_workload(g, sv, traces=trace_df(distinct_steps(4)))
+    costs = uniform_costs(g.moe_layers, 4, original_bytes=MB)
+    r = simulate(geometry=g, hardware=hw, serving=sv, costs=costs, workload=wl).result
+    assert r.decode_s == pytest.approx(4 * (0.0035 + 2 * 0.0006 + C_S), rel=1e-9)
+
+
 def test_the_profile_best_depth_is_the_default_and_the_line_fit_reads_one_at_a_time():
     g = make_geometry()
     sv = serving_with_cache(g, 0, generated_tokens=4, host_mem_bytes=1)
