@@ -17,7 +17,6 @@ import mmap
 import os
 import random
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -78,7 +77,7 @@ def disk_read(disk_dir, file_bytes: int, read_sizes: tuple[int, ...], raw: dict,
                 fh.write(block)
             fh.flush()
             os.fsync(fh.fileno())
-        method, reader = _direct_reader(path, max(sizes))
+        method, reader = _direct_reader(path)
         rng = random.Random(0)
         nbytes, times, grid, samples = [], [], [], {}
         with ThreadPoolExecutor(max_workers=max(depths), thread_name_prefix="moesz-disk") as pool:
@@ -129,9 +128,9 @@ def disk_read(disk_dir, file_bytes: int, read_sizes: tuple[int, ...], raw: dict,
             pass
 
 
-def _direct_reader(path: str, biggest: int):
+def _direct_reader(path: str):
     """(method, read(offset, size) -> seconds) that bypasses the page cache where it can; safe to
-    call from several threads at once (one page-aligned buffer per thread)."""
+    call from several threads at once (each read into its own fresh page-aligned buffer)."""
     flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
     try:
         fd = os.open(path, flags)
@@ -142,26 +141,19 @@ def _direct_reader(path: str, biggest: int):
     except OSError:
         fd = os.open(path, os.O_RDONLY)
         method = "posix_fadvise(DONTNEED) before each read"
-    local = threading.local()
-    buffers: list[mmap.mmap] = []
-
     def read(offset: int, size: int) -> float:
         if size == 0:
             os.close(fd)
-            for b in buffers:
-                b.close()
             return 0.0
-        buf = getattr(local, "buf", None)
-        if buf is None:
-            buf = local.buf = mmap.mmap(-1, biggest)
-            buffers.append(buf)
         if method != "O_DIRECT" and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
-        view = memoryview(buf)[:size]
         t0 = time.perf_counter()
-        got = os.preadv(fd, [view], offset)
+        # a fresh page-aligned buffer per read, as the runtime's disk tier reads each record
+        # into a new one: the kernel faults its pages in during the read, and that is timed
+        buf = mmap.mmap(-1, size)
+        got = os.preadv(fd, [buf], offset)
         elapsed = time.perf_counter() - t0
-        view.release()
+        buf.close()
         if got != size:
             raise ConfigError(f"{path}: short read of {got} of {size} bytes while measuring the disk")
         return elapsed
