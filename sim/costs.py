@@ -54,15 +54,47 @@ def _gpu_rate(hardware: HardwareProfile, codec: str, level: float | None,
     from profiles.codecs import get_codec
 
     c = get_codec(codec)
-    if c.gpu_decodable and not c.error_bounded:
-        # dequantization of a block format (rtn, gq, nf4, mxfp4, GGUF types) reads the packed
-        # bytes and writes bf16: bandwidth-bound, about d2d / 2
-        labels.add(f"{codec} GPU decode: estimated as half the d2d copy bandwidth "
-                   f"({gpu.d2d_gbps.value:g} GB/s, {gpu.d2d_gbps.source})")
-        return gpu.d2d_gbps.value / 2
+    estimate = estimated_gpu_rate(hardware, codec)
+    if estimate is not None:
+        gbps, how = estimate
+        labels.add(f"{codec} GPU decode: {how}")
+        return gbps
     raise ConfigError(f"hardware profile {hardware.origin or hardware.name} has no GPU decode speed "
                       f"for codec {codec!r} (gpu.decode.{codec}); measure it with `moesz profile "
                       f"hardware` or choose another codec")
+
+
+# DietGPU's published rANS decode on an A100: 250-410 GB/s of decoded bytes (one byte symbol per
+# byte; README of facebookresearch/dietgpu). `ans` decodes one symbol per value and writes bf16, so
+# per output byte it does no more work; the lower end, taken as GB/s of bf16 output, is the estimate
+ANS_ESTIMATE_GBPS = 250.0
+
+
+def estimated_gpu_rate(hardware: HardwareProfile, codec: str) -> tuple[float, str] | None:
+    """(GB/s of bf16 output, how it was estimated) for a GPU-decodable codec the hardware profile
+    has not measured, or None when there is no honest estimate (the caller refuses the codec).
+
+    - Block formats without a bound (rtn, gq, nf4, mxfp4, GGUF types): dequantization reads the
+      packed bytes and writes bf16, bandwidth-bound: half the device-to-device copy bandwidth.
+    - `ans` (chunked rANS): DietGPU's published A100 decode speed, lower end (250 GB/s), capped
+      at half the d2d bandwidth; moesz's Triton decoder has not been timed on a GPU.
+    """
+    from profiles.codecs import get_codec
+
+    c = get_codec(codec)
+    gpu = hardware.gpu
+    if gpu is None or not c.gpu_decodable or c.cpu_only:
+        return None
+    half_d2d = gpu.d2d_gbps.value / 2
+    if not c.error_bounded:
+        return half_d2d, (f"estimated as half the d2d copy bandwidth ({gpu.d2d_gbps.value:g} "
+                          f"GB/s, {gpu.d2d_gbps.source}); not measured")
+    if codec == "ans":
+        gbps = min(ANS_ESTIMATE_GBPS, half_d2d)
+        return gbps, (f"estimated {gbps:g} GB/s of bf16 output (DietGPU's published rANS decode "
+                      f"on an A100, 250-410 GB/s, lower end, capped at half the d2d bandwidth); "
+                      f"moesz's Triton ans decoder not measured on a GPU")
+    return None
 
 
 def _cpu_rate(hardware: HardwareProfile, codec: str, level: float | None, labels: set[str],

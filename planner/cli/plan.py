@@ -200,7 +200,7 @@ def print_plan(doc: dict) -> None:
               _num(p["tokens_per_s_simulation"]), *_fmt_drop(p["accuracy_drop"]), "yes",
               _gib(p["host_bytes"]))
     for x in doc["baselines"]:
-        t.add_row(x["name"] + star(x["accuracy_drop"]), _num(x["tokens_per_s"]),
+        t.add_row(x.get("label", x["name"]) + star(x["accuracy_drop"]), _num(x["tokens_per_s"]),
                   _num(x.get("tokens_per_s_simulation")), *_fmt_drop(x["accuracy_drop"]),
                   "yes" if x["meets_budget"] else "no", _gib(x["host_bytes"]))
     console.print(t)
