@@ -39,6 +39,15 @@ BEST_USER_FORMAT = "best user format"
 _NOT_USER_FORMATS = ("raw", "lossless") + RTN_BASELINES
 
 
+def uniform_spec(policy: Policy) -> str:
+    """The one spec of a uniform policy (every layer the same), as `StorageSpec.describe` writes
+    it; a choice-table policy keeps it per layer over a raw default."""
+    specs = {s.describe() for s in policy.layers.values()}
+    if len(specs) == 1 and (not policy.experts):
+        return specs.pop()
+    return policy.default.describe()
+
+
 def user_format_labels(accuracy: AccuracyModel) -> list[str]:
     """Labels of the formats users run (no bound: gq, nf4, mxfp4, GGUF types) that the profile
     has rows for, single-layer or whole-model, sorted."""
@@ -80,7 +89,7 @@ class Baseline:
         if self.name in RTN_BASELINES:
             return f"{self.name} (per-row absmax)"
         if self.name == BEST_USER_FORMAT and self.policy is not None:
-            return f"{BEST_USER_FORMAT}: {self.policy.default.describe()}"
+            return f"{BEST_USER_FORMAT}: {uniform_spec(self.policy)}"
         return self.name
 
     def to_dict(self) -> dict:
@@ -181,8 +190,11 @@ def compute_baselines(*, table: ChoiceTable, evaluate, accuracy: AccuracyModel,
     """All baselines. `evaluate(choice) -> tokens/s` scores a choice-table assignment."""
     L = len(table.moe_layers)
     av = table.available
+    shipped = getattr(geometry, "dtype", "bf16")
     out = [_table_baseline("no compression", table, np.zeros(L, dtype=int), evaluate, accuracy,
-                           constraint)]
+                           constraint, "" if shipped in ("bf16", "fp16", "fp32") else
+                           f"the experts as the checkpoint ships them ({shipped}, "
+                           f"{int(geometry.bytes_per_expert):,} B per expert)")]
     out.append(_spec_baseline("lossless", StorageSpec("lossless"), geometry=geometry,
                               ratios=ratios, hardware=hardware, serving=serving,
                               closed_form=closed_form, accuracy=accuracy, constraint=constraint))
@@ -260,7 +272,7 @@ def user_format_baselines(done: list[Baseline], *, accuracy: AccuracyModel,
         others = ", ".join(sorted(b.name[8:] for b in rows if b is not best))
         out.append(Baseline(BEST_USER_FORMAT, best.policy, best.tokens_per_s, best.drop, True,
                             best.host_bytes, best.measured_all,
-                            f"{best.policy.default.describe()} on every layer: the fastest "
+                            f"{uniform_spec(best.policy)} on every layer: the fastest "
                             f"uniform format users run that meets the budget (also profiled: "
                             f"{others or 'none'})", best.choice))
     elif rows:

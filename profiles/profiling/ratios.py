@@ -3,7 +3,8 @@
 For every MoE layer x codec x level, the layer's experts (all of them, or a seeded sample with the
 spread over the sample reported) go through a real encode -> decode round trip. The ratio counts
 every stored byte (blob header included) against the expert's bytes in the CHECKPOINT dtype
-(`geometry.bytes_per_expert`: bf16 counts 2 bytes a value, FP8 one), and the decoded tensor is
+(`geometry.bytes_per_expert`: bf16 counts 2 bytes a value, FP8 one, gpt-oss's MXFP4 its blocks,
+scales and biases as shipped), with the ratio against bf16 beside (`ratio_vs_bf16`), and the decoded tensor is
 checked against the bound actually applied (`max_err_over_bound`, which may exceed 1 only by the
 rounding of the decoded value back to the checkpoint dtype, at most half an ulp). The baselines
 `lossless`, `rtn8` and `rtn4` are always measured, so the planner can compare against them.
@@ -24,6 +25,9 @@ RATIO_COLUMNS = ("layer", "codec", "mode", "level", "codec_options", "abs_bound_
                  "ratio_min", "ratio_max", "original_bytes_per_expert",
                  "compressed_bytes_per_expert", "n_experts", "n_experts_total",
                  "max_err_over_bound", "source")
+# beside the ratio against the checkpoint's own bytes: against bf16 (2 bytes a value), which
+# differs for checkpoints that ship quantized (FP8, gpt-oss MXFP4); absent in older profiles
+OPTIONAL_COLUMNS = ("ratio_vs_bf16",)
 Progress = Callable[[int, int, str], None]
 
 
@@ -112,6 +116,7 @@ def measure_ratios(model, codecs: Sequence[str], mode: str, levels: Sequence[flo
             if progress:
                 progress(done, total, f"ratios layer {layer} expert {e}")
             tensors = src.expert_tensors(layer, e)
+            bf16_bytes = 2 * sum(t.numel() for t in tensors.values())
             for i, (codec, rmode, level, opts) in enumerate(layer_runs):
                 nbytes = 0
                 for t in tensors.values():
@@ -139,7 +144,8 @@ def measure_ratios(model, codecs: Sequence[str], mode: str, levels: Sequence[flo
                 "compressed_bytes_per_expert": sum(stored[i]) / len(stored[i]),
                 "n_experts": len(picks[layer]), "n_experts_total": g.experts_per_layer,
                 "max_err_over_bound": worst[i] if bounds[i] else math.nan,
-                "source": "measured"})
+                "source": "measured",
+                "ratio_vs_bf16": bf16_bytes * len(stored[i]) / sum(stored[i])})
     if progress:
         progress(total, total, "ratios")
-    return pd.DataFrame(rows, columns=list(RATIO_COLUMNS))
+    return pd.DataFrame(rows, columns=list(RATIO_COLUMNS) + list(OPTIONAL_COLUMNS))

@@ -114,7 +114,10 @@ def test_best_user_format_is_the_fastest_feasible_uniform_format(profile, tmp_pa
     want = max(feasible, key=lambda b: b.tokens_per_s)
     assert best.policy == want.policy and best.tokens_per_s == want.tokens_per_s
     assert best.drop == want.drop
-    assert best.label == f"best user format: {want.policy.default.describe()}"
+    from planner.baselines import uniform_spec
+
+    assert best.label == f"best user format: {uniform_spec(want.policy)}"
+    assert best.label.split(": ")[1].split(",")[0] in ("nf4", "q4_k", "q3_k", "gq")
     rows = {b["name"]: b for b in o.plan.doc["baselines"]}
     assert rows["rtn4"]["label"] == "rtn4 (per-row absmax)"
     assert rows["best user format"]["accuracy_drop"]["value"] == pytest.approx(want.drop.drop)
