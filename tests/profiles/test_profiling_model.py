@@ -144,7 +144,9 @@ def test_other_settings_in_the_same_out_are_refused_before_writing(tiny):
 @pytest.mark.parametrize("field,value,match", [
     ("levels", "0,1", "positive"), ("layers", "3,99", "not an MoE layer"),
     ("target", "top:0", "N must be"), ("codecs", "zip", "unknown"), ("design", "study", "grid or paper"),
-    ("groups", "G1", "NAME=LAYERS"), ("limit", 0, "at least 1")])
+    ("groups", "G1", "NAME=LAYERS"), ("limit", 0, "at least 1"),
+    ("baselines", "szp", "formats users run without a bound"),
+    ("baselines", "rtn4", "always measured"), ("baselines", "q9_k", "unknown")])
 def test_bad_options_are_clear_errors(tmp_path, field, value, match):
     from profiles.errors import MoeszError
 
@@ -193,3 +195,25 @@ def test_paper_design_runs_noise_next_to_the_real_codec(tmp_path):
     title, header, rows = paper_table(res.profile)
     assert rows[0][0] == "baseline" and len(header) == 2 + 4
     assert not math.isnan(s.kl_nats.max())
+
+
+def test_baselines_are_whole_model_points_with_ratios_at_every_layer(tmp_path):
+    """--baselines q4_k,nf4 with one layer profiled: one whole-model point each, and their
+    ratios at every MoE layer (the whole-model policy needs them), not only at layer 3."""
+    import pandas as pd
+
+    res = profile_model(ProfileRequest(out=tmp_path / "p", baselines="q4_k,nf4",
+                                       **{**TINY, "codecs": "szp"}))
+    sens = pd.read_parquet(tmp_path / "p" / SENSITIVITY_FILE)
+    fmt = sens[sens.codec.isin(["q4_k", "nf4"])]
+    assert set(fmt.target) == {"all"} and set(fmt.codec) == {"q4_k", "nf4"}
+    ratios = pd.read_parquet(tmp_path / "p" / RATIOS_FILE)
+    layers = set(res.profile.geometry["moe_layers"])
+    for codec in ("q4_k", "nf4", "rtn4"):
+        assert set(ratios[ratios.codec == codec].layer) == layers, codec
+    assert set(ratios[ratios.codec == "szp"].layer) == {3}
+    # Q4_K: 4.5 bits a weight (+ blob headers) against bf16's 16
+    q4 = ratios[ratios.codec == "q4_k"]
+    assert (q4.ratio_vs_bf16 < 16 / 4.5).all() and (q4.ratio_vs_bf16 > 3.3).all()
+    assert json.loads((tmp_path / "p" / "profile.json").read_text())["baselines"] == ["q4_k",
+                                                                                      "nf4"]
