@@ -262,7 +262,8 @@ def synthetic_profile(
     out: str = typer.Option(..., "--out", help="Profile directory to write."),
     levels: str = typer.Option("0.05,0.1,0.2,0.3,0.5,0.8,1,1.5", "--levels",
                                help="meanabs levels."),
-    codecs: str = typer.Option("szp", "--codecs", help="Error-bounded codecs to measure."),
+    codecs: str = typer.Option("szp", "--codecs", help="Codecs to measure: error-bounded ones "
+                               "at every level, formats without a bound (nf4, q4_k, …) once."),
     seed: int = typer.Option(0, "--seed", help="Seeds weights, sensitivities and traces."),
 ) -> None:
     """Write a SYNTHETIC model profile for a geometry (ratios measured with the real codecs on
