@@ -151,6 +151,11 @@ def build_table(*, accuracy: AccuracyModel, geometry: Any, ratios: Any, hardware
     gb = np.zeros((L, C))
     cpu = np.zeros((L, C), bool)
     mu[:, 0] = var[:, 0] = 0.0
+    if getattr(geometry, "dtype", None) == "mxfp4":
+        # raw = the experts as shipped (gpt-oss MXFP4): they are dequantized on the GPU
+        bb, gg, cc = closed_form.inputs_from_costs(build_costs(
+            geometry, Policy(default=StorageSpec("raw")), hardware, serving, ratios))
+        b[:, 0], gb[:, 0], cpu[:, 0] = bb, gg, cc
     notes = []
     for c, spec in enumerate(specs[1:], start=1):
         label = spec.describe()

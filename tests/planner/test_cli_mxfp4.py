@@ -89,3 +89,23 @@ def test_pack_and_run_a_mixed_plan(ckpt, tmp_path):
     assert r.exit_code == 0, r.output
     run = json.loads(r.output)
     assert run["tokens_per_s"] > 0 and run["misses"] > 0
+
+
+def test_raw_is_the_shipped_format_dequantized_on_the_gpu(profile, tmp_path):
+    """For an MXFP4 checkpoint `raw` moves the shipped bytes and pays the GPU dequantization, in
+    the simulator's costs and in the planner's choice table alike."""
+    from planner.pipeline import PlanRequest, make_plan
+    from profiles.hardware import load_hardware
+    from profiles.policy import Policy
+    from profiles.serving import ServingConfig
+    from sim.costs import GPU, build_costs
+
+    serving = ServingConfig(gpu_mem_fraction=0.25, prompt_tokens=4, generated_tokens=16)
+    o = make_plan(PlanRequest(profile=str(profile), hardware="preset:h200-published",
+                              budget=0.5, serving=serving, trials=5, warm_trials=1, rerank=0))
+    g = o.profile.geometry
+    costs = build_costs(g, Policy.none(), load_hardware("preset:h200-published"), serving,
+                        o.profile.ratios)
+    assert (costs.decode_where == GPU).all() and (costs.link_bytes == g.bytes_per_expert).all()
+    assert (o.table.decode_gbps[:, 0] > 0).all()
+    assert (o.table.stored_bytes[:, 0] == g.bytes_per_expert).all()
