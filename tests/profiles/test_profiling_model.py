@@ -53,10 +53,13 @@ def test_tiny_profile_files_and_fields(tiny):
     assert set(d["baseline"]) == {"add", "sub", "sort", "reverse"}
     lim = d["detection_limit"]
     assert lim["metric"] == "content" and 0 < lim["floor_half_width"] <= lim["half_width"] + 1e-12
-    # ratios: layer 3 x (szp, sz3 at level 1 + lossless, rtn8, rtn4), all 8 experts each
+    # ratios: layer 3 x (szp, sz3 at level 1), and the whole-model baselines lossless, rtn8,
+    # rtn4 at every MoE layer (their policies cover every layer); all 8 experts each
     r = prof.ratios
-    assert sorted(r.codec) == sorted(["szp", "sz3", "lossless", "rtn8", "rtn4"])
-    assert (r.layer == 3).all() and (r.n_experts == 8).all()
+    assert sorted(r[r.layer == 3].codec) == sorted(["szp", "sz3", "lossless", "rtn8", "rtn4"])
+    assert set(r[r.codec.isin(["szp", "sz3"])].layer) == {3}
+    assert len(r[r.codec.isin(["lossless", "rtn8", "rtn4"])]) == 3 * 8
+    assert (r.n_experts == 8).all()
     assert (r.ratio > 1).all() and (r.max_err_over_bound.dropna() <= 1.02).all()
     assert r[r.codec == "lossless"].level.isna().all()
     # sensitivity: one row per point x task, with the documented columns
