@@ -13,7 +13,11 @@
    simulated across GPU budgets on the profile's traces (`sim.study.run_study`), and the plan's
    simulated timeline as a Perfetto trace;
 5. validate the plan for real on the held-out `validate` split (`planner.validate`);
-6. render the report (`planner.report.render_report`).
+6. on a machine without a GPU, serve the plan and no compression with the real runtime on this
+   CPU, experts beyond a host budget read from disk, beside the simulator's prediction for this
+   machine (a profile measured and calibrated here) and for the H200 preset
+   (`planner.throughput.this_machine`);
+7. render the report (`planner.report.render_report`).
 
 `size="ci"` shrinks every step (two layers, one level, eight prompts per task, few trials) so the
 chain runs end to end in tests; its figures demonstrate the plumbing, not the model.
@@ -35,7 +39,7 @@ from profiles.fileio import atomic_write_json
 
 Progress = Callable[[int, int, str], None]
 PRESET = "preset:h200-published"
-STAGES = ("hardware", "profile", "plan", "sweep", "validate", "report")
+STAGES = ("hardware", "profile", "plan", "sweep", "validate", "this machine", "report")
 
 
 @dataclass(frozen=True)
@@ -105,8 +109,11 @@ def run_demo(out_dir: str | Path, progress: Progress | None = None, size: str = 
     outcome = timed("plan", lambda: _plan(out, sz, hw_spec, stage))
     sweep = timed("sweep", lambda: _sweep(out, sz, hw_spec, outcome, stage))
     val = timed("validate", lambda: _validate(out, sz, stage))
+    here = timed("this machine", lambda: _this_machine(out, sz, outcome, stage))
     record = _record(out, size, sz, hw_spec, hw_note, profile, outcome, sweep, val, timings,
                      t_start)
+    if here is not None:
+        record["this_machine"] = here
     atomic_write_json(out / "demo.json", record)
     timed("report", lambda: _report(out))
     record["stages_s"] = timings
@@ -236,6 +243,22 @@ def _validate(out: Path, sz: DemoSize, stage) -> dict:
     return doc
 
 
+def _this_machine(out: Path, sz: DemoSize, outcome, stage) -> dict | None:
+    """Without a GPU: the plan and no compression measured on this CPU with the disk tier forced,
+    beside the prediction for this machine and the preset's for an H200
+    (`planner.throughput.this_machine`)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    from planner.throughput import this_machine
+
+    doc = this_machine("builtin", outcome.plan.policy, out, preset=PRESET,
+                       tokens=8 if sz is SIZES["ci"] else 32, progress=stage)
+    atomic_write_json(out / "this-machine.json", doc)
+    return doc
+
+
 def _report(out: Path) -> None:
     from planner.report import render_report
 
@@ -321,6 +344,10 @@ def summary_lines(record: dict, out: Path) -> list[str]:
               f"  stored expert bytes: measured {m['stored_bytes']:,} ({m['ratio']:.2f}x smaller "
               f"than bf16)",
               f"verdict: {val['verdict']} — {val['verdict_detail']['reason']}"]
+    if record.get("this_machine"):
+        from planner.throughput import this_machine_lines
+
+        lines += this_machine_lines(record["this_machine"])
     lines += [f"note: {n}" for n in record["notes"] + plan.get("warnings", [])]
     # where a decode speed the plan or a baseline relies on is an estimate, say so
     lines += [f"note: {n}" for n in plan.get("notes", []) if " decode: estimated" in n

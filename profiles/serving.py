@@ -130,9 +130,12 @@ class ServingConfig:
             `compute` (in line on the compute stream, no overlap).
         gpu_decode_slowdown: factor (>= 1) on GPU decode time on its own stream, for contention
             with compute kernels.
-        cpu_workers: CPU threads that decode one expert together (its chunks in parallel), for
-            CPU codecs and for experts run on the CPU.
+        cpu_workers: CPU worker threads decoding host-codec experts, one expert per thread
+            and several experts at once (how far that scales is the hardware profile's measured
+            thread scaling).
         staging_slots: decompressed expert buffers reserved on the GPU for misses.
+        disk_depth: reads in flight of experts not held in host memory (the disk tier); None:
+            the runtime reads 4 at once and the simulator uses the profile's best depth.
     """
 
     gpu_mem_bytes: int | None = None
@@ -152,6 +155,7 @@ class ServingConfig:
     gpu_decode_slowdown: float = 1.0
     cpu_workers: int = 8
     staging_slots: int = 2
+    disk_depth: int | None = None
 
     def __post_init__(self) -> None:
         _check_budget("gpu_mem", self.gpu_mem_bytes, self.gpu_mem_fraction)
@@ -166,6 +170,11 @@ class ServingConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise ConfigError(f"serving config: {name} is {v!r}; expected an integer >= {low}")
+        if self.disk_depth is not None and (not isinstance(self.disk_depth, int)
+                                            or isinstance(self.disk_depth, bool)
+                                            or self.disk_depth < 1):
+            raise ConfigError(f"serving config: disk_depth is {self.disk_depth!r}; expected an "
+                              f"integer >= 1 (reads in flight)")
         if not (isinstance(self.gpu_decode_slowdown, (int, float))
                 and math.isfinite(self.gpu_decode_slowdown) and self.gpu_decode_slowdown >= 1.0):
             raise ConfigError(f"serving config: gpu_decode_slowdown is {self.gpu_decode_slowdown!r}; "

@@ -52,9 +52,12 @@ class ClosedFormModel:
             means no decoding (raw).
         cpu_decode_by_layer: True where the codec decodes on the CPU (host workers; the link
             then carries the original bytes).
-        With `on_miss = cpu`, missed experts are decoded and run on the CPU, so the decode rate
-        given is the host's rate for that codec. Host rates are per thread; one expert decodes
-        on `serving.cpu_workers` threads at once.
+        With `on_miss = cpu`, missed experts are decoded and run on the CPU (one thread), so the
+        decode rate given is the host's rate for that codec. Host rates are per thread; the
+        `serving.cpu_workers` workers each decode a whole expert, together at the profile's
+        measured thread scaling.
+        With a CPU device (`hardware.gpu.serial`), copy, in-place decode and compute of the
+        experts share one thread; disk reads and host-codec workers run beside it.
     """
 
     def __init__(self, hardware: HardwareProfile, geometry: Any, serving: ServingConfig,
@@ -83,8 +86,12 @@ class ClosedFormModel:
             self.notes.append("closed form ignores prefetch (left to the simulation)")
         link = hardware.gpu.h2d(serving.pinned)
         self.link_latency_s, self.link_bps = link.latency_s, link.gbps * 1e9
-        disk = hardware.host.disk_read
-        self.ssd_latency_s, self.ssd_bps = disk.latency_s, disk.gbps * 1e9
+        self.serial = hardware.gpu.serial          # the CPU device: copy/decode/compute in turn
+        from sim.costs import cpu_parallel
+        from sim.engine import disk_depth
+
+        self.disk_depth = disk_depth(hardware, serving)
+        self.cpu_parallel = cpu_parallel(hardware, None, serving.cpu_workers)
         B = serving.batch_size
         dec = wl.decode_steps
         t = self.times
@@ -191,9 +198,11 @@ class ClosedFormModel:
             gb = np.asarray(gb, dtype=np.float64)
             dec_s = np.divide(self.bf16_bytes / 1e9, gb, out=np.zeros(np.broadcast(b, gb).shape),
                               where=(gb > 0) & (gb < np.inf))
+        W, P = s.cpu_workers, self.cpu_parallel
         if cd is not None and np.any(cd):
             cd = np.broadcast_to(np.asarray(cd, dtype=bool), dec_s.shape)
-            cpu_dec = np.where(cd, dec_s / s.cpu_workers, 0.0)  # threads share one expert
+            # each of W busy workers decodes a whole expert at P / W of one thread's speed
+            cpu_dec = np.where(cd, dec_s * W / P, 0.0)
             gpu_dec = np.where(cd, 0.0, dec_s)
             link_b = np.where(cd, float(self.original_bytes), b)
         else:
@@ -218,31 +227,48 @@ class ClosedFormModel:
         m1 = np.divide(m, q, out=np.zeros(np.broadcast(m, q).shape), where=q > 0)
         more = np.maximum(m1 - 1.0, 0.0)  # misses after the first, in a step that has any
         link_s = self.link_latency_s + link_b / self.link_bps
+        ssd = ssd_period = None
         if self.host_budget is not None:
-            # SSD reads: misses of experts outside host memory (cold, so nearly always misses)
-            ssd = self._ssd_fraction(b, m) * (self.ssd_latency_s + b / self.ssd_bps)
-        else:
-            ssd = None
+            # SSD reads: misses of experts outside host memory (cold, so nearly always misses),
+            # up to `disk_depth` of a step's reads in flight at once
+            frac = self._ssd_fraction(b, m)
+            k = np.clip(np.rint(m1 * frac), 1, self.disk_depth)
+            read = self.hw.host.disk_read_s_array(b, k)
+            ssd, ssd_period = frac * read, frac * read / k
         if s.on_miss == "cpu":
             cpu_c = self.cpu_expert_s
-            mdec = dec_s / s.cpu_workers  # the decode rate given is the host's, per thread
+            mdec = dec_s  # decoded in the thread that runs the expert, then computed there
             first = mdec + cpu_c
-            period = np.maximum(mdec, cpu_c)
+            period = mdec + cpu_c
             if ssd is not None:
-                first, period = first + ssd, np.maximum(period, ssd)
+                first, period = first + ssd, np.maximum(period, ssd_period)
             k = np.maximum(U - m1, 0.0)
             hit_part = k * C if c_hit is None else (
                 k * np.maximum(c_hit, d_hit) + np.where(k > 0, np.minimum(c_hit, d_hit), 0.0))
             miss_part = np.maximum(hit_part, first + more * period)
+        elif self.serial:
+            # the CPU device: each miss's copy and decode run in the model's thread after its
+            # disk read / worker decode, hits compute meanwhile; host-codec workers copy too
+            dec_miss = fetch_dec + hit_dec
+            s_work = link_s + dec_miss if cpu_dec is None else np.where(cd, 0.0, link_s + dec_miss)
+            p_first, p_period = 0.0, 0.0
+            if cpu_dec is not None:
+                with_copy = np.where(cd, cpu_dec + link_s, 0.0)
+                p_first, p_period = with_copy, with_copy / W
+            if ssd is not None:
+                p_first, p_period = p_first + ssd, np.maximum(p_period, ssd_period)
+            one = s_work + C
+            miss_part = np.maximum(T_all + m1 * s_work,
+                                   p_first + one + more * np.maximum(p_period, one))
         else:
             comp_miss = C + fetch_dec + hit_dec if inline else C
             dec_miss = fetch_dec + hit_dec if not inline else 0.0
             first = link_s + dec_miss + comp_miss
             period = np.maximum(np.maximum(link_s, dec_miss), comp_miss)
             if cpu_dec is not None:
-                first, period = first + cpu_dec, np.maximum(period, cpu_dec)
+                first, period = first + cpu_dec, np.maximum(period, cpu_dec / W)
             if ssd is not None:
-                first, period = first + ssd, np.maximum(period, ssd)
+                first, period = first + ssd, np.maximum(period, ssd_period)
             miss_part = np.maximum(T_all, first + more * period)
         return T_all + q * (miss_part - T_all)
 
@@ -271,10 +297,10 @@ class ClosedFormModel:
         cpu = (where == CPU).any(axis=1)
         dec = np.where(where == CPU, costs.cpu_decode_s,
                        np.where(where == GPU, costs.gpu_decode_s, 0.0)).mean(axis=1)
-        W = self.serving.cpu_workers
-        dec = np.where(cpu, dec * W, dec)  # back to the per-thread rate of the host
+        W, P = self.serving.cpu_workers, self.cpu_parallel
+        dec = np.where(cpu, dec * P / W, dec)  # back to one thread's time
         if self.serving.on_miss == "cpu":
-            dec = costs.cpu_miss_decode_s.mean(axis=1) * W
+            dec = costs.cpu_miss_decode_s.mean(axis=1)
         elif self.serving.gpu_decode == "stream":
             dec = np.where(cpu, dec, dec / self.serving.gpu_decode_slowdown)
         gbps = np.where(dec > 0, self.bf16_bytes / np.where(dec > 0, dec, 1.0) / 1e9, 0.0)

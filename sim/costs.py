@@ -4,8 +4,11 @@ For every MoE layer and expert: the bytes stored in host memory (and read from S
 that cross the host-to-device link (compressed for GPU codecs; original for CPU codecs, which
 decode on the host and send raw bytes), the GPU or CPU decode time of one expert, and the bytes
 it occupies in the GPU cache (`resident_form`). Decode rates come from the hardware profile in
-GB/s of original bf16 bytes (2 bytes per value), so time = values * 2 / (gbps * 1e9); CPU
-codec rates are per thread, and one expert's chunks decode on `cpu_workers` threads at once.
+GB/s of original bf16 bytes (2 bytes per value), so time = values * 2 / (gbps * 1e9). CPU codec
+rates are per thread; the runtime's `cpu_workers` threads each decode a whole expert, several
+experts at once, and `cpu_decode_s` is the time one expert takes on one of them while all are
+busy: one thread's time x workers / the measured thread scaling (`CodecSpeed.parallel`).
+Experts run on the CPU on a miss (`on_miss = cpu`) are decoded in the calling thread.
 """
 
 from __future__ import annotations
@@ -34,9 +37,9 @@ class ExpertCosts:
     resident_bytes: np.ndarray  # bytes held in the GPU cache
     decode_where: np.ndarray  # NONE, GPU or CPU
     gpu_decode_s: np.ndarray  # GPU decode of one expert (0 when none)
-    cpu_decode_s: np.ndarray  # CPU decode of one expert, split over cpu_workers threads (0: none)
+    cpu_decode_s: np.ndarray  # CPU decode of one expert on one of cpu_workers busy threads (0: none)
     hit_decode_s: np.ndarray  # GPU decode on every use (compressed residency), else 0
-    cpu_miss_decode_s: np.ndarray  # CPU decode before CPU execution (on-miss cpu), else 0
+    cpu_miss_decode_s: np.ndarray  # CPU decode (one thread) before CPU execution (on-miss cpu)
     labels: tuple[str, ...] = field(default=())
 
     @property
@@ -47,21 +50,19 @@ class ExpertCosts:
 def _gpu_rate(hardware: HardwareProfile, codec: str, level: float | None,
               labels: set[str]) -> float:
     gpu = hardware.gpu
+    where = "device (CPU) decode" if gpu.serial else "GPU decode"
     curve: LevelCurve | None = gpu.decode.get(codec)
     if curve is not None:
-        labels.add(f"{codec} GPU decode: {curve.source}" + (f" ({curve.note})" if curve.note else ""))
+        labels.add(f"{codec} {where}: {curve.source}" + (f" ({curve.note})" if curve.note else ""))
         return curve.at(level)
-    from profiles.codecs import get_codec
-
-    c = get_codec(codec)
     estimate = estimated_gpu_rate(hardware, codec)
     if estimate is not None:
         gbps, how = estimate
         labels.add(f"{codec} GPU decode: {how}")
         return gbps
-    raise ConfigError(f"hardware profile {hardware.origin or hardware.name} has no GPU decode speed "
+    raise ConfigError(f"hardware profile {hardware.origin or hardware.name} has no {where} speed "
                       f"for codec {codec!r} (gpu.decode.{codec}); measure it with `moesz profile "
-                      f"hardware` or choose another codec")
+                      f"hardware` on the machine that will run the model, or choose another codec")
 
 
 # DietGPU's published rANS decode on an A100: 250-410 GB/s of decoded bytes (one byte symbol per
@@ -83,8 +84,8 @@ def estimated_gpu_rate(hardware: HardwareProfile, codec: str) -> tuple[float, st
 
     c = get_codec(codec)
     gpu = hardware.gpu
-    if gpu is None or not c.gpu_decodable or c.cpu_only:
-        return None
+    if gpu is None or gpu.serial or not c.gpu_decodable or c.cpu_only:
+        return None  # a CPU device (`gpu.serial`) decodes at its measured speeds only
     half_d2d = gpu.d2d_gbps.value / 2
     if not c.error_bounded:
         return half_d2d, (f"estimated as half the d2d copy bandwidth ({gpu.d2d_gbps.value:g} "
@@ -97,16 +98,38 @@ def estimated_gpu_rate(hardware: HardwareProfile, codec: str) -> tuple[float, st
     return None
 
 
-def _cpu_rate(hardware: HardwareProfile, codec: str, level: float | None, labels: set[str],
-              why: str) -> float:
+def _cpu_speed(hardware: HardwareProfile, codec: str, why: str):
     speed = hardware.host.codecs.get(codec)
     if speed is None:
         raise ConfigError(f"hardware profile {hardware.origin or hardware.name} has no CPU decode "
                           f"speed for codec {codec!r} (host.codecs.{codec}.decode), needed {why}; "
                           f"measure it with `moesz profile hardware` or choose another codec")
-    c = speed.decode
+    return speed
+
+
+def _cpu_rate(hardware: HardwareProfile, codec: str, level: float | None, labels: set[str],
+              why: str) -> float:
+    c = _cpu_speed(hardware, codec, why).decode
     labels.add(f"{codec} CPU decode: {c.source}" + (f" ({c.note})" if c.note else ""))
     return c.at(level)
+
+
+def cpu_parallel(hardware: HardwareProfile, codec: str | None, workers: int,
+                 labels: set[str] | None = None) -> float:
+    """Experts' worth of one-thread decode that `workers` busy worker threads finish per unit
+    time (measured thread scaling of `codec`, else of `sz3`, else linear)."""
+    codecs = hardware.host.codecs
+    speed = codecs.get(codec) if codec else None
+    if speed is None or speed.threads is None:
+        speed = codecs.get("sz3", speed)
+    if speed is None:
+        return float(workers)
+    if labels is not None:
+        labels.add(f"CPU decode threads: {speed.threads.source} thread scaling, "
+                   f"{speed.parallel(workers):.2f}x one thread at {workers} workers"
+                   if speed.threads is not None else
+                   f"CPU decode threads: linear scaling to {workers} workers assumed (not measured)")
+    return speed.parallel(workers)
 
 
 def _codec_flags(codec: str) -> tuple[bool, bool]:
@@ -189,13 +212,20 @@ def _expert_row(geometry, layer, spec, hardware, serving, ratios, orig, bf16_byt
                 resident, hdec = stored, gdec
         else:
             where = CPU
-            # one expert's chunks decode in parallel on cpu_workers threads (linear scaling)
-            cdec = bf16_bytes / (_cpu_rate(hardware, codec, level, labels,
-                                           "because it decodes on the CPU") * 1e9)
-            cdec /= serving.cpu_workers
+            # each worker decodes a whole expert; W busy workers run at parallel(W) / W of one
+            W = serving.cpu_workers
+            one = bf16_bytes / (_cpu_rate(hardware, codec, level, labels,
+                                          "because it decodes on the CPU") * 1e9)
+            cdec = one * W / cpu_parallel(hardware, codec, W, labels)
         if serving.on_miss == "cpu":
-            mdec = cdec if where == CPU else bf16_bytes / serving.cpu_workers / (
-                _cpu_rate(hardware, codec, level, labels, "to run missed experts on the CPU") * 1e9)
+            # decoded in the thread that runs the expert
+            why = "to run missed experts on the CPU"
+            if codec not in hardware.host.codecs and hardware.gpu.serial \
+                    and codec in hardware.gpu.decode:
+                rate = _gpu_rate(hardware, codec, level, labels)  # the CPU device's own decode
+            else:
+                rate = _cpu_rate(hardware, codec, level, labels, why)
+            mdec = bf16_bytes / (rate * 1e9)
     return stored, link, resident, where, gdec, cdec, hdec, mdec
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import random
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -33,7 +34,7 @@ from sim.costs import CPU, GPU, ExpertCosts
 from sim.memory import MemoryLayout, memory_layout
 from sim.prefetch import make_prefetcher
 from sim.results import SimResult
-from sim.servers import DEMAND, PREFETCH, Recorder, Server
+from sim.servers import DEMAND, PREFETCH, Recorder, Server, Track
 from sim.timing import TimeModel
 from sim.workload import Workload
 
@@ -46,7 +47,9 @@ class SimOptions:
         seed: seeds the prefetch predictor's errors.
         pipeline: overlap transfers with decode and compute (False: one expert at a time).
         record: keep the per-event timeline for Chrome-trace and Gantt export.
-        ssd_gbps, ssd_latency_s: override the hardware profile's disk read fit.
+        ssd_gbps, ssd_latency_s: override the hardware profile's disk read fit (and drop its
+            depth curve: the override is one line, `latency + bytes / gbps` per read); the
+            closed form takes the same override (`with_disk_override`).
     """
 
     seed: int = 0
@@ -60,6 +63,26 @@ class SimOptions:
             raise ConfigError(f"--ssd-gbps is {self.ssd_gbps!r}; a link needs a bandwidth > 0 GB/s")
         if self.ssd_latency_s is not None and not self.ssd_latency_s >= 0:
             raise ConfigError(f"--ssd-latency-s is {self.ssd_latency_s!r}; expected seconds >= 0")
+
+
+def with_disk_override(hardware: HardwareProfile, options: "SimOptions") -> HardwareProfile:
+    """`hardware` with `options`' SSD overrides applied to its disk figures, so that the
+    simulation and the closed form read the same disk (unchanged without overrides)."""
+    if options.ssd_gbps is None and options.ssd_latency_s is None:
+        return hardware
+    from dataclasses import replace
+
+    d = hardware.host.disk_read
+    gbps = d.gbps if options.ssd_gbps is None else options.ssd_gbps
+    lat = d.latency_s if options.ssd_latency_s is None else options.ssd_latency_s
+    disk = LinkFit(lat, gbps, "estimated", f"override: --ssd-gbps {gbps:g}, --ssd-latency-s "
+                   f"{lat:g} (one read at a time)")
+    return replace(hardware, host=replace(hardware.host, disk_read=disk, disk_curve=None))
+
+
+def disk_depth(hardware: HardwareProfile, serving: ServingConfig) -> int:
+    """Reads in flight of the disk tier: the serving config's, else the profile's best depth."""
+    return serving.disk_depth or hardware.host.disk_depth
 
 
 class _Job:
@@ -130,6 +153,7 @@ class Simulation:
     def __init__(self, *, geometry: Any, hardware: HardwareProfile, serving: ServingConfig,
                  costs: ExpertCosts, workload: Workload, times: TimeModel | None = None,
                  options: SimOptions = SimOptions()) -> None:
+        hardware = with_disk_override(hardware, options)
         self.g, self.hw, self.serving, self.costs, self.wl = geometry, hardware, serving, costs, workload
         self.opt = options
         self.times = times or TimeModel(hardware, geometry)
@@ -139,40 +163,56 @@ class Simulation:
         self.mem: MemoryLayout = memory_layout(
             geometry, serving, costs, workload.hot_order(), hardware.gpu.memory_bytes.value)
         self.link: LinkFit = hardware.gpu.h2d(serving.pinned)
-        disk = hardware.host.disk_read
-        self.ssd_latency = disk.latency_s if options.ssd_latency_s is None else options.ssd_latency_s
-        self.ssd_gbps = disk.gbps if options.ssd_gbps is None else options.ssd_gbps
+        self.serial = hardware.gpu.serial
+        self.depth = disk_depth(hardware, serving)
 
     # -- setup -------------------------------------------------------------------------------
     def _build(self) -> None:
         env = self.env = simpy.Environment()
         rec = self.recorder = Recorder() if self.opt.record else None
         s = self.serving
-        self.compute = Server(env, "GPU compute", 1, rec)
-        self.h2d = Server(env, "H2D link", 1, rec)
-        self.gpu_dec = Server(env, "GPU decode", 1, rec) if s.gpu_decode == "stream" else self.compute
-        # With decompression on its own stream, the compute stream only ever runs demand work in
-        # submission order, so its spans are booked (`Server.reserve`) rather than simulated.
-        self._booked = s.gpu_decode == "stream"
-        # one expert at a time, its chunks spread over cpu_workers threads (see sim.costs)
-        self.cpu_dec = Server(env, "CPU decode", 1, rec)
+        if self.serial:
+            # the CPU device: copy, in-place decode and compute run one after another in the
+            # model's thread, so they queue on one server (each keeps its own track)
+            device = Server(env, "device (CPU)", 1, rec)
+            self.compute, self.h2d = Track(device, "GPU compute"), Track(device, "H2D link")
+            self.gpu_dec = Track(device, "GPU decode" if s.gpu_decode == "stream"
+                                 else "GPU compute")
+            self._booked = False
+        else:
+            self.compute = Server(env, "GPU compute", 1, rec)
+            self.h2d = Server(env, "H2D link", 1, rec)
+            self.gpu_dec = (Server(env, "GPU decode", 1, rec) if s.gpu_decode == "stream"
+                            else self.compute)
+            # With decompression on its own stream, the compute stream only ever runs demand
+            # work in submission order, so its spans are booked (`Server.reserve`).
+            self._booked = s.gpu_decode == "stream"
+        # cpu_workers threads, each decoding a whole expert (see sim.costs)
+        self.cpu_dec = Server(env, "CPU decode", s.cpu_workers, rec)
         self.cpu = Server(env, "CPU compute", 1, rec)
-        self.ssd = Server(env, "SSD read", 1, rec)
+        self.ssd = Server(env, "SSD read", self.depth, rec)
         c, layers = self.costs, self.g.moe_layers
         L = len(layers)
         # per-expert stage durations as nested lists (fast scalar access in the event loop)
         self._link_s = [[self.link.time_s(float(b)) for b in row] for row in c.link_bytes]
-        self._ssd_s = [[self.ssd_latency + float(b) / (self.ssd_gbps * 1e9) for b in row]
-                       for row in c.stored_bytes]
         self._gdec = c.gpu_decode_s.tolist()
         self._cdec = c.cpu_decode_s.tolist()
+        if self.serial:
+            # on the CPU device a host-codec expert's worker thread also makes the copy
+            self._cdec = [[d + (ls if d > 0 else 0.0) for d, ls in zip(dr, lr)]
+                          for dr, lr in zip(self._cdec, self._link_s)]
+        self._ssd_depth = 1
         self._hdec = c.hit_decode_s.tolist()
         self._mdec = c.cpu_miss_decode_s.tolist()
         self._where = c.decode_where.tolist()
         self._resident = c.resident_bytes.tolist()
         self._linkb = c.link_bytes.tolist()
         self._storedb = c.stored_bytes.tolist()
-        self._in_host = self.mem.in_host.tolist()
+        # the disk tier: as the runtime's (`DiskRecords`), an LRU of stored records within the
+        # host budget, empty at the start; a fetch of a record it lacks reads the disk first
+        self._disk_tier = not bool(self.mem.in_host.all())
+        self._host_lru: "OrderedDict[tuple[int, int], int]" = OrderedDict()
+        self._host_held = self._host_peak = 0
         self._layer_pos = {layer: i for i, layer in enumerate(layers)}
         hot = [((layers[li], e), int(c.resident_bytes[li, e])) for li, e in self.wl.hot_order()]
         if self.mem.layer_capacity_bytes is not None:
@@ -214,21 +254,47 @@ class Simulation:
         job.i = i
         job.done(job)
 
+    def _ssd_s(self, li: int, e: int) -> float:
+        """One read of expert e from disk while `_ssd_depth` reads are in flight (the reads a
+        layer issues at once, up to the depth)."""
+        return self.hw.host.disk_read_s(float(self._storedb[li][e]), self._ssd_depth)
+
     def _fetch_stages(self, li: int, e: int) -> tuple:
-        """The stages of fetching expert e of layer position li (cached: they never change)."""
+        """The stages of fetching expert e of layer position li (the part after the disk read is
+        cached: it never changes)."""
         stages = self._stage_cache[li][e]
         if stages is None:
             st = []
-            if not self._in_host[li][e]:
-                st.append((self.ssd, self._ssd_s[li][e]))
             where = self._where[li][e]
             if where == CPU:
                 st.append((self.cpu_dec, self._cdec[li][e]))
-            st.append((self.h2d, self._link_s[li][e]))
+            if not (self.serial and where == CPU):
+                st.append((self.h2d, self._link_s[li][e]))
             if where == GPU and self._hdec[li][e] == 0:
                 st.append((self.gpu_dec, self._gdec[li][e]))
             stages = self._stage_cache[li][e] = tuple(st)
+        if self._host_read(li, e):
+            return ((self.ssd, self._ssd_s(li, e)),) + stages
         return stages
+
+    def _host_read(self, li: int, e: int) -> bool:
+        """Whether expert e must be read from disk (and count it); touches the host LRU."""
+        if not self._disk_tier:
+            return False
+        key = (self.g.moe_layers[li], e)
+        lru = self._host_lru
+        if key in lru:
+            lru.move_to_end(key)
+            return False
+        size = self._storedb[li][e]
+        lru[key] = size
+        self._host_held += size
+        while self._host_held > self.mem.host_budget_bytes and len(lru) > 1:
+            self._host_held -= lru.popitem(last=False)[1]
+        self._host_peak = max(self._host_peak, self._host_held)
+        self.stats["bytes_ssd"] += size
+        self.stats["ssd_reads"] += 1
+        return True
 
     def _fetch(self, li: int, e: int, prio: int) -> _Job:
         key = (self.g.moe_layers[li], e)
@@ -238,9 +304,6 @@ class Simulation:
         stats["transfers"] += 1
         if prio == PREFETCH:
             stats["bytes_h2d_prefetch"] += nbytes
-        if not self._in_host[li][e]:
-            stats["bytes_ssd"] += self._storedb[li][e]
-            stats["ssd_reads"] += 1
         job = _Job("prefetch" if prio == PREFETCH else "fetch", key, li, e, prio,
                    self._fetch_stages(li, e), self._arrive)
         self.inflight[key] = job
@@ -287,14 +350,11 @@ class Simulation:
 
     def _cpu_run(self, li: int, e: int, tokens: int, then: Callable) -> None:
         stages = []
-        if not self._in_host[li][e]:
-            stages.append((self.ssd, self._ssd_s[li][e]))
-        stages.append((self.cpu_dec, self._mdec[li][e]))
-        stages.append((self.cpu, self.times.cpu_expert_s(tokens)))
+        if self._host_read(li, e):
+            stages.append((self.ssd, self._ssd_s(li, e)))
+        # decoded and run in the same thread, one after the other
+        stages.append((self.cpu, self._mdec[li][e] + self.times.cpu_expert_s(tokens)))
         self.stats["cpu_runs"] += 1
-        if not self._in_host[li][e]:
-            self.stats["bytes_ssd"] += self._storedb[li][e]
-            self.stats["ssd_reads"] += 1
         self._advance(_Job("cpu", (self.g.moe_layers[li], e), li, e, DEMAND, stages, then))
 
     # -- one MoE layer -----------------------------------------------------------------------
@@ -322,6 +382,11 @@ class Simulation:
     def _layer(self, step_idx: int, li: int, phase: str, then: Callable[[Any], None]) -> None:
         experts, counts = self.wl.steps[step_idx].layers[li]
         hm = self.hm[phase]
+        if self._disk_tier:
+            layer, host, cache = self.g.moe_layers[li], self._host_lru, self.cache
+            reads = sum(1 for e in experts if (layer, e) not in host and (layer, e) not in cache
+                        and (layer, e) not in self.inflight and (layer, e) not in self.staged[li])
+            self._ssd_depth = max(1, min(self.depth, reads))
         if self.opt.pipeline:
             done = _Countdown(self.env, len(experts), then)
             expert = self._expert
@@ -422,7 +487,14 @@ class Simulation:
             f"H2D link: {self.link.source}, {self.link.gbps:g} GB/s + {self.link.latency_s:g} s "
             f"({'pinned' if self.serving.pinned else 'pageable'})"]
         if not mem.in_host.all():
-            labels.append(f"SSD read: {self.ssd_gbps:g} GB/s + {self.ssd_latency:g} s")
+            h = self.hw.host
+            labels.append(
+                f"SSD read: {h.disk_curve.source} curve by size and depth, {self.depth} reads in "
+                f"flight ({h.disk_curve.method})" if h.disk_curve is not None else
+                f"SSD read: {h.disk_read.source}, {h.disk_read.gbps:g} GB/s + "
+                f"{h.disk_read.latency_s:g} s per read, one at a time")
+        if self.serial:
+            labels.append("device: the CPU (copy, decode and compute share the model's thread)")
         return SimResult(
             tokens=tokens, time_s=end, prefill_s=prefill_end, decode_s=decode_s,
             tokens_per_s=tokens / decode_s if decode_s > 0 else float("inf"),
@@ -435,13 +507,17 @@ class Simulation:
             link_h2d_gbps=self.link.gbps,
             link_busy_fraction=self.h2d.busy_fraction(end),
             decode_busy_fraction=(self.gpu_dec.busy_fraction(end)
-                                  if self.gpu_dec is not self.compute else 0.0),
+                                  if self.gpu_dec is not self.compute
+                                  and getattr(self.gpu_dec, "name", "") != "GPU compute" else 0.0),
             cpu_decode_busy_fraction=self.cpu_dec.busy_fraction(end),
             cpu_compute_busy_fraction=self.cpu.busy_fraction(end),
             compute_busy_fraction=self.compute.busy_fraction(end),
             gpu_mem_bytes=int(gpu_used), gpu_budget_bytes=mem.gpu_budget_bytes,
             cache_capacity_bytes=(None if mem.cache_capacity_bytes == float("inf")
                                   else float(mem.cache_capacity_bytes)),
-            kv_cache_bytes=mem.kv_bytes, host_mem_bytes=mem.host_used_bytes,
-            host_budget_bytes=mem.host_budget_bytes, labels=tuple(labels),
+            kv_cache_bytes=mem.kv_bytes,
+            host_mem_bytes=self._host_peak if self._disk_tier else mem.host_used_bytes,
+            host_budget_bytes=mem.host_budget_bytes,
+            disk_busy_fraction=self.ssd.active_fraction(end), disk_depth=self.depth,
+            labels=tuple(labels),
             notes=tuple(dict.fromkeys(notes)), config=self.serving.to_dict())

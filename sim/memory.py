@@ -4,8 +4,10 @@ live in host memory rather than on SSD. Shared by the simulator and the closed-f
 GPU: the budget must hold the non-expert weights, the KV cache for the full context
 (batch * (prompt + generated) tokens, reserved up front as serving engines do) and
 `staging_slots` decompressed expert buffers for misses; the rest is the expert cache.
-Host: experts are placed hottest first (decode activations in the traces) while their stored
-bytes fit the host budget; the others are read from SSD on every miss.
+Host: with a host budget below the stored experts, the simulation keeps an LRU of that many
+stored bytes (as the runtime's disk tier does) and reads the others from SSD; `in_host`, the
+hottest experts (decode activations in the traces) while their stored bytes fit the budget, is
+the closed form's placement.
 """
 
 from __future__ import annotations
@@ -81,6 +83,9 @@ def memory_layout(geometry: Any, serving: ServingConfig, costs: ExpertCosts,
         fit = int(np.searchsorted(np.cumsum(sizes), host_budget, side="right"))
         in_host[order[:fit, 0], order[:fit, 1]] = True
         notes.append(f"host budget {format_bytes(host_budget)} holds {fit} of {stored.size} experts "
-                     f"({format_bytes(stored.sum())} stored); the rest are read from SSD")
+                     f"({format_bytes(stored.sum())} stored): the simulation keeps an LRU of "
+                     f"that many bytes, empty at the start, as the runtime's disk tier does, and "
+                     f"reads a record it lacks from SSD; the closed form places the hottest "
+                     f"experts in host memory instead")
     return MemoryLayout(budget, non_expert, int(kv), staging, cap, layer_caps, host_budget, in_host,
                         int(stored[in_host].sum()), tuple(notes))

@@ -30,6 +30,37 @@ class MeasuredSizes:
         return geometry.bytes_per_expert * len(sizes) / max(1, sum(sizes))
 
 
+def check_same_machine(result, hardware) -> None:
+    """Refuse to compare a run with a profile of another kind of device: a CPU run beside an H200
+    prediction is two machines in one table, not a fidelity check.
+
+    Raises:
+        ConfigError: the profile has no device section, or describes another device type.
+    """
+    from profiles.errors import ConfigError
+
+    name = hardware.origin or hardware.name
+    dev = hardware.gpu
+    if dev is None:
+        raise ConfigError(f"hardware profile {name} has no device section (measured by an older "
+                          f"moesz on a machine without a GPU); measure this machine again with "
+                          f"`moesz profile hardware --out hw.json`")
+    ran = str(result.device).split(":")[0]
+    if ran != dev.device_type:
+        what = "a GPU" if dev.device_type == "cuda" else "the CPU as the device"
+        raise ConfigError(f"the run used {ran} but {name} describes {what} ({dev.name}): a "
+                          f"prediction for another machine is not a check of this run; predict "
+                          f"with a profile measured here (`moesz profile hardware --out hw.json`), "
+                          f"or use `moesz simulate --hardware {name}` for that machine")
+
+
+def relative_error(predicted, measured) -> float | None:
+    """(predicted - measured) / measured, or None where it is undefined."""
+    if predicted is None or measured is None or not measured:
+        return None
+    return (float(predicted) - float(measured)) / float(measured)
+
+
 def predict_for_run(result, hardware, *, record: bool = False):
     """Simulate the configuration a `RunResult` measured.
 

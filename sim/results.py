@@ -54,6 +54,8 @@ class SimResult:
     kv_cache_bytes: int
     host_mem_bytes: int
     host_budget_bytes: int | None
+    disk_busy_fraction: float = 0.0   # share of the time with at least one disk read in flight
+    disk_depth: int = 1               # reads in flight the disk tier was simulated with
     labels: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     config: dict[str, Any] = field(default_factory=dict)

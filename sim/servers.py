@@ -34,7 +34,8 @@ class Recorder:
 class Server:
     """A resource with `capacity` parallel units and demand-before-prefetch FIFO queues."""
 
-    __slots__ = ("env", "name", "capacity", "busy", "busy_s", "queues", "recorder", "free_at")
+    __slots__ = ("env", "name", "capacity", "busy", "busy_s", "queues", "recorder", "free_at",
+                 "track_busy_s", "active_s", "_since")
 
     def __init__(self, env: simpy.Environment, name: str, capacity: int = 1,
                  recorder: Recorder | None = None) -> None:
@@ -46,14 +47,21 @@ class Server:
         self.queues: tuple[deque, deque] = (deque(), deque())
         self.recorder = recorder
         self.free_at = 0.0  # for `reserve`
+        self.track_busy_s: dict[str, float] = {}
+        self.active_s = 0.0   # time with at least one job running (the union of its spans)
+        self._since = 0.0
 
-    def submit(self, item: Any, duration: float, prio: int, then: Callable[[Any], None]) -> list:
+    def submit(self, item: Any, duration: float, prio: int, then: Callable[[Any], None],
+               track: str | None = None) -> list:
         """Run `item` for `duration` seconds when a unit is free; call `then(item)` after.
+        `track` names the timeline track of the span (default: the server's name).
 
         Returns the queue entry (usable with `promote`).
         """
-        entry = [item, duration, then, 0.0]
+        entry = [item, duration, then, 0.0, track or self.name]
         if self.busy < self.capacity:  # start at once (inlined _start: this is the hot path)
+            if not self.busy:
+                self._since = self.env._now
             self.busy += 1
             entry[3] = self.env._now
             Timeout(self.env, duration, entry).callbacks.append(self._finish)
@@ -86,6 +94,8 @@ class Server:
                 return
 
     def _start(self, entry: list) -> None:
+        if not self.busy:
+            self._since = self.env.now
         self.busy += 1
         entry[3] = self.env.now
         ev = Timeout(self.env, entry[1], entry)
@@ -95,14 +105,43 @@ class Server:
         entry = ev._value
         self.busy -= 1
         self.busy_s += entry[1]
+        track = entry[4]
+        self.track_busy_s[track] = self.track_busy_s.get(track, 0.0) + entry[1]
         if self.recorder is not None:
-            self.recorder.add(self.name, entry[0], entry[3], self.env.now)
+            self.recorder.add(track, entry[0], entry[3], self.env.now)
         high, low = self.queues
         if high:
             self._start(high.popleft())
         elif low:
             self._start(low.popleft())
+        elif not self.busy:
+            self.active_s += self.env.now - self._since
         entry[2](entry[0])
 
     def busy_fraction(self, makespan_s: float) -> float:
         return self.busy_s / (self.capacity * makespan_s) if makespan_s > 0 else 0.0
+
+    def active_fraction(self, makespan_s: float) -> float:
+        """Share of the makespan with at least one job running."""
+        return self.active_s / makespan_s if makespan_s > 0 else 0.0
+
+
+class Track:
+    """A named view of a shared `Server`: jobs queue on the server in one FIFO with everything
+    else it runs, while their spans and busy time are kept under this track's name. The CPU
+    device is one: copy, decode and compute run one after another in the model's thread."""
+
+    __slots__ = ("server", "name")
+
+    def __init__(self, server: Server, name: str) -> None:
+        self.server, self.name = server, name
+
+    def submit(self, item: Any, duration: float, prio: int, then: Callable[[Any], None]) -> list:
+        return self.server.submit(item, duration, prio, then, self.name)
+
+    def promote(self, entry: list) -> None:
+        self.server.promote(entry)
+
+    def busy_fraction(self, makespan_s: float) -> float:
+        busy = self.server.track_busy_s.get(self.name, 0.0)
+        return busy / makespan_s if makespan_s > 0 else 0.0

@@ -22,7 +22,7 @@ from profiles.serving import MemBudget, ServingConfig
 from sim.api import load_traces, make_workload, simulate
 from sim.closed_form import ClosedFormModel
 from sim.costs import build_costs
-from sim.engine import SimOptions, Simulation
+from sim.engine import SimOptions, Simulation, with_disk_override
 from sim.ratios import RatioTable, SyntheticRatios
 from sim.reuse import reuse_stats
 from sim.results import SimResult
@@ -136,6 +136,7 @@ def run_study(*, hardware: HardwareProfile, source: ModelSource, policy: Any, po
         wl = with_placement(wl, load_traces(placement_traces_path), source=placement_traces_path)
     if hasattr(policy, "check"):
         policy.check(g.moe_layers, g.experts_per_layer, None, where=policy_label)
+    hardware = with_disk_override(hardware, options)   # the closed form reads the same disk
     times = TimeModel(hardware, g)
     stats = reuse_stats(wl)
     caches = list(caches or [serving.cache_policy])

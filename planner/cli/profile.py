@@ -89,6 +89,13 @@ def _fig(f, unit: str = "", scale: float = 1.0, fmt: str = ".3g") -> str:
     return f"{f.value * scale:{fmt}}{unit} ({f.source})"
 
 
+def _size(n: int) -> str:
+    for unit, k in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= k:
+            return f"{n / k:g} {unit}"
+    return f"{n} B"
+
+
 def _link(lf) -> str:
     err = "" if lf.fit_rel_error is None else f", fit error {100 * lf.fit_rel_error:.0f}%"
     return f"{lf.latency_s * 1e6:.1f} us + bytes / {lf.gbps:.3g} GB/s ({lf.source}{err})"
@@ -103,10 +110,19 @@ def _print_hardware(prof) -> None:
     t.add_row("CPU", f"{h.cpu}; {_fig(h.cores, ' cores')}")
     t.add_row("host memory", _fig(h.memory_bytes, " GB", 1e-9))
     t.add_row("memory copy", _fig(h.memcpy_gbps, " GB/s"))
-    t.add_row("disk read", _link(h.disk_read))
+    t.add_row("disk read (one at a time)", _link(h.disk_read))
+    if h.disk_curve is not None:
+        dc = h.disk_curve
+        for size, row in zip(dc.sizes, dc.gbps):
+            cells = ", ".join(f"depth {d}: {v:.3g}" for d, v in zip(dc.depths, row))
+            t.add_row(f"disk GB/s, {_size(size)} reads", f"{cells} ({dc.source}, {dc.method})")
+        t.add_row("disk reads in flight", f"{dc.best_depth} (best depth, {dc.source})")
     for name, c in h.codecs.items():
         levels = ", ".join(f"{lv:g}: {g:.3g}" for lv, g in zip(c.decode.levels, c.decode.gbps))
         t.add_row(f"{name} decode GB/s", f"{levels} ({c.decode.source}, CPU one thread)")
+        if c.threads is not None:
+            sc = ", ".join(f"{n}: {x:.2f}x" for n, x in zip(c.threads.threads, c.threads.speedup))
+            t.add_row(f"{name} decode threads", f"{sc} ({c.threads.source})")
         if c.encode is not None:
             levels = ", ".join(f"{lv:g}: {g:.3g}" for lv, g in zip(c.encode.levels, c.encode.gbps))
             t.add_row(f"{name} encode GB/s", f"{levels} ({c.encode.source})")
@@ -118,17 +134,23 @@ def _print_hardware(prof) -> None:
     g = prof.gpu
     if g is None:
         t.add_row("GPU", "none visible (no gpu section)")
+    elif g.serial:
+        t.add_row("device", f"{g.name}, {_fig(g.memory_bytes, ' GB', 1e-9)}")
+        t.add_row("expert copy (the CPU device's link)", _link(g.h2d_pinned))
     else:
         t.add_row("GPU", f"{g.name}, {_fig(g.memory_bytes, ' GB', 1e-9)}")
         for label, lf in (("H2D pinned", g.h2d_pinned), ("H2D pageable", g.h2d_pageable),
                           ("D2H pinned", g.d2h_pinned), ("D2H pageable", g.d2h_pageable)):
             t.add_row(label, _link(lf))
-        t.add_row("H2D under compute", _fig(g.h2d_under_compute_gbps, " GB/s"))
+    if g is not None:
+        if not g.serial:
+            t.add_row("H2D under compute", _fig(g.h2d_under_compute_gbps, " GB/s"))
         t.add_row("bf16 GEMM", _fig(g.bf16_gemm_tflops, " TFLOP/s"))
         t.add_row("device copy", _fig(g.d2d_gbps, " GB/s"))
         for name, c in g.decode.items():
             levels = ", ".join(f"{lv:g}: {v:.3g}" for lv, v in zip(c.levels, c.gbps))
-            t.add_row(f"{name} GPU decode GB/s", f"{levels} ({c.source})")
+            where = "device (CPU)" if g.serial else "GPU"
+            t.add_row(f"{name} {where} decode GB/s", f"{levels} ({c.source})")
     for mt in prof.model_timings:
         e = mt.expert_ffn
         pts = ", ".join(f"{n}: {s * 1e3:.3g} ms" for n, s in zip(e.tokens, e.seconds))

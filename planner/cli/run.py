@@ -42,6 +42,9 @@ def run(
     tokens: int = typer.Option(128, "--tokens", help="Decode steps (tokens per sequence)."),
     unpinned: bool = typer.Option(False, "--pageable", help="Host buffers pageable, not pinned."),
     workers: int = typer.Option(8, "--workers", help="CPU decode worker threads."),
+    disk_depth: Optional[int] = typer.Option(
+        None, "--disk-depth", help="Disk tier: expert reads in flight (default 4, or the "
+        "--predict profile's measured best depth)."),
     device: Optional[str] = typer.Option(None, "--device",
                                          help="cuda or cpu (default: cuda if present)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random prompt."),
@@ -78,10 +81,17 @@ def run(
         except ValueError:
             raise ConfigError(f"--layer-slots {layer_slots!r}: expected N or N,N,… "
                               f"integers") from None
+    hw = None
+    if predict:
+        from profiles.hardware import load_hardware
+
+        hw = load_hardware(predict)
+        if disk_depth is None:
+            disk_depth = hw.host.disk_depth if hw.host.disk_curve is not None else None
     serving = ServingConfig(cache_policy=cache, resident_form=resident, prefetch=prefetch,
                             on_miss=on_miss, batch_size=batch, prompt_tokens=prompt,
                             generated_tokens=tokens, pinned=not unpinned, gpu_decode=gpu_decode,
-                            cpu_workers=workers).with_budgets(gb, hb)
+                            cpu_workers=workers, disk_depth=disk_depth).with_budgets(gb, hb)
     if slots is not None and len(slots) == 1:
         from profiles.packed import is_packed, read_packed
         from profiles.models import resolve_geometry
@@ -91,11 +101,10 @@ def run(
         slots = slots * len(g.moe_layers)
     serving = replace(serving, per_layer_cache_slots=slots)
     _preflight(model, pol)
-    hw = None
-    if predict:
-        from profiles.hardware import load_hardware
+    if hw is not None:
+        from sim.replay import check_same_machine
 
-        hw = load_hardware(predict)
+        check_same_machine(_DeviceOnly(str(resolve_device(device))), hw)
     with Progress(transient=True, disable=as_json or not Console().is_terminal) as bar:
         task = bar.add_task("running", total=tokens)
         result = measure_throughput(model, pol, serving, device=device, seed=seed,
@@ -115,6 +124,8 @@ def run(
         if sim_run is not None:
             doc["predicted"] = sim_run.result.to_dict()
             doc["predicted"]["hardware"] = hw.origin
+            doc["relative_error"] = {k: e for k, (_, _, _, e) in _figures(result, sim_run.result)
+                                     .items() if e is not None}
         typer.echo(json.dumps(doc, indent=2))
         return
     _print(result, sim_run, hw, trace_out)
@@ -128,6 +139,42 @@ def _preflight(model: str, policy) -> None:
         check_policy_matches(read_packed(model, verify=False), policy)
 
 
+class _DeviceOnly:
+    """What `check_same_machine` reads of a run, before the run."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+
+def _figures(r, p) -> dict:
+    """name -> (measured text, predicted text, ..., relative error) of the figures both have."""
+    from sim.replay import relative_error
+
+    def pair(name, m, q, fmt):
+        return name, (fmt(m), "" if p is None else fmt(q), None,
+                      None if p is None else relative_error(q, m))
+
+    rows = [
+        pair("tokens/s (decode)", r.tokens_per_s, p and p.tokens_per_s, lambda v: f"{v:.2f}"),
+        pair("time per output token", r.tpot_s, p and p.tpot_s, lambda v: f"{v * 1e3:.2f} ms"),
+        pair("time to first token", r.ttft_s, p and p.ttft_s, lambda v: f"{v:.3f} s"),
+        pair("bytes moved host->device", r.bytes_h2d, p and p.bytes_h2d, format_bytes),
+        pair("  of which prefetch", r.bytes_h2d_prefetch, p and p.bytes_h2d_prefetch,
+             format_bytes),
+        pair("bytes read from disk", r.bytes_disk, p and p.bytes_ssd, format_bytes),
+        pair("disk reads", r.disk_reads, p and p.ssd_reads, lambda v: f"{v}"),
+        pair("hit rate (decode)", r.hit_rate, p and p.hit_rate, lambda v: f"{v:.3f}"),
+        pair("misses (decode)", r.misses, p and p.misses, lambda v: f"{v}"),
+        pair("experts run on the CPU", r.cpu_expert_runs, p and p.cpu_expert_runs,
+             lambda v: f"{v}"),
+        pair("link busy fraction", r.link_busy_fraction, p and p.link_busy_fraction,
+             lambda v: f"{v:.3f}"),
+        pair("disk busy fraction", r.disk_busy_fraction, p and p.disk_busy_fraction,
+             lambda v: f"{v:.3f}"),
+    ]
+    return dict(rows)
+
+
 def _print(r, sim_run, hw, trace_out) -> None:
     console = Console(width=120)
     console.print(f"{r.model} — {r.policy}; batch {r.batch_size}, prompt {r.prompt_tokens}, "
@@ -138,21 +185,17 @@ def _print(r, sim_run, hw, trace_out) -> None:
     p = sim_run.result if sim_run is not None else None
     if p is not None:
         t.add_column(f"predicted ({hw.origin})", justify="right")
+        t.add_column("error", justify="right")
+    for name, (a, b, _, err) in _figures(r, p).items():
+        cells = [name, a]
+        if p is not None:
+            cells += [b, "" if err is None else f"{err:+.1%}"]
+        t.add_row(*cells)
     acc = "n/a" if r.prefetch_accuracy is None else f"{r.prefetch_accuracy:.3f}"
     gbps = "n/a" if r.link_achieved_gbps is None else f"{r.link_achieved_gbps:.2f}"
     overlap = "n/a" if r.decode_overlap_fraction is None else f"{r.decode_overlap_fraction:.2f}"
     cap = "unlimited" if r.cache_capacity_bytes is None else format_bytes(r.cache_capacity_bytes)
-    rows = [
-        ("tokens/s (decode)", f"{r.tokens_per_s:.2f}", p and f"{p.tokens_per_s:.2f}"),
-        ("time per output token", f"{r.tpot_s * 1e3:.2f} ms", p and f"{p.tpot_s * 1e3:.2f} ms"),
-        ("time to first token", f"{r.ttft_s:.3f} s", p and f"{p.ttft_s:.3f} s"),
-        ("bytes moved host->device", format_bytes(r.bytes_h2d), p and format_bytes(p.bytes_h2d)),
-        ("  of which prefetch", format_bytes(r.bytes_h2d_prefetch),
-         p and format_bytes(p.bytes_h2d_prefetch)),
-        ("hit rate (decode)", f"{r.hit_rate:.3f}", p and f"{p.hit_rate:.3f}"),
-        ("misses (decode)", f"{r.misses}", p and f"{p.misses}"),
-        ("experts run on the CPU", f"{r.cpu_expert_runs}", p and f"{p.cpu_expert_runs}"),
-        ("link busy fraction", f"{r.link_busy_fraction:.3f}", p and f"{p.link_busy_fraction:.3f}"),
+    extra = [
         ("link GB/s achieved", gbps, p and f"{p.link_h2d_gbps:g} (fit)"),
         ("decode/transfer overlap", overlap, None),
         ("prefetch accuracy", acc, None),
@@ -160,16 +203,21 @@ def _print(r, sim_run, hw, trace_out) -> None:
          p and ("unlimited" if p.cache_capacity_bytes is None
                 else format_bytes(p.cache_capacity_bytes))),
         ("expert cache peak (tensors held)", format_bytes(r.resident_peak_bytes), None),
-        ("host memory, packed experts", format_bytes(r.host_expert_bytes), None),
+        ("host memory, packed experts", format_bytes(r.host_expert_bytes),
+         p and format_bytes(p.host_mem_bytes)),
     ]
-    for name, a, b in rows:
-        t.add_row(*([name, a] + ([b or ""] if p is not None else [])))
+    for name, a, b in extra:
+        t.add_row(*([name, a] + ([b or "", ""] if p is not None else [])))
     console.print(t)
     console.print("measured: wall clock of one run after an unmeasured warm-up pass; tokens/s = "
                   "decode steps x batch / decode time." + (
                       " predicted: discrete-event simulation of the same routing, sizes and "
-                      "serving configuration." if p is not None else ""))
+                      "serving configuration on the profile's machine; error = (predicted - "
+                      "measured) / measured." if p is not None else ""))
     for note in r.notes:
         console.print(f"  note: {note}")
+    if p is not None:
+        for label in p.labels:
+            console.print(f"  predicted from: {label}")
     if trace_out:
         console.print(f"  wrote Chrome trace (Perfetto): {trace_out}")

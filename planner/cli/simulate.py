@@ -44,6 +44,10 @@ def simulate(
     layer_slots: Optional[str] = typer.Option(
         None, "--layer-slots", help="Per-layer cache: N experts per MoE layer, or N,N,… per layer."),
     batch: int = typer.Option(1, "--batch", help="Sequences decoded together."),
+    disk_depth: Optional[int] = typer.Option(
+        None, "--disk-depth", help="Disk reads in flight (default: the profile's measured best "
+        "depth; 1 for a profile with only a line fit)."),
+    workers: int = typer.Option(8, "--workers", help="CPU decode worker threads."),
     traces: Optional[str] = typer.Option(None, "--traces", help="Routing traces (parquet)."),
     placement_traces: Optional[str] = typer.Option(
         None, "--placement-traces", help="Rank static placements (static-hot, hot-first host "
@@ -103,7 +107,8 @@ def simulate(
     serving = ServingConfig(cache_policy=caches[0], per_layer_cache_slots=slots,
                             resident_form=resident, prefetch=prefetch, on_miss=on_miss,
                             batch_size=batch, prompt_tokens=prompt, generated_tokens=tokens,
-                            pinned=not unpinned, gpu_decode=gpu_decode)
+                            pinned=not unpinned, gpu_decode=gpu_decode, disk_depth=disk_depth,
+                            cpu_workers=workers)
     syn = parse_synthetic(synthetic) if synthetic else None
     if syn is not None and synthetic and "seed:" not in synthetic:
         syn = type(syn)(syn.zipf_s, syn.locality, seed)

@@ -59,6 +59,9 @@ def validate(
     device: Optional[str] = typer.Option(None, "--device", help="--throughput: cuda or cpu."),
     trace_out: Optional[str] = typer.Option(None, "--trace-out", help="--throughput: Chrome trace "
                                             "with the measured and predicted timelines."),
+    hardware_here: Optional[str] = typer.Option(
+        None, "--hardware-here", help="--throughput without a GPU: this machine's profile "
+        "(`moesz profile hardware --model MODEL`); default: measured and calibrated now."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Measure a plan's accuracy on the held-out split and judge it against its budget."""
@@ -72,7 +75,7 @@ def validate(
     if throughput:
         _throughput(plan, model, policy, uniform, hardware, gpu_mem, host_mem, cache, prefetch,
                     on_miss, resident, gpu_decode, pageable, batch, prompt, tokens, device,
-                    trace_out, as_json)
+                    trace_out, as_json, hardware_here)
         return
     if plan is None:
         raise ConfigError("give a plan file: moesz validate plan.json (or --throughput with "
@@ -141,7 +144,7 @@ def _pair(r: dict, metric: str) -> str:
 
 def _throughput(plan, model, policy, uniform, hardware, gpu_mem, host_mem, cache, prefetch,
                 on_miss, resident, gpu_decode, pageable, batch, prompt, tokens, device, trace_out,
-                as_json) -> None:
+                as_json, hardware_here=None) -> None:
     from planner.cli.model_eval import _progress_bar
     from planner.cli.pack import policy_from_options
     from planner.throughput import check_throughput
@@ -176,6 +179,20 @@ def _throughput(plan, model, policy, uniform, hardware, gpu_mem, host_mem, cache
     with _progress_bar("runtime", not as_json) as progress:
         doc = check_throughput(spec, pol, serving, hardware, device=device, trace_out=trace_out,
                                progress=progress)
+    if doc["device"] == "cpu":
+        import tempfile
+
+        from planner.throughput import this_machine
+        from profiles.hardware import load_hardware
+
+        gpu_hw = hardware if (load_hardware(hardware).gpu is not None
+                              and not load_hardware(hardware).gpu.serial) \
+            else "preset:h200-published"
+        with tempfile.TemporaryDirectory(prefix="moesz-validate-") as tmp, \
+                _progress_bar("this machine", not as_json) as progress:
+            doc["this_machine"] = this_machine(spec, pol, tmp, preset=gpu_hw,
+                                               hardware_here=hardware_here, tokens=tokens,
+                                               prompt=prompt, progress=progress)
     if as_json:
         typer.echo(json.dumps(doc, indent=2, default=str))
         return
@@ -191,6 +208,11 @@ def _throughput(plan, model, policy, uniform, hardware, gpu_mem, host_mem, cache
     console.print(t)
     for note in doc["notes"]:
         console.print(f"note: {note}")
+    if doc.get("this_machine"):
+        from planner.throughput import this_machine_lines
+
+        for line in this_machine_lines(doc["this_machine"]):
+            console.print(line)
     if trace_out:
         console.print(f"wrote {trace_out} (open in https://ui.perfetto.dev)")
 

@@ -14,9 +14,9 @@ from profiles.errors import ProfileError
 from profiles.fileio import atomic_write_json, read_versioned_json
 from profiles.hardware.parse import profile_from_dict, profile_to_dict
 from profiles.hardware.schema import (
-    KIND, SCHEMA_VERSION, SOURCES, AttentionTimings, CodecSpeed, CpuExpertFFN, Figure,
+    KIND, SCHEMA_VERSION, SOURCES, AttentionTimings, CodecSpeed, CpuExpertFFN, DiskCurve, Figure,
     GpuProfile, HardwareProfile, HostProfile, LevelCurve, LinkFit, ModelTimings, ProfileSource,
-    TokenCurve)
+    ThreadScaling, TokenCurve)
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 
@@ -62,7 +62,7 @@ def save_hardware(profile: HardwareProfile, path: str | os.PathLike) -> None:
 
 __all__ = [
     "KIND", "SCHEMA_VERSION", "SOURCES", "AttentionTimings", "CodecSpeed", "CpuExpertFFN",
-    "Figure", "GpuProfile", "HardwareProfile", "HostProfile", "LevelCurve", "LinkFit",
+    "DiskCurve", "ThreadScaling", "Figure", "GpuProfile", "HardwareProfile", "HostProfile", "LevelCurve", "LinkFit",
     "ModelTimings", "ProfileError", "ProfileSource", "TokenCurve", "list_presets",
     "load_hardware", "profile_from_dict", "profile_to_dict", "save_hardware",
 ]

@@ -9,7 +9,11 @@ labelled `measured`; the samples go into the profile's `raw` section):
   encode / decode GB/s per level on Gaussian bf16 weights (σ = 0.02); the CPU time of one SwiGLU
   expert FFN of Moonlight's shape (hidden 2048, expert width 1408, the study's model) in bf16
   against the number of tokens.
-- gpu (only when `torch.cuda.is_available()`): see `profiles.hardware.measure_gpu`.
+- gpu: with CUDA, see `profiles.hardware.measure_gpu`; without, the CPU as the runtime's device
+  (`device_type` "cpu"), see `profiles.hardware.measure_cpu_device`.
+- disk: reads of 4 KiB ... 16 MiB (and one packed expert record of the model) with 1, 4 and 16 in
+  flight, page cache bypassed (`profiles.hardware.disk`); the curve and its best depth.
+- host codecs: also how decode throughput grows with 1/2/4/8 threads decoding at once.
 - model_timings (with a model): see `profiles.hardware.timings`.
 
 The host part takes well under a minute on a 2-core machine.
@@ -17,6 +21,7 @@ The host part takes well under a minute on a 2-core machine.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import os
 import platform
@@ -32,7 +37,8 @@ from profiles.errors import CodecError, ConfigError
 from profiles.hardware.disk import disk_read
 from profiles.hardware.fit import median_seconds
 from profiles.hardware.schema import (CodecSpeed, CpuExpertFFN, Figure, HardwareProfile,
-                                      HostProfile, LevelCurve, ProfileSource, TokenCurve)
+                                      HostProfile, LevelCurve, ProfileSource, ThreadScaling,
+                                      TokenCurve)
 
 Progress = Callable[[int, int, str], None]
 DEFAULT_LEVELS = (0.1, 0.3, 1.0, 2.0, 3.0)
@@ -45,8 +51,10 @@ class Sizes:
     """Buffer sizes of a measuring run; `QUICK` is a smoke test, not a profile to plan with."""
 
     memcpy_bytes: int = 64 << 20
-    disk_file_bytes: int = 64 << 20
+    disk_file_bytes: int = 256 << 20
     disk_sizes: tuple[int, ...] = (4096, 65536, 1 << 20, 4 << 20, 16 << 20)
+    disk_depths: tuple[int, ...] = (1, 4, 16)
+    codec_threads: tuple[int, ...] = (1, 2, 4, 8)
     codec_shape: tuple[int, int] = (2048, 1024)     # 2 Mi values = 4 MiB of bf16
     ffn_shape: tuple[int, int] = (2048, 1408)       # (hidden, expert width): Moonlight-16B-A3B
     ffn_tokens: tuple[int, ...] = CPU_FFN_TOKENS
@@ -55,8 +63,8 @@ class Sizes:
 
 FULL = Sizes()
 QUICK = Sizes(memcpy_bytes=8 << 20, disk_file_bytes=4 << 20,
-              disk_sizes=(4096, 65536, 1 << 20), codec_shape=(256, 256), ffn_shape=(512, 256),
-              ffn_tokens=(1, 4, 16), repeats=2)
+              disk_sizes=(4096, 65536, 1 << 20), disk_depths=(1, 4), codec_threads=(1, 2),
+              codec_shape=(256, 256), ffn_shape=(512, 256), ffn_tokens=(1, 4, 16), repeats=2)
 
 
 def measure_hardware(model: str | None = None, *, name: str | None = None,
@@ -74,8 +82,9 @@ def measure_hardware(model: str | None = None, *, name: str | None = None,
         levels: bound levels at which codec throughputs are measured.
         mode: bound mode of those levels.
         command: the command line recorded in the profile.
-        gpu: measure the GPU section (default: when CUDA is available). Without CUDA there is
-            never a `gpu` section.
+        gpu: measure the GPU section (default: when CUDA is available). Without CUDA (or with
+            `gpu=False`) the `gpu` section describes the CPU as the runtime's device
+            (`device_type` "cpu", `profiles.hardware.measure_cpu_device`).
         quick: small buffers and few sizes (seconds instead of a minute): a smoke test whose
             figures are noisier; the profile's notes say so.
         progress: `progress(done, total, label)` after each step.
@@ -98,8 +107,14 @@ def measure_hardware(model: str | None = None, *, name: str | None = None,
         from profiles.hardware.measure_gpu import GPU_STEPS
 
         steps += list(GPU_STEPS)
+    else:
+        from profiles.hardware.measure_cpu_device import DEVICE_STEPS
+
+        steps += list(DEVICE_STEPS)
     if geometry is not None:
         steps += ["model timings"]
+        if not use_gpu:
+            steps += ["runtime calibration"]
     done = 0
 
     def step(label: str) -> None:
@@ -116,33 +131,52 @@ def measure_hardware(model: str | None = None, *, name: str | None = None,
     step("host basics")
     memcpy = _memcpy_gbps(sizes, raw)
     step("memory copy")
-    disk = disk_read(disk_dir, sizes.disk_file_bytes, sizes.disk_sizes, raw)
+    record = int(geometry.bytes_per_expert) if geometry is not None else None
+    disk, curve = disk_read(disk_dir, sizes.disk_file_bytes, sizes.disk_sizes, raw,
+                            sizes.disk_depths, record)
     step("disk read")
     codecs = _host_codecs(levels, mode, sizes, raw)
     step("host codecs")
     ffn = _cpu_expert_ffn(sizes, raw)
     step("CPU expert FFN")
     host = HostProfile(cpu=cpu, cores=cores, memory_bytes=mem, memcpy_gbps=memcpy,
-                       disk_read=disk, codecs=codecs, cpu_expert_ffn=ffn)
-    gpu_profile = None
+                       disk_read=disk, codecs=codecs, cpu_expert_ffn=ffn, disk_curve=curve)
     if use_gpu:
         from profiles.hardware.measure_gpu import measure_gpu
 
         gpu_profile = measure_gpu(levels, mode, raw, step)
+    else:
+        from profiles.hardware.measure_cpu_device import measure_cpu_device
+
+        gpu_profile = measure_cpu_device(levels, mode, raw, step, memory_bytes=mem,
+                                         memcpy=memcpy, codec_shape=sizes.codec_shape,
+                                         repeats=sizes.repeats, quick=quick)
     timings = ()
     if geometry is not None:
         from profiles.hardware.timings import model_timings
 
-        timings = (model_timings(geometry, host, gpu_profile, raw, quick=quick),)
+        gpu_for_timings = None if gpu_profile.serial else gpu_profile
+        timings = (model_timings(geometry, host, gpu_for_timings, raw, quick=quick),)
         step("model timings")
     source = ProfileSource(
         kind="measured", description=f"measured by moesz profile hardware on {socket.gethostname()}"
-        + (" with its GPU" if gpu_profile else " (no GPU visible)")
+        + (" with its GPU" if use_gpu else " (no GPU visible: the CPU is the runtime's device)")
         + ("; quick smoke-test sizes, not for planning" if quick else ""),
         date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         command=command, hostname=socket.gethostname(), packages=package_versions())
-    return HardwareProfile(name=name or socket.gethostname(), host=host, source=source,
+    prof = HardwareProfile(name=name or socket.gethostname(), host=host, source=source,
                            gpu=gpu_profile, model_timings=timings, raw=raw)
+    if geometry is not None and not use_gpu:
+        # the CPU device: the runtime's own runs time what a served step pays (framework code
+        # between kernels, per-expert launches) that the kernel microbenchmarks leave out
+        from profiles.runtime.calibrate import runtime_calibration
+
+        prof, samples = runtime_calibration(model, prof, tokens=8 if quick else 32,
+                                            batches=(1,) if quick else (1, 4))
+        raw["runtime_calibration"] = samples
+        prof = dataclasses.replace(prof, raw=raw)
+        step("runtime calibration")
+    return prof
 
 
 def package_versions() -> dict[str, str]:
@@ -233,17 +267,62 @@ def _host_codecs(levels, mode: str, sizes: Sizes, raw: dict) -> dict[str, CodecS
         note = (f"one thread, {tensor.numel()} Gaussian bf16 values (sigma 0.02), median "
                 f"of {sizes.repeats} after a warm-up; GB/s of original bf16 bytes")
         raw[f"host.codecs.{name}"] = [r.to_dict() for r in rows]
+        threads = _thread_scaling(name, tensor, levels[len(levels) // 2], mode,
+                                  sizes.codec_threads, raw)
         if codec.error_bounded:
             lv = tuple(r.level for r in rows)
             out[name] = CodecSpeed(
                 decode=LevelCurve(lv, tuple(r.decode_gbps for r in rows), "measured", mode, note),
-                encode=LevelCurve(lv, tuple(r.encode_gbps for r in rows), "measured", mode, note))
+                encode=LevelCurve(lv, tuple(r.encode_gbps for r in rows), "measured", mode, note),
+                threads=threads)
         else:
             r = rows[0]
             note += f"; {name} ignores the level"
             out[name] = CodecSpeed(decode=LevelCurve((1.0,), (r.decode_gbps,), "measured", None, note),
-                                   encode=LevelCurve((1.0,), (r.encode_gbps,), "measured", None, note))
+                                   encode=LevelCurve((1.0,), (r.encode_gbps,), "measured", None, note),
+                                   threads=threads)
     return out
+
+
+def _thread_scaling(name: str, tensor, level: float, mode: str, counts, raw: dict) -> ThreadScaling:
+    """Aggregate decode throughput of N threads each decoding its own copy of one blob, as a
+    multiple of one thread's: how the runtime's worker pool scales on this machine."""
+    import threading
+    import time
+
+    from profiles.codecs import decode, encode
+    from profiles.codecs.bounds import check_request
+
+    from profiles.codecs import get_codec
+
+    blob = (encode(tensor, name, *check_request(mode, level)) if get_codec(name).error_bounded
+            else encode(tensor, name, None, None))
+    reps = 3
+
+    def work():
+        for _ in range(reps):
+            decode(blob)
+
+    work()   # warm-up
+    rates = []
+    for n in counts:
+        best = 0.0
+        for _ in range(2):
+            ts = [threading.Thread(target=work) for _ in range(n)]
+            t0 = time.perf_counter()
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            best = max(best, n * reps / (time.perf_counter() - t0))
+        rates.append(best)
+    speedup = tuple(r / rates[0] for r in rates)
+    raw[f"host.codecs.{name}.threads"] = {"threads": list(counts), "decodes_per_s": rates,
+                                          "level": level, "mode": mode}
+    return ThreadScaling(tuple(counts), speedup, "measured",
+                         f"{'/'.join(map(str, counts))} threads each decoding its own blob "
+                         f"({tensor.numel()} values, {mode} {level:g}) {reps} times, best of 2; "
+                         f"aggregate decodes/s over one thread's")
 
 
 # --- CPU expert FFN -------------------------------------------------------------------------------

@@ -13,9 +13,9 @@ from typing import Any
 
 from profiles.errors import ProfileError
 from profiles.hardware.schema import (
-    KIND, SCHEMA_VERSION, SOURCES, AttentionTimings, CodecSpeed, CpuExpertFFN, Figure,
+    KIND, SCHEMA_VERSION, SOURCES, AttentionTimings, CodecSpeed, CpuExpertFFN, DiskCurve, Figure,
     GpuProfile, HardwareProfile, HostProfile, LevelCurve, LinkFit, ModelTimings, ProfileSource,
-    TokenCurve)
+    ThreadScaling, TokenCurve)
 
 
 class _At:
@@ -125,9 +125,10 @@ def _host(d: Any, at: _At) -> HostProfile:
     for name, c in _obj(d.get("codecs", {}), at.sub("codecs")).items():
         ca = at.sub("codecs").sub(name)
         c = _obj(c, ca)
-        enc = c.get("encode")
+        enc, thr = c.get("encode"), c.get("threads")
         codecs[name] = CodecSpeed(_level_curve(_get(c, "decode", ca), ca.sub("decode")),
-                                  None if enc is None else _level_curve(enc, ca.sub("encode")))
+                                  None if enc is None else _level_curve(enc, ca.sub("encode")),
+                                  None if thr is None else _threads(thr, ca.sub("threads")))
     ffn = d.get("cpu_expert_ffn")
     if ffn is not None:
         fa = at.sub("cpu_expert_ffn")
@@ -143,7 +144,41 @@ def _host(d: Any, at: _At) -> HostProfile:
         memory_bytes=_figure(_get(d, "memory_bytes", at), at.sub("memory_bytes")),
         memcpy_gbps=_figure(_get(d, "memcpy_gbps", at), at.sub("memcpy_gbps")),
         disk_read=_link(_get(d, "disk_read", at), at.sub("disk_read")),
-        codecs=codecs, cpu_expert_ffn=ffn)
+        codecs=codecs, cpu_expert_ffn=ffn,
+        disk_curve=None if d.get("disk_curve") is None else _disk_curve(d["disk_curve"],
+                                                                         at.sub("disk_curve")))
+
+
+def _threads(d: Any, at: _At) -> ThreadScaling:
+    d = _obj(d, at)
+    threads = tuple(int(t) for t in _series(d, "threads", at, positive=True))
+    speedup = _series(d, "speedup", at, positive=True)
+    _increasing(threads, at.sub("threads"))
+    if len(threads) != len(speedup):
+        raise at.sub("speedup").fail(f"has {len(speedup)} values for {len(threads)} thread counts")
+    return ThreadScaling(threads, speedup, _source(d, at), str(d.get("note", "")))
+
+
+def _disk_curve(d: Any, at: _At) -> DiskCurve:
+    d = _obj(d, at)
+    sizes = tuple(int(v) for v in _series(d, "sizes", at, positive=True))
+    depths = tuple(int(v) for v in _series(d, "depths", at, positive=True))
+    _increasing(sizes, at.sub("sizes"))
+    _increasing(depths, at.sub("depths"))
+    rows = _get(d, "gbps", at)
+    if not isinstance(rows, list) or len(rows) != len(sizes):
+        raise at.sub("gbps").fail(f"must be a list of {len(sizes)} rows (one per request size)")
+    gbps = []
+    for i, row in enumerate(rows):
+        ra = at.sub("gbps").sub(i)
+        if not isinstance(row, list) or len(row) != len(depths):
+            raise ra.fail(f"must be a list of {len(depths)} numbers (one per depth)")
+        gbps.append(tuple(_num(x, ra.sub(j), positive=True) for j, x in enumerate(row)))
+    best = int(_num(_get(d, "best_depth", at), at.sub("best_depth"), positive=True))
+    err = d.get("fit_rel_error")
+    return DiskCurve(sizes, depths, tuple(gbps), best, str(d.get("method", "")), _source(d, at),
+                     str(d.get("note", "")),
+                     None if err is None else _num(err, at.sub("fit_rel_error"), nonneg=True))
 
 
 def _gpu(d: Any, at: _At) -> GpuProfile:
@@ -161,7 +196,13 @@ def _gpu(d: Any, at: _At) -> GpuProfile:
                                        at.sub("h2d_under_compute_gbps")),
         bf16_gemm_tflops=_figure(_get(d, "bf16_gemm_tflops", at), at.sub("bf16_gemm_tflops")),
         d2d_gbps=_figure(_get(d, "d2d_gbps", at), at.sub("d2d_gbps")),
-        decode=decode)
+        decode=decode, device_type=_device_type(d.get("device_type", "cuda"), at))
+
+
+def _device_type(v: Any, at: _At) -> str:
+    if v not in ("cuda", "cpu"):
+        raise at.sub("device_type").fail(f"is {v!r}; expected 'cuda' or 'cpu'")
+    return v
 
 
 def _attention(d: Any, at: _At) -> AttentionTimings:

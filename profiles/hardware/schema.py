@@ -95,11 +95,82 @@ class TokenCurve:
 
 
 @dataclass(frozen=True)
+class ThreadScaling:
+    """Aggregate decode throughput of `threads[i]` worker threads each decoding its own expert at
+    once, as a multiple of one thread's (`speedup[i]`; 1.0 at one thread). Between and beyond the
+    measured counts the nearest lower count's figure is used (more threads than cores add
+    nothing)."""
+
+    threads: tuple[int, ...]
+    speedup: tuple[float, ...]
+    source: str
+    note: str = ""
+
+    def at(self, threads: int) -> float:
+        i = bisect.bisect_right(self.threads, max(1, int(threads))) - 1
+        return self.speedup[max(i, 0)]
+
+
+@dataclass(frozen=True)
 class CodecSpeed:
-    """Host (CPU, one thread) encode and decode throughput of one codec."""
+    """Host (CPU, one thread) encode and decode throughput of one codec; `threads`: how decode
+    throughput grows with worker threads decoding different experts at once (None: linear, the
+    assumption of profiles that did not measure it)."""
 
     decode: LevelCurve
     encode: LevelCurve | None = None
+    threads: ThreadScaling | None = None
+
+    def parallel(self, workers: int) -> float:
+        """How many experts' worth of one-thread decode `workers` threads finish per unit time."""
+        return float(workers) if self.threads is None else min(float(workers),
+                                                              self.threads.at(workers))
+
+
+@dataclass(frozen=True)
+class DiskCurve:
+    """Disk read throughput by request size and reads in flight, measured with the page cache
+    bypassed: `gbps[i][j]` is the aggregate GB/s of reads of `sizes[i]` bytes with `depths[j]`
+    reads in flight. `best_depth` is the depth the runtime uses by default (the smallest within
+    5 % of the best throughput at the size of a packed expert record, or at the largest size)."""
+
+    sizes: tuple[int, ...]
+    depths: tuple[int, ...]
+    gbps: tuple[tuple[float, ...], ...]
+    best_depth: int
+    method: str
+    source: str
+    note: str = ""
+    fit_rel_error: float | None = None
+
+    def aggregate_gbps(self, nbytes: float, depth: int) -> float:
+        """Aggregate GB/s of reads of `nbytes` with `depth` in flight: linear in log(size) between
+        measured sizes (clamped at the ends), the nearest lower measured depth."""
+        j = max(bisect.bisect_right(self.depths, max(1, int(depth))) - 1, 0)
+        col = tuple(row[j] for row in self.gbps)
+        return LevelCurve(tuple(float(s) for s in self.sizes), col, self.source).at(max(nbytes, 1))
+
+    def read_s(self, nbytes: float, depth: int = 1) -> float:
+        """Seconds one read of `nbytes` takes while `depth` reads of that size are in flight."""
+        depth = max(1, int(depth))
+        return depth * nbytes / (self.aggregate_gbps(nbytes, depth) * 1e9)
+
+    def read_s_array(self, nbytes, depth):
+        """`read_s` over arrays (numpy): `nbytes` and `depth` broadcast together."""
+        import numpy as np
+
+        b = np.maximum(np.asarray(nbytes, dtype=np.float64), 1.0)
+        d = np.maximum(np.asarray(depth, dtype=np.float64), 1.0)
+        b, d = np.broadcast_arrays(b, d)
+        j = np.clip(np.searchsorted(self.depths, d, side="right") - 1, 0, len(self.depths) - 1)
+        xs = np.log(np.asarray(self.sizes, dtype=np.float64))
+        grid = np.asarray(self.gbps, dtype=np.float64)       # [size, depth]
+        out = np.empty(b.shape)
+        for k in np.unique(j):
+            sel = j == k
+            g = np.interp(np.log(b[sel]), xs, grid[:, k])    # clamped at the ends
+            out[sel] = d[sel] * b[sel] / (g * 1e9)
+        return out
 
 
 @dataclass(frozen=True)
@@ -130,10 +201,36 @@ class HostProfile:
     disk_read: LinkFit
     codecs: Mapping[str, CodecSpeed] = field(default_factory=dict)
     cpu_expert_ffn: CpuExpertFFN | None = None
+    disk_curve: DiskCurve | None = None
+
+    def disk_read_s(self, nbytes: float, depth: int = 1) -> float:
+        """Seconds one read of `nbytes` takes with `depth` reads in flight: from the measured curve
+        when there is one, else from the one-read-at-a-time fit (depth then does not help)."""
+        if self.disk_curve is not None:
+            return self.disk_curve.read_s(nbytes, depth)
+        return self.disk_read.time_s(nbytes)
+
+    def disk_read_s_array(self, nbytes, depth):
+        """`disk_read_s` over numpy arrays."""
+        if self.disk_curve is not None:
+            return self.disk_curve.read_s_array(nbytes, depth)
+        import numpy as np
+
+        return self.disk_read.latency_s + np.asarray(nbytes, dtype=np.float64) / (
+            self.disk_read.gbps * 1e9) + 0.0 * np.asarray(depth, dtype=np.float64)
+
+    @property
+    def disk_depth(self) -> int:
+        """Reads in flight the runtime uses by default: the curve's best depth, else 1."""
+        return self.disk_curve.best_depth if self.disk_curve is not None else 1
 
 
 @dataclass(frozen=True)
 class GpuProfile:
+    """The device the runtime computes on: a CUDA GPU, or (`device_type` "cpu") the CPU itself on
+    a machine without a GPU, where the "link" is the memory copy the runtime performs and copy,
+    in-place decode and compute share the one thread that runs the model."""
+
     name: str
     memory_bytes: Figure
     h2d_pinned: LinkFit
@@ -144,6 +241,12 @@ class GpuProfile:
     bf16_gemm_tflops: Figure
     d2d_gbps: Figure
     decode: Mapping[str, LevelCurve] = field(default_factory=dict)
+    device_type: str = "cuda"
+
+    @property
+    def serial(self) -> bool:
+        """Copy, decode and compute run one after another on one thread (the CPU device)."""
+        return self.device_type == "cpu"
 
     def h2d(self, pinned: bool) -> LinkFit:
         return self.h2d_pinned if pinned else self.h2d_pageable

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -86,14 +87,30 @@ def read_expert_files(ckpt: PackedCheckpoint, pin: bool = False
     return out
 
 
+_PAGE = 4096
+READ_METHODS = ("direct", "fadvise", "cached")
+
+
 class RecordFiles:
     """Positioned reads of single expert records from a packed checkpoint's layer files, one open
     descriptor per file (closed by `close()` or when dropped): what the disk tier and evaluation
-    with experts on disk read on each miss."""
+    with experts on disk read on each miss. Safe to call from several threads at once.
 
-    def __init__(self, ckpt: PackedCheckpoint) -> None:
+    `method` says how the page cache is treated, so that what a disk-tier run measures is the
+    disk and not RAM: `direct` (O_DIRECT: the page-aligned span around the record is read into a
+    page-aligned buffer; falls back to `fadvise` where the filesystem refuses O_DIRECT),
+    `fadvise` (a normal read, then `posix_fadvise(DONTNEED)` drops the record's pages), or
+    `cached` (normal reads through the page cache, the default for evaluation).
+    """
+
+    def __init__(self, ckpt: PackedCheckpoint, method: str = "cached") -> None:
+        if method not in READ_METHODS:
+            raise ValueError(f"read method {method!r}; expected one of {', '.join(READ_METHODS)}")
         self.ckpt = ckpt
+        self.method = method
         self._fds: dict[str, int] = {}
+        self._direct_fds: dict[str, int] = {}
+        self._lock = threading.Lock()        # descriptors are opened once, by one thread
 
     def read(self, entry: ExpertEntry, pin: bool = False) -> torch.Tensor:
         """Expert `entry`'s record bytes as a uint8 tensor (page-locked when `pin`).
@@ -101,13 +118,53 @@ class RecordFiles:
         Raises:
             PackedError: the layer file ends inside the record.
         """
+        if self.method == "direct":
+            fd = self._direct_fd(entry.file)
+            if fd is not None:
+                try:
+                    return self._read_direct(fd, entry, pin)
+                except OSError:          # O_DIRECT refused at read time (alignment, filesystem)
+                    self.method = "fadvise"
         host = torch.empty(entry.size, dtype=torch.uint8, pin_memory=pin)
-        n = os.preadv(self._fd(entry.file), [memoryview(host.numpy())], entry.offset)
+        fd = self._fd(entry.file)
+        n = os.preadv(fd, [memoryview(host.numpy())], entry.offset)
+        self._check(entry, n)
+        if self.method == "fadvise" and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, entry.offset, entry.size, os.POSIX_FADV_DONTNEED)
+        return host
+
+    def _read_direct(self, fd: int, entry: ExpertEntry, pin: bool) -> torch.Tensor:
+        start = entry.offset - entry.offset % _PAGE
+        end = -(-(entry.offset + entry.size) // _PAGE) * _PAGE
+        span = end - start
+        base = torch.empty(span + _PAGE, dtype=torch.uint8, pin_memory=pin)
+        skip = (-base.data_ptr()) % _PAGE                 # page-align the buffer itself
+        buf = base[skip: skip + span]
+        n = os.preadv(fd, [memoryview(buf.numpy())], start)
+        head = entry.offset - start
+        self._check(entry, min(max(n - head, 0), entry.size))
+        return buf[head: head + entry.size]
+
+    def _check(self, entry: ExpertEntry, n: int) -> None:
         if n != entry.size:
             raise PackedError(f"{self.ckpt.path / entry.file}: read {n} of {entry.size} bytes of "
                               f"layer {entry.layer} expert {entry.expert}; the file is truncated "
                               f"— repack the model")
-        return host
+
+    def _direct_fd(self, file: str) -> int | None:
+        fd = self._direct_fds.get(file)
+        if fd is None:
+            with self._lock:
+                fd = self._direct_fds.get(file)
+                if fd is None:
+                    try:
+                        fd = os.open(self.ckpt.path / file,
+                                     os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+                    except OSError:
+                        self.method = "fadvise"
+                        return None
+                    self._direct_fds[file] = fd
+        return fd
 
     def read_bytes(self, entry: ExpertEntry, start: int, size: int) -> bytes:
         """`size` bytes at `start` within expert `entry`'s record (e.g. a blob header)."""
@@ -116,15 +173,19 @@ class RecordFiles:
     def _fd(self, file: str) -> int:
         fd = self._fds.get(file)
         if fd is None:
-            fd = self._fds[file] = os.open(self.ckpt.path / file, os.O_RDONLY)
+            with self._lock:
+                fd = self._fds.get(file)
+                if fd is None:
+                    fd = self._fds[file] = os.open(self.ckpt.path / file, os.O_RDONLY)
         return fd
 
     def close(self) -> None:
         """Close the layer files (records already read stay usable)."""
-        fds = getattr(self, "_fds", {})  # absent when __init__ failed
-        for fd in fds.values():
-            os.close(fd)
-        fds.clear()
+        for attr in ("_fds", "_direct_fds"):
+            fds = getattr(self, attr, {})  # absent when __init__ failed
+            for fd in fds.values():
+                os.close(fd)
+            fds.clear()
 
     def __del__(self) -> None:
         self.close()

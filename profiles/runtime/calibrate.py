@@ -152,9 +152,7 @@ def model_timings_from_runs(runs: Sequence[RunResult], note: str) -> ModelTiming
     dec, pre = (rest_dec, rest_pre) if rest_dec else (spans_dec, spans_pre)
     how = ("step time less expert and LM head spans, per layer, of an all-hit calibration run"
            if rest_dec else "attention spans (decoder layer start to the experts)")
-    tokens = tuple(sorted(ffn))
-    expert = TokenCurve(tokens or (1,), tuple(med(ffn[t]) for t in tokens) or (0.0,), "measured",
-                        f"expert spans {note}")
+    expert = _ffn_curve(ffn, f"expert spans {note}")
     contexts = tuple(sorted(dec)) or (P,)
     row = tuple(med(dec[c]) for c in sorted(dec)) or (med(pre) if pre else 0.0,)
     batches, grid = (B,), (row,)
@@ -171,3 +169,221 @@ def model_timings_from_runs(runs: Sequence[RunResult], note: str) -> ModelTiming
     return ModelTimings(model=g.name, hidden_size=g.hidden_size,
                         expert_intermediate_size=g.expert_intermediate_size, expert_ffn=expert,
                         attention_router=attention, lm_head=lm)
+
+
+def _ffn_curve(ffn: dict[int, list[float]], note: str) -> TokenCurve:
+    """Expert FFN seconds against tokens from spans: the median at each token count served by
+    at least 5 spans, and above those a line `a + b * tokens` fitted to every span (a few
+    prefill spans per token count are too noisy to stand alone)."""
+    import numpy as np
+
+    if not ffn:
+        return TokenCurve((1,), (0.0,), "measured", note)
+    med = statistics.median
+    dense = sorted(t for t, v in ffn.items() if len(v) >= 5) or sorted(ffn)[:1]
+    pts = {t: med(ffn[t]) for t in dense}
+    xs = np.array([t for t, v in ffn.items() for _ in v], dtype=np.float64)
+    ys = np.array([x for v in ffn.values() for x in v], dtype=np.float64)
+    top = max(ffn)
+    if top > dense[-1] and len(set(xs.tolist())) >= 2:
+        b, a = np.polyfit(xs, ys, 1)
+        b = max(float(b), 0.0)
+        for t in sorted({top, *(2 ** k for k in range(1, 16) if dense[-1] < 2 ** k < top)}):
+            pts[t] = max(pts[dense[-1]], float(a) + b * t)
+        note += f"; above {dense[-1]} tokens a line fitted to all {xs.size} spans"
+    tokens = tuple(sorted(pts))
+    return TokenCurve(tokens, tuple(pts[t] for t in tokens), "measured", note)
+
+
+CALIBRATION_BATCHES = (1, 4)
+
+
+def runtime_calibration(model, base: HardwareProfile, *, device: str = "cpu", tokens: int = 32,
+                        prompt: int = 16, batches: Sequence[int] = CALIBRATION_BATCHES,
+                        progress=None) -> tuple[HardwareProfile, dict]:
+    """`base` calibrated on the runtime's own runs of `model` on `device`: per batch size, one
+    all-hit run (every expert kept on the device after the warm-up: it times attention, router,
+    LM head and everything else a step pays besides the experts, per layer) and one cold run of
+    raw experts under a 25 % GPU budget (its copies give the link fit as the runtime performs
+    them, its expert spans the FFN time by tokens). Returns the profile and raw samples.
+
+    Args:
+        model: a model spec the runtime opens (`builtin`, a checkpoint or packed directory,
+            `arch:…`); loaded once.
+        base: the measured profile to calibrate (its device section must be `device`'s).
+        tokens, prompt: decode steps and prompt tokens of each run.
+        batches: batch sizes to calibrate (the attention figures are per batch).
+        progress: `progress(done, total, label)` after each run.
+    """
+    from profiles.packed import is_packed
+    from profiles.runtime.runner import measure_throughput, open_model
+    from profiles.serving import ServingConfig
+
+    loaded = model
+    if isinstance(model, str) and not is_packed(model):
+        from profiles.models import load_model
+        from profiles.runtime.random_model import is_geometry_spec, random_model
+
+        loaded = (random_model(str(model), device) if is_geometry_spec(str(model))
+                  else load_model(str(model)))
+    raw: dict = {}
+    if not isinstance(loaded, str):
+        base = expert_decode_rates(loaded, base, raw)
+    per_batch, runs_all = [], []
+    total, done = 2 * len(batches), 0
+    store = None
+    if not isinstance(loaded, str):
+        store = open_model(loaded, None, torch_device(device))[3]
+    for b in batches:
+        sv = ServingConfig(batch_size=b, prompt_tokens=prompt, generated_tokens=tokens)
+        warm = measure_throughput(loaded, None, sv, device=device, warm_cache=True, store=store)
+        done += 1
+        if progress:
+            progress(done, total, f"calibration run, batch {b}, all hits")
+        cold = measure_throughput(loaded, None, replace(sv, gpu_mem_fraction=0.25), device=device,
+                                  store=store)
+        done += 1
+        if progress:
+            progress(done, total, f"calibration run, batch {b}, 25% GPU budget")
+        per_batch.append((b, model_timings_from_runs([warm, cold], "")))
+        runs_all += [warm, cold]
+        raw[f"batch {b}"] = {"all_hits_tokens_per_s": warm.tokens_per_s,
+                             "cold_tokens_per_s": cold.tokens_per_s, "steps": warm.steps}
+    label = ", ".join(f"batch {b}" for b in batches)
+    note = (f"from moesz runtime runs of {runs_all[0].model} on {device} ({label}; an all-hit "
+            f"run and a 25% GPU budget run each, {tokens} decode steps)")
+    prof = calibrate_profile(base, runs_all[1::2], date=base.source.date, name=base.name)
+    mt = _merge_batches(per_batch, model_timings_from_runs(runs_all, note), note)
+    others = tuple(t for t in prof.model_timings if t.model != mt.model)
+    gpu = prof.gpu
+    if gpu is not None and gpu.serial:   # one copy for every direction on the CPU device
+        link = gpu.h2d_pinned if runs_all[1].config.get("pinned", True) else gpu.h2d_pageable
+        per_miss = miss_overhead_s(runs_all[1::2], mt)
+        raw["per_miss_overhead_s"] = per_miss
+        if per_miss > 0:
+            link = replace(link, latency_s=link.latency_s + per_miss,
+                           note=f"{link.note}; latency includes {per_miss * 1e6:.0f} us of the "
+                                f"runtime's own work per miss (cache, bookkeeping), the cold "
+                                f"calibration runs' step time not covered by copies, decodes, "
+                                f"experts and the all-hit runs' per-layer time")
+        gpu = replace(gpu, h2d_pinned=link, h2d_pageable=link, d2h_pinned=link, d2h_pageable=link)
+    return replace(prof, gpu=gpu, model_timings=(mt,) + others), raw
+
+
+def miss_overhead_s(cold_runs: Sequence[RunResult], mt: ModelTimings) -> float:
+    """Seconds per miss that a step with misses pays beyond its copies, decodes, experts, LM head
+    and the all-hit per-layer time: the runtime's own work per fetched expert (Python
+    bookkeeping, allocation), which on the CPU device runs in the model's thread like the copy."""
+    total, misses = 0.0, 0
+    for r in cold_runs:
+        g = r.geometry
+        steps = sorted((a, b, item[1]) for track, item, a, b in r.spans if track == "steps")
+        starts = [s[0] for s in steps]
+        charged = [0.0] * len(steps)
+        fetched = [0] * len(steps)
+        for track, item, a, b in r.spans:
+            k = bisect.bisect_right(starts, a) - 1
+            if k < 0 or track == "steps":
+                continue
+            if track == "GPU compute" and isinstance(item, Computed):
+                charged[k] += mt.expert_ffn.at(item.tokens)
+            elif track == "GPU compute" and isinstance(item, tuple) and item[0] == "lm_head":
+                charged[k] += b - a
+            elif track in ("H2D link", "GPU decode") or (track == "GPU compute"
+                                                         and isinstance(item, Job)):
+                charged[k] += b - a
+                if track == "H2D link":
+                    fetched[k] += 1
+        B, P = r.batch_size, r.prompt_tokens
+        for k, (a, b, phase) in enumerate(steps):
+            if phase != "decode" or not fetched[k]:
+                continue
+            rest = g.num_layers * mt.attention_router.at(B, P + k)
+            total += (b - a) - charged[k] - rest
+            misses += fetched[k]
+    return max(0.0, total / misses) if misses else 0.0
+
+
+def expert_decode_rates(loaded, base: HardwareProfile, raw: dict, repeats: int = 5
+                        ) -> HardwareProfile:
+    """`base` with every codec's decode speed re-measured on one real expert of `loaded`, decoded
+    exactly as the runtime decodes a record (in place on the device, or on the host for host
+    codecs), at the levels the profile already has: on small experts the per-tensor overhead
+    of a decoder outweighs its bandwidth, which a speed measured on a 4 MiB tensor misses."""
+    from profiles.hardware.fit import median_seconds
+    from profiles.policy import Policy
+    from profiles.runtime.store import ExpertStore
+    from profiles.runtime.transfers import Transfers
+    from profiles.runtime.timeline import Timeline
+
+    import torch
+
+    first = loaded.expert_map.experts[0]
+    tensors = first.tensors
+    bf16 = 2.0 * sum(t.numel() for t in tensors.values())
+    cpu = torch.device("cpu")
+    tr = Transfers(cpu, Timeline(cpu), cpu_workers=1)
+    where = (f"one expert of {loaded.spec} (layer {first.layer} expert {first.expert}, "
+             f"{len(tensors)} tensors, {bf16 / 2 / 1e6:.2f} M values) decoded as the runtime "
+             f"does")
+
+    def curve(codec: str, old: LevelCurve, host: bool) -> LevelCurve:
+        from profiles.codecs import get_codec
+
+        levels = old.levels if get_codec(codec).error_bounded else (None,)
+        rates = []
+        for lv in levels:
+            pol = (Policy.uniform(codec, old.mode, lv) if lv is not None
+                   else Policy.uniform(codec))
+            rec = ExpertStore.from_tensors([(first.layer, first.expert, tensors)], pol,
+                                           None)[(first.layer, first.expert)]
+            buf = rec.host.clone()
+            work = ((lambda: tr.host_weights(rec, None)) if host
+                    else (lambda: tr._views(rec, buf)))
+            med, _ = median_seconds(work, repeats, min_total_s=0.05)
+            rates.append(bf16 / med / 1e9)
+        raw[f"expert_decode.{codec}"] = {"levels": list(old.levels), "gbps": rates}
+        return LevelCurve(old.levels if levels[0] is not None else old.levels[:1], tuple(rates),
+                          "measured", old.mode,
+                          f"{where} ({'host thread' if host else 'in place on the device'}), "
+                          f"median of at least {repeats}")
+
+    try:
+        host = dict(base.host.codecs)
+        for name, speed in host.items():
+            host[name] = replace(speed, decode=curve(name, speed.decode, True))
+        gpu = base.gpu
+        if gpu is not None and gpu.serial:
+            gpu = replace(gpu, decode={n: curve(n, c, False) for n, c in gpu.decode.items()})
+    finally:
+        tr.close()
+    return replace(base, host=replace(base.host, codecs=host), gpu=gpu)
+
+
+def torch_device(device: str):
+    import torch
+
+    return torch.device(device)
+
+
+def _merge_batches(per_batch, combined: ModelTimings, note: str) -> ModelTimings:
+    """One `ModelTimings` whose attention grid has a row per calibrated batch (and per prefill
+    token count), expert FFN from all runs, LM head points of every batch."""
+    rows: dict[int, tuple[float, ...]] = {}
+    contexts = per_batch[0][1].attention_router.context_tokens
+    heads: dict[int, float] = {}
+    for _, mt in per_batch:
+        a = mt.attention_router
+        for b, row in zip(a.batch, a.seconds):
+            curve = TokenCurve(a.context_tokens, row, "measured")
+            rows.setdefault(b, tuple(curve.at(c) for c in contexts))
+        if mt.lm_head is not None:
+            for t, s in zip(mt.lm_head.tokens, mt.lm_head.seconds):
+                heads.setdefault(t, s)
+    batches = tuple(sorted(rows))
+    attention = AttentionTimings(batches, contexts, tuple(rows[b] for b in batches), "measured",
+                                 f"step time less expert and LM head spans, per layer, of all-hit "
+                                 f"calibration runs {note}")
+    lm = (TokenCurve(tuple(sorted(heads)), tuple(heads[t] for t in sorted(heads)), "measured",
+                     f"LM head spans {note}") if heads else combined.lm_head)
+    return replace(combined, attention_router=attention, lm_head=lm)

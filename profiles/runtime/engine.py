@@ -74,7 +74,8 @@ class OffloadedRuntime:
         self.pos = {layer: i for i, layer in enumerate(self.layers)}
         store.check_model(self.layers, expert_map.experts_per_layer)
         self.compressed = serving.resident_form == "compressed"
-        self.resident_bytes = {k: self._resident_nbytes(r) for k, r in store.infos().items()}
+        self.infos = store.infos()
+        self.resident_bytes = {k: self._resident_nbytes(r) for k, r in self.infos.items()}
         self.budget: DeviceBudget = device_budget(geometry, serving, self.resident_bytes)
         self.timeline = Timeline(self.device)
         self.transfers = Transfers(self.device, self.timeline, serving.gpu_decode,
@@ -134,10 +135,8 @@ class OffloadedRuntime:
     def reset(self, keep_cache: bool = False) -> None:
         """Drop statistics and the timeline (between warm-up and a run); unless `keep_cache`, also
         empty the cache and drop resident experts (a cold start, as the simulator begins)."""
-        if self.store.on_disk:  # the disk tier counts the measured pass alone
-            d = self.store.records
-            d.reads = d.read_bytes = 0
-            d.peak = d.held
+        if self.store.on_disk:
+            self.store.records.timeline = self.timeline
         s = self.serving
         if not keep_cache:
             hot = [(k, self.resident_bytes[k]) for k in (self.hot or [])]
@@ -163,6 +162,12 @@ class OffloadedRuntime:
         self._attn: dict[int, Any] = {}
         if not keep_cache:
             self._preload()
+        if self.store.on_disk:  # the disk tier counts the measured pass alone
+            d = self.store.records
+            if not keep_cache:
+                d.clear()       # a cold host tier too (static-hot's pins are on the device), as
+            d.reads = d.read_bytes = 0  # the simulation starts
+            d.peak = d.held
         self.timeline.reset()
 
     def _preload(self) -> None:
@@ -298,8 +303,13 @@ class OffloadedRuntime:
 
     # -- fetching and arrivals -----------------------------------------------------------------
     def _fetch(self, key: Key, kind: str) -> FetchJob:
-        rec = self.store[key]
-        job = self.transfers.fetch(rec, kind, self.compressed)
+        rec = self.infos[key]
+        disk = self.store.records if self.store.on_disk else None
+        if disk is not None and not disk.held_in_memory(key):
+            # read on the disk pool (up to its depth in flight); copied once the read is done
+            job = self.transfers.fetch_after_read(key, disk.request(key), kind)
+        else:
+            job = self.transfers.fetch(self.store[key], kind, self.compressed)
         self.inflight[key] = job
         self.stats["bytes_h2d"] += rec.link_nbytes
         self.stats["transfers"] += 1
@@ -317,6 +327,7 @@ class OffloadedRuntime:
     def _arrive(self, job: FetchJob, wait: bool = False) -> tuple[str, Any]:
         """Make an arrived expert resident (or staged) as the simulator's `_arrive` does."""
         del self.inflight[job.key]
+        self.transfers.complete(job, self.compressed)
         if wait or job.future is not None:
             job.wait(torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None)
         ref = self._ref(job)
@@ -335,6 +346,9 @@ class OffloadedRuntime:
         return ref
 
     def _collect_arrivals(self) -> None:
+        for job in list(self.inflight.values()):
+            if job.reading is not None and job.reading.done():
+                self.transfers.complete(job, self.compressed)   # read done: copy it now
         for job in [j for j in self.inflight.values() if j.done()]:
             self._arrive(job)
 

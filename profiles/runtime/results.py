@@ -84,6 +84,9 @@ class RunResult:
     output_ids: list[list[int]]
     config: dict[str, Any]
     notes: tuple[str, ...] = ()
+    bytes_disk: int = 0                # bytes of expert records read from disk (the disk tier)
+    disk_reads: int = 0
+    disk_busy_fraction: float = 0.0    # share of the run with at least one disk read in flight
     placement_traces: str | None = None  # what ranked static-hot (None: the run's own routing)
     spans: list = field(default_factory=list, repr=False, compare=False)
     routing: list = field(default_factory=list, repr=False, compare=False)

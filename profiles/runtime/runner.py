@@ -82,7 +82,9 @@ def open_model(model: Any, policy=None, device: torch.device | None = None,
             m, emap = build_model(ckpt, trust_remote_code)
             host = None if serving is None else serving.resolve_host_bytes(
                 ckpt.geometry.routed_expert_bytes)
-            store = ExpertStore.from_packed(ckpt, pin=pin, host_budget_bytes=host)
+            store = ExpertStore.from_packed(
+                ckpt, pin=pin, host_budget_bytes=host,
+                disk_depth=None if serving is None else serving.disk_depth)
             return (m, emap, ckpt.geometry, store, str(model), ckpt.policy, False,
                     load_tokenizer(ckpt.path, trust_remote_code))
         if is_geometry_spec(str(model)):
@@ -233,11 +235,16 @@ def _result(rt: OffloadedRuntime, gen, label: str, policy, dev, serving) -> RunR
                for phase, layers in rt.routing]
     sizes = {k: (r.stored_nbytes, r.link_nbytes, rt.resident_bytes[k])
              for k, r in infos.items()}
+    disk_busy = busy_s(spans, "SSD read")
     if rt.store.on_disk:
         d = rt.store.records
+        how = {"direct": "O_DIRECT, bypassing the page cache",
+               "fadvise": "each record's pages dropped from the page cache after its read",
+               "cached": "through the page cache"}[d.read_method]
         notes.append(f"disk tier: {d.reads} expert records read from {rt.store.source} "
                      f"({d.read_bytes} bytes, measured), at most {d.peak} bytes held in host "
-                     f"memory; reads go through the page cache")
+                     f"memory; {d.depth} reads in flight, {how}")
+        serving = replace(serving, disk_depth=d.depth)
     return RunResult(
         model=label, policy=_describe_policy(policy), device=str(dev), batch_size=B,
         prompt_tokens=serving.prompt_tokens, steps=steps, tokens=B * steps, time_s=end,
@@ -262,6 +269,9 @@ def _result(rt: OffloadedRuntime, gen, label: str, policy, dev, serving) -> RunR
         kv_cache_bytes=rt.budget.kv_bytes, staging_bytes=rt.budget.staging_bytes,
         # the disk tier's is what its LRU held at most (measured), not its budget
         host_expert_bytes=rt.store.records.peak if rt.store.on_disk else rt.store.host_bytes,
+        bytes_disk=rt.store.records.read_bytes if rt.store.on_disk else 0,
+        disk_reads=rt.store.records.reads if rt.store.on_disk else 0,
+        disk_busy_fraction=disk_busy / end if end > 0 else 0.0,
         preload_bytes=st["preload_bytes"],
         device_peak_bytes=(int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda"
                            else None),

@@ -24,6 +24,7 @@ import torch
 from profiles.errors import PolicyError
 
 Key = tuple[int, int]
+DEFAULT_DISK_DEPTH = 4     # reads in flight when neither the serving config nor a profile says
 Progress = Callable[[int, int, str], None]
 
 
@@ -90,41 +91,105 @@ class RecordInfo:
 class DiskRecords:
     """A packed checkpoint's records read from its layer files on demand, with an LRU of at most
     `budget_bytes` in host memory: the disk tier, for experts that do not fit the host budget.
-    Every read is counted (`reads`, `read_bytes`)."""
 
-    def __init__(self, ckpt, budget_bytes: int, pin: bool = False) -> None:
+    Reads bypass the page cache (`read_method`, see `profiles.packed.read.RecordFiles`) so that
+    a run measures the disk, not RAM, and up to `depth` run at once on a thread pool (`request`),
+    as NVMe drives need several reads in flight to reach their bandwidth. Every read is counted
+    (`reads`, `read_bytes`) and, with a `timeline`, recorded on its "SSD read" track."""
+
+    def __init__(self, ckpt, budget_bytes: int, pin: bool = False, depth: int = 4,
+                 read_method: str = "direct") -> None:
+        import threading
         from collections import OrderedDict
+        from concurrent.futures import ThreadPoolExecutor
 
         from profiles.packed.read import RecordFiles
 
-        self.ckpt, self.budget, self.pin = ckpt, int(budget_bytes), pin
+        self.ckpt, self.budget, self.pin, self.depth = ckpt, int(budget_bytes), pin, int(depth)
         self.entries = {e.key: e for e in ckpt.experts}
         self.cache: "OrderedDict[Key, ExpertRecord]" = OrderedDict()
         self.held = self.peak = self.reads = self.read_bytes = 0
-        self.files = RecordFiles(ckpt)
+        self.files = RecordFiles(ckpt, read_method)
+        self.pool = ThreadPoolExecutor(max_workers=self.depth, thread_name_prefix="moesz-disk")
+        self.timeline = None            # set by the runtime: reads become "SSD read" spans
+        self._lock = threading.Lock()
+        self._pending: dict = {}
         self._infos: dict[Key, RecordInfo] | None = None
 
+    @property
+    def read_method(self) -> str:
+        """How reads treat the page cache: direct, fadvise or cached."""
+        return self.files.method
+
     def __getitem__(self, key: Key) -> "ExpertRecord":
-        rec = self.cache.get(key)
-        if rec is not None:
+        return self.request(key).result()
+
+    def held_in_memory(self, key: Key) -> bool:
+        """Whether the record is in the host LRU (a request would not read the disk)."""
+        return self.cache.get(key) is not None
+
+    def request(self, key: Key):
+        """A `Future` of the record: done at once when it is in host memory, else read on the
+        disk pool (up to `depth` reads in flight). The LRU takes the record's place when it is
+        requested (evicting the least recently used as needed), as the simulator's disk tier
+        does. Call `result()` from the thread that owns this object."""
+        from concurrent.futures import Future
+
+        if key in self.cache:
             self.cache.move_to_end(key)
-            return rec
-        e = self.entries[key]
-        host = self.files.read(e, self.pin)
-        self.reads += 1
-        self.read_bytes += e.size
-        rec = _record(e.layer, e.expert, e.spec, host, e.blobs, e.original_bytes,
-                      f"{self.ckpt.path / e.file} layer {e.layer} expert {e.expert}")
-        self.cache[key] = rec
-        self.held += e.size
+            rec = self.cache[key]
+            if rec is not None:
+                fut: Future = Future()
+                fut.set_result(rec)
+                return fut
+            return self._pending[key]          # its read is still in flight
+        size = self.entries[key].size
+        self.cache[key] = None                 # a place for the record while it is read
+        self.held += size
         while self.held > self.budget and len(self.cache) > 1:
-            _, old = self.cache.popitem(last=False)
-            self.held -= old.stored_nbytes
+            old, rec = self.cache.popitem(last=False)
+            self.held -= self.entries[old].size
         self.peak = max(self.peak, self.held)
-        return rec
+        pending = self._pending[key] = _Read(self, key, self.pool.submit(self._load, key))
+        return pending
+
+    def _load(self, key: Key) -> "ExpertRecord":
+        """Read and parse one record (on a pool thread; touches no shared state but counters)."""
+        import time
+
+        e = self.entries[key]
+        t0 = time.perf_counter()
+        host = self.files.read(e, self.pin)
+        t1 = time.perf_counter()
+        with self._lock:
+            self.reads += 1
+            self.read_bytes += e.size
+        tl = self.timeline
+        if tl is not None:
+            from profiles.runtime.timeline import Job
+
+            tl.host("SSD read", Job("read", key, e.size), t0 - tl._t0, t1 - tl._t0)
+        return _record(e.layer, e.expert, e.spec, host, e.blobs, e.original_bytes,
+                       f"{self.ckpt.path / e.file} layer {e.layer} expert {e.expert}")
+
+    def clear(self) -> None:
+        """Empty the host LRU (a cold start, as the simulator's disk tier begins)."""
+        for pending in list(self._pending.values()):
+            pending.future.result()          # let reads in flight land before forgetting them
+        self._pending.clear()
+        self.cache.clear()
+        self.held = 0
+
+    def _landed(self, read: "_Read", rec: "ExpertRecord") -> None:
+        """A read's record arrived: it fills its place in the LRU unless that was evicted."""
+        if self._pending.get(read.key) is read:
+            del self._pending[read.key]
+        if read.key in self.cache and self.cache[read.key] is None:
+            self.cache[read.key] = rec
 
     def close(self) -> None:
-        """Close the layer files (records already read stay usable)."""
+        """Stop the read pool and close the layer files (records already read stay usable)."""
+        self.pool.shutdown(wait=True)
         self.files.close()
 
     def __contains__(self, key) -> bool:
@@ -163,6 +228,23 @@ class DiskRecords:
             decodable = decodable and decodes_in_place(codec) and not fallback
         return RecordInfo(e.size, e.original_bytes, decodable, tuple(dict.fromkeys(codecs)))
 
+
+
+class _Read:
+    """A disk read in flight: `result()` waits for it and inserts the record into the LRU."""
+
+    __slots__ = ("records", "key", "future")
+
+    def __init__(self, records: DiskRecords, key: Key, future) -> None:
+        self.records, self.key, self.future = records, key, future
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def result(self) -> "ExpertRecord":
+        rec = self.future.result()
+        self.records._landed(self, rec)
+        return rec
 
 
 def _device_decodable(blobs: Iterable[Any]) -> bool:
@@ -296,17 +378,21 @@ class ExpertStore:
         return cls(records, policy, fingerprint, "encoded in memory")
 
     @classmethod
-    def from_packed(cls, ckpt, pin: bool = False, host_budget_bytes: int | None = None
+    def from_packed(cls, ckpt, pin: bool = False, host_budget_bytes: int | None = None,
+                    disk_depth: int | None = None, read_method: str = "direct"
                     ) -> "ExpertStore":
         """Read a packed checkpoint's expert files into (pinned) host memory and parse every blob
         (CRC32 checked); `ckpt` is a `profiles.packed.PackedCheckpoint`. With a host budget
         below the packed expert bytes, records stay on disk and are read on demand through an
-        LRU of that many bytes (`DiskRecords`)."""
+        LRU of that many bytes (`DiskRecords`), `disk_depth` reads in flight (default 4),
+        bypassing the page cache as `read_method` says."""
         from profiles.packed import read_expert_files
 
         if host_budget_bytes is not None and host_budget_bytes < ckpt.stored_expert_bytes:
-            return cls(DiskRecords(ckpt, host_budget_bytes, pin), ckpt.policy, ckpt.fingerprint,
-                       f"{ckpt.path} (disk tier, {host_budget_bytes} bytes in host memory)")
+            depth = disk_depth or DEFAULT_DISK_DEPTH
+            return cls(DiskRecords(ckpt, host_budget_bytes, pin, depth, read_method), ckpt.policy,
+                       ckpt.fingerprint, f"{ckpt.path} (disk tier, {host_budget_bytes} bytes in "
+                       f"host memory, {depth} reads in flight)")
 
         files = read_expert_files(ckpt, pin=pin)
         records = {}

@@ -36,17 +36,20 @@ class FetchJob:
     may be used (None on a CPU device), `future` the worker's result for host-decoded records.
     """
 
-    __slots__ = ("key", "kind", "record", "weights", "payload", "ready", "future")
+    __slots__ = ("key", "kind", "record", "weights", "payload", "ready", "future", "reading")
 
-    def __init__(self, key, kind: str, record: ExpertRecord) -> None:
+    def __init__(self, key, kind: str, record: ExpertRecord | None) -> None:
         self.key, self.kind, self.record = key, kind, record
         self.weights: Weights | None = None
         self.payload: torch.Tensor | None = None
         self.ready = None
         self.future: Future | None = None
+        self.reading = None     # the disk read of a record not in host memory (disk tier)
 
     def done(self) -> bool:
-        """Whether the expert has arrived (never blocks)."""
+        """Whether the expert has arrived, or its disk read finished (never blocks)."""
+        if self.reading is not None:
+            return self.reading.done()
         if self.future is not None and not self.future.done():
             return False
         return self.ready is None or self.ready.query()
@@ -78,6 +81,24 @@ class Transfers:
         self.pool.shutdown(wait=True)
 
     # -- steps -------------------------------------------------------------------------------
+    def fetch_after_read(self, key, reading, kind: str) -> FetchJob:
+        """A fetch whose record is still being read from disk (`reading`: a disk-tier request);
+        `complete` moves it on once the read is done. Host-codec records are decoded by a worker
+        as soon as their read finishes."""
+        job = FetchJob(key, kind, None)
+        job.reading = reading
+        return job
+
+    def complete(self, job: FetchJob, keep_compressed: bool) -> None:
+        """Start the copy (and decode) of a job whose disk read has finished (waits for it)."""
+        if job.reading is None:
+            return
+        record = job.reading.result()
+        job.reading = None
+        inner = self.fetch(record, job.kind, keep_compressed)
+        job.record, job.weights, job.payload = record, inner.weights, inner.payload
+        job.ready, job.future = inner.ready, inner.future
+
     def fetch(self, record: ExpertRecord, kind: str, keep_compressed: bool) -> FetchJob:
         """Start moving `record` to the device; returns at once on CUDA."""
         job = FetchJob(record.key, kind, record)

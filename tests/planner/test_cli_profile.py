@@ -26,9 +26,10 @@ def test_hardware_quick_without_gpu_and_show(tmp_path, monkeypatch):
     r = runner.invoke(app, ["profile", "hardware", "--out", str(out), "--quick", "--disk-dir",
                             str(tmp_path)])
     assert r.exit_code == 0, r.output
-    assert "none visible (no gpu section)" in r.stdout and "(measured" in r.stdout
+    assert "CPU as the runtime's device" in r.stdout and "(measured" in r.stdout
+    assert "disk reads in flight" in r.stdout
     doc = json.loads(out.read_text())
-    assert doc["kind"] == "hardware_profile" and "gpu" not in doc
+    assert doc["kind"] == "hardware_profile" and doc["gpu"]["device_type"] == "cpu"
     assert doc["raw"]["command"].startswith("moesz profile hardware")
     r = runner.invoke(app, ["profile", "show", str(out), "--json"])
     assert r.exit_code == 0, r.output

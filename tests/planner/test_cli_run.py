@@ -111,3 +111,75 @@ def test_static_hot_ranked_by_placement_traces_runtime_and_simulator_agree(tiny_
     assert placed.hits < oracle.hits
     p = predict_for_run(placed, load_hardware("preset:h200-published")).result
     assert (p.hits, p.misses, p.bytes_h2d) == (placed.hits, placed.misses, placed.bytes_h2d)
+
+
+def _cpu_profile(tmp_path):
+    """A CPU-device profile with round figures (szp decoded in place, a disk depth curve)."""
+    from tests.sim.conftest import HW_DOC
+
+    import copy
+
+    doc = copy.deepcopy(HW_DOC)
+    doc["gpu"]["device_type"] = "cpu"
+    doc["host"]["disk_curve"] = {"sizes": [4096, 1 << 20], "depths": [1, 4],
+                                 "gbps": [[0.05, 0.1], [1.0, 2.0]], "best_depth": 4,
+                                 "method": "O_DIRECT", "source": "measured"}
+    doc["model_timings"] = []
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_the_disk_tier_reads_exactly_the_bytes_the_simulator_predicts(packed_dir, tmp_path,
+                                                                      depth):
+    """A host budget below the packed experts: the runtime reads missing records from the layer
+    files (page cache bypassed, `depth` in flight); the simulator, fed the run, predicts the same
+    hits, misses, disk reads and bytes on each tier."""
+    from profiles.packed import read_packed
+
+    ckpt = read_packed(packed_dir)
+    sv = ServingConfig(gpu_mem_fraction=0.3, host_mem_bytes=ckpt.stored_expert_bytes // 3,
+                       prompt_tokens=4, generated_tokens=8, disk_depth=depth)
+    r = measure_throughput(packed_dir, None, sv, device="cpu")
+    assert r.disk_reads > 0 and r.bytes_disk > 0 and r.config["disk_depth"] == depth
+    assert any(f"{depth} reads in flight" in n for n in r.notes)
+    p = predict_for_run(r, load_hardware(_cpu_profile(tmp_path))).result
+    assert (p.hits, p.misses, p.bytes_h2d) == (r.hits, r.misses, r.bytes_h2d)
+    assert (p.ssd_reads, p.bytes_ssd) == (r.disk_reads, r.bytes_disk)
+    assert p.disk_depth == depth and 0 < r.disk_busy_fraction <= 1
+
+
+def test_run_predict_on_this_machine_prints_each_figure_with_its_error(packed_dir, tmp_path):
+    from profiles.packed import read_packed
+
+    hw = _cpu_profile(tmp_path)
+    host = read_packed(packed_dir).stored_expert_bytes // 3
+    res = runner.invoke(app, ["run", str(packed_dir), "--gpu-mem", "30%", "--host-mem",
+                              str(host), "--prompt", "4", "--tokens", "4", "--device", "cpu",
+                              "--predict", str(hw), "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert doc["config"]["disk_depth"] == 4           # the profile's best depth by default
+    assert doc["predicted"]["disk_depth"] == 4
+    err = doc["relative_error"]
+    assert err["tokens/s (decode)"] == pytest.approx(
+        (doc["predicted"]["tokens_per_s"] - doc["tokens_per_s"]) / doc["tokens_per_s"])
+    assert err["bytes read from disk"] == 0.0 and err["misses (decode)"] == 0.0
+    res = runner.invoke(app, ["run", str(packed_dir), "--gpu-mem", "30%", "--prompt", "4",
+                              "--tokens", "4", "--device", "cpu", "--predict", str(hw)])
+    assert res.exit_code == 0, res.output
+    assert "error" in res.output and "disk busy fraction" in res.output
+
+
+def test_run_predict_refuses_a_profile_of_another_machine(packed_dir, tmp_path):
+    res = runner.invoke(app, ["run", str(packed_dir), "--tokens", "2", "--device", "cpu",
+                              "--predict", "preset:h200-published"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "the run used cpu but preset:h200-published describes a GPU" in res.output
+    old = json.loads(_cpu_profile(tmp_path).read_text())
+    del old["gpu"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    res = runner.invoke(app, ["run", str(packed_dir), "--tokens", "2", "--device", "cpu",
+                              "--predict", str(tmp_path / "old.json")])
+    assert res.exit_code == 1 and "has no device section" in res.output

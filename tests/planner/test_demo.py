@@ -28,6 +28,23 @@ def test_demo_writes_every_stage_file(demo):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU-only stage")
+def test_demo_serves_the_plan_on_this_cpu_beside_both_predictions(demo):
+    out, record, _ = demo
+    lines = summary_lines(record, out)
+    doc = json.loads((out / "this-machine.json").read_text())
+    assert [r["policy"] for r in doc["rows"]] == ["plan", "no compression"]
+    for r in doc["rows"]:
+        assert r["measured_tokens_per_s"] > 0 and r["predicted_here_tokens_per_s"] > 0
+        assert r["predicted_gpu_tokens_per_s"] > 0 and r["bytes_disk"] > 0
+        assert r["bytes_disk"] == r["predicted_bytes_disk"]   # the disk tier, read as predicted
+    assert (out / "this-machine" / "hardware.json").is_file()
+    text = "\n".join(lines)
+    assert "measured" in text and "predicted for this machine" in text
+    assert "predicted for preset:h200-published" in text
+
+
+@pytest.mark.slow
 def test_demo_chain_is_consistent(demo):
     out, record, _ = demo
     plan = json.loads((out / "plan.json").read_text())

@@ -226,7 +226,33 @@ def test_throughput_check_on_cpu_compares_traffic_not_timings():
         assert rows[field]["comparable"] and rows[field]["relative_error"] == 0.0, field
     for field in ("tokens_per_s", "tpot_s"):
         assert not rows[field]["comparable"] and rows[field]["relative_error"] is None
-    assert any("needs a CUDA GPU" in n for n in doc["notes"])
+    assert any("another device: tokens/s and time per token are not compared" in n
+               for n in doc["notes"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU-only report")
+def test_validate_throughput_without_a_gpu_reports_three_labelled_figures(tmp_path):
+    """On a CPU: the plan and no compression measured here with the disk tier forced, each beside
+    the prediction for this machine and the H200 preset's."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from planner.cli import app
+
+    res = CliRunner().invoke(app, ["validate", "--throughput", "--model", "builtin", "--uniform",
+                                   "szp:meanabs:1", "--tokens", "6", "--prompt", "4",
+                                   "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)["this_machine"]
+    assert [r["policy"] for r in doc["rows"]] == ["plan", "no compression"]
+    for r in doc["rows"]:
+        assert r["measured_tokens_per_s"] > 0 and r["predicted_here_tokens_per_s"] > 0
+        assert r["predicted_gpu_tokens_per_s"] > 0 and r["bytes_disk"] > 0
+    assert doc["hardware_gpu"]["spec"] == "preset:h200-published"
+    assert set(doc["labels"]) == {"measured_tokens_per_s", "predicted_here_tokens_per_s",
+                                  "predicted_gpu_tokens_per_s"}
 
 
 @pytest.mark.slow

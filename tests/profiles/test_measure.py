@@ -46,9 +46,16 @@ def quick_profile(tmp_path_factory):
     return measure_hardware(None, quick=True, disk_dir=disk, gpu=False, command="pytest")
 
 
-def test_quick_profile_without_gpu_has_no_gpu_section(quick_profile, tmp_path):
+def test_quick_profile_without_gpu_describes_the_cpu_as_the_device(quick_profile, tmp_path):
     prof = quick_profile
-    assert prof.gpu is None
+    dev = prof.gpu
+    assert dev.device_type == "cpu" and dev.serial
+    assert dev.h2d_pinned.source == "measured" and dev.h2d_pinned == dev.h2d_pageable
+    assert dev.bf16_gemm_tflops.source == "measured" and dev.bf16_gemm_tflops.value > 0
+    # every codec the runtime decodes in place on its device has a measured speed there
+    assert {"szp", "ans", "gq", "rtn8"} <= set(dev.decode)
+    assert all(c.source == "measured" and min(c.gbps) > 0 for c in dev.decode.values())
+    assert "sz3" not in dev.decode                     # sz3 decodes on the host workers
     h = prof.host
     for fig in (h.cores, h.memory_bytes, h.memcpy_gbps):
         assert fig.source == "measured" and fig.value > 0
@@ -58,6 +65,13 @@ def test_quick_profile_without_gpu_has_no_gpu_section(quick_profile, tmp_path):
     sz3 = h.codecs["sz3"]
     assert sz3.decode.levels == (0.1, 0.3, 1.0, 2.0, 3.0) and sz3.decode.mode == "meanabs"
     assert all(g > 0 for g in sz3.decode.gbps + sz3.encode.gbps)
+    assert sz3.threads.source == "measured" and sz3.threads.threads == (1, 2)
+    assert sz3.threads.speedup[0] == 1.0 and sz3.parallel(2) <= 2.0
+    curve = h.disk_curve
+    assert curve.source == "measured" and curve.depths == (1, 4)
+    assert curve.sizes == (4096, 65536, 1 << 20) and curve.best_depth in curve.depths
+    assert all(v > 0 for row in curve.gbps for v in row)
+    assert curve.method in ("O_DIRECT", "posix_fadvise(DONTNEED) before each read")
     ffn = h.cpu_expert_ffn
     assert ffn.curve.source == "measured" and len(ffn.curve.tokens) == len(ffn.curve.seconds)
     # raw samples behind the fits, and the command
@@ -66,9 +80,11 @@ def test_quick_profile_without_gpu_has_no_gpu_section(quick_profile, tmp_path):
     out = tmp_path / "hw.json"
     save_hardware(prof, out)
     doc = json.loads(out.read_text())
-    assert "gpu" not in doc and doc["kind"] == "hardware_profile" and doc["schema_version"] == 1
+    assert doc["gpu"]["device_type"] == "cpu" and doc["kind"] == "hardware_profile"
+    assert doc["schema_version"] == 1
     again = load_hardware(out)
-    assert again.host.disk_read == prof.host.disk_read and again.gpu is None
+    assert again.host.disk_read == prof.host.disk_read and again.gpu == prof.gpu
+    assert again.host.disk_curve == curve and again.host.codecs["sz3"].threads == sz3.threads
 
 
 def test_model_timings_measured_for_a_small_model_estimated_for_a_big_one(quick_profile):

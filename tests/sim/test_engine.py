@@ -102,15 +102,16 @@ def test_bytes_moved_equal_misses_times_compressed_bytes(hardware):
 
 def test_host_budget_below_experts_reads_ssd(hardware):
     g = make_geometry()
-    # experts 0 and 1 are used in 2 of 3 steps, 2 and 3 in 1 of 3: hottest first into host memory
+    # a host LRU of two experts, empty at the start, as the runtime's disk tier: steps (0,1),
+    # (0,1), (2,3) repeated read (0,1), hit them, read (2,3) evicting them, read (0,1) again ...
     steps = [[(0, 1)], [(0, 1)], [(2, 3)]] * 4
     sv = serving_with_cache(g, 0, generated_tokens=12, host_mem_bytes=2 * MB)
     r = run(g, hardware, sv, trace_df(steps)).result
     assert r.host_mem_bytes == 2 * MB
-    assert r.ssd_reads == 4 * 2 and r.bytes_ssd == 8 * MB
-    ssd = 0.001 + MB / 0.5e9  # 3 ms per 1 MB read
-    # host steps: L + L + C; SSD steps: ssd -> link pipelined: ssd + L + C + max(ssd, L)
-    expect = 8 * (2 * L_S + C_S) + 4 * (ssd + L_S + C_S + ssd)
+    assert r.ssd_reads == 8 * 2 and r.bytes_ssd == 16 * MB
+    ssd = 0.001 + MB / 0.5e9  # 3 ms per 1 MB read, one at a time (the profile has no depth curve)
+    # host steps: L + L + C; SSD steps: ssd, then the second read beside the first copy: 2 ssd + L + C
+    expect = 4 * (2 * L_S + C_S) + 8 * (ssd + L_S + C_S + ssd)
     assert r.decode_s == pytest.approx(expect, rel=1e-12)
 
 

@@ -1,0 +1,129 @@
+"""The CPU as the runtime's device, the disk tier with several reads in flight, and every SSD
+override reaching the closed form.
+
+Test hardware (tests/sim/conftest.py) with `gpu.device_type` "cpu": copy 0.5 ms + 1 MB / (1 GB/s)
+= L = 1.5 ms per 1 MB expert, expert compute C = 0.25 ms per token, attention and LM head 0.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from profiles.errors import ConfigError
+from profiles.policy import Policy
+from sim.api import make_workload, simulate, simulate_policy
+from sim.closed_form import ClosedFormModel
+from sim.costs import build_costs, uniform_costs
+from sim.engine import SimOptions, with_disk_override
+from sim.ratios import SyntheticRatios
+from sim.synthetic import SyntheticSpec
+from tests.sim.conftest import MB, make_geometry, make_hardware, trace_df
+from tests.sim.test_engine import C_S, L_S, distinct_steps, serving_with_cache
+
+# a disk whose aggregate GB/s grows with reads in flight: 0.5 GB/s one at a time, 0.8 with two
+CURVE = {"sizes": [MB], "depths": [1, 2], "gbps": [[0.5, 0.8]], "best_depth": 2,
+         "method": "O_DIRECT", "source": "measured"}
+
+
+def cpu_hardware(**changes):
+    return make_hardware(**{"gpu.device_type": "cpu", **changes})
+
+
+def test_cpu_device_runs_copy_and_compute_one_after_another():
+    """Two misses per step on the CPU device: nothing overlaps, 2 x (copy + compute) a step
+    (a GPU overlaps the second copy with the first compute: L + L + C)."""
+    g = make_geometry()
+    sv = serving_with_cache(g, 0, generated_tokens=5)
+    wl = make_workload(g, sv, traces=trace_df(distinct_steps(5)))
+    costs = uniform_costs(g.moe_layers, 4, original_bytes=MB)
+    cpu = simulate(geometry=g, hardware=cpu_hardware(), serving=sv, costs=costs, workload=wl)
+    gpu = simulate(geometry=g, hardware=make_hardware(), serving=sv, costs=costs, workload=wl)
+    assert cpu.result.decode_s == pytest.approx(5 * 2 * (L_S + C_S), rel=1e-12)
+    assert gpu.result.decode_s == pytest.approx(5 * (2 * L_S + C_S), rel=1e-12)
+    assert any("the CPU" in lab for lab in cpu.result.labels)
+    # busy fractions stay per track on the shared device
+    assert cpu.result.link_busy_fraction == pytest.approx(2 * L_S / (2 * (L_S + C_S)), rel=1e-9)
+    assert cpu.result.compute_busy_fraction == pytest.approx(2 * C_S / (2 * (L_S + C_S)),
+                                                             rel=1e-9)
+
+
+@pytest.mark.parametrize("depth, step_s", [
+    # one read at a time: read0 0-2 ms, copy0 2-2.6; read1 2-4, copy1 4-4.6, compute 4.6-4.85
+    (1, 0.002 + 0.002 + 0.0006 + C_S),
+    # two in flight at 0.8 GB/s together: both read 0-2.5 ms, copies 2.5-3.1-3.7, compute 3.7-3.95
+    (2, 0.0025 + 2 * 0.0006 + C_S),
+])
+def test_disk_tier_golden_with_reads_in_flight(depth, step_s):
+    g = make_geometry()
+    hw = make_hardware(**{"host.disk_curve": CURVE, "gpu.h2d_pinned.gbps": 10.0})  # L = 0.6 ms
+    sv = serving_with_cache(g, 0, generated_tokens=4, host_mem_bytes=1, disk_depth=depth)
+    wl = make_workload(g, sv, traces=trace_df(distinct_steps(4)))
+    costs = uniform_costs(g.moe_layers, 4, original_bytes=MB)
+    r = simulate(geometry=g, hardware=hw, serving=sv, costs=costs, workload=wl).result
+    assert r.ssd_reads == 8 and r.bytes_ssd == 8 * MB and r.disk_depth == depth
+    assert r.decode_s == pytest.approx(4 * step_s, rel=1e-9)
+    assert 0 < r.disk_busy_fraction <= 1
+
+
+def test_the_profile_best_depth_is_the_default_and_the_line_fit_reads_one_at_a_time():
+    g = make_geometry()
+    sv = serving_with_cache(g, 0, generated_tokens=4, host_mem_bytes=1)
+    wl = make_workload(g, sv, traces=trace_df(distinct_steps(4)))
+    costs = uniform_costs(g.moe_layers, 4, original_bytes=MB)
+    curve = simulate(geometry=g, hardware=make_hardware(**{"host.disk_curve": CURVE}),
+                     serving=sv, costs=costs, workload=wl).result
+    line = simulate(geometry=g, hardware=make_hardware(), serving=sv, costs=costs,
+                    workload=wl).result
+    assert curve.disk_depth == 2 and line.disk_depth == 1
+
+
+@pytest.mark.parametrize("override", [dict(ssd_gbps=0.25), dict(ssd_latency_s=0.004),
+                                      dict(ssd_gbps=2.0, ssd_latency_s=0.0)])
+@pytest.mark.parametrize("curve", [False, True])
+def test_every_ssd_override_reaches_the_closed_form(override, curve):
+    """The simulation and the closed form read the same disk under each override (the override
+    replaces the profile's line and drops its depth curve): they agree, and both move with it."""
+    g = make_geometry(num_layers=4, experts=16, top_k=2)
+    hw = make_hardware(**({"host.disk_curve": CURVE} if curve else {}))
+    costs = uniform_costs(g.moe_layers, 16, original_bytes=MB, stored_bytes=MB // 2,
+                          gpu_decode_s=0.0003)
+    sv = serving_with_cache(g, 8 * MB, generated_tokens=120, host_mem_bytes=1)
+    wl = make_workload(g, sv, synthetic=SyntheticSpec(0.0, 0.0, 3))
+    opts = SimOptions(**override)
+    sim = simulate(geometry=g, hardware=hw, serving=sv, costs=costs, workload=wl,
+                   options=opts).result
+    cf = ClosedFormModel(with_disk_override(hw, opts), g, sv, wl).tokens_per_s_costs(costs)
+    assert cf == pytest.approx(sim.tokens_per_s, rel=0.10), (override, curve)
+    plain = simulate(geometry=g, hardware=hw, serving=sv, costs=costs, workload=wl).result
+    assert sim.tokens_per_s != pytest.approx(plain.tokens_per_s, rel=1e-3)
+
+
+@pytest.mark.parametrize("policy", [Policy.none(), Policy.uniform("szp", "meanabs", 1.0),
+                                    Policy.uniform("sz3", "meanabs", 1.0),
+                                    Policy.uniform("gq", bits=4, group=64)])
+@pytest.mark.parametrize("cache", ["lru", "lfu", "static-hot"])
+@pytest.mark.parametrize("on_miss", ["fetch", "cpu"])
+def test_every_policy_kind_and_cache_runs_on_a_cpu_device(policy, cache, on_miss):
+    g = make_geometry(num_layers=3, experts=8, top_k=2)
+    hw = cpu_hardware(**{"gpu.decode.gq": {"levels": [1.0], "gbps": [0.5], "source": "measured"},
+                         "host.disk_curve": CURVE})
+    sv = serving_with_cache(g, 3 * MB, generated_tokens=20, cache_policy=cache, on_miss=on_miss,
+                            host_mem_bytes=4 * MB)
+    wl = make_workload(g, sv, synthetic=SyntheticSpec(1.0, 0.2, 1))
+    r = simulate_policy(geometry=g, hardware=hw, serving=sv, policy=policy, workload=wl,
+                        ratios=SyntheticRatios()).result
+    assert r.tokens_per_s > 0 and r.misses > 0
+    cf = ClosedFormModel(hw, g, sv, wl)
+    costs = build_costs(g, policy, hw, sv, SyntheticRatios())
+    assert cf.tokens_per_s_costs(costs) > 0
+
+
+def test_a_profile_without_a_needed_figure_is_refused_in_one_line():
+    g = make_geometry()
+    sv = serving_with_cache(g, MB, generated_tokens=2)
+    hw = cpu_hardware()
+    with pytest.raises(ConfigError, match=r"no device \(CPU\) decode speed for codec 'ans' "
+                                          r"\(gpu.decode.ans\).*moesz profile hardware"):
+        build_costs(g, Policy.uniform("ans", "meanabs", 1.0), hw, sv, SyntheticRatios())
+    with pytest.raises(ConfigError, match="no CPU decode speed for codec 'lossless'"):
+        build_costs(g, Policy.uniform("lossless"), hw, sv, SyntheticRatios())
