@@ -195,13 +195,19 @@ def _expert_row(geometry, layer, spec, hardware, serving, ratios, orig, bf16_byt
     level = getattr(spec, "level", None)
     where, gdec, cdec, hdec, mdec = NONE, 0.0, 0.0, 0.0, 0.0
     link = resident = orig
-    if codec == "raw" and getattr(geometry, "dtype", None) == "mxfp4":
-        # a checkpoint shipped in MXFP4 (gpt-oss): raw experts cross the link as shipped and are
-        # dequantized on the GPU, like the `mxfp4` codec
-        where = GPU
-        gdec = bf16_bytes / (_gpu_rate(hardware, "mxfp4", None, labels) * 1e9)
-        gdec *= serving.gpu_decode_slowdown if serving.gpu_decode == "stream" else 1.0
-        labels.add("raw: the experts as shipped (MXFP4), dequantized on the GPU")
+    if getattr(geometry, "dtype", None) == "mxfp4":
+        # a checkpoint shipped in MXFP4 (gpt-oss): a decoded expert is held in bf16, 3.6x its
+        # shipped bytes (the runtime's cache counts the same)
+        resident = int(bf16_bytes)
+        if codec == "raw":
+            # raw experts cross the link as shipped and are dequantized on the GPU, like `mxfp4`
+            where = GPU
+            gdec = bf16_bytes / (_gpu_rate(hardware, "mxfp4", None, labels) * 1e9)
+            gdec *= serving.gpu_decode_slowdown if serving.gpu_decode == "stream" else 1.0
+            if serving.resident_form == "compressed":
+                resident, hdec = orig, gdec
+            labels.add("raw: the experts as shipped (MXFP4), dequantized on the GPU and held "
+                       "in bf16")
     if codec != "raw":
         if gpu_ok:
             where = GPU

@@ -202,3 +202,25 @@ def test_experts_served_from_disk_give_the_in_memory_logits(ckpt, loaded):
     with torch.no_grad():
         assert torch.equal(off.model(ids).logits, loaded.model(ids).logits)
     assert off.fingerprint == loaded.fingerprint and off.geometry == loaded.geometry
+
+
+def test_a_decoded_mxfp4_expert_is_held_in_bf16_by_simulator_and_runtime(loaded):
+    """The GPU cache holds decoded experts in bf16 (3.6x the shipped bytes): the simulator's
+    resident bytes are the runtime's records' decoded bytes; held compressed, the shipped ones."""
+    from profiles.hardware import load_hardware
+    from profiles.runtime.store import ExpertStore
+    from sim.costs import GPU, build_costs
+    from sim.ratios import SyntheticRatios
+
+    g, hw = loaded.geometry, load_hardware("preset:h200-published")
+    store = ExpertStore.from_loaded(loaded, Policy.none(loaded.fingerprint))
+    decoded = {r.original_nbytes for r in store.records.values()}
+    assert decoded == {2 * sum(t.numel() for t in loaded.expert_map.experts[0].tensors.values())}
+    costs = build_costs(g, Policy.none(), hw, ServingConfig(gpu_mem_fraction=0.5),
+                        SyntheticRatios())
+    assert set(costs.resident_bytes.ravel().tolist()) == decoded
+    assert (costs.decode_where == GPU).all() and (costs.link_bytes == g.bytes_per_expert).all()
+    held = build_costs(g, Policy.none(), hw, ServingConfig(gpu_mem_fraction=0.5,
+                                                          resident_form="compressed"),
+                       SyntheticRatios())
+    assert (held.resident_bytes == g.bytes_per_expert).all() and (held.hit_decode_s > 0).all()
