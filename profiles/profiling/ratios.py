@@ -50,6 +50,26 @@ def sample_experts(experts_per_layer: int, sample: int | None, layer: int, seed:
     return sorted(rng.sample(range(experts_per_layer), sample))
 
 
+def done_key(layer, codec: str, level, options) -> tuple:
+    """What identifies a measured ratio row when a profile resumes: layer, codec, level (None when
+    it has none) and the codec options completed with their defaults (so `gq` at 3 bits is not
+    taken for `gq` at 4 bits)."""
+    from profiles.codecs import get_codec
+
+    if level is not None and isinstance(level, float) and math.isnan(level):
+        level = None
+    if isinstance(options, str):
+        options = json.loads(options) if options.strip() else {}
+    elif options is None or (isinstance(options, float) and math.isnan(options)):
+        options = {}
+    try:
+        options = get_codec(codec).check_options(dict(options))
+    except Exception:  # noqa: BLE001 - an unknown codec's rows keep their options as written
+        options = dict(options)
+    return (int(layer), str(codec), None if level is None else float(level),
+            json.dumps(options, sort_keys=True, default=str))
+
+
 def ratio_runs(codecs: Sequence[str], mode: str, levels: Sequence[float],
                codec_options: dict | None = None) -> list[tuple[str, str, float | None, dict]]:
     """(codec, mode, level, options) for every bounded codec x level, then the baselines."""
@@ -86,7 +106,7 @@ def measure_ratios(model, codecs: Sequence[str], mode: str, levels: Sequence[flo
         sample: experts per layer to measure (None: all), drawn with `seed`.
         codec_options: per-codec options, e.g. {"sz3": {"predictor": "lorenzo"}}.
         layers: MoE layers to measure (default all).
-        done_keys: (layer, codec, level) already measured (skipped, for resuming).
+        done_keys: `done_key`s of the rows already measured (skipped, for resuming).
         progress: `progress(done, total, label)` per layer x expert.
 
     Returns:
@@ -102,7 +122,7 @@ def measure_ratios(model, codecs: Sequence[str], mode: str, levels: Sequence[flo
     layers = tuple(layers) if layers is not None else tuple(src.moe_layers)
     runs = ratio_runs(codecs, mode, levels, codec_options)
     todo = {layer: [run for run in runs
-                    if not done_keys or (layer, run[0], run[2]) not in done_keys]
+                    if not done_keys or done_key(layer, run[0], run[2], run[3]) not in done_keys]
             for layer in layers}
     todo = {layer: rs for layer, rs in todo.items() if rs}
     picks = {layer: sample_experts(g.experts_per_layer, sample, layer, seed) for layer in todo}

@@ -47,7 +47,7 @@ def ratios_step(out: Path, loaded, spec: GridSpec, req, progress):
     """Measure the ratios DIR does not hold yet and rewrite `ratios.parquet`."""
     import pandas as pd
 
-    from profiles.profiling.ratios import measure_ratios
+    from profiles.profiling.ratios import done_key, measure_ratios
 
     path = out / fmt.RATIOS_FILE
     codecs = [c for c in spec.codecs if c != "noise"]
@@ -57,8 +57,8 @@ def ratios_step(out: Path, loaded, spec: GridSpec, req, progress):
     if path.exists():
         try:
             old = pd.read_parquet(path)
-            done = {(int(r.layer), r.codec, None if pd.isna(r.level) else float(r.level))
-                    for r in old.itertuples()}
+            done = {done_key(r.layer, r.codec, r.level,
+                             getattr(r, "codec_options", None)) for r in old.itertuples()}
         except Exception:
             old = None
     sample = req.ratio_sample if req.ratio_sample is not None else 16
@@ -70,7 +70,8 @@ def ratios_step(out: Path, loaded, spec: GridSpec, req, progress):
     if layers is not None:
         # the whole-model baselines (lossless, rtn, --baselines) are policies on every MoE layer:
         # their ratios are needed at every layer, not only at the layers profiled one by one
-        done |= {(int(r.layer), r.codec, None) for r in new.itertuples() if pd.isna(r.level)}
+        done |= {done_key(r.layer, r.codec, r.level, r.codec_options)
+                 for r in new.itertuples()}
         more = measure_ratios(loaded, extra, spec.mode, spec.levels, sample=sample,
                               seed=req.seed, layers=None, done_keys=done, progress=report)
         new = pd.concat([new, more], ignore_index=True) if len(more) else new

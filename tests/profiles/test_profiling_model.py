@@ -220,3 +220,21 @@ def test_baselines_are_whole_model_points_with_ratios_at_every_layer(tmp_path):
     assert (q4.ratio_vs_bf16 < 16 / 4.5).all() and (q4.ratio_vs_bf16 > 3.3).all()
     assert json.loads((tmp_path / "p" / "profile.json").read_text())["baselines"] == ["q4_k",
                                                                                       "nf4"]
+
+
+def test_resumed_ratios_tell_codec_options_apart():
+    """A ratio row of `gq` at 4 bits does not stand in for `gq` at 3 bits when a profile
+    resumes; the same options (written out or left at their defaults) are skipped."""
+    from profiles.models.source import FileExperts
+    from profiles.profiling.ratios import done_key, measure_ratios
+
+    src = FileExperts.open("builtin")
+    first = measure_ratios(src, ["gq"], "meanabs", [1.0], sample=1, layers=[3])
+    done = {done_key(r.layer, r.codec, r.level, r.codec_options) for r in first.itertuples()}
+    again = measure_ratios(src, ["gq"], "meanabs", [1.0], sample=1, layers=[3], done_keys=done,
+                           codec_options={"gq": {"bits": 4, "group": 64}})
+    assert len(again) == 0
+    three = measure_ratios(src, ["gq"], "meanabs", [1.0], sample=1, layers=[3], done_keys=done,
+                           codec_options={"gq": {"bits": 3}})
+    assert list(three.codec) == ["gq"] and json.loads(three.codec_options[0]) == {"bits": 3}
+    assert three.ratio[0] > first[first.codec == "gq"].ratio.iloc[0]
