@@ -3,6 +3,7 @@
     python benchmarks/sim_bench.py speed        # expert transfers per second of simulation
     python benchmarks/sim_bench.py closed-form  # policy evaluations per second
     python benchmarks/sim_bench.py whatif       # presets on preset:h200-published, synthetic traces
+    python benchmarks/sim_bench.py whatif --formats   # ... with ans and the formats users run
 
 Run them one at a time (the machine is shared). Wall time and process CPU time are both
 reported: on a loaded machine the CPU time is the fairer measure of one core's speed.
@@ -96,18 +97,27 @@ def bench_closed_form() -> None:
 
 POLICIES = [("no compression", None), ("lossless", "lossless"), ("szp 0.5", "szp:meanabs:0.5"),
             ("szp 1.0", "szp:meanabs:1.0"), ("szp 2.0", "szp:meanabs:2.0")]
+# --formats: the entropy-coded `ans` (GPU decode estimated, labelled) and the formats users run
+# (GPU dequantization estimated at half the d2d bandwidth), beside moesz's per-row rtn4
+FORMAT_POLICIES = [("ans 0.5 (GPU decode estimated)", "ans:meanabs:0.5"),
+                   ("ans 1.0 (GPU decode estimated)", "ans:meanabs:1.0"),
+                   ("gq 4-bit, group 64", "gq,bits=4,group=64"),
+                   ("gq 3-bit, group 64", "gq,bits=3,group=64"),
+                   ("nf4", "nf4"), ("mxfp4", "mxfp4"), ("q4_k", "q4_k"), ("q3_k", "q3_k"),
+                   ("rtn4 (per-row absmax)", "rtn4")]
 
 
 def _policy(text):
     return Policy.none() if text is None else Policy(default=StorageSpec.parse(text))
 
 
-def bench_whatif(tokens: int, prompt: int) -> None:
+def bench_whatif(tokens: int, prompt: int, formats: bool = False) -> None:
     hw = load_hardware(HW)
     ratios = SyntheticRatios(seed=0)
     print(f"machine: {describe()}")
     print(f"hardware: {HW}; synthetic traces zipf:1.1, batch 1, prompt {prompt}, {tokens} tokens; "
           f"cache static-hot; tokens/s predicted (simulation), closed form in brackets")
+    speeds: set[str] = set()
     models = {"mixtral-8x7b": ("10%", "25%", "50%"), "qwen3-30b-a3b": ("10%", "25%", "50%"),
               "olmoe-1b-7b": ("10%", "25%", "50%"), "deepseek-v3": ("2%", "5%", "8%")}
     for name, budgets in models.items():
@@ -122,12 +132,15 @@ def bench_whatif(tokens: int, prompt: int) -> None:
         print("|---|---|" + "---|" * len(budgets))
         rows = [(label, text, "fetch") for label, text in POLICIES] + [
             ("no compression, misses on CPU", None, "cpu")]
+        if formats:
+            rows += [(label, text, "fetch") for label, text in FORMAT_POLICIES]
         for label, text, on_miss in rows:
             pol = _policy(text)
             cells = []
             for b in budgets:
                 sv = ServingConfig(**{**base.to_dict(), "on_miss": on_miss}).with_budgets(parse_mem(b))
                 costs = build_costs(g, pol, hw, sv, ratios)
+                speeds |= {lab for lab in costs.labels if " decode: " in lab}
                 r = simulate(geometry=g, hardware=hw, serving=sv, costs=costs, workload=wl,
                              times=times).result
                 cf = ClosedFormModel(hw, g, sv, wl, stats=stats, times=times).tokens_per_s_costs(costs)
@@ -153,6 +166,9 @@ def bench_whatif(tokens: int, prompt: int) -> None:
         cf = ClosedFormModel(hw, g, base, wl, stats=stats, times=times).tokens_per_s_costs(costs)
         print(f"| {label} | {format_bytes(costs.stored_bytes.sum())} | {format_bytes(r.host_mem_bytes)} "
               f"| {format_bytes(r.bytes_ssd)} | {r.tokens_per_s:.2f} ({cf:.2f}) |")
+    print("\ndecode speeds used (from sim.costs):")
+    for lab in sorted(speeds):
+        print(f"- {lab}")
 
 
 def main() -> None:
@@ -160,6 +176,8 @@ def main() -> None:
     ap.add_argument("what", choices=["speed", "closed-form", "whatif"])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--formats", action="store_true",
+                    help="whatif: add rows for ans and the formats users run")
     args = ap.parse_args()
     print(f"date: {time.strftime('%Y-%m-%d')}; command: python benchmarks/sim_bench.py "
           f"{' '.join(sys.argv[1:])}")
@@ -168,7 +186,7 @@ def main() -> None:
     elif args.what == "closed-form":
         bench_closed_form()
     else:
-        bench_whatif(args.tokens, args.prompt)
+        bench_whatif(args.tokens, args.prompt, args.formats)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ zero (its uncertainty stays).
 from __future__ import annotations
 
 import functools
+import json
 import math
 from dataclasses import dataclass
 from typing import Mapping
@@ -42,23 +43,30 @@ RAW = "raw"
 EXACT_CODECS = ("raw", "lossless")  # bit-exact: the model is unchanged
 
 
-def spec_label(codec: str, mode, level) -> str:
-    """The label of a choice, as `StorageSpec.describe()` writes it (`szp:meanabs:0.5`, `rtn8`)."""
+def spec_label(codec: str, mode, level, options=None) -> str:
+    """The label of a choice, as `StorageSpec.describe()` writes it (`szp:meanabs:0.5`, `rtn8`,
+    `gq,bits=3,group=64`); `options` are the codec options as a dict or JSON text (a profile's
+    `codec_options` column), completed with the codec's defaults."""
     if isinstance(level, float) and math.isnan(level):
         level = None
+    if options is None or (isinstance(options, float) and math.isnan(options)):
+        options = ""
+    if not isinstance(options, str):
+        options = json.dumps(dict(options), sort_keys=True)
     return _spec_label(str(codec), None if mode is None else str(mode),
-                       None if level is None else float(level))
+                       None if level is None else float(level), options.strip())
 
 
 @functools.lru_cache(maxsize=4096)
-def _spec_label(codec: str, mode, level) -> str:
+def _spec_label(codec: str, mode, level, options: str) -> str:
     from profiles.policy import StorageSpec
 
+    opts = json.loads(options) if options else {}
     bounded = level is not None and not (isinstance(level, float) and math.isnan(level)) \
         and mode not in (None, "none", "")
     if bounded:
-        return StorageSpec(codec, str(mode), float(level)).describe()
-    return StorageSpec(codec).describe()
+        return StorageSpec(codec, str(mode), float(level), opts).describe()
+    return StorageSpec(codec, codec_options=opts).describe()
 
 
 @dataclass(frozen=True)
@@ -255,8 +263,9 @@ class AccuracyModel:
         drop, sd = self._row_drop(df)
         p = df[f"{self.metric}_mcnemar_p"].to_numpy(float) if self.metric not in TEXT_METRICS \
             else np.full(len(df), np.nan)
-        labels = [spec_label(c, m, lv) for c, m, lv in zip(df["codec"].astype(str),
-                                                           df["mode"], df["level"])]
+        opts = df["codec_options"] if "codec_options" in df.columns else [None] * len(df)
+        labels = [spec_label(c, m, lv, o) for c, m, lv, o in zip(df["codec"].astype(str),
+                                                                 df["mode"], df["level"], opts)]
         flat = pd.DataFrame({"target": df["target"].astype(str).to_numpy(), "label": labels,
                              "task": df["task"].astype(str).to_numpy(), "d": drop, "s": sd,
                              "p": p, "layers": df["layers"].astype(str).to_numpy()})

@@ -88,21 +88,27 @@ class ChoiceTable:
 
 def default_codecs(accuracy: AccuracyModel, hardware: Any, serving: Any, host_binds: bool
                    ) -> list[str]:
-    """Codecs that cut transfer for this configuration: the GPU-decodable error-bounded ones the
-    profile covers (`szp`, `cuszp`), and CPU codecs (`sz3`) only when the host budget binds."""
+    """Codecs that cut transfer for this configuration, among those the profile has single-layer
+    rows for: every GPU-decodable one (`szp`, `cuszp`, `ans`, and the formats users run: `gq`,
+    `nf4`, `mxfp4`, GGUF types) whose GPU decode speed the hardware profile measured or
+    `sim.costs.estimated_gpu_rate` can estimate (labelled so), and CPU codecs (`sz3`) only when
+    the host budget binds. `lossless`, `rtn8` and `rtn4` are baselines, not searched unless
+    named."""
     from profiles.codecs import get_codec
+    from sim.costs import estimated_gpu_rate
 
-    profiled = sorted({lab.split(":")[0] for (_, lab) in accuracy.effects})
+    profiled = sorted({lab.split(":")[0].split(",")[0] for (_, lab) in accuracy.effects})
     out = []
     for name in profiled:
         try:
             codec = get_codec(name)
         except MoeszError:
             continue
-        if not codec.error_bounded:
-            continue
-        if codec.gpu_decodable and not codec.cpu_only and name in hardware.gpu.decode:
-            out.append(name)
+        if name in ("lossless", "rtn8", "rtn4"):
+            continue  # baselines, compared with rather than searched (give --codecs to search)
+        if codec.gpu_decodable and not codec.cpu_only:
+            if name in hardware.gpu.decode or estimated_gpu_rate(hardware, name) is not None:
+                out.append(name)
         elif codec.cpu_only and host_binds and name in hardware.host.codecs:
             out.append(name)
     return out
@@ -145,6 +151,11 @@ def build_table(*, accuracy: AccuracyModel, geometry: Any, ratios: Any, hardware
     gb = np.zeros((L, C))
     cpu = np.zeros((L, C), bool)
     mu[:, 0] = var[:, 0] = 0.0
+    if getattr(geometry, "dtype", None) == "mxfp4":
+        # raw = the experts as shipped (gpt-oss MXFP4): they are dequantized on the GPU
+        bb, gg, cc = closed_form.inputs_from_costs(build_costs(
+            geometry, Policy(default=StorageSpec("raw")), hardware, serving, ratios))
+        b[:, 0], gb[:, 0], cpu[:, 0] = bb, gg, cc
     notes = []
     for c, spec in enumerate(specs[1:], start=1):
         label = spec.describe()

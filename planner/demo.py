@@ -5,7 +5,8 @@
 2. profile the built-in model on a small grid (`profiles.profiling.profile_model`): compression
    ratios of every MoE layer, per-layer sensitivity on the `profile` split, next-token KL,
    top-1 agreement and perplexity ratio on the text corpus shipped with the package
-   (`profiles/builtin/corpus.txt`, its profile half), routing traces;
+   (`profiles/builtin/corpus.txt`, its profile half), routing traces, and the formats users
+   run (`USER_FORMATS`: NF4, MXFP4, Q4_K, Q3_K) measured on the whole model as baselines;
 3. plan for a one-point content budget under a GPU memory budget that forces cache misses — the
    non-expert weights and KV cache plus a fraction of the routed-expert bytes
    (`planner.pipeline.make_plan`), its best candidates measured for real on the profile split
@@ -72,6 +73,8 @@ SIZES = {
     "ci": DemoSize("0,7", "1", "none", 8, 8, 12, 4, 16, ("10%", "25%", "100%"), 0.3, 2, 600),
 }
 GPU_FRACTION = "25%"   # of the routed-expert bytes, on top of non-expert weights and KV cache
+# the formats users run, measured on the whole model (one point each) as baselines beside the plan
+USER_FORMATS = "nf4,mxfp4,q4_k,q3_k"
 
 
 @dataclass(frozen=True)
@@ -206,7 +209,8 @@ def _profile(out: Path, sz: DemoSize, stage, metrics: DemoMetrics):
     from profiles.evaluation.textmetrics import builtin_corpus_path
     from profiles.tasks import TASKS
 
-    req = ProfileRequest(model="builtin", out=out / "profile", codecs="szp", mode="meanabs",
+    req = ProfileRequest(model="builtin", out=out / "profile", codecs="szp",
+                         baselines=USER_FORMATS, mode="meanabs",
                          levels=sz.levels, layers=sz.layers, groups=sz.groups,
                          limit=sz.profile_limit, command="moesz demo (profile step)",
                          text=metrics.text or str(builtin_corpus_path()),
@@ -243,7 +247,9 @@ def _sweep(out: Path, sz: DemoSize, hw_spec: str, outcome, stage) -> dict:
     policies = [("plan", outcome.plan.policy)]
     for b in outcome.baselines:
         if b.policy is not None and (b.name in ("no compression", "rtn8", "rtn4")
-                                     or (b.name.startswith("uniform") and b.feasible)):
+                                     or (b.name.startswith("uniform") and b.feasible)
+                                     or (b.name.startswith("uniform ") and b.name[8:].split(
+                                         ",")[0] in USER_FORMATS.split(","))):
             policies.append((b.name, b.policy))
     rows, done, skipped = [], 0, []
     for label, policy in policies:
@@ -350,16 +356,35 @@ def summary_lines(record: dict, out: Path) -> list[str]:
              "  layers: " + _grouped(plan["layers"]),
              f"  decode tokens/s, predicted: plan {_num(p.get('tokens_per_s_simulation'))} "
              f"(simulation), {_num(p.get('tokens_per_s_closed_form'))} (closed form)"]
+    users = [b for name, b in base.items() if name.startswith("uniform ")
+             and name[8:].split(",")[0] in USER_FORMATS.split(",")]
     for name, b in base.items():
         if b["tokens_per_s"] is not None and (name in ("no compression", "rtn8", "rtn4")
-                                              or name.startswith("uniform")):
-            lines.append(f"    {name}: {b['tokens_per_s']:.1f} (closed form)"
+                                              or name.startswith("uniform")) \
+                and not any(b is u for u in users):
+            lines.append(f"    {b.get('label', name)}: {b['tokens_per_s']:.1f} (closed form)"
                          + ("" if b.get("meets_budget") else ", over the accuracy budget"))
     milp = plan.get("milp") or {}
     if milp.get("tokens_per_s") is not None and milp.get("layers") and \
             [x.get("spec") for x in plan["layers"]] != milp["layers"]:
         lines.append(f"    per-layer optimum of {', '.join(plan.get('codecs', []))}: "
                      f"{milp['tokens_per_s']:.1f} (closed form)")
+    if users:
+        lines.append("  formats users run, on every layer (stored expert bytes: measured; content "
+                     "drop: the profile's measurement of that policy, 95 % interval; tokens/s: "
+                     "closed form):")
+        for b in users:
+            tps = "n/a" if b["tokens_per_s"] is None else f"{b['tokens_per_s']:.1f} tok/s"
+            drop = iv_text(b["accuracy_drop"]) if b.get("accuracy_drop") else "n/a"
+            size = "n/a" if b["host_bytes"] is None else f"{b['host_bytes']:,} B"
+            lines.append(f"    {b['name'][8:]}: {size}, drop {drop}, {tps}"
+                         + ("" if b.get("meets_budget") else ", over the accuracy budget"))
+    best = base.get("best user format")
+    if best is not None:
+        lines.append(f"  {best.get('label', 'best user format')}: "
+                     + (f"{best['tokens_per_s']:.1f} tok/s (closed form) against the plan's "
+                        f"{_num(p.get('tokens_per_s_closed_form'))}"
+                        if best["tokens_per_s"] is not None else best["note"]))
     how = (" (the profile split's measurement of this policy)" if str(
         p["accuracy_drop"].get("kind", "")).startswith("measured") else "")
     ver = plan.get("verification")
@@ -392,6 +417,9 @@ def summary_lines(record: dict, out: Path) -> list[str]:
 
         lines += this_machine_lines(record["this_machine"])
     lines += [f"note: {n}" for n in record["notes"] + plan.get("warnings", [])]
+    # where a decode speed the plan or a baseline relies on is an estimate, say so
+    lines += [f"note: {n}" for n in plan.get("notes", []) if " decode: estimated" in n
+              and n.split(" ", 1)[0] in {x.get("codec") for x in plan["layers"]}]
     lines.append(f"report: {out / 'report.md'} and {out / 'report.html'}")
     return lines
 

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from planner.accuracy import AccuracyModel
-from planner.baselines import Baseline, compute_baselines
+from planner.baselines import BEST_USER_FORMAT, Baseline, compute_baselines
 from planner.budget import (METRIC_UNITS, binding, budget_value, check_budget, make_budget,
                             predicted_drop, resolve_metric)
 from planner.choices import ChoiceTable, build_table, default_codecs
@@ -280,7 +280,8 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
     cold_curve = cold.best_so_far[:req.trials]
     cold_best = max((v for v in cold_curve if math.isfinite(v)), default=float("nan"))
     enqueue = [milp.choice] + [np.asarray(b.choice) for b in baselines
-                               if b.choice is not None and b.feasible]
+                               if b.choice is not None and b.feasible
+                               and b.name != BEST_USER_FORMAT]  # a copy of a `uniform` row
     t = time.perf_counter()
     target = req.trials + req.warm_trials + len(enqueue)
     search.optimize(max(0, target - search.completed()), enqueue=enqueue, progress=progress,
@@ -301,7 +302,8 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
     # or judged by the profile's measurement of that exact policy (the search uses the additive
     # model, whose bound on a whole-model policy is wider than the measurement's)
     options += [from_baseline(b, prof, cf, req.serving) for b in baselines
-                if b.feasible and b.policy is not None and b.tokens_per_s is not None
+                if b.feasible and b.name != BEST_USER_FORMAT and b.policy is not None
+                and b.tokens_per_s is not None
                 and b.drop is not None and (b.choice is None or b.drop.kind.startswith("measured"))
                 and b.tokens_per_s >= 0.95 * best_cf]  # only those that could win
     if req.rerank > 0:
@@ -345,6 +347,12 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
         for b in baselines:
             if b.policy is not None and b.tokens_per_s is not None and b.name not in base_sims:
                 base_sims[b.name] = _simulate(prof, hw, req.serving, b.policy, cf.workload)
+    best_user = next((b for b in baselines if b.name == BEST_USER_FORMAT and b.policy), None)
+    if best_user is not None:  # the same policy as one `uniform` row: the same simulation
+        twin = next((b.name for b in baselines if b is not best_user
+                     and b.policy == best_user.policy and b.name in base_sims), None)
+        if twin is not None:
+            base_sims[BEST_USER_FORMAT] = base_sims[twin]
     timings["simulation_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
 

@@ -77,6 +77,22 @@ def from_baseline(b: Baseline, prof, cf, serving) -> Option:
                    float(b.tokens_per_s), b.drop, int(b.host_bytes), layers)
 
 
+def decode_speed_notes(prof, hw, serving, policies) -> list[str]:
+    """Where the decode speeds of these policies come from (measured, preset, or estimated and
+    labelled so: `sim.costs`), one line per codec and place, sorted."""
+    from profiles.errors import MoeszError
+    from sim.costs import build_costs
+
+    out: set[str] = set()
+    for policy in policies:
+        try:
+            labels = build_costs(prof.geometry, policy, hw, serving, prof.ratios).labels
+        except MoeszError:
+            continue
+        out |= {lab for lab in labels if " decode: " in lab}
+    return sorted(out)
+
+
 def plan_document(req, prof, hw_src, hw, accuracy, table, chosen: Option, options, milp, milp_tps,
               cold, cold_best, final, baselines, base_sims, cf, codecs, budget, timings) -> dict:
     pred = chosen.drop
@@ -98,7 +114,9 @@ def plan_document(req, prof, hw_src, hw, accuracy, table, chosen: Option, option
         warnings.append(f"the plan is the {chosen.source}: it meets the budget{basis} and is "
                         f"predicted faster than every per-layer assignment of the codecs "
                         f"searched ({', '.join(codecs)})")
-    notes = list(dict.fromkeys(list(cf.notes) + list(table.notes) + [accuracy.additivity.note]))
+    notes = list(dict.fromkeys(list(cf.notes) + list(table.notes) + [accuracy.additivity.note]
+                               + decode_speed_notes(prof, hw, req.serving, [chosen.policy] + [
+                                   b.policy for b in baselines if b.policy is not None])))
     if req.serving.cache_policy == "lfu" or req.serving.prefetch != "none":
         notes.append("the search scores LFU as LRU and ignores prefetch (closed-form proxy); the "
                      "simulation re-ranks under the requested configuration")
@@ -113,7 +131,8 @@ def plan_document(req, prof, hw_src, hw, accuracy, table, chosen: Option, option
                        "trials_to_within_1pct": cold.trials_to_within(milp_tps, 0.01),
                        "wall_s": timings.get("search_cold_s")},
         "warm_start": {"enqueued": ["milp"] + [b.name for b in baselines
-                                               if b.choice is not None and b.feasible],
+                                               if b.choice is not None and b.feasible
+                                               and b.name != "best user format"],
                        "best_tokens_per_s": final.best.tokens_per_s},
     }
     candidates = [{"rank": rank + 1, "source": o.source, "trial": o.trial,

@@ -148,7 +148,8 @@ def write_plots(outcome, directory, sweep_factors=(0.25, 0.5, 1.0, 2.0, 4.0)
             ok = all(v <= 0 for v in t.constraints.values())
             trials.append((acc.predict_sums(t.user_attrs["M"], t.user_attrs["V"]).drop,
                            float(t.values[0]), ok))
-    bases = [(b["name"], b["accuracy_drop"]["value"], b["tokens_per_s"]) for b in doc["baselines"]
+    bases = [(b.get("label", b["name"]), b["accuracy_drop"]["value"], b["tokens_per_s"])
+             for b in doc["baselines"]
              if b["tokens_per_s"] is not None and b["accuracy_drop"] is not None]
     plan_pt = (doc["predicted"]["accuracy_drop"]["value"],
                doc["predicted"]["tokens_per_s_closed_form"])

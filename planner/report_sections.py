@@ -105,7 +105,7 @@ def plan_view(plan: dict) -> dict:
     baselines = []
     for b in plan.get("baselines") or []:
         bd = b.get("accuracy_drop")
-        baselines.append({"name": b.get("name", "?"), "policy": b.get("policy"),
+        baselines.append({"name": b.get("label") or b.get("name", "?"), "policy": b.get("policy"),
                           "tokens_per_s": b.get("tokens_per_s"),
                           "tokens_per_s_simulation": b.get("tokens_per_s_simulation"),
                           "drop_iv": bd, "drop": (bd or {}).get("value"),

@@ -280,8 +280,7 @@ def apply_policy(loaded, policy: Policy, surrogate: str | None = None, seed: int
         A `PolicyReport` with per-expert stored and original bytes.
 
     Raises:
-        PolicyError: the policy does not fit the model, the surrogate is unknown, or the experts
-            are MXFP4.
+        PolicyError: the policy does not fit the model or the surrogate is unknown.
     """
     from profiles.codecs import compressed_nbytes, roundtrip
     from profiles.models.restore import WeightRestorer
@@ -290,8 +289,6 @@ def apply_policy(loaded, policy: Policy, surrogate: str | None = None, seed: int
         raise PolicyError(f"surrogate {surrogate!r} is unknown; choose {', '.join(SURROGATES)} "
                           f"or none for real codec round trips")
     geometry = loaded.geometry
-    if geometry.dtype == "mxfp4":
-        raise PolicyError(f"{loaded.spec}: MXFP4 experts cannot be compressed by any moesz codec")
     emap = loaded.expert_map
     policy.check(emap.moe_layers, emap.experts_per_layer, loaded.fingerprint)
     if getattr(loaded, "offload", None) is not None:

@@ -56,18 +56,47 @@ def _gpu_rate(hardware: HardwareProfile, codec: str, level: float | None,
     if curve is not None:
         labels.add(f"{codec} {where}: {curve.source}" + (f" ({curve.note})" if curve.note else ""))
         return curve.at(level)
-    from profiles.codecs import get_codec
-
-    c = get_codec(codec)
-    if c.gpu_decodable and not c.error_bounded and not gpu.serial:
-        # dequantization of a block format (rtn, gq, nf4, mxfp4, GGUF types) reads the packed
-        # bytes and writes bf16: bandwidth-bound, about d2d / 2
-        labels.add(f"{codec} GPU decode: estimated as half the d2d copy bandwidth "
-                   f"({gpu.d2d_gbps.value:g} GB/s, {gpu.d2d_gbps.source})")
-        return gpu.d2d_gbps.value / 2
+    estimate = estimated_gpu_rate(hardware, codec)
+    if estimate is not None:
+        gbps, how = estimate
+        labels.add(f"{codec} GPU decode: {how}")
+        return gbps
     raise ConfigError(f"hardware profile {hardware.origin or hardware.name} has no {where} speed "
                       f"for codec {codec!r} (gpu.decode.{codec}); measure it with `moesz profile "
                       f"hardware` on the machine that will run the model, or choose another codec")
+
+
+# DietGPU's published rANS decode on an A100: 250-410 GB/s of decoded bytes (one byte symbol per
+# byte; README of facebookresearch/dietgpu). `ans` decodes one symbol per value and writes bf16, so
+# per output byte it does no more work; the lower end, taken as GB/s of bf16 output, is the estimate
+ANS_ESTIMATE_GBPS = 250.0
+
+
+def estimated_gpu_rate(hardware: HardwareProfile, codec: str) -> tuple[float, str] | None:
+    """(GB/s of bf16 output, how it was estimated) for a GPU-decodable codec the hardware profile
+    has not measured, or None when there is no honest estimate (the caller refuses the codec).
+
+    - Block formats without a bound (rtn, gq, nf4, mxfp4, GGUF types): dequantization reads the
+      packed bytes and writes bf16, bandwidth-bound: half the device-to-device copy bandwidth.
+    - `ans` (chunked rANS): DietGPU's published A100 decode speed, lower end (250 GB/s), capped
+      at half the d2d bandwidth; moesz's Triton decoder has not been timed on a GPU.
+    """
+    from profiles.codecs import get_codec
+
+    c = get_codec(codec)
+    gpu = hardware.gpu
+    if gpu is None or gpu.serial or not c.gpu_decodable or c.cpu_only:
+        return None  # a CPU device (`gpu.serial`) decodes at its measured speeds only
+    half_d2d = gpu.d2d_gbps.value / 2
+    if not c.error_bounded:
+        return half_d2d, (f"estimated as half the d2d copy bandwidth ({gpu.d2d_gbps.value:g} "
+                          f"GB/s, {gpu.d2d_gbps.source}); not measured")
+    if codec == "ans":
+        gbps = min(ANS_ESTIMATE_GBPS, half_d2d)
+        return gbps, (f"estimated {gbps:g} GB/s of bf16 output (DietGPU's published rANS decode "
+                      f"on an A100, 250-410 GB/s, lower end, capped at half the d2d bandwidth); "
+                      f"moesz's Triton ans decoder not measured on a GPU")
+    return None
 
 
 def _cpu_speed(hardware: HardwareProfile, codec: str, why: str):
@@ -167,6 +196,19 @@ def _expert_row(geometry, layer, spec, hardware, serving, ratios, orig, bf16_byt
     level = getattr(spec, "level", None)
     where, gdec, cdec, hdec, mdec = NONE, 0.0, 0.0, 0.0, 0.0
     link = resident = orig
+    if getattr(geometry, "dtype", None) == "mxfp4":
+        # a checkpoint shipped in MXFP4 (gpt-oss): a decoded expert is held in bf16, 3.6x its
+        # shipped bytes (the runtime's cache counts the same)
+        resident = int(bf16_bytes)
+        if codec == "raw":
+            # raw experts cross the link as shipped and are dequantized on the GPU, like `mxfp4`
+            where = GPU
+            gdec = bf16_bytes / (_gpu_rate(hardware, "mxfp4", None, labels) * 1e9)
+            gdec *= serving.gpu_decode_slowdown if serving.gpu_decode == "stream" else 1.0
+            if serving.resident_form == "compressed":
+                resident, hdec = orig, gdec
+            labels.add("raw: the experts as shipped (MXFP4), dequantized on the GPU and held "
+                       "in bf16")
     if codec != "raw":
         if gpu_ok:
             where = GPU

@@ -17,22 +17,46 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from profiles.errors import PolicyError, ProfileError
+from profiles.errors import MoeszError, PolicyError, ProfileError
 from sim.shape import dtype_bytes
 
-LEVELLESS_CODECS = ("raw", "lossless", "rtn8", "rtn4")
+LEVELLESS_CODECS = ("raw", "lossless", "rtn8", "rtn4")  # and every codec without a bound
 SYNTHETIC_SIGMA = 0.02
 SYNTHETIC_MAX_VALUES = 1 << 20
 _MEASURED: dict[tuple, float] = {}
 
 
-def _options_key(options: Any) -> tuple | None:
-    """Codec options as a hashable key; JSON text or a dict; None when absent or empty."""
+def levelless(codec: str) -> bool:
+    """Whether a codec has no bound level: raw, lossless, rtn and the formats users run (gq, nf4,
+    mxfp4, GGUF types); their ratio is one number per layer."""
+    if codec in LEVELLESS_CODECS:
+        return True
+    from profiles.codecs import get_codec
+
+    try:
+        return not get_codec(codec).error_bounded
+    except MoeszError:
+        return False
+
+
+def _options_key(options: Any, codec: str | None = None) -> tuple | None:
+    """Codec options as a hashable key; JSON text or a dict; None when absent or empty.
+
+    With `codec`, the options are completed with the codec's defaults first, so a profile row
+    written with `{"bits": 3}` and a spec holding `{"bits": 3, "group": 64}` meet."""
     if options is None or (isinstance(options, float) and math.isnan(options)):
-        return None
+        options = {}
     if isinstance(options, str):
         options = json.loads(options) if options.strip() else {}
-    return tuple(sorted(dict(options).items())) or None
+    options = dict(options)
+    if codec is not None and codec != "raw":
+        from profiles.codecs import get_codec
+
+        try:
+            options = get_codec(codec).check_options(options)
+        except MoeszError:
+            pass
+    return tuple(sorted(options.items())) or None
 
 
 def _spec_parts(spec: Any) -> tuple[str, str | None, float | None, dict]:
@@ -65,9 +89,10 @@ class RatioTable:
         self._rows: dict[tuple, list[tuple[float, float]]] = {}
         for row in df.itertuples(index=False):
             codec = str(row.codec)
-            mode = "" if codec in LEVELLESS_CODECS else str(row.mode)
-            key = (int(row.layer), codec, mode, _options_key(row.codec_options))
-            level = -1.0 if codec in LEVELLESS_CODECS or pd.isna(row.level) else float(row.level)
+            flat = levelless(codec)
+            mode = "" if flat else str(row.mode)
+            key = (int(row.layer), codec, mode, _options_key(row.codec_options, codec))
+            level = -1.0 if flat or pd.isna(row.level) else float(row.level)
             self._rows.setdefault(key, []).append((level, float(row.ratio)))
         for key, pts in self._rows.items():  # average duplicate levels, sort by level
             merged: dict[float, list[float]] = {}
@@ -86,15 +111,16 @@ class RatioTable:
         codec, mode, level, options = _spec_parts(spec)
         if codec == "raw":
             return 1.0
-        mode_key = "" if codec in LEVELLESS_CODECS else str(mode)
-        pts = self._rows.get((int(layer), codec, mode_key, _options_key(options)))
-        if pts is None:  # a table without codec options, or recorded with the defaults
+        flat = levelless(codec)
+        mode_key = "" if flat else str(mode)
+        pts = self._rows.get((int(layer), codec, mode_key, _options_key(options, codec)))
+        if pts is None:  # a table without codec options
             pts = self._rows.get((int(layer), codec, mode_key, None))
         if not pts:
             raise PolicyError(f"{self.source} has no ratio for codec {codec!r} mode {mode!r} at layer "
                               f"{layer}; profile it (moesz profile model --codecs {codec}) or change "
                               f"the policy")
-        if codec in LEVELLESS_CODECS:
+        if flat:
             return pts[0][1]
         levels = [p[0] for p in pts]
         for lv, r in pts:
@@ -125,8 +151,8 @@ class SyntheticRatios:
         shapes = getattr(geometry, "expert_tensor_shapes", None) or (
             ("w", (geometry.expert_intermediate_size, geometry.hidden_size)),)
         cols = int(shapes[0][1][-1])
-        key = (codec, mode if codec not in LEVELLESS_CODECS else None,
-               level if codec not in LEVELLESS_CODECS else None,
+        flat = levelless(codec)
+        key = (codec, None if flat else mode, None if flat else level,
                tuple(sorted(options.items())), cols, self.seed)
         r_bf16 = _MEASURED.get(key)
         if r_bf16 is None:

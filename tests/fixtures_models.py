@@ -129,3 +129,52 @@ def save_tiny_fp8_model(path: str | Path, seed: int = 0, block: int | None = 8) 
                                      **({"weight_block_size": [block, block]} if block else {})}
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return path
+
+
+MXFP4_WIDTH = 64  # hidden and expert FFN width of the MXFP4 gpt_oss fixture: multiples of 32
+
+
+def save_tiny_mxfp4_gpt_oss(path: str | Path, seed: int = 0, with_tokenizer: bool = True) -> Path:
+    """A tiny gpt_oss checkpoint whose routed experts are MXFP4 as gpt-oss ships them.
+
+    Each layer's `mlp.experts.gate_up_proj` [E, H, 2I] and `down_proj` [E, I, H] (bf16, [in, out])
+    is written as `*_blocks` uint8 [E, out, in/32, 16] and `*_scales` e8m0 uint8 [E, out, in/32]
+    (quantized by moesz's MXFP4 reference, the layout transformers' `convert_moe_packed_tensors`
+    reads), the biases stay bf16, and config.json carries `quantization_config` mxfp4 with the
+    modules gpt-oss leaves unquantized; with `with_tokenizer`, the built-in model's character
+    tokenizer, so the checkpoint can be profiled and evaluated on the built-in tasks.
+    """
+    import json
+    import re
+
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    from profiles.codecs.mxfp4 import to_gpt_oss
+
+    path = save_tiny_model("gpt_oss", path, seed=seed, dtype=torch.bfloat16,
+                           hidden_size=MXFP4_WIDTH, intermediate_size=MXFP4_WIDTH, head_dim=16)
+    tensors = load_file(path / "model.safetensors")
+    out = {}
+    for key, w in tensors.items():
+        m = re.search(r"mlp\.experts\.(gate_up_proj|down_proj)$", key)
+        if not m:
+            out[key] = w
+            continue
+        blocks, scales = zip(*(to_gpt_oss(w[e].float().t().numpy()) for e in range(w.shape[0])))
+        out[key + "_blocks"] = torch.from_numpy(np.stack(blocks))
+        out[key + "_scales"] = torch.from_numpy(np.stack(scales))
+    save_file(out, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                   "model.embed_tokens", "lm_head"]}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    if with_tokenizer:  # the built-in model's character tokenizer (21 symbols < the vocabulary)
+        import shutil
+
+        from profiles.models.loading import builtin_dir
+
+        shutil.copy(builtin_dir() / "tokenizer.json", path / "tokenizer.json")
+    return path

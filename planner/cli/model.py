@@ -7,6 +7,7 @@ MODEL is `builtin`, a local checkpoint directory, `preset:NAME[,key=value…]` o
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import typer
@@ -34,11 +35,11 @@ def info(
 ) -> None:
     """The model's geometry: MoE layers, experts, top-k and bytes per expert."""
     weighted = not model.startswith(("preset:", "arch:")) and not no_fingerprint
-    fingerprint = None
-    if weighted and _has_weights(model) and resolve_geometry(
-            model, trust_remote_code).dtype != "mxfp4":
+    fingerprint, stored = None, None
+    if weighted and _has_weights(model):
         ckpt = checkpoint_info(model, trust_remote_code=trust_remote_code)
         geometry, fingerprint = ckpt.geometry, ckpt.fingerprint
+        stored = stored_tensors(ckpt.layout)
     else:
         if weighted:
             _refuse_pickles(model)
@@ -46,6 +47,8 @@ def info(
     source = _source(model, fingerprint is not None)
     if as_json:
         doc = {**geometry.to_dict(), "fingerprint": fingerprint, "source": source}
+        if stored is not None:
+            doc["expert_tensors_stored"] = stored
         typer.echo(_dumps(doc))
         return
     g = geometry
@@ -63,7 +66,12 @@ def info(
     table.add_row("expert tensors", ", ".join(f"{n} {'x'.join(map(str, s))}"
                                               for n, s in g.expert_tensor_shapes))
     table.add_row("storage dtype", g.dtype)
-    table.add_row("bytes per expert", _bytes(g.bytes_per_expert))
+    if stored is not None:
+        table.add_row("expert tensors as stored", ", ".join(
+            f"{t['name']} {t['format']} {t['stored_bytes']:,} B" for t in stored))
+    bf16 = 2 * sum(math.prod(s) for _, s in g.expert_tensor_shapes)
+    table.add_row("bytes per expert", _bytes(g.bytes_per_expert) + (
+        f"; {bf16:,} B in bf16" if g.dtype != "bf16" else ""))
     table.add_row("all routed experts", _bytes(g.routed_expert_bytes))
     table.add_row("shared experts (total)", _bytes(g.shared_expert_bytes))
     table.add_row("non-expert (total)", _bytes(g.non_expert_bytes))
@@ -86,6 +94,16 @@ def presets(as_json: bool = typer.Option(False, "--json", help="Print a JSON lis
     for p in items:
         table.add_row(p.name, p.architecture, p.shipped_dtype, p.source)
     Console(width=110).print(table)
+
+
+def stored_tensors(layout) -> list[dict]:
+    """Each routed-expert tensor of one expert as the files store it: format, stored bytes, and
+    its bytes in bf16 beside (the same for every expert)."""
+    from profiles.models.layout import storage_dtype
+
+    first = layout.experts[(layout.moe_layers[0], 0)]
+    return [{"name": t.name, "format": storage_dtype(t.dtype), "stored_bytes": t.stored_bytes,
+             "bf16_bytes": 2 * t.numel} for t in first]
 
 
 def _dumps(doc) -> str:

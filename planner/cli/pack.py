@@ -77,6 +77,8 @@ def pack(
     doc = {"out": str(ckpt.path), "model": src.spec, "fingerprint": ckpt.fingerprint,
            "experts": totals["experts"], "stored_expert_bytes": totals["stored_expert_bytes"],
            "original_expert_bytes": totals["original_expert_bytes"], "ratio": totals["ratio"],
+           "checkpoint_expert_bytes": totals.get("checkpoint_expert_bytes"),
+           "ratio_vs_checkpoint": totals.get("ratio_vs_checkpoint"),
            "host_bytes": ckpt.host_bytes, "files": len(ckpt.manifest["files"]) + 1,
            "pack_s": seconds, "mb_per_s": pack_rate(totals["original_expert_bytes"], seconds),
            "peak_rss_bytes": peak, "torch_threads": torch.get_num_threads()}
@@ -89,9 +91,18 @@ def pack(
     t.add_column("value")
     t.add_row("fingerprint", ckpt.fingerprint)
     t.add_row("routed experts", f"{totals['experts']}")
-    t.add_row("expert bytes, original", format_bytes(totals["original_expert_bytes"]))
+    shipped = src.geometry.dtype
+    t.add_row("expert bytes, original" if shipped not in ("mxfp4", "fp8_e4m3") else
+              f"expert bytes, decoded ({str(src.dtype).replace('torch.', '')})",
+              format_bytes(totals["original_expert_bytes"]))
+    if shipped in ("mxfp4", "fp8_e4m3"):  # the checkpoint ships its experts quantized
+        t.add_row(f"expert bytes, as shipped ({shipped})",
+                  format_bytes(totals["checkpoint_expert_bytes"]))
     t.add_row("expert bytes, packed", f"{format_bytes(totals['stored_expert_bytes'])} (measured; "
-                                      f"ratio {totals['ratio']:.2f}x, headers included)")
+                                      f"ratio {totals['ratio']:.2f}x vs original, headers included"
+                                      + (f"; {totals['ratio_vs_checkpoint']:.2f}x vs the shipped "
+                                         f"{shipped}" if shipped in ("mxfp4", "fp8_e4m3") else "")
+                                      + ")")
     t.add_row("host memory (sum of files)", f"{format_bytes(ckpt.host_bytes)} "
                                             f"({ckpt.host_bytes} bytes, measured)")
     t.add_row("time", f"{seconds:.1f} s (measured; this run only, resumed layers not counted)")

@@ -225,7 +225,7 @@ def print_plan(doc: dict) -> None:
               _num(p["tokens_per_s_simulation"]), *_fmt_drop(p["accuracy_drop"]), "yes",
               _gib(p["host_bytes"]))
     for x in doc["baselines"]:
-        t.add_row(x["name"] + star(x["accuracy_drop"]), _num(x["tokens_per_s"]),
+        t.add_row(x.get("label", x["name"]) + star(x["accuracy_drop"]), _num(x["tokens_per_s"]),
                   _num(x.get("tokens_per_s_simulation")), *_fmt_drop(x["accuracy_drop"]),
                   "yes" if x["meets_budget"] else "no", _gib(x["host_bytes"]))
     console.print(t)
@@ -317,7 +317,8 @@ def synthetic_profile(
     out: str = typer.Option(..., "--out", help="Profile directory to write."),
     levels: str = typer.Option("0.05,0.1,0.2,0.3,0.5,0.8,1,1.5", "--levels",
                                help="meanabs levels."),
-    codecs: str = typer.Option("szp", "--codecs", help="Error-bounded codecs to measure."),
+    codecs: str = typer.Option("szp", "--codecs", help="Codecs to measure: error-bounded ones "
+                               "at every level, formats without a bound (nf4, q4_k, …) once."),
     seed: int = typer.Option(0, "--seed", help="Seeds weights, sensitivities and traces."),
 ) -> None:
     """Write a SYNTHETIC model profile for a geometry (ratios measured with the real codecs on

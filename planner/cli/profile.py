@@ -170,6 +170,9 @@ def model_cmd(
     out: Path = typer.Option(..., "--out", help="Profile directory (created; rerun to resume)."),
     codecs: str = typer.Option("szp,sz3", "--codecs", help="Codecs to profile (lossless, rtn8 "
                                "and rtn4 baselines are always added)."),
+    baselines: str = typer.Option("", "--baselines", help="Formats users run (nf4, mxfp4, "
+                                  "q4_k, q3_k, gq) measured on the whole model only, as baselines "
+                                  "to compare plans with (--codecs makes them planner choices)."),
     mode: str = typer.Option("meanabs", "--mode", help="Bound mode: abs, rel, meanabs, std."),
     levels: str = typer.Option("0.1,0.3,1,2,3", "--levels", help="Bound levels."),
     layers: str = typer.Option("all", "--layers", help="MoE layers: all or 0,3,7 or 0-3."),
@@ -226,7 +229,8 @@ def model_cmd(
     from profiles.profiling import ProfileRequest, profile_model
 
     request = ProfileRequest(
-        model=model, out=out, codecs=codecs, mode=mode, levels=levels, layers=layers,
+        model=model, out=out, codecs=codecs, baselines=baselines, mode=mode, levels=levels,
+        layers=layers,
         groups=groups, target=target, limit=limit, tasks=tasks, split=split, design=design,
         storage=storage, max_evals=max_evals, ratio_sample=ratio_sample, seed=seed,
         wait_for_others=not no_wait, threads=threads, command=_command(ctx),

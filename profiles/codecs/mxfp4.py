@@ -19,6 +19,13 @@ How E is chosen (option `scale`):
 - `ceil`: the smallest E with max |x| <= 6 X, so nothing is clamped (the round-up rule of
   NVIDIA's MX training recipes); ties to even like `ocp`.
 
+gpt-oss checkpoints (`*_blocks` uint8 [E, out, in/32, 16] and `*_scales` e8m0 uint8
+[E, out, in/32], as transformers' `convert_moe_packed_tensors` reads them) hold the same codes and
+exponents in another order: the 32 values of a block run along the input dimension of an
+[out, in] matrix, and byte k holds element 2k in its low nibble and element 2k + 1 in its high
+nibble. `to_gpt_oss` and `decode_gpt_oss` convert between that layout and values; the decode
+equals transformers' dequantization bit for bit (e2m1 value times 2^(E - 127), exact in bf16).
+
 Blocks whose max |x| is below 2^-125 (fp32 subnormals) get E = 0 under every rule, where
 llama.cpp's cast of a negative exponent to uint8 is undefined; decoded values are equal.
 The Triton kernel in `mxfp4_triton` decodes the same bytes bit for bit.
@@ -35,6 +42,8 @@ RULES = ("ocp", "llamacpp", "ceil")
 # e2m1 code -> value doubled (GGUF's kvalues_mxfp4); codes 8-15 are the negatives
 KVALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
 # magnitude boundaries between e2m1 values, and whether a tie there goes up (to the even mantissa)
+# e2m1 code -> value, code 8 being -0.0 (transformers' FP4_VALUES, so decodes agree in every bit)
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 _BOUNDS = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], np.float32)
 _TIE_UP = np.array([False, True, False, True, False, True, False])
 _CHUNK_BLOCKS = 1 << 15
@@ -125,5 +134,34 @@ def decode(payload: torch.Tensor, n: int, scale: str = "ocp") -> torch.Tensor:
     return (d[:, None] * kv[codes]).reshape(-1)[:n]
 
 
+def to_gpt_oss(w: np.ndarray, scale: str = "ocp") -> tuple[np.ndarray, np.ndarray]:
+    """gpt-oss's (blocks, scales) of a matrix `w` [out, in] (fp32, in a multiple of 32): blocks
+    uint8 [out, in/32, 16], scales uint8 [out, in/32] (the e8m0 exponent byte E)."""
+    out_dim, in_dim = w.shape
+    if in_dim % BLOCK:
+        raise ValueError(f"gpt-oss MXFP4 needs an input dimension divisible by {BLOCK}, got {in_dim}")
+    g = in_dim // BLOCK
+    payload = encode(np.ascontiguousarray(w, np.float32).reshape(-1), scale).reshape(-1, BLOCK_NBYTES)
+    qs = payload[:, 1:]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=1)                  # [blocks, 32]
+    blocks = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+    return blocks.reshape(out_dim, g, 16), payload[:, 0].reshape(out_dim, g).copy()
+
+
+def decode_gpt_oss(blocks: torch.Tensor, scales: torch.Tensor,
+                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The matrix [in, out] (transposed, as transformers holds gpt-oss experts in memory) of
+    gpt-oss MXFP4 `blocks` uint8 [out, G, 16] and `scales` uint8 [out, G]: e2m1 value of each
+    nibble (low nibble first) times 2^(E - 127), computed as transformers does it."""
+    out_dim, g, nb = blocks.shape
+    lut = torch.tensor(E2M1_VALUES, dtype=dtype)
+    b = blocks.reshape(-1, nb)
+    vals = torch.empty(b.shape[0], 2 * nb, dtype=dtype)
+    vals[:, 0::2] = lut[(b & 0x0F).long()]
+    vals[:, 1::2] = lut[(b >> 4).long()]
+    torch.ldexp(vals, scales.reshape(-1, 1).to(torch.int32) - 127, out=vals)
+    return vals.reshape(out_dim, g * 2 * nb).t().contiguous()
+
+
 __all__ = ["BLOCK", "BLOCK_NBYTES", "RULES", "KVALUES", "payload_nbytes", "encode", "decode",
-           "e8m0_half"]
+           "e8m0_half", "to_gpt_oss", "decode_gpt_oss"]

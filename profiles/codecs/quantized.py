@@ -123,14 +123,42 @@ class GqCodec(QuantizedCodec):
 
 
 class Mxfp4Codec(QuantizedCodec):
-    """OCP MXFP4: 32-value blocks, e8m0 scale, e2m1 values (GGUF block layout)."""
+    """OCP MXFP4: 32-value blocks, e8m0 scale, e2m1 values (GGUF block layout).
+
+    `blocks=columns` forms each block from 32 consecutive values down a column of a 2-D tensor
+    (the tensor is encoded transposed): gpt-oss stores its experts [in, out] in memory with
+    blocks along `in`, so its shipped experts re-encode this way to the same values at the same
+    bytes (equal values; a shipped -0.0 decodes as +0.0, as GGUF's decoder gives code 8). The default `rows` blocks the flattened tensor (GGUF, llama.cpp).
+    """
 
     name = "mxfp4"
     description = ("OCP MXFP4: 32 values share an e8m0 scale, e2m1 values (not error-bounded); "
-                   "scale ocp|llamacpp|ceil")
-    option_spec = {"scale": ("ocp", ("ocp", "llamacpp", "ceil"))}
+                   "scale ocp|llamacpp|ceil; blocks rows|columns (columns: gpt-oss's layout)")
+    option_spec = {"scale": ("ocp", ("ocp", "llamacpp", "ceil")),
+                   "blocks": ("rows", ("rows", "columns"))}
+    implicit_options = frozenset({"blocks"})
     format_module = "profiles.codecs.mxfp4"
     triton_module = "profiles.codecs.mxfp4_triton"
+
+    def _opts(self, options):
+        return {k: v for k, v in options.items() if k != "blocks"}
+
+    @staticmethod
+    def _columns(options, ndim: int) -> bool:
+        return options.get("blocks", "rows") == "columns" and ndim == 2
+
+    def encode_payload(self, x, abs_bound, options):
+        if self._columns(options, x.dim()):
+            x = x.t().contiguous()
+        return super().encode_payload(x, abs_bound, options)
+
+    def decode_payload(self, payload, meta, dtype, shape, abs_bound, options, device):
+        if not self._columns(options, len(shape)):
+            return super().decode_payload(payload, meta, dtype, shape, abs_bound, options, device)
+        rows, cols = shape
+        out = super().decode_payload(payload, meta, dtype, (cols, rows), abs_bound, options,
+                                     device)
+        return out.reshape(cols, rows).t().contiguous().reshape(-1)
 
 
 class Nf4Codec(QuantizedCodec):

@@ -105,6 +105,38 @@ def dequantized_fp8_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def dequantized_mxfp4_state_dict(path: Path, config=None) -> dict[str, torch.Tensor]:
+    """All tensors of a gpt-oss MXFP4 checkpoint, each layer's fused experts (`*_blocks`,
+    `*_scales`) dequantized exactly into bf16 [E, in, out] as transformers holds them."""
+    import re
+
+    from safetensors import safe_open
+
+    from profiles.models.layout import read_expert_tensor
+    from profiles.models.loading import open_checkpoint
+
+    files, layout = open_checkpoint(path, config)
+    out: dict[str, torch.Tensor] = {}
+    for file in files.files:
+        with safe_open(file, framework="pt") as fh:
+            for key in fh.keys():
+                if key not in layout.routed or not key.endswith(("_blocks", "_scales")):
+                    out[key] = fh.get_tensor(key)
+    prefixes = {}
+    for key in layout.routed:
+        m = re.match(r"^(.*\.layers\.(\d+)\.[A-Za-z_]+\.experts\.)(gate_up_proj|down_proj)_blocks$",
+                     key)
+        if m:
+            prefixes[(int(m[2]), m[3])] = m[1] + m[3]
+    for (layer, target), key in prefixes.items():
+        out[key] = torch.stack([
+            read_expert_tensor(files, next(t for t in layout.experts[(layer, e)]
+                                           if t.name == target))
+            for e in range(layout.experts_per_layer)])
+    files.close()
+    return out
+
+
 def _dequant_blocks(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """value x per-block scale in fp32; a block spans ceil(rows / scale rows) x ceil(cols / scale
     cols) values."""

@@ -43,7 +43,8 @@ ST_DTYPES: dict[str, tuple[int, str, torch.dtype | None]] = {
     "E8M0": (1, "u1", None), "F8_E8M0": (1, "u1", None),
 }
 # moesz's storage-format names of the floating safetensors dtypes
-STORAGE_NAMES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F8_E4M3": "fp8_e4m3"}
+STORAGE_NAMES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F8_E4M3": "fp8_e4m3",
+                 "MXFP4": "mxfp4"}  # MXFP4: gpt-oss's blocks and scales (profiles.models.layout)
 _HEADER_LIMIT = 100 * 2**20  # the safetensors library refuses headers over 100 MB too
 
 

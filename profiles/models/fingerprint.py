@@ -13,7 +13,8 @@ The same fingerprint comes from the checkpoint's files (`files_fingerprint`: pos
 the sampled elements, no model built) and from a model in memory (`model_fingerprint`:
 the bytes of its tensors), as long as the model holds the stored dtype; `load_model` fingerprints
 checkpoints from their files, so a model loaded in another dtype keeps its checkpoint's
-fingerprint.
+fingerprint. gpt-oss's MXFP4 experts are sampled in their stored blocks (the packed bytes), with
+the in-memory shape and dtype name `mxfp4`.
 """
 
 from __future__ import annotations
@@ -72,9 +73,11 @@ def files_fingerprint(files, layout) -> str:
     h = hashlib.sha256()
     for (layer, expert), tensors in sorted(layout.experts.items()):
         for t in sorted(tensors, key=lambda t: t.name):
-            pos = sample_positions(t.numel)
+            # an MXFP4 tensor is sampled in its stored blocks (bytes), not its decoded values
+            parts = t.parts[:1] if t.format == "mxfp4" else t.parts
+            pos = sample_positions(sum(p.numel for p in parts))
             chunks, start = [], 0
-            for part in t.parts:  # the parts' rows stack: flat ranges follow each other
+            for part in parts:  # the parts' rows stack: flat ranges follow each other
                 sel = pos[(pos >= start) & (pos < start + part.numel)] - start
                 if len(sel):
                     chunks.append(files.read_at(part.tensor, sel + part_start(files, part)))

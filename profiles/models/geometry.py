@@ -219,7 +219,19 @@ def geometry_from_files(files, layout, config, name: str, dtype: str,
         raise ModelError(f"{name}: routes top-{top_k} of {layout.experts_per_layer} experts per "
                          f"layer; top-k must not exceed the experts (check num_experts_per_tok)")
     shapes = layout.tensor_shapes
-    per_expert = sum(tensor_storage_bytes(s, dtype, fp8_block) for _, s in shapes)
+    first = layout.experts[(layout.moe_layers[0], 0)]
+    packed = any(t.format == "mxfp4" for t in first)
+    if packed != (dtype == "mxfp4"):
+        held = "MXFP4 *_blocks/*_scales" if packed else f"{first[0].dtype} values"
+        said = ("quantization_config mxfp4" if dtype == "mxfp4" else
+                "no MXFP4 quantization_config")
+        raise ModelError(f"{name}: config.json has {said}, but the expert tensors in the files "
+                         f"are {held}; config.json belongs to another export of the model — "
+                         f"restore the checkpoint's own")
+    if packed:  # gpt-oss: the blocks, scales and biases as shipped
+        per_expert = sum(t.stored_bytes for t in first)
+    else:
+        per_expert = sum(tensor_storage_bytes(s, dtype, fp8_block) for _, s in shapes)
     routed = per_expert * len(layout.experts)
     shared = sum(files.tensors[n].nbytes for n in layout.shared)
     hidden = int(config.hidden_size)

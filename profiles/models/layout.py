@@ -11,10 +11,16 @@ them in one of two layouts, both mapped here to the same (layer, expert, tensor)
 | per expert, `w1/w2/w3` | mixtral, phimoe, minimax (`block_sparse_moe`) | rows of `experts.e.w1` then `experts.e.w3` | `experts.e.w2` |
 | per expert, `gate/up/down_proj` | qwen2_moe, qwen3_moe, olmoe, deepseek_v2/v3 | rows of `experts.e.gate_proj` then `experts.e.up_proj` | `experts.e.down_proj` |
 | fused | gpt_oss (as stored, [E, H, 2I]: in, out), llama4 | slice e of `experts.gate_up_proj` | slice e of `experts.down_proj` |
+| fused MXFP4 | gpt_oss as OpenAI ships it | slice e of `experts.gate_up_proj_blocks` and `_scales` | slice e of `experts.down_proj_blocks` and `_scales` |
 
 Each record is a list of contiguous byte ranges in the files (`Part`), so an expert tensor is read
 by concatenating ranges of the memory-mapped shards, and a single element is found without
 reading the rest. FP8 (e4m3) per-expert weights carry their `weight_scale_inv` beside them.
+gpt-oss's MXFP4 experts (`*_blocks` uint8 [E, out, in/32, 16], `*_scales` e8m0 uint8
+[E, out, in/32]; biases bf16) map to an `ExpertTensor` of format `mxfp4` with the in-memory
+shape [in, out] and two parts, the expert's blocks and its scales; reading it dequantizes exactly
+(`profiles.codecs.mxfp4.decode_gpt_oss`, transformers' own arithmetic), and its stored bytes are
+the blocks' and scales' bytes.
 
 Non-expert weights keep their on-disk names except where the architecture renames a module in
 memory (`_RENAMES`: mixtral's `block_sparse_moe` is `mlp`; phimoe's router too). Decoder layers
@@ -40,7 +46,7 @@ _LAYER = re.compile(r"^(?P<pre>(?:.*\.)?)layers\.(?P<layer>\d+)\.(?P<block>[A-Za
                     r"(?P<rest>.+)$")
 _PER_EXPERT = re.compile(r"^(?P<e>\d+)\.(?P<w>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight"
                          r"(?P<scale>_scale_inv)?$")
-_FUSED = re.compile(r"^(?P<w>gate_up_proj|down_proj)(?P<bias>_bias)?$")
+_FUSED = re.compile(r"^(?P<w>gate_up_proj|down_proj)(?P<bias>_bias|_blocks|_scales)?$")
 _GATE_UP = {"w1": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1), "gate_proj": ("gate_up_proj", 0),
             "up_proj": ("gate_up_proj", 1), "w2": ("down_proj", 0), "down_proj": ("down_proj", 0)}
 TENSOR_ORDER = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
@@ -75,6 +81,7 @@ class ExpertTensor:
     name: str
     shape: tuple[int, ...]
     parts: tuple[Part, ...]
+    format: str = "plain"   # "mxfp4": parts are (blocks, scales) in gpt-oss's layout
 
     @property
     def numel(self) -> int:
@@ -82,7 +89,13 @@ class ExpertTensor:
 
     @property
     def dtype(self) -> str:
-        return self.parts[0].dtype
+        """The safetensors dtype of the values, or "MXFP4" for gpt-oss blocks and scales."""
+        return "MXFP4" if self.format == "mxfp4" else self.parts[0].dtype
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes the files hold for this tensor (blocks and scales of an MXFP4 one)."""
+        return sum(p.numel * ST_DTYPES[p.dtype][0] for p in self.parts)
 
 
 @dataclass(frozen=True)
@@ -218,18 +231,44 @@ def _per_expert(files, per) -> dict[tuple[int, int], tuple[ExpertTensor, ...]]:
 def _fused(files, fused) -> dict[tuple[int, int], tuple[ExpertTensor, ...]]:
     out = {}
     for layer, names in fused.items():
-        if "gate_up_proj" not in names or "down_proj" not in names:
+        mxfp4 = {w for w in ("gate_up_proj", "down_proj")
+                 if f"{w}_blocks" in names or f"{w}_scales" in names}
+        for w in mxfp4:
+            if f"{w}_blocks" not in names or f"{w}_scales" not in names:
+                have = "blocks" if f"{w}_blocks" in names else "scales"
+                raise ModelError(f"{files.path}: layer {layer} has MXFP4 {w}_{have} without "
+                                 f"{w}_{'scales' if have == 'blocks' else 'blocks'}; the "
+                                 f"checkpoint is incomplete — re-export it")
+        if any(w not in names and w not in mxfp4 for w in ("gate_up_proj", "down_proj")):
             raise ModelError(f"{files.path}: layer {layer} has fused experts "
                              f"{sorted(names)} but needs gate_up_proj and down_proj")
-        count = files.info(names["gate_up_proj"]).shape[0]
+        first = names.get("gate_up_proj") or names["gate_up_proj_blocks"]
+        count = files.info(first).shape[0]
         for e in range(count):
             tensors = []
             for target in TENSOR_ORDER:
-                if target in names:
+                if target in mxfp4:
+                    tensors.append(_mxfp4_tensor(files, target, names, e))
+                elif target in names:
                     part = _part(files, names[target], e, None)
                     tensors.append(ExpertTensor(target, part.shape, (part,)))
             out[(layer, e)] = tuple(tensors)
     return out
+
+
+def _mxfp4_tensor(files, target: str, names: dict[str, str], e: int) -> ExpertTensor:
+    blocks = _part(files, names[f"{target}_blocks"], e, None)
+    scales = _part(files, names[f"{target}_scales"], e, None)
+    if blocks.dtype != "U8" or scales.dtype not in ("U8", "E8M0", "F8_E8M0") \
+            or len(blocks.shape) != 3 or blocks.shape[2] != 16 \
+            or tuple(scales.shape) != tuple(blocks.shape[:2]):
+        raise ModelError(f"{files.path}: {names[f'{target}_blocks']} {blocks.dtype} "
+                         f"{list(blocks.shape)} with scales {scales.dtype} {list(scales.shape)} is "
+                         f"not gpt-oss MXFP4 (blocks uint8 [E, out, in/32, 16], scales uint8 "
+                         f"[E, out, in/32])")
+    out_dim, groups = blocks.shape[0], blocks.shape[1]
+    # in memory (transformers) the matrix is [in, out]: gpt-oss's blocks run along `in`
+    return ExpertTensor(target, (groups * 32, out_dim), (blocks, scales), "mxfp4")
 
 
 def _part(files: CheckpointFiles, name: str, index: int | None, scale: str | None) -> Part:
@@ -262,14 +301,26 @@ def part_start(files: CheckpointFiles, part: Part) -> int:
     return (part.offset - files.info(part.tensor).offset) // ST_DTYPES[part.dtype][0]
 
 
+def _read_part(files: CheckpointFiles, part: Part) -> torch.Tensor:
+    """One part's values as a uint8 tensor of its shape (MXFP4 blocks or scales)."""
+    raw = np.empty(part.numel, dtype=np.uint8)
+    files.read(part.tensor, part_start(files, part), part.numel, raw)
+    return torch.from_numpy(raw).reshape(part.shape)
+
+
 def read_expert_tensor(files: CheckpointFiles, tensor: ExpertTensor,
                        fp8_to: torch.dtype = torch.float32) -> torch.Tensor:
     """One expert tensor read into memory: its parts' rows read straight into one buffer, in the
     stored dtype (FP8 e4m3 dequantized exactly by its block scales into `fp8_to`, as
-    `load_model` does)."""
+    `load_model` does; gpt-oss MXFP4 dequantized exactly into bf16, as transformers does)."""
     from profiles.models.checkpoint import _dequant_blocks
 
     st = tensor.dtype
+    if st == "MXFP4":
+        from profiles.codecs.mxfp4 import decode_gpt_oss
+
+        blocks, scales = (_read_part(files, part) for part in tensor.parts)
+        return decode_gpt_oss(blocks, scales)
     if st == "F8_E5M2":
         raise ModelError(f"{files.path}: tensor {tensor.parts[0].tensor} is FP8 e5m2; moesz reads "
                          f"e4m3 only")

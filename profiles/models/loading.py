@@ -31,6 +31,7 @@ from profiles.errors import ModelError
 from profiles.models.checkpoint import (
     checkpoint_format,
     dequantized_fp8_state_dict,
+    dequantized_mxfp4_state_dict,
     require_safetensors,
     safetensors_total_bytes,
 )
@@ -84,7 +85,7 @@ def resolve_geometry(spec: str, trust_remote_code: bool = False) -> ModelGeometr
     path = _checkpoint_dir(kind, arg)
     config = _read_config(path, trust_remote_code)
     dtype, block = checkpoint_format(config, path)
-    if dtype != "mxfp4" and _has_safetensors(path):
+    if _has_safetensors(path):
         files, layout = open_checkpoint(path, config)
         return geometry_from_files(files, layout, config, spec, dtype, block)
     model = _meta_model(config, dtype, trust_remote_code, spec)
@@ -108,7 +109,7 @@ def checkpoint_info(spec: str, trust_remote_code: bool = False) -> CheckpointInf
 
     Raises:
         ModelError: a weightless spec, a directory without safetensors, corrupt or inconsistent
-            files, an MXFP4 checkpoint (its geometry only: `resolve_geometry`), a dense model.
+            files, a dense model.
     """
     from profiles.models.fingerprint import files_fingerprint
 
@@ -119,9 +120,6 @@ def checkpoint_info(spec: str, trust_remote_code: bool = False) -> CheckpointInf
     path = _checkpoint_dir(kind, arg)
     config = _read_config(path, trust_remote_code)
     dtype, block = checkpoint_format(config, path)
-    if dtype == "mxfp4":
-        raise ModelError(f"{path}: experts are stored in MXFP4; moesz reports its geometry "
-                         f"(--no-fingerprint) but does not read MXFP4 weights yet")
     files, layout = open_checkpoint(path, config)
     return CheckpointInfo(geometry_from_files(files, layout, config, spec, dtype, block),
                           files_fingerprint(files, layout), layout, files)
@@ -159,7 +157,7 @@ def load_model(spec: str, trust_remote_code: bool = False, dtype: str | None = N
             checkpoint directory is always served this way.
 
     Raises:
-        ModelError: a weightless spec, a missing directory, pickle-only or MXFP4 checkpoints, or a
+        ModelError: a weightless spec, a missing directory, pickle-only checkpoints, or a
             model without routed experts.
     """
     kind, arg, _ = _parse_spec(spec)
@@ -184,14 +182,11 @@ def load_model(spec: str, trust_remote_code: bool = False, dtype: str | None = N
         path = _checkpoint_dir(kind, arg)
         config = _read_config(path, trust_remote_code)
         ckpt_dtype, block = checkpoint_format(config, path)
-        if ckpt_dtype == "mxfp4":
-            raise ModelError(f"{path}: experts are stored in MXFP4, which no moesz codec can "
-                             f"represent, so this checkpoint is refused for compression; `moesz "
-                             f"model info` still reports its geometry, or use a bf16 export")
         _meta_model(config, ckpt_dtype, trust_remote_code, spec)  # fail fast on non-MoE models
         require_safetensors(path)
         info = checkpoint_info(spec, trust_remote_code)  # headers checked before any load
-        load_dtype = _load_dtype(dtype or ("fp32" if ckpt_dtype == "fp8_e4m3" else ckpt_dtype))
+        load_dtype = _load_dtype(dtype or {"fp8_e4m3": "fp32", "mxfp4": "bf16"}.get(ckpt_dtype,
+                                                                                  ckpt_dtype))
         model = _from_pretrained(path, config, ckpt_dtype, load_dtype, trust_remote_code)
         tokenizer = _tokenizer(path, trust_remote_code)
     if device is not None:
@@ -396,6 +391,9 @@ def _from_pretrained(path: Path, config, ckpt_dtype: str, torch_dtype, trust_rem
     if ckpt_dtype == "fp8_e4m3":
         kwargs["config"] = _without_quantization(config)
         kwargs["state_dict"] = dequantized_fp8_state_dict(path)
+    elif ckpt_dtype == "mxfp4":  # dequantized exactly here (transformers' needs accelerate)
+        kwargs["config"] = _without_quantization(config)
+        kwargs["state_dict"] = dequantized_mxfp4_state_dict(path, config)
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # moesz reports progress through its own callbacks
     try:

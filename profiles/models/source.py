@@ -75,10 +75,12 @@ class FileExperts:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype expert tensors come in (fp32 for FP8 checkpoints)."""
+        """The dtype expert tensors come in (fp32 for FP8 checkpoints, bf16 for MXFP4)."""
         from profiles.models.files import ST_DTYPES
 
         st = self.layout.experts[(self.moe_layers[0], 0)][0].dtype
+        if st == "MXFP4":
+            return torch.bfloat16  # decoded exactly into bf16, as transformers does
         return torch.float32 if st == "F8_E4M3" else ST_DTYPES[st][2]
 
     def expert_tensors(self, layer: int, expert: int) -> dict[str, torch.Tensor]:

@@ -75,21 +75,34 @@ class EncodedExpert:
         return bytes(out)
 
 
-def encode_expert(tensors: dict[str, torch.Tensor], spec, digests: bool = True) -> EncodedExpert:
+def shipped_spec(dtype: str):
+    """How `raw` stores an expert matrix of a checkpoint that ships quantized, or None (raw
+    means the original bytes). gpt-oss's MXFP4 experts are kept as shipped: `mxfp4` with blocks
+    down the columns of the in-memory [in, out] matrix re-encodes the shipped values exactly (a
+    -0.0 comes back +0.0), at the shipped bytes plus the blob header; biases stay raw."""
+    from profiles.policy import StorageSpec
+
+    return StorageSpec("mxfp4", codec_options={"blocks": "columns"}) if dtype == "mxfp4" else None
+
+
+def encode_expert(tensors: dict[str, torch.Tensor], spec, digests: bool = True,
+                  raw_as=None) -> EncodedExpert:
     """Encode one expert's tensors as `spec` says into one aligned record.
 
     Args:
         tensors: name -> tensor (the expert's views; original dtype; any device).
         spec: a `profiles.policy.StorageSpec`.
         digests: compute each blob's SHA-256 (packed files need it; in-memory stores do not).
+        raw_as: how a `raw` spec stores matrices (`shipped_spec` of the checkpoint's dtype).
     """
     from profiles.codecs import encode
 
     parts, entries, blobs = [], [], []
     pos = original = 0
     for name, t in tensors.items():
-        blob = encode(t.detach(), codec=spec.codec, mode=spec.mode, level=spec.level,
-                      **dict(spec.codec_options))
+        s = raw_as if spec.codec == "raw" and raw_as is not None and t.dim() == 2 else spec
+        blob = encode(t.detach(), codec=s.codec, mode=s.mode, level=s.level,
+                      **dict(s.codec_options))
         raw = blob.to_bytes()
         head = len(raw) - blob.payload_nbytes - 4       # bytes before the payload
         pos += (-(pos + head)) % ALIGN

@@ -34,6 +34,7 @@ from profiles.packed.records import (
     PackedError,
     encode_expert,
     sha256_file,
+    shipped_spec,
 )
 
 STATE_DIR = ".pack-state"
@@ -67,8 +68,6 @@ def pack(model, policy, out_dir: str | os.PathLike, progress: ByteProgress | Non
 
     src = expert_source(model)
     policy.check(src.moe_layers, src.experts_per_layer, src.fingerprint)
-    if src.geometry.dtype == "mxfp4":
-        raise PolicyError(f"{src.spec}: MXFP4 experts cannot be packed by any moesz codec")
     for spec in {policy.default, *policy.layers.values(), *policy.experts.values()}:
         ok, why = get_codec(spec.codec).availability()
         if not ok:
@@ -106,6 +105,7 @@ def pack(model, policy, out_dir: str | os.PathLike, progress: ByteProgress | Non
             files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     stored = sum(e["size"] for e in experts)
     original = sum(e["original_bytes"] for e in experts)
+    checkpoint = int(src.geometry.bytes_per_expert) * len(experts)
     manifest = {
         "kind": KIND, "schema_version": SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -115,9 +115,14 @@ def pack(model, policy, out_dir: str | os.PathLike, progress: ByteProgress | Non
         "geometry": src.geometry.to_dict(),
         "policy": policy.with_fingerprint(policy.fingerprint or src.fingerprint).to_dict(),
         "align_bytes": ALIGN,
+        # original: the decoded tensors' bytes (the in-memory dtype); checkpoint: what the
+        # checkpoint stores for them (differs when it ships quantized, e.g. gpt-oss MXFP4)
         "totals": {"experts": len(experts), "stored_expert_bytes": stored,
                    "original_expert_bytes": original,
-                   "ratio": original / stored if stored else None},
+                   "ratio": original / stored if stored else None,
+                   "checkpoint_expert_bytes": checkpoint,
+                   "checkpoint_dtype": src.geometry.dtype,
+                   "ratio_vs_checkpoint": checkpoint / stored if stored else None},
         "files": dict(sorted(files.items())),
         "experts": experts,
     }
@@ -195,13 +200,14 @@ def _pack_layer(src, policy, layer: int, out: Path, rel: str, done0: int, total:
     h = hashlib.sha256()
     box: dict = {}
     nbytes = src.geometry.bytes_per_expert
+    raw_as = shipped_spec(src.geometry.dtype)  # raw MXFP4 experts stay as shipped
 
     def write(tmp: Path) -> None:
         pos = 0
         with open(tmp, "wb") as fh:
             for e in range(src.experts_per_layer):
                 spec = policy.spec_for(layer, e)
-                enc = encode_expert(src.expert_tensors(layer, e), spec)
+                enc = encode_expert(src.expert_tensors(layer, e), spec, raw_as=raw_as)
                 pad = (-pos) % ALIGN
                 record = b"\0" * pad + enc.to_bytes()
                 fh.write(record)

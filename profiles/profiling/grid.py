@@ -9,7 +9,9 @@ Two designs:
 
 - `grid` (default): every chosen layer and group, and (when all layers are chosen) the whole
   model, x codec x level; plus the baselines `lossless`, `rtn8` and `rtn4` on all experts of the
-  model.
+  model, and any formats users run named as `baselines` (`nf4`, `q4_k`, …: the whole model only,
+  one point each, for the planner's `best user format` row without the cost of their
+  single-layer points).
 - `paper`: the MoE-compression study's design (Ma et al., SC'25 workshops, arXiv 2509.07727) scaled
   to this model's MoE layers: the top expert of four layers spread like the study's 1, 13, 20, 26
   of 26; expert 0 of the first layer; the top-6 experts of the first and the last layer; all experts
@@ -73,6 +75,7 @@ class GridSpec:
     experts: str = "all"                            # all | top:N | expert:E
     design: str = "grid"                            # grid | paper
     codec_options: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+    baselines: tuple[str, ...] = ()                # formats measured on the whole model only
 
 
 def parse_levels(text: str | Sequence[float]) -> tuple[float, ...]:
@@ -179,8 +182,9 @@ def build_points(spec: GridSpec, moe_layers: Sequence[int], experts_per_layer: i
         for target, kind, lays in targets:
             points.append(Point(target, kind, lays, spec.experts, codec, "none", None,
                                 codec_options=_opts(spec, codec)))
-    for codec in BASELINE_CODECS:
-        points.append(Point("all", "model", tuple(moe_layers), "all", codec, "none", None))
+    for codec in BASELINE_CODECS + tuple(c for c in spec.baselines if c not in chosen):
+        points.append(Point("all", "model", tuple(moe_layers), "all", codec, "none", None,
+                            codec_options=_opts(spec, codec)))
     return points
 
 

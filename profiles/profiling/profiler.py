@@ -77,6 +77,7 @@ class ProfileRequest:
     text: str | None = None              # text corpus for kl and ppl (profile half)
     text_tokens: int | None = DEFAULT_MAX_TOKENS  # text half's predicted tokens (None: auto)
     lm_eval: str | None = None           # lm-evaluation-harness tasks (refused with a line)
+    baselines: str | Sequence[str] = ""  # formats users run, measured on the whole model only
 
 
 @dataclass(frozen=True)
@@ -314,6 +315,15 @@ def _check_options(req: ProfileRequest) -> None:
         ok, why = codec.availability()
         if not ok:
             raise ConfigError(f"codec {c!r} is not available here: {why}")
+    for c in _split_list(req.baselines):
+        try:
+            codec = get_codec(c)
+        except MoeszError as exc:
+            raise ConfigError(f"--baselines: {exc}") from None
+        if codec.error_bounded or c in ("raw", "lossless", "rtn8", "rtn4"):
+            raise ConfigError(f"--baselines {c!r}: baselines are formats users run without a "
+                              f"bound (gq, nf4, mxfp4, q2_k-q6_k, q8_0); lossless, rtn8 and rtn4 "
+                              f"are always measured, error-bounded codecs go in --codecs")
     try:
         for lv in parse_levels(req.levels):
             check_request(req.mode, lv)
@@ -333,7 +343,8 @@ def _grid_spec(req: ProfileRequest, g) -> GridSpec:
     else:
         groups = parse_groups(req.groups, g.moe_layers)
     return GridSpec(codecs=codecs, mode=req.mode, levels=levels, layers=layers, groups=groups,
-                    experts=parse_experts(req.target, g.experts_per_layer), design=req.design)
+                    experts=parse_experts(req.target, g.experts_per_layer), design=req.design,
+                    baselines=tuple(_split_list(req.baselines)))
 
 
 def _check_out(out: Path, loaded, evalset: dict) -> None:

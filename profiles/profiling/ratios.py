@@ -3,7 +3,8 @@
 For every MoE layer x codec x level, the layer's experts (all of them, or a seeded sample with the
 spread over the sample reported) go through a real encode -> decode round trip. The ratio counts
 every stored byte (blob header included) against the expert's bytes in the CHECKPOINT dtype
-(`geometry.bytes_per_expert`: bf16 counts 2 bytes a value, FP8 one), and the decoded tensor is
+(`geometry.bytes_per_expert`: bf16 counts 2 bytes a value, FP8 one, gpt-oss's MXFP4 its blocks,
+scales and biases as shipped), with the ratio against bf16 beside (`ratio_vs_bf16`), and the decoded tensor is
 checked against the bound actually applied (`max_err_over_bound`, which may exceed 1 only by the
 rounding of the decoded value back to the checkpoint dtype, at most half an ulp). The baselines
 `lossless`, `rtn8` and `rtn4` are always measured, so the planner can compare against them.
@@ -24,6 +25,9 @@ RATIO_COLUMNS = ("layer", "codec", "mode", "level", "codec_options", "abs_bound_
                  "ratio_min", "ratio_max", "original_bytes_per_expert",
                  "compressed_bytes_per_expert", "n_experts", "n_experts_total",
                  "max_err_over_bound", "source")
+# beside the ratio against the checkpoint's own bytes: against bf16 (2 bytes a value), which
+# differs for checkpoints that ship quantized (FP8, gpt-oss MXFP4); absent in older profiles
+OPTIONAL_COLUMNS = ("ratio_vs_bf16",)
 Progress = Callable[[int, int, str], None]
 
 
@@ -44,6 +48,26 @@ def sample_experts(experts_per_layer: int, sample: int | None, layer: int, seed:
         return list(range(experts_per_layer))
     rng = random.Random(f"ratios:{seed}:{layer}")
     return sorted(rng.sample(range(experts_per_layer), sample))
+
+
+def done_key(layer, codec: str, level, options) -> tuple:
+    """What identifies a measured ratio row when a profile resumes: layer, codec, level (None when
+    it has none) and the codec options completed with their defaults (so `gq` at 3 bits is not
+    taken for `gq` at 4 bits)."""
+    from profiles.codecs import get_codec
+
+    if level is not None and isinstance(level, float) and math.isnan(level):
+        level = None
+    if isinstance(options, str):
+        options = json.loads(options) if options.strip() else {}
+    elif options is None or (isinstance(options, float) and math.isnan(options)):
+        options = {}
+    try:
+        options = get_codec(codec).check_options(dict(options))
+    except Exception:  # noqa: BLE001 - an unknown codec's rows keep their options as written
+        options = dict(options)
+    return (int(layer), str(codec), None if level is None else float(level),
+            json.dumps(options, sort_keys=True, default=str))
 
 
 def ratio_runs(codecs: Sequence[str], mode: str, levels: Sequence[float],
@@ -82,7 +106,7 @@ def measure_ratios(model, codecs: Sequence[str], mode: str, levels: Sequence[flo
         sample: experts per layer to measure (None: all), drawn with `seed`.
         codec_options: per-codec options, e.g. {"sz3": {"predictor": "lorenzo"}}.
         layers: MoE layers to measure (default all).
-        done_keys: (layer, codec, level) already measured (skipped, for resuming).
+        done_keys: `done_key`s of the rows already measured (skipped, for resuming).
         progress: `progress(done, total, label)` per layer x expert.
 
     Returns:
@@ -98,7 +122,7 @@ def measure_ratios(model, codecs: Sequence[str], mode: str, levels: Sequence[flo
     layers = tuple(layers) if layers is not None else tuple(src.moe_layers)
     runs = ratio_runs(codecs, mode, levels, codec_options)
     todo = {layer: [run for run in runs
-                    if not done_keys or (layer, run[0], run[2]) not in done_keys]
+                    if not done_keys or done_key(layer, run[0], run[2], run[3]) not in done_keys]
             for layer in layers}
     todo = {layer: rs for layer, rs in todo.items() if rs}
     picks = {layer: sample_experts(g.experts_per_layer, sample, layer, seed) for layer in todo}
@@ -112,6 +136,7 @@ def measure_ratios(model, codecs: Sequence[str], mode: str, levels: Sequence[flo
             if progress:
                 progress(done, total, f"ratios layer {layer} expert {e}")
             tensors = src.expert_tensors(layer, e)
+            bf16_bytes = 2 * sum(t.numel() for t in tensors.values())
             for i, (codec, rmode, level, opts) in enumerate(layer_runs):
                 nbytes = 0
                 for t in tensors.values():
@@ -139,7 +164,8 @@ def measure_ratios(model, codecs: Sequence[str], mode: str, levels: Sequence[flo
                 "compressed_bytes_per_expert": sum(stored[i]) / len(stored[i]),
                 "n_experts": len(picks[layer]), "n_experts_total": g.experts_per_layer,
                 "max_err_over_bound": worst[i] if bounds[i] else math.nan,
-                "source": "measured"})
+                "source": "measured",
+                "ratio_vs_bf16": bf16_bytes * len(stored[i]) / sum(stored[i])})
     if progress:
         progress(total, total, "ratios")
-    return pd.DataFrame(rows, columns=list(RATIO_COLUMNS))
+    return pd.DataFrame(rows, columns=list(RATIO_COLUMNS) + list(OPTIONAL_COLUMNS))

@@ -47,24 +47,34 @@ def ratios_step(out: Path, loaded, spec: GridSpec, req, progress):
     """Measure the ratios DIR does not hold yet and rewrite `ratios.parquet`."""
     import pandas as pd
 
-    from profiles.profiling.ratios import measure_ratios
+    from profiles.profiling.ratios import done_key, measure_ratios
 
     path = out / fmt.RATIOS_FILE
     codecs = [c for c in spec.codecs if c != "noise"]
+    extra = [c for c in spec.baselines if c not in codecs]
     done, old = set(), None
     _check_ratios_model(out, loaded.fingerprint)
     if path.exists():
         try:
             old = pd.read_parquet(path)
-            done = {(int(r.layer), r.codec, None if pd.isna(r.level) else float(r.level))
-                    for r in old.itertuples()}
+            done = {done_key(r.layer, r.codec, r.level,
+                             getattr(r, "codec_options", None)) for r in old.itertuples()}
         except Exception:
             old = None
     sample = req.ratio_sample if req.ratio_sample is not None else 16
     layers = spec.layers if spec.design == "grid" else None
-    new = measure_ratios(loaded, codecs, spec.mode, spec.levels, sample=sample, seed=req.seed,
-                         layers=layers, done_keys=done, progress=None if progress is None else
-                         (lambda d, t, label: progress(d, t, label)))
+    report = None if progress is None else (lambda d, t, label: progress(d, t, label))
+    new = measure_ratios(loaded, codecs + (extra if layers is None else []), spec.mode,
+                         spec.levels, sample=sample, seed=req.seed, layers=layers,
+                         done_keys=done, progress=report)
+    if layers is not None:
+        # the whole-model baselines (lossless, rtn, --baselines) are policies on every MoE layer:
+        # their ratios are needed at every layer, not only at the layers profiled one by one
+        done |= {done_key(r.layer, r.codec, r.level, r.codec_options)
+                 for r in new.itertuples()}
+        more = measure_ratios(loaded, extra, spec.mode, spec.levels, sample=sample,
+                              seed=req.seed, layers=None, done_keys=done, progress=report)
+        new = pd.concat([new, more], ignore_index=True) if len(more) else new
     frame = new if old is None or len(old) == 0 else pd.concat([old, new], ignore_index=True)
     atomic_write_json(out / fmt.RATIOS_MODEL_FILE, {"fingerprint": loaded.fingerprint})
     fmt.write_table(out, fmt.RATIOS_FILE, frame)
@@ -241,6 +251,7 @@ def profile_meta(req, loaded, spec: GridSpec, points, tasks, limit, compute, bas
         "packages": package_versions(),
         "split": req.split, "tasks": list(tasks), "prompts_per_task": limit, "seed": req.seed,
         "codecs": list(spec.codecs), "mode": spec.mode, "levels": list(spec.levels),
+        **({"baselines": list(spec.baselines)} if spec.baselines else {}),
         "targets": targets, "experts": spec.experts,
         "groups": {k: list(v) for k, v in spec.groups.items()},
         "design": spec.design, "compute_dtype": compute, "host_mem_bytes": req.host_mem,

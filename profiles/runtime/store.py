@@ -323,6 +323,8 @@ class ExpertStore:
         Raises:
             PolicyError: the policy does not fit the model (fingerprint, layers, experts).
         """
+        from profiles.packed.records import shipped_spec
+
         emap = loaded.expert_map
         policy.check(emap.moe_layers, emap.experts_per_layer, loaded.fingerprint)
         if getattr(loaded, "offload", None) is not None:
@@ -332,18 +334,20 @@ class ExpertStore:
                               f"(`moesz pack`) and run the packed directory")
         return cls.from_tensors(((r.layer, r.expert, r.tensors) for r in emap.experts), policy,
                                 loaded.fingerprint, pin, len(emap.experts), progress,
-                                encode_device)
+                                encode_device, raw_as=shipped_spec(loaded.geometry.dtype))
 
     @classmethod
     def from_tensors(cls, experts: Iterable[tuple[int, int, dict[str, torch.Tensor]]], policy,
                      fingerprint: str | None, pin: bool = False, total: int | None = None,
                      progress: Progress | None = None,
-                     encode_device: torch.device | None = None) -> "ExpertStore":
+                     encode_device: torch.device | None = None, raw_as=None) -> "ExpertStore":
         """Encode (layer, expert, tensors) triples under `policy` into host records.
 
         Args:
             encode_device: move each tensor there to encode (a CUDA device encodes `szp` with the
                 fused Triton kernel; streams are byte-identical to the CPU encoder's).
+            raw_as: how `raw` stores matrices of a checkpoint shipped quantized
+                (`profiles.packed.records.shipped_spec`).
         """
         import dataclasses
 
@@ -357,7 +361,7 @@ class ExpertStore:
             spec = policy.spec_for(layer, expert)
             if encode_device is not None:
                 tensors = {n: t.to(encode_device) for n, t in tensors.items()}
-            enc = encode_expert(tensors, spec, digests=False)
+            enc = encode_expert(tensors, spec, digests=False, raw_as=raw_as)
             host = torch.zeros(enc.size, dtype=torch.uint8, pin_memory=pin)
             arr = host.numpy()
             for off, raw in enc.parts:

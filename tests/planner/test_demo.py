@@ -138,3 +138,28 @@ def test_demo_plans_on_a_kl_budget(tmp_path):
     assert "kl drop: predicted" in r.output and "text's validate half" in r.output
     assert "corpus.txt, validate half" in val["measured"]["text"]["corpus"]   # the shipped one
     assert val["measured"]["accuracy_drop"] == val["measured"]["text"]["kl_nats"]
+
+
+@pytest.mark.slow
+def test_demo_compares_with_the_formats_users_run(demo):
+    from planner.demo import USER_FORMATS
+
+    out, record, _ = demo
+    plan = json.loads((out / "plan.json").read_text())
+    base = {b["name"]: b for b in plan["baselines"]}
+    users = {name[8:].split(",")[0]: b for name, b in base.items()
+             if name.startswith("uniform ") and name[8:].split(",")[0] in USER_FORMATS}
+    assert set(users) == set(USER_FORMATS.split(","))
+    for name, b in users.items():
+        # bytes of the real encodes, accuracy from the profile's whole-model point, tokens/s
+        assert b["host_bytes"] > 0 and b["tokens_per_s"] > 0, name
+        assert b["accuracy_drop"]["kind"].startswith("measured"), name
+        assert b["accuracy_drop"]["low"] <= b["accuracy_drop"]["value"] <= \
+            b["accuracy_drop"]["high"]
+    # Q3_K stores fewer bytes than Q4_K, NF4 and MXFP4 (3.44 bits a weight against 4.1-4.5)
+    assert users["q3_k"]["host_bytes"] < min(users[f]["host_bytes"]
+                                             for f in ("q4_k", "nf4", "mxfp4"))
+    assert "best user format" in base
+    text = "\n".join(summary_lines(record, out))
+    assert "formats users run" in text and "best user format" in text
+    assert "rtn4 (per-row absmax)" in text

@@ -64,7 +64,11 @@ def test_plan_satisfies_its_constraints(outcome):
     assert doc["predicted"]["tokens_per_s_simulation"] > 0
     assert doc["search"]["cold_start"]["gap_to_milp"] is not None
     assert {"no compression", "lossless", "uniform szp", "protect middle third (szp)", "rtn8",
-            "rtn4"} == {b["name"] for b in doc["baselines"]}
+            "rtn4", "best user format"} == {b["name"] for b in doc["baselines"]}
+    best = next(b for b in doc["baselines"] if b["name"] == "best user format")
+    assert best["policy"] is None and "measured no format users run" in best["note"]
+    assert {b["label"] for b in doc["baselines"]} >= {"rtn8 (per-row absmax)",
+                                                       "rtn4 (per-row absmax)"}
     assert doc["hardware"]["source"] == "preset:h200-published"
     assert len(doc["hardware"]["sha256"]) == 64
 

@@ -136,7 +136,7 @@ def test_interrupted_pack_resumes_from_finished_layers(tmp_path, monkeypatch):
     encoded = []
     real = records.encode_expert
     monkeypatch.setattr("profiles.packed.write.encode_expert",
-                        lambda t, s: encoded.append(1) or real(t, s))
+                        lambda t, s, **kw: encoded.append(1) or real(t, s, **kw))
     ckpt = pack(str(path), SZP, out)
     assert first.stat().st_mtime_ns == stamp          # reused, verified by its SHA-256
     assert len(encoded) == 4                           # only layer 2's four experts

@@ -74,15 +74,14 @@ def test_geometry_of_a_checkpoint_directory_counts_the_file(tmp_path):
 
 
 def test_mxfp4_checkpoint_has_a_geometry(tmp_path):
-    path = save_tiny_model("gpt_oss", tmp_path / "g")
-    cfg = json.loads((path / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "mxfp4"}
-    (path / "config.json").write_text(json.dumps(cfg))
-    g = resolve_geometry(str(path))
+    from tests.fixtures_models import MXFP4_WIDTH as W
+    from tests.fixtures_models import save_tiny_mxfp4_gpt_oss
+
+    g = resolve_geometry(str(save_tiny_mxfp4_gpt_oss(tmp_path / "g")))
     assert g.dtype == "mxfp4"
-    # gate_up 32x48 and down 24x32 at 4.25 bits a value, biases (48 + 32) in bf16
-    assert g.bytes_per_expert == (32 * 48 // 2 + 32 * 48 // 32) + (24 * 32 // 2 + 24 * 32 // 32) \
-        + 2 * (48 + 32)
+    # gate_up 64x128 and down 64x64 at 4.25 bits a value (blocks + e8m0 scales), biases in bf16
+    assert g.bytes_per_expert == (W * 2 * W // 2 + W * 2 * W // 32) + (W * W // 2 + W * W // 32) \
+        + 2 * (2 * W + W)
 
 
 def test_geometry_is_frozen_and_serializable():

@@ -86,13 +86,15 @@ def test_fp8_values_without_scales_upcast_bit_exactly(tmp_path):
     assert torch.equal(down.float(), q.float())
 
 
-def test_mxfp4_checkpoint_is_refused_for_loading(tmp_path):
+def test_a_config_claiming_mxfp4_over_bf16_experts_is_refused(tmp_path):
     path = save_tiny_model("gpt_oss", tmp_path / "oss")
     cfg = json.loads((path / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "mxfp4"}
     (path / "config.json").write_text(json.dumps(cfg))
-    assert resolve_geometry(str(path)).dtype == "mxfp4"
-    with pytest.raises(ModelError, match="MXFP4.*refused for compression.*geometry"):
+    with pytest.raises(ModelError, match="quantization_config mxfp4, but the expert tensors in "
+                                         "the files are BF16"):
+        resolve_geometry(str(path))
+    with pytest.raises(ModelError, match="quantization_config mxfp4"):
         load_model(str(path))
 
 

@@ -58,6 +58,18 @@ def test_default_grid_has_layers_groups_model_and_baselines():
     assert [p.target for p in chosen] == ["layer:3", "layer:3", "all", "all", "all"]
 
 
+def test_baselines_are_one_whole_model_point_each():
+    spec = GridSpec(codecs=("szp",), levels=(1.0,), baselines=("q4_k", "nf4"),
+                    codec_options={"nf4": {"dq": False}})
+    points = build_points(spec, MOE, 8)
+    extra = [p for p in points if p.codec in ("q4_k", "nf4")]
+    assert [(p.target, p.experts, p.level) for p in extra] == [("all", "all", None)] * 2
+    assert dict(extra[1].codec_options) == {"dq": False}
+    # a format already in --codecs is not measured twice
+    both = build_points(GridSpec(codecs=("q4_k",), baselines=("q4_k",)), MOE, 8)
+    assert len([p for p in both if p.codec == "q4_k" and p.target == "all"]) == 1
+
+
 def test_formats_without_a_bound_get_one_point_per_target():
     """q4_k or nf4 in --codecs: no levels to sweep, one point per target (mode none)."""
     spec = GridSpec(codecs=("szp", "q4_k", "nf4"), levels=(1.0, 2.0), groups=thirds(MOE))

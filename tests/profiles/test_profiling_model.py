@@ -53,10 +53,13 @@ def test_tiny_profile_files_and_fields(tiny):
     assert set(d["baseline"]) == {"add", "sub", "sort", "reverse"}
     lim = d["detection_limit"]
     assert lim["metric"] == "content" and 0 < lim["floor_half_width"] <= lim["half_width"] + 1e-12
-    # ratios: layer 3 x (szp, sz3 at level 1 + lossless, rtn8, rtn4), all 8 experts each
+    # ratios: layer 3 x (szp, sz3 at level 1), and the whole-model baselines lossless, rtn8,
+    # rtn4 at every MoE layer (their policies cover every layer); all 8 experts each
     r = prof.ratios
-    assert sorted(r.codec) == sorted(["szp", "sz3", "lossless", "rtn8", "rtn4"])
-    assert (r.layer == 3).all() and (r.n_experts == 8).all()
+    assert sorted(r[r.layer == 3].codec) == sorted(["szp", "sz3", "lossless", "rtn8", "rtn4"])
+    assert set(r[r.codec.isin(["szp", "sz3"])].layer) == {3}
+    assert len(r[r.codec.isin(["lossless", "rtn8", "rtn4"])]) == 3 * 8
+    assert (r.n_experts == 8).all()
     assert (r.ratio > 1).all() and (r.max_err_over_bound.dropna() <= 1.02).all()
     assert r[r.codec == "lossless"].level.isna().all()
     # sensitivity: one row per point x task, with the documented columns
@@ -144,7 +147,9 @@ def test_other_settings_in_the_same_out_are_refused_before_writing(tiny):
 @pytest.mark.parametrize("field,value,match", [
     ("levels", "0,1", "positive"), ("layers", "3,99", "not an MoE layer"),
     ("target", "top:0", "N must be"), ("codecs", "zip", "unknown"), ("design", "study", "grid or paper"),
-    ("groups", "G1", "NAME=LAYERS"), ("limit", 0, "at least 1")])
+    ("groups", "G1", "NAME=LAYERS"), ("limit", 0, "at least 1"),
+    ("baselines", "szp", "formats users run without a bound"),
+    ("baselines", "rtn4", "always measured"), ("baselines", "q9_k", "unknown")])
 def test_bad_options_are_clear_errors(tmp_path, field, value, match):
     from profiles.errors import MoeszError
 
@@ -193,3 +198,43 @@ def test_paper_design_runs_noise_next_to_the_real_codec(tmp_path):
     title, header, rows = paper_table(res.profile)
     assert rows[0][0] == "baseline" and len(header) == 2 + 4
     assert not math.isnan(s.kl_nats.max())
+
+
+def test_baselines_are_whole_model_points_with_ratios_at_every_layer(tmp_path):
+    """--baselines q4_k,nf4 with one layer profiled: one whole-model point each, and their
+    ratios at every MoE layer (the whole-model policy needs them), not only at layer 3."""
+    import pandas as pd
+
+    res = profile_model(ProfileRequest(out=tmp_path / "p", baselines="q4_k,nf4",
+                                       **{**TINY, "codecs": "szp"}))
+    sens = pd.read_parquet(tmp_path / "p" / SENSITIVITY_FILE)
+    fmt = sens[sens.codec.isin(["q4_k", "nf4"])]
+    assert set(fmt.target) == {"all"} and set(fmt.codec) == {"q4_k", "nf4"}
+    ratios = pd.read_parquet(tmp_path / "p" / RATIOS_FILE)
+    layers = set(res.profile.geometry["moe_layers"])
+    for codec in ("q4_k", "nf4", "rtn4"):
+        assert set(ratios[ratios.codec == codec].layer) == layers, codec
+    assert set(ratios[ratios.codec == "szp"].layer) == {3}
+    # Q4_K: 4.5 bits a weight (+ blob headers) against bf16's 16
+    q4 = ratios[ratios.codec == "q4_k"]
+    assert (q4.ratio_vs_bf16 < 16 / 4.5).all() and (q4.ratio_vs_bf16 > 3.3).all()
+    assert json.loads((tmp_path / "p" / "profile.json").read_text())["baselines"] == ["q4_k",
+                                                                                      "nf4"]
+
+
+def test_resumed_ratios_tell_codec_options_apart():
+    """A ratio row of `gq` at 4 bits does not stand in for `gq` at 3 bits when a profile
+    resumes; the same options (written out or left at their defaults) are skipped."""
+    from profiles.models.source import FileExperts
+    from profiles.profiling.ratios import done_key, measure_ratios
+
+    src = FileExperts.open("builtin")
+    first = measure_ratios(src, ["gq"], "meanabs", [1.0], sample=1, layers=[3])
+    done = {done_key(r.layer, r.codec, r.level, r.codec_options) for r in first.itertuples()}
+    again = measure_ratios(src, ["gq"], "meanabs", [1.0], sample=1, layers=[3], done_keys=done,
+                           codec_options={"gq": {"bits": 4, "group": 64}})
+    assert len(again) == 0
+    three = measure_ratios(src, ["gq"], "meanabs", [1.0], sample=1, layers=[3], done_keys=done,
+                           codec_options={"gq": {"bits": 3}})
+    assert list(three.codec) == ["gq"] and json.loads(three.codec_options[0]) == {"bits": 3}
+    assert three.ratio[0] > first[first.codec == "gq"].ratio.iloc[0]
