@@ -92,6 +92,9 @@ class ClosedFormModel:
 
         self.disk_depth = disk_depth(hardware, serving)
         self.cpu_parallel = lambda k: cpu_parallel(hardware, None, int(k))
+        from sim.costs import gil_share
+
+        self.gil = gil_share(hardware) if self.serial else 0.0
         B = serving.batch_size
         dec = wl.decode_steps
         t = self.times
@@ -238,9 +241,12 @@ class ClosedFormModel:
             # SSD reads: misses of experts outside host memory (cold, so nearly always misses),
             # up to `disk_depth` of a step's reads in flight at once
             frac = self._ssd_fraction(b, m)
-            k = np.clip(np.rint(m1 * frac), 1, self.disk_depth)
+            want = np.rint(m1 * frac)
+            k = np.clip(want, 1, self.disk_depth)
             read = self.hw.host.disk_record_s_array(b, k)
-            ssd, ssd_period = frac * read, frac * read / k
+            # reads that fit the depth land together; beyond it they queue, k at a time
+            ssd = frac * read
+            ssd_period = np.where(want > self.disk_depth, frac * read / k, 0.0)
         if s.on_miss == "cpu":
             cpu_c = self.cpu_expert_s
             mdec = dec_s  # decoded in the thread that runs the expert, then computed there
@@ -256,11 +262,15 @@ class ClosedFormModel:
             # the CPU device: each miss's copy and decode run in the model's thread after its
             # disk read / worker decode, hits compute meanwhile; host-codec workers copy too
             dec_miss = fetch_dec + hit_dec
-            s_work = link_s + dec_miss if cpu_dec is None else np.where(cd, 0.0, link_s + dec_miss)
+            # a host-codec miss holds the model's thread for the decode's share of Python's lock
+            s_work = link_s + dec_miss if cpu_dec is None else np.where(
+                cd, self.gil * dec_s, link_s + dec_miss)
             p_first, p_period = 0.0, 0.0
             if cpu_dec is not None:
+                # the workers decode (and copy) a step's misses at once when they fit the pool
                 with_copy = np.where(cd, cpu_dec + link_s, 0.0)
-                p_first, p_period = with_copy, with_copy / cpu_k
+                p_first = with_copy
+                p_period = np.where(np.rint(m1) > W, with_copy / cpu_k, 0.0)
             if ssd is not None:
                 p_first, p_period = p_first + ssd, np.maximum(p_period, ssd_period)
             one = s_work + C

@@ -133,6 +133,24 @@ def cpu_parallel(hardware: HardwareProfile, codec: str | None, workers: int,
     return speed.parallel(workers)
 
 
+def gil_share(hardware: HardwareProfile, labels: set[str] | None = None) -> float:
+    """Share of a host-codec decode during which the decoding thread holds Python's lock, so
+    that the model's own thread cannot run: estimated from the measured thread scaling at two
+    threads, P2, as 2 / P2 - 1 (two decoders that never hold it scale 2x: 0; that always hold
+    it, 1x: 1). 0 without a measurement. Matters on the CPU device, where the model's thread
+    does the copies, decodes and compute that the simulator puts on its one device server."""
+    speed = hardware.host.codecs.get("sz3")
+    if speed is None or speed.threads is None or 2 not in speed.threads.threads:
+        return 0.0
+    p2 = speed.threads.speedup[speed.threads.threads.index(2)]
+    share = min(1.0, max(0.0, 2.0 / p2 - 1.0))
+    if labels is not None:
+        labels.add(f"host decode holds Python's lock {share:.0%} of its time (estimated from "
+                   f"the measured {p2:.2f}x of two decoding threads); on the CPU device that "
+                   f"share runs in turn with the model's thread")
+    return share
+
+
 def _codec_flags(codec: str) -> tuple[bool, bool]:
     """(gpu_decodable, cpu_only) of a codec from the codec registry."""
     if codec == "raw":

@@ -199,6 +199,12 @@ class Simulation:
         self._cdec = c.cpu_decode_s.tolist()     # one worker thread alone
         self._ssd_depth = self._cpu_k = 1
         self._parallel: dict[int, float] = {}
+        self._gil = 0.0
+        if self.serial:
+            from sim.costs import gil_share
+
+            self._gil = gil_share(self.hw)
+            self.cpu_dec_gil = Track(device, "CPU decode")
         self._hdec = c.hit_decode_s.tolist()
         self._mdec = c.cpu_miss_decode_s.tolist()
         self._where = c.decode_where.tolist()
@@ -274,6 +280,8 @@ class Simulation:
             stages = self._stage_cache[li][e] = tuple(st)
         if where == CPU:
             stages = ((self.cpu_dec, self._cpu_dec_s(li, e)),) + stages
+            if self._gil > 0:   # the share of the decode that holds Python's lock
+                stages += ((self.cpu_dec_gil, self._gil * self._cdec[li][e]),)
         if self._host_read(li, e):
             return ((self.ssd, self._ssd_s(li, e)),) + stages
         return stages
@@ -517,6 +525,12 @@ class Simulation:
                 f"{h.disk_read.latency_s:g} s per read, one at a time")
         if self.serial:
             labels.append("device: the CPU (copy, decode and compute share the model's thread)")
+            if self._gil > 0 and self._any_cpu_decode:
+                from sim.costs import gil_share
+
+                tmp: set[str] = set()
+                gil_share(self.hw, tmp)
+                labels += sorted(tmp)
         return SimResult(
             tokens=tokens, time_s=end, prefill_s=prefill_end, decode_s=decode_s,
             tokens_per_s=tokens / decode_s if decode_s > 0 else float("inf"),
