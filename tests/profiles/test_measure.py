@@ -129,3 +129,30 @@ def test_gpu_section_is_measured_with_fits():
     assert g.bf16_gemm_tflops.value > 0 and g.d2d_gbps.value > 0
     assert "szp" in g.decode and not math.isnan(g.decode["szp"].gbps[0])
     assert torch.cuda.is_available()
+
+
+def test_disk_curve_measures_a_record_size_that_is_not_a_multiple_of_a_page(tmp_path):
+    """A packed expert record is rarely a whole number of 4 KiB pages (gpt-oss experts carry
+    biases): with O_DIRECT the read must still succeed, as the runtime's disk tier reads the
+    page-aligned span around a record."""
+    import mmap
+    import os
+
+    from profiles.hardware.disk import disk_read
+
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"\0" * 8192)
+    try:
+        fd = os.open(probe, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    except OSError:
+        pytest.skip("this filesystem refuses O_DIRECT")
+    try:
+        os.preadv(fd, [mmap.mmap(-1, 4096)], 0)
+    except OSError:
+        pytest.skip("this filesystem refuses O_DIRECT reads")
+    finally:
+        os.close(fd)
+    raw: dict = {}
+    link, curve = disk_read(tmp_path, 1 << 20, (4096,), raw, depths=(1, 2), record_bytes=5000)
+    assert curve.sizes == (4096, 5000) and curve.method == "O_DIRECT"
+    assert all(g > 0 for row in curve.gbps for g in row)
