@@ -337,3 +337,34 @@ def test_runtime_calibration_of_the_cpu_device(tiny_loaded):
     assert set(mt.attention_router.batch) >= {1, 2}        # a row per calibrated batch
     assert mt.attention_router.source == "measured" and min(min(r) for r in
                                                             mt.attention_router.seconds) > 0
+
+
+def test_the_disk_tier_counts_a_read_when_it_is_requested(tiny_loaded, tmp_path):
+    """As the simulator does: a read is counted when it is issued, so a read still in flight when
+    the run ends (a prefetch, a background copy) is in the run's figures, whatever the timing of
+    the pool thread."""
+    import threading
+
+    from profiles.runtime.store import ExpertStore
+
+    ckpt = pack(tiny_loaded(), SZP, tmp_path / "ckpt")
+    store = ExpertStore.from_packed(ckpt, host_budget_bytes=1000, disk_depth=2)
+    d = store.records
+    gate = threading.Event()
+    read = d.files.read
+
+    def slow(entry, pin=False):
+        gate.wait(10)
+        return read(entry, pin)
+
+    d.files.read = slow
+    try:
+        pending = d.request((0, 0))
+        assert (d.reads, d.read_bytes) == (1, d.entries[(0, 0)].size)
+        d.request((0, 0))                      # the same read, still in flight: not a second
+        assert d.reads == 1
+    finally:
+        gate.set()
+    pending.result()
+    assert (d.reads, d.read_bytes) == (1, d.entries[(0, 0)].size)
+    d.close()
