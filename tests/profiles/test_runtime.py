@@ -368,3 +368,31 @@ def test_the_disk_tier_counts_a_read_when_it_is_requested(tiny_loaded, tmp_path)
     pending.result()
     assert (d.reads, d.read_bytes) == (1, d.entries[(0, 0)].size)
     d.close()
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_a_run_from_disk_leaves_no_read_threads_or_open_layer_files(tiny_loaded, tmp_path):
+    """measure_throughput opens the disk tier of a packed directory itself: it stops the read
+    pool and closes the layer files when the run ends (not whenever the garbage collector
+    gets to the runtime's reference cycles)."""
+    import gc
+    import os
+    import threading
+
+    ckpt = pack(tiny_loaded(), SZP, tmp_path / "ckpt")
+    sv = serving(host_mem_bytes=ckpt.stored_expert_bytes // 4)
+    measure_throughput(ckpt.path, None, sv, device="cpu")   # first-use allocations
+    gc.collect()
+
+    def disk_threads():
+        return {t for t in threading.enumerate() if t.name.startswith("moesz-disk")}
+
+    threads, fds = disk_threads(), len(os.listdir("/proc/self/fd"))
+    gc.disable()
+    try:
+        r = measure_throughput(ckpt.path, None, sv, device="cpu")
+        assert r.disk_reads > 0
+        assert disk_threads() <= threads
+        assert len(os.listdir("/proc/self/fd")) == fds
+    finally:
+        gc.enable()
