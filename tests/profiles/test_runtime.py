@@ -396,3 +396,39 @@ def test_a_run_from_disk_leaves_no_read_threads_or_open_layer_files(tiny_loaded,
         assert len(os.listdir("/proc/self/fd")) == fds
     finally:
         gc.enable()
+
+
+def test_a_host_codec_record_read_from_disk_is_decoded_as_soon_as_its_read_lands(tiny_loaded,
+                                                                                  tmp_path):
+    """A layer's host-codec misses on the disk tier decode on the worker threads together, as
+    the simulator has them: each decode starts when its read finishes, not when the model's
+    thread gets to that expert (which decoded a layer's misses one after another)."""
+    import threading
+
+    from profiles.runtime.store import ExpertStore
+    from profiles.runtime.timeline import Timeline
+    from profiles.runtime.transfers import Transfers
+
+    ckpt = pack(tiny_loaded(), Policy.uniform("lossless"), tmp_path / "ckpt")
+    store = ExpertStore.from_packed(ckpt, host_budget_bytes=1000, disk_depth=2)
+    cpu = torch.device("cpu")
+    tr = Transfers(cpu, Timeline(cpu), cpu_workers=2)
+    started = threading.Event()
+    decode = tr._host_decode_and_send
+
+    def spy(record, kind):
+        started.set()
+        return decode(record, kind)
+
+    tr._host_decode_and_send = spy
+    try:
+        job = tr.fetch_after_read((0, 0), store.records.request((0, 0)), "fetch")
+        assert started.wait(10), "the decode waited for the model's thread"
+        tr.complete(job, False)
+        job.wait()
+        ref = ExpertStore.from_packed(ckpt)[(0, 0)]
+        want = tr.host_weights(ref, None)
+        assert all(torch.equal(job.weights[n], want[n]) for n in want)
+    finally:
+        tr.close()
+        store.records.close()
