@@ -132,6 +132,7 @@ def _direct_reader(path: str):
     """(method, read(offset, size) -> seconds) that bypasses the page cache where it can; safe to
     call from several threads at once (each read into its own fresh page-aligned buffer)."""
     flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
+    fd = None
     try:
         fd = os.open(path, flags)
         probe = mmap.mmap(-1, 4096)   # page-aligned, as O_DIRECT needs
@@ -139,6 +140,8 @@ def _direct_reader(path: str):
         probe.close()
         method = "O_DIRECT"
     except OSError:
+        if fd is not None:            # opened, but its reads refused
+            os.close(fd)
         fd = os.open(path, os.O_RDONLY)
         method = "posix_fadvise(DONTNEED) before each read"
     def read(offset: int, size: int) -> float:

@@ -156,3 +156,32 @@ def test_disk_curve_measures_a_record_size_that_is_not_a_multiple_of_a_page(tmp_
     link, curve = disk_read(tmp_path, 1 << 20, (4096,), raw, depths=(1, 2), record_bytes=5000)
     assert curve.sizes == (4096, 5000) and curve.method == "O_DIRECT"
     assert all(g > 0 for row in curve.gbps for g in row)
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_disk_reader_closes_the_o_direct_file_when_o_direct_reads_are_refused(tmp_path,
+                                                                              monkeypatch):
+    """A filesystem may open a file with O_DIRECT and then refuse the read: the reader falls
+    back to page-cache reads, without leaving the O_DIRECT descriptor open."""
+    import os
+
+    from profiles.hardware import disk
+
+    path = tmp_path / "scratch"
+    path.write_bytes(b"\1" * (1 << 16))
+    real = os.preadv
+    calls = []
+
+    def refuse_first(fd, bufs, offset):
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(22, "Invalid argument")
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(disk.os, "preadv", refuse_first)
+    before = len(os.listdir("/proc/self/fd"))
+    method, read = disk._direct_reader(str(path))
+    assert method.startswith("posix_fadvise")
+    assert read(0, 4096) > 0
+    read(0, 0)     # close
+    assert len(os.listdir("/proc/self/fd")) == before
