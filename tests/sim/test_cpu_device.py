@@ -159,3 +159,34 @@ def test_host_decode_on_the_cpu_device_holds_the_model_thread_for_its_share_of_t
     assert any("lock 60%" in lab for lab in r.labels)
     cf = ClosedFormModel(hw, g, sv, wl).tokens_per_s_costs(costs)
     assert cf == pytest.approx(r.tokens_per_s, rel=0.10)
+
+
+@pytest.mark.parametrize("capacity", [1, 2])
+def test_a_server_is_active_while_queued_jobs_run_back_to_back(capacity):
+    """The disk's busy fraction is the union of its read spans: three 1 s reads submitted at
+    once keep a one-at-a-time disk active 3 s (not the last read's second alone), two at a time
+    2 s."""
+    import simpy
+
+    from sim.servers import DEMAND, Server
+
+    env = simpy.Environment()
+    ssd = Server(env, "SSD read", capacity)
+    for i in range(3):
+        ssd.submit(i, 1.0, DEMAND, lambda _: None)
+    env.run()
+    span = 3.0 if capacity == 1 else 2.0
+    assert env.now == pytest.approx(span)
+    assert ssd.active_fraction(env.now) == pytest.approx(1.0)
+
+
+def test_disk_busy_fraction_of_the_golden_one_read_at_a_time_case():
+    """Depth 1, two 2 ms reads a step back to back: the disk is busy 4 ms of each 4.85 ms step."""
+    g = make_geometry()
+    hw = make_hardware(**{"host.disk_curve": CURVE, "gpu.h2d_pinned.gbps": 10.0})
+    sv = serving_with_cache(g, 0, generated_tokens=4, host_mem_bytes=1, disk_depth=1)
+    wl = make_workload(g, sv, traces=trace_df(distinct_steps(4)))
+    costs = uniform_costs(g.moe_layers, 4, original_bytes=MB)
+    r = simulate(geometry=g, hardware=hw, serving=sv, costs=costs, workload=wl).result
+    assert r.disk_busy_fraction * r.time_s == pytest.approx(
+        (r.time_s / (0.002 + 0.002 + 0.0006 + C_S)) * 0.004, rel=1e-9)
