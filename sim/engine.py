@@ -81,7 +81,11 @@ def with_disk_override(hardware: HardwareProfile, options: "SimOptions") -> Hard
 
 
 def disk_depth(hardware: HardwareProfile, serving: ServingConfig) -> int:
-    """Reads in flight of the disk tier: the serving config's, else the profile's best depth."""
+    """Reads in flight of the disk tier: the serving config's, else the profile's best depth;
+    1 for a disk known only by its one-read-at-a-time line (`host.disk_read`), which says
+    nothing of what more reads in flight would give."""
+    if hardware.host.disk_curve is None:
+        return 1
     return serving.disk_depth or hardware.host.disk_depth
 
 

@@ -190,3 +190,23 @@ def test_disk_busy_fraction_of_the_golden_one_read_at_a_time_case():
     r = simulate(geometry=g, hardware=hw, serving=sv, costs=costs, workload=wl).result
     assert r.disk_busy_fraction * r.time_s == pytest.approx(
         (r.time_s / (0.002 + 0.002 + 0.0006 + C_S)) * 0.004, rel=1e-9)
+
+
+def test_a_disk_known_only_by_its_one_read_line_serves_one_read_at_a_time():
+    """A profile without a depth curve measured the disk one read at a time: asking for more
+    reads in flight must not multiply its bandwidth (the simulation's label says "one at a
+    time"). 1 ms + 1 MB / 0.5 GB/s = 3 ms per read, two a step: 6 ms of reads, then the copies."""
+    g = make_geometry()
+    hw = make_hardware(**{"gpu.h2d_pinned.gbps": 10.0})
+    costs = uniform_costs(g.moe_layers, 4, original_bytes=MB)
+    out = {}
+    for depth in (1, 4):
+        sv = serving_with_cache(g, 0, generated_tokens=4, host_mem_bytes=1, disk_depth=depth)
+        wl = make_workload(g, sv, traces=trace_df(distinct_steps(4)))
+        r = simulate(geometry=g, hardware=hw, serving=sv, costs=costs, workload=wl).result
+        cf = ClosedFormModel(hw, g, sv, wl).tokens_per_s_costs(costs)
+        out[depth] = (r.decode_s, r.disk_depth, cf)
+        assert any("one at a time" in lab for lab in r.labels)
+    assert out[4][0] == pytest.approx(out[1][0], rel=1e-9)
+    assert out[4][1] == 1
+    assert out[4][2] == pytest.approx(out[1][2], rel=1e-9)
