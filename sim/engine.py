@@ -193,7 +193,9 @@ class Simulation:
             self._booked = s.gpu_decode == "stream"
         # cpu_workers threads, each decoding a whole expert (see sim.costs)
         self.cpu_dec = Server(env, "CPU decode", s.cpu_workers, rec)
-        self.cpu = Server(env, "CPU compute", 1, rec)
+        # experts run on the CPU on a miss: on the CPU device, in the model's thread too
+        self.cpu = (Track(device, "CPU compute") if self.serial
+                    else Server(env, "CPU compute", 1, rec))
         self.ssd = Server(env, "SSD read", self.depth, rec)
         c, layers = self.costs, self.g.moe_layers
         L = len(layers)

@@ -210,3 +210,25 @@ def test_a_disk_known_only_by_its_one_read_line_serves_one_read_at_a_time():
     assert out[4][0] == pytest.approx(out[1][0], rel=1e-9)
     assert out[4][1] == 1
     assert out[4][2] == pytest.approx(out[1][2], rel=1e-9)
+
+
+def test_an_expert_run_on_the_cpu_of_a_cpu_device_waits_for_the_model_thread():
+    """on_miss cpu on the CPU device: the runtime runs a missed expert in the model's thread, one
+    after the hit's compute, not beside it. Expert 0 pinned (static-hot), one other missed a
+    step: 0.25 ms compute of the hit + 2 ms CPU run of the miss = 2.25 ms a step (a GPU
+    overlaps them: 2 ms)."""
+    g = make_geometry()
+    steps = [[(0, 1 + t % 3)] for t in range(6)]
+    costs = uniform_costs(g.moe_layers, 4, original_bytes=MB)
+    out = {}
+    for name, hw in (("cpu", cpu_hardware()), ("gpu", make_hardware())):
+        sv = serving_with_cache(g, MB, generated_tokens=6, cache_policy="static-hot",
+                                on_miss="cpu")
+        wl = make_workload(g, sv, traces=trace_df(steps))
+        r = simulate(geometry=g, hardware=hw, serving=sv, costs=costs, workload=wl).result
+        assert (r.hits, r.cpu_expert_runs) == (6, 6)
+        out[name] = r.decode_s
+        cf = ClosedFormModel(hw, g, sv, wl).tokens_per_s_costs(costs)
+        assert cf == pytest.approx(r.tokens_per_s, rel=1e-9), name
+    assert out["gpu"] == pytest.approx(6 * 0.002, rel=1e-9)
+    assert out["cpu"] == pytest.approx(6 * (0.002 + C_S), rel=1e-9)
