@@ -131,10 +131,11 @@ def disk_read(disk_dir, file_bytes: int, read_sizes: tuple[int, ...], raw: dict,
 def _direct_reader(path: str):
     """(method, read(offset, size) -> seconds) that bypasses the page cache where it can; safe to
     call from several threads at once (each read into its own fresh page-aligned buffer)."""
-    flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
     fd = None
     try:
-        fd = os.open(path, flags)
+        if not hasattr(os, "O_DIRECT"):   # macOS: no O_DIRECT flag to ask for
+            raise OSError("no O_DIRECT on this platform")
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
         probe = mmap.mmap(-1, 4096)   # page-aligned, as O_DIRECT needs
         os.preadv(fd, [probe], 0)
         probe.close()
@@ -143,7 +144,8 @@ def _direct_reader(path: str):
         if fd is not None:            # opened, but its reads refused
             os.close(fd)
         fd = os.open(path, os.O_RDONLY)
-        method = "posix_fadvise(DONTNEED) before each read"
+        method = ("posix_fadvise(DONTNEED) before each read" if hasattr(os, "posix_fadvise")
+                  else "through the page cache (no O_DIRECT nor posix_fadvise here)")
     def read(offset: int, size: int) -> float:
         if size == 0:
             os.close(fd)

@@ -185,3 +185,18 @@ def test_disk_reader_closes_the_o_direct_file_when_o_direct_reads_are_refused(tm
     assert read(0, 4096) > 0
     read(0, 0)     # close
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_disk_reader_without_o_direct_does_not_claim_it(tmp_path, monkeypatch):
+    import os
+
+    from profiles.hardware import disk
+
+    path = tmp_path / "scratch"
+    path.write_bytes(b"\1" * (1 << 16))
+    monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    method, read = disk._direct_reader(str(path))
+    try:
+        assert method != "O_DIRECT"
+    finally:
+        read(0, 0)

@@ -432,3 +432,39 @@ def test_a_host_codec_record_read_from_disk_is_decoded_as_soon_as_its_read_lands
     finally:
         tr.close()
         store.records.close()
+
+
+def test_direct_reads_without_o_direct_say_what_they_do(tiny_loaded, tmp_path, monkeypatch):
+    """Where the platform has no O_DIRECT (macOS), a `direct` reader falls back to dropping each
+    record's pages after reading it, and says so, rather than reading through the page cache
+    while the run's note claims O_DIRECT."""
+    import os
+
+    from profiles.packed.read import RecordFiles
+
+    ckpt = pack(tiny_loaded(), SZP, tmp_path / "ckpt")
+    monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    files = RecordFiles(ckpt, "direct")
+    try:
+        entry = ckpt.experts[0]
+        assert files.read(entry).numel() == entry.size
+        assert files.method != "direct"
+    finally:
+        files.close()
+
+
+def test_direct_reads_without_o_direct_nor_fadvise_say_they_are_cached(tiny_loaded, tmp_path,
+                                                                        monkeypatch):
+    import os
+
+    from profiles.packed.read import RecordFiles
+
+    ckpt = pack(tiny_loaded(), SZP, tmp_path / "ckpt")
+    monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    monkeypatch.delattr(os, "posix_fadvise", raising=False)
+    files = RecordFiles(ckpt, "direct")
+    try:
+        files.read(ckpt.experts[0])
+        assert files.method == "cached"
+    finally:
+        files.close()
