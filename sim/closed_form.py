@@ -258,6 +258,10 @@ class ClosedFormModel:
             hit_part = k * C if c_hit is None else (
                 k * np.maximum(c_hit, d_hit) + np.where(k > 0, np.minimum(c_hit, d_hit), 0.0))
             miss_part = np.maximum(hit_part, first + more * period)
+            if self.serial:
+                # the CPU device: the hits' compute and the missed experts' runs share the
+                # model's thread, one after the other (disk reads still run beside them)
+                miss_part = np.maximum(hit_part + m1 * (mdec + cpu_c), first + more * period)
         elif self.serial:
             # the CPU device: each miss's copy and decode run in the model's thread after its
             # disk read / worker decode, hits compute meanwhile; host-codec workers copy too

@@ -81,7 +81,11 @@ def with_disk_override(hardware: HardwareProfile, options: "SimOptions") -> Hard
 
 
 def disk_depth(hardware: HardwareProfile, serving: ServingConfig) -> int:
-    """Reads in flight of the disk tier: the serving config's, else the profile's best depth."""
+    """Reads in flight of the disk tier: the serving config's, else the profile's best depth;
+    1 for a disk known only by its one-read-at-a-time line (`host.disk_read`), which says
+    nothing of what more reads in flight would give."""
+    if hardware.host.disk_curve is None:
+        return 1
     return serving.disk_depth or hardware.host.disk_depth
 
 
@@ -189,7 +193,9 @@ class Simulation:
             self._booked = s.gpu_decode == "stream"
         # cpu_workers threads, each decoding a whole expert (see sim.costs)
         self.cpu_dec = Server(env, "CPU decode", s.cpu_workers, rec)
-        self.cpu = Server(env, "CPU compute", 1, rec)
+        # experts run on the CPU on a miss: on the CPU device, in the model's thread too
+        self.cpu = (Track(device, "CPU compute") if self.serial
+                    else Server(env, "CPU compute", 1, rec))
         self.ssd = Server(env, "SSD read", self.depth, rec)
         c, layers = self.costs, self.g.moe_layers
         L = len(layers)

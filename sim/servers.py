@@ -97,8 +97,7 @@ class Server:
                 return
 
     def _start(self, entry: list) -> None:
-        if not self.busy:
-            self._since = self.env.now
+        # called as a job finishes: the server stays active, its busy interval goes on
         self.busy += 1
         entry[3] = self.env.now
         ev = Timeout(self.env, entry[1], entry)

@@ -46,7 +46,8 @@ def simulate(
     batch: int = typer.Option(1, "--batch", help="Sequences decoded together."),
     disk_depth: Optional[int] = typer.Option(
         None, "--disk-depth", help="Disk reads in flight (default: the profile's measured best "
-        "depth; 1 for a profile with only a line fit)."),
+        "depth). A profile with only a line fit, measured one read at a time, reads one at a "
+        "time."),
     workers: int = typer.Option(8, "--workers", help="CPU decode worker threads."),
     traces: Optional[str] = typer.Option(None, "--traces", help="Routing traces (parquet)."),
     placement_traces: Optional[str] = typer.Option(

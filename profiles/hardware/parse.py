@@ -94,6 +94,19 @@ def _series(d: dict, key: str, at: _At, *, positive: bool, nonneg: bool = False)
                  for i, x in enumerate(v))
 
 
+def _count(v: Any, at: _At) -> int:
+    """A count (reads in flight, threads, bytes): a whole number >= 1."""
+    x = _num(v, at)
+    if x < 1 or x != int(x):
+        raise at.fail(f"must be a whole number >= 1, got {v!r}")
+    return int(x)
+
+
+def _counts(d: dict, key: str, at: _At) -> tuple[int, ...]:
+    return tuple(_count(x, at.sub(key).sub(i))
+                 for i, x in enumerate(_series(d, key, at, positive=False)))
+
+
 def _increasing(xs: tuple, at: _At) -> None:
     if any(b <= a for a, b in zip(xs, xs[1:])):
         raise at.fail("must be strictly increasing")
@@ -153,7 +166,7 @@ def _host(d: Any, at: _At) -> HostProfile:
 
 def _threads(d: Any, at: _At) -> ThreadScaling:
     d = _obj(d, at)
-    threads = tuple(int(t) for t in _series(d, "threads", at, positive=True))
+    threads = _counts(d, "threads", at)
     speedup = _series(d, "speedup", at, positive=True)
     _increasing(threads, at.sub("threads"))
     if len(threads) != len(speedup):
@@ -163,12 +176,12 @@ def _threads(d: Any, at: _At) -> ThreadScaling:
 
 def _disk_curve(d: Any, at: _At) -> DiskCurve:
     d = _obj(d, at)
-    sizes = tuple(int(v) for v in _series(d, "sizes", at, positive=True))
-    depths = tuple(int(v) for v in _series(d, "depths", at, positive=True))
+    sizes = _counts(d, "sizes", at)
+    depths = _counts(d, "depths", at)
     _increasing(sizes, at.sub("sizes"))
     _increasing(depths, at.sub("depths"))
     gbps = _grid(d, "gbps", at, len(sizes), "request size", len(depths), "depth", positive=True)
-    best = int(_num(_get(d, "best_depth", at), at.sub("best_depth"), positive=True))
+    best = _count(_get(d, "best_depth", at), at.sub("best_depth"))
     err = d.get("fit_rel_error")
     return DiskCurve(sizes, depths, tuple(gbps), best, str(d.get("method", "")), _source(d, at),
                      str(d.get("note", "")),
@@ -191,8 +204,7 @@ def _gpu(d: Any, at: _At) -> GpuProfile:
         bf16_gemm_tflops=_figure(_get(d, "bf16_gemm_tflops", at), at.sub("bf16_gemm_tflops")),
         d2d_gbps=_figure(_get(d, "d2d_gbps", at), at.sub("d2d_gbps")),
         decode=decode, device_type=_device_type(d.get("device_type", "cuda"), at),
-        threads=None if d.get("threads") is None else int(_num(d["threads"], at.sub("threads"),
-                                                                positive=True)))
+        threads=None if d.get("threads") is None else _count(d["threads"], at.sub("threads")))
 
 
 def _device_type(v: Any, at: _At) -> str:

@@ -91,6 +91,11 @@ _PAGE = 4096
 READ_METHODS = ("direct", "fadvise", "cached")
 
 
+def _fallback() -> str:
+    """What `direct` falls back to: `fadvise`, or `cached` where there is no posix_fadvise."""
+    return "fadvise" if hasattr(os, "posix_fadvise") else "cached"
+
+
 class RecordFiles:
     """Positioned reads of single expert records from a packed checkpoint's layer files, one open
     descriptor per file (closed by `close()` or when dropped): what the disk tier and evaluation
@@ -124,7 +129,7 @@ class RecordFiles:
                 try:
                     return self._read_direct(fd, entry, pin)
                 except OSError:          # O_DIRECT refused at read time (alignment, filesystem)
-                    self.method = "fadvise"
+                    self.method = _fallback()
         host = torch.empty(entry.size, dtype=torch.uint8, pin_memory=pin)
         fd = self._fd(entry.file)
         n = os.preadv(fd, [memoryview(host.numpy())], entry.offset)
@@ -157,11 +162,13 @@ class RecordFiles:
             with self._lock:
                 fd = self._direct_fds.get(file)
                 if fd is None:
+                    if not hasattr(os, "O_DIRECT"):   # macOS: no O_DIRECT flag to ask for
+                        self.method = _fallback()
+                        return None
                     try:
-                        fd = os.open(self.ckpt.path / file,
-                                     os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+                        fd = os.open(self.ckpt.path / file, os.O_RDONLY | os.O_DIRECT)
                     except OSError:
-                        self.method = "fadvise"
+                        self.method = _fallback()
                         return None
                     self._direct_fds[file] = fd
         return fd

@@ -319,10 +319,21 @@ class OffloadedRuntime:
             shell._buffers.pop(name)
         return out
 
+    def _host_record(self, key: Key):
+        """The expert's host record: the one its fetch in flight holds or is reading from disk
+        (a record is read once, as the simulator counts it, even if the layer's other reads have
+        since pushed it out of the disk tier's host LRU), else the store's."""
+        job = self.inflight.get(key)
+        if job is not None and job.record is not None:
+            return job.record
+        if job is not None and job.reading is not None:
+            return job.reading.result()
+        return self.store[key]
+
     def _cpu_run(self, key: Key, h, w, rows) -> torch.Tensor:
         """A missed expert computed on the CPU (decoded there from its host record)."""
         self.stats["cpu_runs"] += 1
-        weights = self.transfers.host_weights(self.store[key], Job("cpu", key))
+        weights = self.transfers.host_weights(self._host_record(key), Job("cpu", key))
         cpu = torch.device("cpu")
         tok, pos = rows
         h_c, w_c = h.to(cpu), w.to(cpu)

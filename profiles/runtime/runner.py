@@ -151,9 +151,20 @@ def measure_throughput(model: Any, policy=None, serving: ServingConfig = Serving
         PolicyError / PackedError: see `open_model`.
     """
     dev = resolve_device(device)
+    opened = store is None
     m, emap, geometry, store, label, policy, keep, _ = open_model(
         model, policy, dev, trust_remote_code, progress, pinned=serving.pinned, store=store,
         serving=serving, read_method=read_method)
+    try:
+        return _measure(m, emap, geometry, store, label, policy, keep, serving, dev, prompt_ids,
+                        seed, warmup, warm_cache, record_logits, placement_traces, progress)
+    finally:
+        if opened and store.on_disk:   # the disk tier this call opened: its read pool and files
+            store.records.close()
+
+
+def _measure(m, emap, geometry, store, label, policy, keep, serving, dev, prompt_ids, seed,
+             warmup, warm_cache, record_logits, placement_traces, progress) -> RunResult:
     if prompt_ids is not None:
         serving = replace(serving, batch_size=int(prompt_ids.shape[0]),
                           prompt_tokens=int(prompt_ids.shape[1]))

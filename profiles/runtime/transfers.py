@@ -36,7 +36,8 @@ class FetchJob:
     may be used (None on a CPU device), `future` the worker's result for host-decoded records.
     """
 
-    __slots__ = ("key", "kind", "record", "weights", "payload", "ready", "future", "reading")
+    __slots__ = ("key", "kind", "record", "weights", "payload", "ready", "future", "reading",
+                 "handoff")
 
     def __init__(self, key, kind: str, record: ExpertRecord | None) -> None:
         self.key, self.kind, self.record = key, kind, record
@@ -45,6 +46,7 @@ class FetchJob:
         self.ready = None
         self.future: Future | None = None
         self.reading = None     # the disk read of a record not in host memory (disk tier)
+        self.handoff: Future | None = None  # -> the worker's decode, started when the read lands
 
     def done(self) -> bool:
         """Whether the expert has arrived, or its disk read finished (never blocks)."""
@@ -87,6 +89,19 @@ class Transfers:
         as soon as their read finishes."""
         job = FetchJob(key, kind, None)
         job.reading = reading
+        handoff = job.handoff = Future()
+
+        def chain(read: Future) -> None:     # on the disk thread that finished the read
+            try:
+                record = read.result()
+                decoding = None if record.device_decodable else self.pool.submit(
+                    self._host_decode_and_send, record, kind)
+            except BaseException as exc:     # the model's thread raises it in `complete`
+                handoff.set_exception(exc)   # (a read error; or the runtime already closed)
+                return
+            handoff.set_result(decoding)
+
+        getattr(reading, "future", reading).add_done_callback(chain)
         return job
 
     def complete(self, job: FetchJob, keep_compressed: bool) -> None:
@@ -95,6 +110,11 @@ class Transfers:
             return
         record = job.reading.result()
         job.reading = None
+        decoding = job.handoff.result() if job.handoff is not None else None
+        job.handoff = None
+        if decoding is not None:             # a host codec: its worker started on the read
+            job.record, job.future = record, decoding
+            return
         inner = self.fetch(record, job.kind, keep_compressed)
         job.record, job.weights, job.payload = record, inner.weights, inner.payload
         job.ready, job.future = inner.ready, inner.future

@@ -152,6 +152,22 @@ def test_the_disk_tier_reads_exactly_the_bytes_the_simulator_predicts(packed_dir
     assert p.disk_depth == depth and 0 < r.disk_busy_fraction <= 1
 
 
+def test_experts_run_on_the_cpu_from_the_disk_tier_are_read_once(packed_dir, tmp_path):
+    """on_miss cpu under a small host budget: a missed expert's record, read for its background
+    copy, is the one its CPU run uses (it was read a second time when the layer's other reads
+    had pushed it out of the host LRU first); the simulator counts one read each."""
+    from profiles.packed import read_packed
+
+    ckpt = read_packed(packed_dir)
+    sv = ServingConfig(gpu_mem_fraction=0.3, host_mem_bytes=ckpt.stored_expert_bytes // 3,
+                       prompt_tokens=4, generated_tokens=8, disk_depth=3, on_miss="cpu")
+    r = measure_throughput(packed_dir, None, sv, device="cpu")
+    assert r.cpu_expert_runs > 0
+    p = predict_for_run(r, load_hardware(_cpu_profile(tmp_path))).result
+    assert (p.hits, p.misses, p.cpu_expert_runs) == (r.hits, r.misses, r.cpu_expert_runs)
+    assert (p.ssd_reads, p.bytes_ssd) == (r.disk_reads, r.bytes_disk)
+
+
 def test_run_predict_on_this_machine_prints_each_figure_with_its_error(packed_dir, tmp_path):
     from profiles.packed import read_packed
 

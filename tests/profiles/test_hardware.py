@@ -126,3 +126,28 @@ def test_curves_interpolate():
     assert t.at(0.5) == 1.0 and t.at(6) == pytest.approx(2.0) and t.at(16) == pytest.approx(7.0)
     a = AttentionTimings((1,), (10,), ((0.5,),), "measured")
     assert a.at(3, 99) == 0.5
+
+
+_CURVE = {"sizes": [4096, 1 << 20], "depths": [1, 4], "gbps": [[0.05, 0.1], [1.0, 2.0]],
+          "best_depth": 4, "method": "O_DIRECT", "source": "measured"}
+
+
+@pytest.mark.parametrize("edit,field", [
+    (lambda d: d["host"]["disk_curve"].update(best_depth=0.5), r"host\.disk_curve\.best_depth"),
+    (lambda d: d["host"]["disk_curve"].update(depths=[0.5, 4]), r"host\.disk_curve\.depths\[0\]"),
+    (lambda d: d["host"]["disk_curve"].update(sizes=[0.25, 4096]),
+     r"host\.disk_curve\.sizes\[0\]"),
+    (lambda d: d["host"]["disk_curve"].update(best_depth=2.5), r"host\.disk_curve\.best_depth"),
+    (lambda d: d["gpu"].update(threads=0.5), r"gpu\.threads"),
+    (lambda d: d["host"]["codecs"]["sz3"].update(
+        threads={"threads": [0.5, 2], "speedup": [1.0, 1.5], "source": "measured"}),
+     r"host\.codecs\.sz3\.threads\.threads\[0\]"),
+])
+def test_counts_in_the_new_profile_fields_must_be_whole_numbers(tmp_path, edit, field):
+    """Reads in flight, request sizes and thread counts are counts: 0.5 reads in flight is not
+    silently 0 (a disk server that never serves, a pool of no threads)."""
+    doc = _doc()
+    doc["host"]["disk_curve"] = json.loads(json.dumps(_CURVE))
+    edit(doc)
+    with pytest.raises(ProfileError, match=field + r"' must be a whole number >= 1"):
+        load_hardware(_write(tmp_path, doc))

@@ -129,3 +129,74 @@ def test_gpu_section_is_measured_with_fits():
     assert g.bf16_gemm_tflops.value > 0 and g.d2d_gbps.value > 0
     assert "szp" in g.decode and not math.isnan(g.decode["szp"].gbps[0])
     assert torch.cuda.is_available()
+
+
+def test_disk_curve_measures_a_record_size_that_is_not_a_multiple_of_a_page(tmp_path):
+    """A packed expert record is rarely a whole number of 4 KiB pages (gpt-oss experts carry
+    biases): with O_DIRECT the read must still succeed, as the runtime's disk tier reads the
+    page-aligned span around a record."""
+    import mmap
+    import os
+
+    from profiles.hardware.disk import disk_read
+
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"\0" * 8192)
+    try:
+        fd = os.open(probe, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    except OSError:
+        pytest.skip("this filesystem refuses O_DIRECT")
+    try:
+        os.preadv(fd, [mmap.mmap(-1, 4096)], 0)
+    except OSError:
+        pytest.skip("this filesystem refuses O_DIRECT reads")
+    finally:
+        os.close(fd)
+    raw: dict = {}
+    link, curve = disk_read(tmp_path, 1 << 20, (4096,), raw, depths=(1, 2), record_bytes=5000)
+    assert curve.sizes == (4096, 5000) and curve.method == "O_DIRECT"
+    assert all(g > 0 for row in curve.gbps for g in row)
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_disk_reader_closes_the_o_direct_file_when_o_direct_reads_are_refused(tmp_path,
+                                                                              monkeypatch):
+    """A filesystem may open a file with O_DIRECT and then refuse the read: the reader falls
+    back to page-cache reads, without leaving the O_DIRECT descriptor open."""
+    import os
+
+    from profiles.hardware import disk
+
+    path = tmp_path / "scratch"
+    path.write_bytes(b"\1" * (1 << 16))
+    real = os.preadv
+    calls = []
+
+    def refuse_first(fd, bufs, offset):
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(22, "Invalid argument")
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(disk.os, "preadv", refuse_first)
+    before = len(os.listdir("/proc/self/fd"))
+    method, read = disk._direct_reader(str(path))
+    assert method.startswith("posix_fadvise")
+    assert read(0, 4096) > 0
+    read(0, 0)     # close
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_disk_reader_without_o_direct_does_not_claim_it(tmp_path, monkeypatch):
+    import os
+
+    from profiles.hardware import disk
+
+    path = tmp_path / "scratch"
+    path.write_bytes(b"\1" * (1 << 16))
+    monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    method, read = disk._direct_reader(str(path))
+    try:
+        assert method != "O_DIRECT"
+    finally:
+        read(0, 0)

@@ -337,3 +337,134 @@ def test_runtime_calibration_of_the_cpu_device(tiny_loaded):
     assert set(mt.attention_router.batch) >= {1, 2}        # a row per calibrated batch
     assert mt.attention_router.source == "measured" and min(min(r) for r in
                                                             mt.attention_router.seconds) > 0
+
+
+def test_the_disk_tier_counts_a_read_when_it_is_requested(tiny_loaded, tmp_path):
+    """As the simulator does: a read is counted when it is issued, so a read still in flight when
+    the run ends (a prefetch, a background copy) is in the run's figures, whatever the timing of
+    the pool thread."""
+    import threading
+
+    from profiles.runtime.store import ExpertStore
+
+    ckpt = pack(tiny_loaded(), SZP, tmp_path / "ckpt")
+    store = ExpertStore.from_packed(ckpt, host_budget_bytes=1000, disk_depth=2)
+    d = store.records
+    gate = threading.Event()
+    read = d.files.read
+
+    def slow(entry, pin=False):
+        gate.wait(10)
+        return read(entry, pin)
+
+    d.files.read = slow
+    try:
+        pending = d.request((0, 0))
+        assert (d.reads, d.read_bytes) == (1, d.entries[(0, 0)].size)
+        d.request((0, 0))                      # the same read, still in flight: not a second
+        assert d.reads == 1
+    finally:
+        gate.set()
+    pending.result()
+    assert (d.reads, d.read_bytes) == (1, d.entries[(0, 0)].size)
+    d.close()
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_a_run_from_disk_leaves_no_read_threads_or_open_layer_files(tiny_loaded, tmp_path):
+    """measure_throughput opens the disk tier of a packed directory itself: it stops the read
+    pool and closes the layer files when the run ends (not whenever the garbage collector
+    gets to the runtime's reference cycles)."""
+    import gc
+    import os
+    import threading
+
+    ckpt = pack(tiny_loaded(), SZP, tmp_path / "ckpt")
+    sv = serving(host_mem_bytes=ckpt.stored_expert_bytes // 4)
+    measure_throughput(ckpt.path, None, sv, device="cpu")   # first-use allocations
+    gc.collect()
+
+    def disk_threads():
+        return {t for t in threading.enumerate() if t.name.startswith("moesz-disk")}
+
+    threads, fds = disk_threads(), len(os.listdir("/proc/self/fd"))
+    gc.disable()
+    try:
+        r = measure_throughput(ckpt.path, None, sv, device="cpu")
+        assert r.disk_reads > 0
+        assert disk_threads() <= threads
+        assert len(os.listdir("/proc/self/fd")) == fds
+    finally:
+        gc.enable()
+
+
+def test_a_host_codec_record_read_from_disk_is_decoded_as_soon_as_its_read_lands(tiny_loaded,
+                                                                                  tmp_path):
+    """A layer's host-codec misses on the disk tier decode on the worker threads together, as
+    the simulator has them: each decode starts when its read finishes, not when the model's
+    thread gets to that expert (which decoded a layer's misses one after another)."""
+    import threading
+
+    from profiles.runtime.store import ExpertStore
+    from profiles.runtime.timeline import Timeline
+    from profiles.runtime.transfers import Transfers
+
+    ckpt = pack(tiny_loaded(), Policy.uniform("lossless"), tmp_path / "ckpt")
+    store = ExpertStore.from_packed(ckpt, host_budget_bytes=1000, disk_depth=2)
+    cpu = torch.device("cpu")
+    tr = Transfers(cpu, Timeline(cpu), cpu_workers=2)
+    started = threading.Event()
+    decode = tr._host_decode_and_send
+
+    def spy(record, kind):
+        started.set()
+        return decode(record, kind)
+
+    tr._host_decode_and_send = spy
+    try:
+        job = tr.fetch_after_read((0, 0), store.records.request((0, 0)), "fetch")
+        assert started.wait(10), "the decode waited for the model's thread"
+        tr.complete(job, False)
+        job.wait()
+        ref = ExpertStore.from_packed(ckpt)[(0, 0)]
+        want = tr.host_weights(ref, None)
+        assert all(torch.equal(job.weights[n], want[n]) for n in want)
+    finally:
+        tr.close()
+        store.records.close()
+
+
+def test_direct_reads_without_o_direct_say_what_they_do(tiny_loaded, tmp_path, monkeypatch):
+    """Where the platform has no O_DIRECT (macOS), a `direct` reader falls back to dropping each
+    record's pages after reading it, and says so, rather than reading through the page cache
+    while the run's note claims O_DIRECT."""
+    import os
+
+    from profiles.packed.read import RecordFiles
+
+    ckpt = pack(tiny_loaded(), SZP, tmp_path / "ckpt")
+    monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    files = RecordFiles(ckpt, "direct")
+    try:
+        entry = ckpt.experts[0]
+        assert files.read(entry).numel() == entry.size
+        assert files.method != "direct"
+    finally:
+        files.close()
+
+
+def test_direct_reads_without_o_direct_nor_fadvise_say_they_are_cached(tiny_loaded, tmp_path,
+                                                                        monkeypatch):
+    import os
+
+    from profiles.packed.read import RecordFiles
+
+    ckpt = pack(tiny_loaded(), SZP, tmp_path / "ckpt")
+    monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    monkeypatch.delattr(os, "posix_fadvise", raising=False)
+    files = RecordFiles(ckpt, "direct")
+    try:
+        files.read(ckpt.experts[0])
+        assert files.method == "cached"
+    finally:
+        files.close()

@@ -159,3 +159,76 @@ def test_host_decode_on_the_cpu_device_holds_the_model_thread_for_its_share_of_t
     assert any("lock 60%" in lab for lab in r.labels)
     cf = ClosedFormModel(hw, g, sv, wl).tokens_per_s_costs(costs)
     assert cf == pytest.approx(r.tokens_per_s, rel=0.10)
+
+
+@pytest.mark.parametrize("capacity", [1, 2])
+def test_a_server_is_active_while_queued_jobs_run_back_to_back(capacity):
+    """The disk's busy fraction is the union of its read spans: three 1 s reads submitted at
+    once keep a one-at-a-time disk active 3 s (not the last read's second alone), two at a time
+    2 s."""
+    import simpy
+
+    from sim.servers import DEMAND, Server
+
+    env = simpy.Environment()
+    ssd = Server(env, "SSD read", capacity)
+    for i in range(3):
+        ssd.submit(i, 1.0, DEMAND, lambda _: None)
+    env.run()
+    span = 3.0 if capacity == 1 else 2.0
+    assert env.now == pytest.approx(span)
+    assert ssd.active_fraction(env.now) == pytest.approx(1.0)
+
+
+def test_disk_busy_fraction_of_the_golden_one_read_at_a_time_case():
+    """Depth 1, two 2 ms reads a step back to back: the disk is busy 4 ms of each 4.85 ms step."""
+    g = make_geometry()
+    hw = make_hardware(**{"host.disk_curve": CURVE, "gpu.h2d_pinned.gbps": 10.0})
+    sv = serving_with_cache(g, 0, generated_tokens=4, host_mem_bytes=1, disk_depth=1)
+    wl = make_workload(g, sv, traces=trace_df(distinct_steps(4)))
+    costs = uniform_costs(g.moe_layers, 4, original_bytes=MB)
+    r = simulate(geometry=g, hardware=hw, serving=sv, costs=costs, workload=wl).result
+    assert r.disk_busy_fraction * r.time_s == pytest.approx(
+        (r.time_s / (0.002 + 0.002 + 0.0006 + C_S)) * 0.004, rel=1e-9)
+
+
+def test_a_disk_known_only_by_its_one_read_line_serves_one_read_at_a_time():
+    """A profile without a depth curve measured the disk one read at a time: asking for more
+    reads in flight must not multiply its bandwidth (the simulation's label says "one at a
+    time"). 1 ms + 1 MB / 0.5 GB/s = 3 ms per read, two a step: 6 ms of reads, then the copies."""
+    g = make_geometry()
+    hw = make_hardware(**{"gpu.h2d_pinned.gbps": 10.0})
+    costs = uniform_costs(g.moe_layers, 4, original_bytes=MB)
+    out = {}
+    for depth in (1, 4):
+        sv = serving_with_cache(g, 0, generated_tokens=4, host_mem_bytes=1, disk_depth=depth)
+        wl = make_workload(g, sv, traces=trace_df(distinct_steps(4)))
+        r = simulate(geometry=g, hardware=hw, serving=sv, costs=costs, workload=wl).result
+        cf = ClosedFormModel(hw, g, sv, wl).tokens_per_s_costs(costs)
+        out[depth] = (r.decode_s, r.disk_depth, cf)
+        assert any("one at a time" in lab for lab in r.labels)
+    assert out[4][0] == pytest.approx(out[1][0], rel=1e-9)
+    assert out[4][1] == 1
+    assert out[4][2] == pytest.approx(out[1][2], rel=1e-9)
+
+
+def test_an_expert_run_on_the_cpu_of_a_cpu_device_waits_for_the_model_thread():
+    """on_miss cpu on the CPU device: the runtime runs a missed expert in the model's thread, one
+    after the hit's compute, not beside it. Expert 0 pinned (static-hot), one other missed a
+    step: 0.25 ms compute of the hit + 2 ms CPU run of the miss = 2.25 ms a step (a GPU
+    overlaps them: 2 ms)."""
+    g = make_geometry()
+    steps = [[(0, 1 + t % 3)] for t in range(6)]
+    costs = uniform_costs(g.moe_layers, 4, original_bytes=MB)
+    out = {}
+    for name, hw in (("cpu", cpu_hardware()), ("gpu", make_hardware())):
+        sv = serving_with_cache(g, MB, generated_tokens=6, cache_policy="static-hot",
+                                on_miss="cpu")
+        wl = make_workload(g, sv, traces=trace_df(steps))
+        r = simulate(geometry=g, hardware=hw, serving=sv, costs=costs, workload=wl).result
+        assert (r.hits, r.cpu_expert_runs) == (6, 6)
+        out[name] = r.decode_s
+        cf = ClosedFormModel(hw, g, sv, wl).tokens_per_s_costs(costs)
+        assert cf == pytest.approx(r.tokens_per_s, rel=1e-9), name
+    assert out["gpu"] == pytest.approx(6 * 0.002, rel=1e-9)
+    assert out["cpu"] == pytest.approx(6 * (0.002 + C_S), rel=1e-9)
