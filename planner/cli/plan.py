@@ -255,6 +255,11 @@ def print_plan(doc: dict) -> None:
                    "n/a" if x["layer_s_per_step"] is None else
                    f"{x['layer_s_per_step'] * 1e3:.3f} ms")
     console.print(lt)
+    if doc.get("policy", {}) and _per_matrix(doc["policy"]):
+        from planner.cli.policy import print_policy
+        from profiles.policy import Policy
+
+        print_policy(Policy.from_dict(doc["policy"], "plan policy"), console)
     if doc.get("budgets"):
         parts = []
         for r in doc["budgets"]:
@@ -292,6 +297,12 @@ def print_plan(doc: dict) -> None:
     console.print("All tokens/s are predicted, and drops are predictions for held-out prompts; "
                   "ratios come from the profile "
                   f"({m['profile_source']}).")
+
+
+def _per_matrix(policy_doc: dict) -> bool:
+    levels = [policy_doc.get("default") or {}, *(policy_doc.get("layers") or {}).values(),
+              *(policy_doc.get("experts") or {}).values()]
+    return any("matrices" in v for v in levels if isinstance(v, dict))
 
 
 def _budget(sv: dict, name: str) -> str:

@@ -175,7 +175,7 @@ def layer_digests(loaded, layers) -> dict[int, str]:
         for layer in layers:
             h = hashlib.blake2b(digest_size=16)
             for e in range(loaded.expert_map.experts_per_layer):
-                h.update((policy.spec_for(layer, e).describe() if policy is not None
+                h.update((policy.expert_specs(layer, e).describe() if policy is not None
                           else "stored").encode() + b"|")
             out[layer] = h.hexdigest()
         return out

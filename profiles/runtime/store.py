@@ -358,7 +358,7 @@ class ExpertStore:
         pin = pin and torch.cuda.is_available()
         records: dict[Key, ExpertRecord] = {}
         for i, (layer, expert, tensors) in enumerate(experts):
-            spec = policy.spec_for(layer, expert)
+            spec = policy.expert_specs(layer, expert)
             if encode_device is not None:
                 tensors = {n: t.to(encode_device) for n, t in tensors.items()}
             enc = encode_expert(tensors, spec, digests=False, raw_as=raw_as)
