@@ -55,3 +55,14 @@ def model_kinds(tensor_names) -> tuple[str, ...]:
     """The matrix kinds a model's expert tensors have, in KINDS order."""
     have = {matrix_of(n) for n in tensor_names}
     return tuple(k for k in KINDS if k in have)
+
+
+def matrix_values(expert_tensor_shapes) -> dict[str, int]:
+    """Values of one expert per matrix kind, from its (name, shape) pairs (biases included)."""
+    import math
+
+    out: dict[str, int] = {}
+    for name, shape in expert_tensor_shapes:
+        kind = matrix_of(name)
+        out[kind] = out.get(kind, 0) + math.prod(shape)
+    return out

@@ -287,6 +287,9 @@ def _result(rt: OffloadedRuntime, gen, label: str, policy, dev, serving) -> RunR
 
 def _describe_policy(policy) -> str:
     specs = {s.describe() for s in policy.all_specs()}
+    if not policy.layers and not policy.experts and all(
+            key[:2] == (None, None) for key in policy.matrices):
+        return policy.expert_specs(-1, -1).describe()   # one spec per matrix everywhere
     if len(specs) == 1:
         return next(iter(specs))
     kind = "per-matrix" if policy.per_matrix else "per-layer"
