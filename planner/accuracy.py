@@ -208,6 +208,8 @@ class AccuracyModel:
         self.metric, self.z, self.holm_alpha = metric, float(z), holm_alpha
         df = sensitivity[(sensitivity["surrogate"].astype(str) == surrogate)
                          & (sensitivity["experts"].astype(str) == "all")]
+        if "matrix" in df.columns:   # whole-expert points only (per-matrix ones perturb less)
+            df = df[df["matrix"].fillna("all").astype(str) == "all"]
         if df.empty:
             raise ProfileError(f"sensitivity profile has no rows with surrogate {surrogate!r} and "
                                f"experts 'all'; profile with real codec round trips")
