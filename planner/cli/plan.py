@@ -77,6 +77,9 @@ def plan(
         "bound meets the budget; default 3 on a measured profile, 0 on a synthetic one."),
     simulate_baselines: bool = typer.Option(False, "--simulate-baselines",
                                             help="Also simulate every baseline."),
+    per_matrix: bool = typer.Option(False, "--per-matrix", help="A level per (layer, matrix): "
+                                    "gate_up and down each get their own spec (needs a profile "
+                                    "made with `profile model --per-matrix`)."),
     cache_allocation: bool = typer.Option(False, "--cache-allocation",
                                           help="Also search the per-layer cache allocation."),
     plots: Optional[str] = typer.Option(None, "--plots",
@@ -137,7 +140,7 @@ def plan(
                       sampler=sampler, space=space, z=float(norm.ppf(confidence)), rerank=rerank,
                       simulate_baselines=simulate_baselines, cache_allocation=cache_allocation,
                       placement_traces=placement_traces, verify=verify,
-                      more_budgets=tuple(budgets[1:]),
+                      more_budgets=tuple(budgets[1:]), per_matrix=per_matrix,
                       command="moesz plan " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
     with Progress(transient=True, disable=as_json) as bar:
         task = bar.add_task("planning", total=None)
