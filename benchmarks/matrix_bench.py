@@ -4,6 +4,9 @@
         per layer and level: the content change (points, mean over tasks, 95 % paired interval)
         and KL (nats per token, 95 % bootstrap interval) of perturbing only gate_up, only down,
         and the whole expert; then the compression ratio of each matrix kind (measured)
+    python benchmarks/matrix_bench.py bytes DIR HIDDEN INTER EXPERTS
+        a random-weight Mixtral-shaped checkpoint packed under a per-matrix policy, against the
+        simulator's predicted stored bytes
     python benchmarks/matrix_bench.py plans PLAN.json [PLAN.json ...] [--validation V.json ...]
         predicted tokens/s, stored expert bytes and the drop of each plan (and the measured drop
         of its validation file, in the same order)
@@ -101,10 +104,64 @@ def plans(args: list[str]) -> None:
                   f"per expert | | |")
 
 
+def bytes_side(out_dir: str, hidden: int, inter: int, experts: int) -> None:
+    """A random-weight Mixtral-shaped checkpoint: a per-matrix policy (gate_up szp:1, down szp:3)
+    packed for real, against the simulator's stored bytes from the checkpoint's own per-matrix
+    ratios (`profile model --ratios-only --per-matrix`) and from synthetic ratios."""
+    import time
+
+    from profiles.hardware import load_hardware
+    from profiles.models.random_checkpoint import write_random_checkpoint
+    from profiles.packed import pack
+    from profiles.policy import Policy, StorageSpec
+    from profiles.profiling import ProfileRequest
+    from profiles.profiling.profiler import profile_ratios
+    from profiles.serving import ServingConfig
+    from sim.costs import build_costs
+    from sim.ratios import RatioTable, SyntheticRatios
+
+    out = Path(out_dir)
+    ckpt = out / "ckpt"
+    if not (ckpt / "config.json").exists():
+        write_random_checkpoint(ckpt, "mixtral", layers=1, shards=1, hidden_size=hidden,
+                                intermediate_size=inter, num_local_experts=experts,
+                                num_attention_heads=8, num_key_value_heads=8)
+    policy = Policy(default=StorageSpec.parse("szp:meanabs:1"),
+                    matrices={(None, None, "down"): StorageSpec.parse("szp:meanabs:3")})
+    t = time.perf_counter()
+    packed = pack(str(ckpt), policy, out / "packed")
+    pack_s = time.perf_counter() - t
+    frame, ratio_s = profile_ratios(ProfileRequest(model=str(ckpt), out=out / "prof",
+                                                   codecs="szp", levels="1,3", per_matrix=True,
+                                                   ratio_sample=experts))
+    g = packed.geometry
+    hw, sv = load_hardware("preset:h200-published"), ServingConfig(gpu_mem_fraction=0.25)
+    rows = []
+    whole = frame[frame.matrix == "all"]
+    for name, ratios in (("profile's per-matrix ratios", RatioTable(frame, "ratios")),
+                         ("the whole expert's ratio for each matrix's spec (a profile without "
+                          "per-matrix rows)", RatioTable(whole, "ratios")),
+                         ("synthetic ratios (Gaussian weights)", SyntheticRatios())):
+        costs = build_costs(g, policy, hw, sv, ratios)
+        rows.append((name, int(costs.stored_bytes.sum())))
+    print(f"machine: {describe()}")
+    print(f"random mixtral-shaped checkpoint: hidden {hidden}, expert width {inter}, {experts} "
+          f"experts x 1 MoE layer, bf16 ({g.bytes_per_expert:,} B an expert); policy gate_up "
+          f"szp:meanabs:1, down szp:meanabs:3; pack {pack_s:.1f} s, ratios {ratio_s:.1f} s wall\n")
+    print("| stored expert bytes | bytes | vs packed |")
+    print("|---|---|---|")
+    measured = packed.stored_expert_bytes
+    print(f"| packed (measured, `moesz pack`) | {measured:,} | 1 |")
+    for name, b in rows:
+        print(f"| predicted by the simulator, {name} | {b:,} | {b / measured:.4f} |")
+
+
 if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "sensitivity":
         sensitivity(sys.argv[2])
     elif len(sys.argv) >= 3 and sys.argv[1] == "plans":
         plans(sys.argv[2:])
+    elif len(sys.argv) == 6 and sys.argv[1] == "bytes":
+        bytes_side(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
     else:
         sys.exit(__doc__)
