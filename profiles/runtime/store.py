@@ -326,7 +326,8 @@ class ExpertStore:
         from profiles.packed.records import shipped_spec
 
         emap = loaded.expert_map
-        policy.check(emap.moe_layers, emap.experts_per_layer, loaded.fingerprint)
+        policy.check(emap.moe_layers, emap.experts_per_layer, loaded.fingerprint,
+                     tensor_names=[n for n, _ in emap.expert_tensor_shapes])
         if getattr(loaded, "offload", None) is not None:
             from profiles.errors import ConfigError
 

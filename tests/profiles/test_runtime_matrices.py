@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from profiles.errors import PolicyError
 from profiles.models import load_model
 from profiles.packed import pack, read_packed
 from profiles.policy import Policy, StorageSpec, apply_policy
@@ -84,3 +85,11 @@ def test_each_matrix_decodes_with_its_own_codec_to_the_round_trip_weights(models
                                        ref.tensors[t.name].contiguous().view(torch.uint8))
     entry = next(e for e in ckpt.experts if e.layer == 1)
     assert entry.spec == "gate_up=lossless,zstd_level=3;down=rtn8"
+
+
+def test_the_runtime_refuses_gate_on_a_model_that_fuses_gate_and_up(models):
+    lm = models("olmoe")
+    ids = synthetic_prompt(1, PROMPT, lm.geometry.vocab_size, seed=1)
+    policy = Policy(matrices={(None, None, "gate"): StorageSpec.parse("rtn8")})
+    with pytest.raises(PolicyError, match="stores gate and up fused.*use 'gate_up'"):
+        measure_throughput(lm, policy, _serving(), prompt_ids=ids, device="cpu")
