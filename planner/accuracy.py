@@ -41,6 +41,7 @@ Z95 = 1.959963984540054  # two-sided 95 % interval half-width in standard errors
 Z_ONE_SIDED_95 = 1.6448536269514722
 RAW = "raw"
 EXACT_CODECS = ("raw", "lossless")  # bit-exact: the model is unchanged
+MATRIX_KINDS = ("gate_up", "down")  # the matrices `--per-matrix` plans a level for
 
 
 def spec_label(codec: str, mode, level, options=None) -> str:
@@ -192,6 +193,8 @@ class AccuracyModel:
         z: one-sided standard-normal quantile of the feasibility bound (1.645 = 95 %).
         holm_alpha: family-wise error rate of the Holm gate on gains.
         surrogate: which rows to use (`none` = real codec round trips).
+        matrix: which points to use: `all` (whole experts, default), or `gate_up` / `down` (the
+            points of `profile model --per-matrix` that perturbed only that matrix).
 
     Raises:
         ConfigError: an unknown metric or a non-positive z.
@@ -200,7 +203,8 @@ class AccuracyModel:
 
     def __init__(self, sensitivity: pd.DataFrame, metric: str = "content",
                  z: float = Z_ONE_SIDED_95, holm_alpha: float = 0.05,
-                 surrogate: str = "none", tasks: list[str] | None = None) -> None:
+                 surrogate: str = "none", tasks: list[str] | None = None,
+                 matrix: str = "all") -> None:
         if metric not in METRICS:
             raise ConfigError(f"--metric {metric!r} is unknown; choose {', '.join(METRICS)}")
         if not (isinstance(z, (int, float)) and math.isfinite(z) and z >= 0):
@@ -208,6 +212,16 @@ class AccuracyModel:
         self.metric, self.z, self.holm_alpha = metric, float(z), holm_alpha
         df = sensitivity[(sensitivity["surrogate"].astype(str) == surrogate)
                          & (sensitivity["experts"].astype(str) == "all")]
+        if "matrix" in df.columns:   # whole-expert points, or one matrix kind's
+            df = df[df["matrix"].fillna("all").astype(str) == matrix]
+        elif matrix != "all":
+            df = df.iloc[0:0]
+        if df.empty and matrix != "all":
+            raise ProfileError(f"the profile has no per-matrix rows ({matrix} only); profile with "
+                               f"`moesz profile model --per-matrix` to plan per matrix")
+        self.matrix = matrix
+        self.matrix_models: dict[str, "AccuracyModel"] = {}
+        self._args = (metric, z, holm_alpha, surrogate, tasks)
         if df.empty:
             raise ProfileError(f"sensitivity profile has no rows with surrogate {surrogate!r} and "
                                f"experts 'all'; profile with real codec round trips")
@@ -369,8 +383,38 @@ class AccuracyModel:
         """Choices with a single-layer row at `layer` (raw is always available)."""
         return sorted({lab for (lay, lab) in self.effects if lay == layer})
 
+    def attach_matrices(self, sensitivity: pd.DataFrame) -> None:
+        """Add the per-matrix models (`gate_up`, `down`) from the profile's per-matrix points, so
+        `effect` answers per-matrix labels (`gate_up=A;down=B`).
+
+        Raises:
+            ProfileError: the profile has no per-matrix rows (one line naming `--per-matrix`).
+        """
+        metric, z, holm, surrogate, tasks = self._args
+        self.matrix_models = {m: AccuracyModel(sensitivity, metric, z, holm, surrogate, tasks,
+                                               matrix=m) for m in MATRIX_KINDS}
+        self.notes = list(self.notes) + [
+            "per matrix: a level per (layer, matrix); the drop of a layer whose gate_up and down "
+            "differ is the sum of the two matrices' single-matrix drops (variances added; "
+            "additivity over matrices assumed, as over layers); equal levels use the whole-expert "
+            "row"]
+
     def effect(self, layer: int, label: str) -> tuple[float, float] | None:
-        """(mu, sigma) of a choice at a layer; (0, 0) for bit-exact codecs; None when unprofiled."""
+        """(mu, sigma) of a choice at a layer; (0, 0) for bit-exact codecs; None when unprofiled.
+        A per-matrix label `gate_up=A;down=B` (with `attach_matrices`) adds the single-matrix
+        effects of A on gate_up and B on down."""
+        if ";" in label and self.matrix_models:
+            parts = dict(p.split("=", 1) for p in label.split(";"))
+            mu = var = 0.0
+            for kind in MATRIX_KINDS:
+                lab = parts.get(kind, RAW)
+                if lab.split(",")[0] in EXACT_CODECS:
+                    continue
+                e = self.matrix_models[kind].effects.get((layer, lab))
+                if e is None:
+                    return None
+                mu, var = mu + e.drop, var + e.sd ** 2
+            return mu, math.sqrt(var)
         if label.split(",")[0] in EXACT_CODECS:
             return 0.0, 0.0
         e = self.effects.get((layer, label))

@@ -8,6 +8,11 @@ closed-form cost model (`sim.closed_form`). When the closed form is separable ov
 experts decompressed or a per-layer cache, and no host budget), step time = fixed + sum of the
 layer times exactly; otherwise the table holds the marginal step time of each choice around a
 reference assignment (a linearization, refreshed by the caller) and says so.
+
+Per matrix (`plan --per-matrix`), a choice is a pair: a spec for `gate_up` and one for `down`
+(`MatrixChoice`), every pair of the profiled levels and raw, so the search and the MILP pick a
+level per (layer, matrix) through the same one-choice-per-layer machinery; a pair's bytes and
+decode time are its matrices' (`sim.costs`), its drop the sum of the single-matrix drops.
 """
 
 from __future__ import annotations
@@ -20,6 +25,25 @@ import numpy as np
 from planner.accuracy import AccuracyModel
 from profiles.errors import ConfigError, MoeszError
 from profiles.policy import Policy, StorageSpec
+
+
+@dataclass(frozen=True)
+class MatrixChoice:
+    """A per-matrix choice: `gate_up` and `down` stored differently. `codec` is "per-matrix" so
+    the uniform baselines, which look for one codec's levels, pass it by."""
+
+    gate_up: StorageSpec
+    down: StorageSpec
+    codec = "per-matrix"
+    mode = None
+    level = None
+
+    def describe(self) -> str:
+        return f"gate_up={self.gate_up.describe()};down={self.down.describe()}"
+
+    def layer_policy(self, layer: int) -> tuple[dict, dict]:
+        """(layers, matrices) entries of a Policy storing `layer` this way."""
+        return {layer: self.gate_up}, {(layer, None, "down"): self.down}
 
 
 @dataclass(frozen=True)
@@ -64,8 +88,8 @@ class ChoiceTable:
 
     def policy(self, choice: Sequence[int], fingerprint: str | None = None) -> Policy:
         """The `Policy` of an assignment (raw layers are left to the raw default)."""
-        layers = {layer: self.specs[c] for layer, c in zip(self.moe_layers, choice) if c != 0}
-        return Policy(fingerprint=fingerprint, default=StorageSpec("raw"), layers=layers)
+        return _policy({layer: self.specs[c] for layer, c in zip(self.moe_layers, choice)
+                        if c != 0}, fingerprint)
 
     def inputs(self, choices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Closed-form inputs (bytes, GB/s, cpu flags) `[n, L]` of assignments `[n, L]`."""
@@ -114,9 +138,23 @@ def default_codecs(accuracy: AccuracyModel, hardware: Any, serving: Any, host_bi
     return out
 
 
+def _policy(per_layer: dict, fingerprint: str | None = None) -> Policy:
+    """A Policy from {layer: StorageSpec or MatrixChoice}; other layers raw."""
+    layers, matrices = {}, {}
+    for layer, spec in per_layer.items():
+        if isinstance(spec, MatrixChoice):
+            lay, mat = spec.layer_policy(layer)
+            layers.update(lay)
+            matrices.update(mat)
+        else:
+            layers[layer] = spec
+    return Policy(fingerprint=fingerprint, default=StorageSpec("raw"), layers=layers,
+                  matrices=matrices)
+
+
 def build_table(*, accuracy: AccuracyModel, geometry: Any, ratios: Any, hardware: Any,
                 serving: Any, closed_form: Any, codecs: Sequence[str],
-                reference: np.ndarray | None = None) -> ChoiceTable:
+                reference: np.ndarray | None = None, per_matrix: bool = False) -> ChoiceTable:
     """The choice table for the given codecs (every profiled level of each), plus raw.
 
     Args:
@@ -126,6 +164,8 @@ def build_table(*, accuracy: AccuracyModel, geometry: Any, ratios: Any, hardware
         codecs: codec names to consider.
         reference: for a non-separable closed form, the assignment to linearize around
             (default: all raw).
+        per_matrix: also every pair of different specs for gate_up and down (`MatrixChoice`);
+            needs `accuracy.attach_matrices`.
 
     Raises:
         ConfigError: a requested codec has no profiled single-layer rows.
@@ -143,6 +183,8 @@ def build_table(*, accuracy: AccuracyModel, geometry: Any, ratios: Any, hardware
         raise ConfigError(f"--codecs: the profile has no single-layer sensitivity rows for "
                           f"{', '.join(missing)}; profiled codecs: {', '.join(have) or 'none'}")
     specs = [StorageSpec("raw")] + [StorageSpec.parse(lab) for lab in labels]
+    if per_matrix:
+        specs += [MatrixChoice(g, d) for g in specs for d in specs if g != d]
     C = len(specs)
     mu = np.full((L, C), np.nan)
     var = np.full((L, C), np.nan)
@@ -165,7 +207,9 @@ def build_table(*, accuracy: AccuracyModel, geometry: Any, ratios: Any, hardware
             if eff is None:
                 continue
             try:
-                ratios.ratio(layer, spec, geometry)
+                for s in ((spec.gate_up, spec.down) if isinstance(spec, MatrixChoice)
+                          else (spec,)):
+                    ratios.ratio(layer, s, geometry)
             except MoeszError:
                 continue
             ok_layers[layer] = spec
@@ -173,8 +217,7 @@ def build_table(*, accuracy: AccuracyModel, geometry: Any, ratios: Any, hardware
         if not ok_layers:
             notes.append(f"{label}: no layer has both a sensitivity row and a ratio; skipped")
             continue
-        costs = build_costs(geometry, Policy(default=StorageSpec("raw"), layers=ok_layers),
-                            hardware, serving, ratios)
+        costs = build_costs(geometry, _policy(ok_layers), hardware, serving, ratios)
         bb, gg, cc = closed_form.inputs_from_costs(costs)
         for pos, layer in enumerate(moe):
             if layer in ok_layers:

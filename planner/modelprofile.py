@@ -16,7 +16,7 @@ import pandas as pd
 
 from profiles.errors import ProfileError
 from profiles.fileio import read_versioned_json
-from profiles.profiling.format import KIND, SCHEMA_VERSION, read_table
+from profiles.profiling.format import KIND, SCHEMA_VERSION, read_table, with_matrix_column
 
 SENSITIVITY_COLUMNS = (
     "target", "target_kind", "layers", "experts", "codec", "mode", "level", "surrogate", "task",
@@ -90,8 +90,8 @@ def load_profile(path: str | Path) -> ModelProfile:
             raise ProfileError(f"{path / name}: missing; the planner needs ratios, sensitivity and "
                                f"traces (rerun `moesz profile model` to complete the profile)")
     source = load_model_source(str(path))
-    sens = read_table(path / "sensitivity.parquet", SENSITIVITY_COLUMNS)
-    rows = read_table(path / "ratios.parquet", RATIO_COLUMNS)
+    sens = with_matrix_column(read_table(path / "sensitivity.parquet", SENSITIVITY_COLUMNS))
+    rows = with_matrix_column(read_table(path / "ratios.parquet", RATIO_COLUMNS))
     if sens.empty:
         raise ProfileError(f"{path / 'sensitivity.parquet'}: no rows; the sensitivity sweep has "
                            f"not run (rerun `moesz profile model`)")

@@ -63,6 +63,8 @@ class PlanRequest:
         verify: measure this many candidates for real on the profile split (`planner.verify`)
             and plan the fastest whose measured bound meets the budget; None: DEFAULT_VERIFY
             on a measured profile, 0 on a synthetic one (it has no model to measure).
+        per_matrix: plan a level per (layer, matrix): gate_up and down each get a spec
+            (`planner.choices.MatrixChoice`); needs a profile made with `--per-matrix`.
         more_budgets: further (metric, value) budgets every plan must also meet: the search
             runs on the first, the others are checked on its candidates (predicted, or
             measured when verified); the plan says which budget binds.
@@ -88,6 +90,7 @@ class PlanRequest:
     command: str = ""
     verify: int | None = 0
     more_budgets: tuple[tuple[str, Any], ...] = ()
+    per_matrix: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,8 @@ def _infeasible_message(table: ChoiceTable, accuracy: AccuracyModel, budget: flo
 def _study_name(req: PlanRequest, prof: ModelProfile, hw_sha: str | None, codecs) -> str:
     parts = [prof.fingerprint, req.budget, req.metric, list(codecs), req.serving.to_dict(), hw_sha,
              req.sampler, req.space, req.seed, req.z, req.cache_allocation]
+    if req.per_matrix:   # only when asked, so studies made without it keep their names
+        parts.append("per-matrix")
     if req.placement_traces:  # only when given, so studies made without it keep their names
         parts.append(hashlib.sha256(Path(req.placement_traces).read_bytes()).hexdigest()
                      if Path(req.placement_traces).is_file() else req.placement_traces)
@@ -225,6 +230,8 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
     base_metric, metric_tasks, metrics = resolve_metric(req.metric, prof)
     budget = budget_value(req.budget, req.metric)
     accuracy = AccuracyModel(prof.sensitivity, base_metric, z=req.z, tasks=metric_tasks)
+    if req.per_matrix:
+        accuracy.attach_matrices(prof.sensitivity)
     more = [make_budget(m, v, prof, req.z) for m, v in req.more_budgets]
     constraint = accuracy.constraint(budget)
     cf = ClosedFormModel(hw, prof.geometry, req.serving, _workload(req, prof))
@@ -242,7 +249,7 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
     def build(reference=None) -> ChoiceTable:
         return build_table(accuracy=accuracy, geometry=prof.geometry, ratios=prof.ratios,
                            hardware=hw, serving=req.serving, closed_form=cf, codecs=codecs,
-                           reference=reference)
+                           reference=reference, per_matrix=req.per_matrix)
 
     t = time.perf_counter()
     table = build()

@@ -58,7 +58,10 @@ def from_candidate(c, table: ChoiceTable, accuracy, cf, prof, serving) -> Option
                        "drop": float(table.mu[pos, k]), "drop_sd": math.sqrt(table.var[pos, k]),
                        "stored_bytes_per_expert": float(table.stored_bytes[pos, k]),
                        "ratio": float(cf.original_bytes / table.stored_bytes[pos, k]),
-                       "layer_s_per_step": float(table.layer_s[pos, k])})
+                       "layer_s_per_step": float(table.layer_s[pos, k]),
+                       **({"matrices": {"gate_up": spec.gate_up.describe(),
+                                        "down": spec.down.describe()}}
+                          if hasattr(spec, "gate_up") else {})})
     return Option(f"search trial {c.trial}", table.policy(c.choice, prof.fingerprint),
                    serving_for(serving, c), c.tokens_per_s, accuracy.predict_sums(c.M, c.V),
                    c.host_bytes, layers, trial=c.trial)

@@ -1,7 +1,12 @@
 """Storage policies: how each routed expert is stored for transfer, and applying one to a model.
 
 A `Policy` gives every routed expert a `StorageSpec` (codec, bound mode, level, codec options): a
-default, per-layer overrides and per-expert overrides, most specific first. It is the one format
+default, per-layer overrides and per-expert overrides, most specific first. Each level may also
+override single matrices of the expert (`matrices`: `gate_up`, `down`, and `gate`/`up` where a
+model keeps them separate; `profiles.matrices`): for a matrix, the expert level's matrix entry,
+then the expert level's spec, then the layer's matrix entry, the layer's spec, the default's
+matrix entry, the default. Schema version 2 (version-1 files, which have no `matrices`, read
+unchanged). It is the one format
 every later command reads (`--policy FILE` accepts a policy file or a plan file holding one under
 the key "policy"), versioned and tied to a model by its fingerprint.
 
@@ -30,7 +35,8 @@ from profiles.errors import MoeszError, PolicyError
 from profiles.fileio import atomic_write_json
 
 KIND = "policy"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READ_VERSIONS = (1, 2)   # version 1: no `matrices` entries
 # documents that carry a policy under the key "policy", and the schema version this moesz writes
 # (a plan is `planner.plan`'s document; it takes its version from here, the lower package)
 PLAN_KIND, PLAN_SCHEMA_VERSION = "plan", 1
@@ -114,23 +120,142 @@ class StorageSpec:
         unknown = set(d) - {"codec", "mode", "level", "codec_options"}
         if unknown:
             raise PolicyError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; valid: "
-                              f"codec, mode, level, codec_options")
-        return cls(d["codec"], d.get("mode"), d.get("level"), d.get("codec_options") or {})
+                              f"codec, mode, level, codec_options (and matrices in a policy)")
+        try:
+            return cls(d["codec"], d.get("mode"), d.get("level"), d.get("codec_options") or {})
+        except PolicyError as exc:
+            raise PolicyError(f"{where}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class ExpertSpecs:
+    """How each matrix of one expert is stored: a `StorageSpec` per matrix kind (all of
+    `profiles.matrices.KINDS`; `gate` and `up` equal `gate_up` unless a policy names them)."""
+
+    gate_up: StorageSpec
+    down: StorageSpec
+    gate: StorageSpec
+    up: StorageSpec
+
+    def for_matrix(self, kind: str) -> StorageSpec:
+        return getattr(self, kind)
+
+    def for_tensor(self, name: str) -> StorageSpec:
+        """The spec of an expert tensor by its name (`down_proj`, `w1.weight`, ...)."""
+        from profiles.matrices import matrix_of
+
+        return getattr(self, matrix_of(name))
+
+    @property
+    def uniform(self) -> StorageSpec | None:
+        """The one spec of every matrix, or None when matrices differ."""
+        specs = {self.gate_up, self.down, self.gate, self.up}
+        return self.gate_up if len(specs) == 1 else None
+
+    def describe(self) -> str:
+        """The spec's text when every matrix shares it, else `gate_up=...;down=...` (gate and up
+        listed only where they differ from gate_up)."""
+        if self.uniform is not None:
+            return self.uniform.describe()
+        parts = [("gate_up", self.gate_up)]
+        parts += [(k, getattr(self, k)) for k in ("gate", "up") if getattr(self, k) != self.gate_up]
+        parts.append(("down", self.down))
+        return ";".join(f"{k}={v.describe()}" for k, v in parts)
+
+    def specs(self) -> set[StorageSpec]:
+        return {self.gate_up, self.down, self.gate, self.up}
+
+
+def spec_of_tensor(spec, name: str) -> StorageSpec:
+    """The StorageSpec for tensor `name` under `spec` (a StorageSpec or an ExpertSpecs)."""
+    return spec.for_tensor(name) if isinstance(spec, ExpertSpecs) else spec
 
 
 @dataclass(frozen=True)
 class Policy:
-    """Per-expert storage: `experts[(layer, expert)]`, else `layers[layer]`, else `default`."""
+    """Per-expert storage: `experts[(layer, expert)]`, else `layers[layer]`, else `default`;
+    per matrix, `matrices[(layer, expert, kind)]` (layer and expert None at the default level,
+    expert None at a layer's) is searched before each level's spec."""
 
     schema_version: int = SCHEMA_VERSION
     fingerprint: str | None = None
     default: StorageSpec = field(default_factory=StorageSpec)
     layers: Mapping[int, StorageSpec] = field(default_factory=dict)
     experts: Mapping[tuple[int, int], StorageSpec] = field(default_factory=dict)
+    matrices: Mapping[tuple[int | None, int | None, str], StorageSpec] = field(
+        default_factory=dict)
 
-    def spec_for(self, layer: int, expert: int) -> StorageSpec:
-        spec = self.experts.get((layer, expert))
-        return spec if spec is not None else self.layers.get(layer, self.default)
+    def __post_init__(self) -> None:
+        from profiles.matrices import check_kind
+
+        for lay, e, kind in self.matrices:
+            where = "policy default" if lay is None else (
+                f"policy layer {lay}" if e is None else f"policy expert {lay}:{e}")
+            check_kind(kind, where)
+
+    def spec_for(self, layer: int, expert: int, matrix: str | None = None) -> StorageSpec:
+        """The spec of an expert (matrix None: the levels' own specs, matrix entries ignored)
+        or of one of its matrices."""
+        if matrix is None or not self.matrices:
+            spec = self.experts.get((layer, expert))
+            return spec if spec is not None else self.layers.get(layer, self.default)
+        from profiles.matrices import lookup_order
+
+        names = lookup_order(matrix)
+        for key, base in (((layer, expert), self.experts.get((layer, expert))),
+                          ((layer, None), self.layers.get(layer)),
+                          ((None, None), self.default)):
+            for m in names:
+                spec = self.matrices.get((*key, m))
+                if spec is not None:
+                    return spec
+            if base is not None:
+                return base
+        return self.default
+
+    def expert_specs(self, layer: int, expert: int) -> ExpertSpecs:
+        """The spec of each matrix of one expert."""
+        from profiles.matrices import KINDS
+
+        return ExpertSpecs(*(self.spec_for(layer, expert, k) for k in KINDS))
+
+    @property
+    def per_matrix(self) -> bool:
+        """Whether any matrix is stored differently from its expert."""
+        return bool(self.matrices)
+
+    def all_specs(self) -> set[StorageSpec]:
+        """Every StorageSpec the policy names, matrix entries included."""
+        return {self.default, *self.layers.values(), *self.experts.values(),
+                *self.matrices.values()}
+
+    def matrix_table(self) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+        """(columns, rows): the spec of each matrix at the default, at each layer and at each
+        expert the policy names (experts and layers it does not name take the row above them).
+        Columns are `where` and the matrix kinds: `gate_up`, `down`, plus `gate` and `up` when
+        the policy names them."""
+        named = {k for _, _, k in self.matrices}
+        kinds = ("gate_up", "down") + tuple(k for k in ("gate", "up") if k in named)
+        layers = sorted(set(self.layers) | {lay for lay, _, _ in self.matrices if lay is not None})
+        experts = sorted(set(self.experts) | {(lay, e) for lay, e, _ in self.matrices
+                                              if e is not None})
+        rows = [("default", *(self._level_spec(None, None, k).describe() for k in kinds))]
+        rows += [(f"layer {lay}", *(self._level_spec(lay, None, k).describe() for k in kinds))
+                 for lay in layers]
+        rows += [(f"expert {lay}:{e}", *(self.spec_for(lay, e, k).describe() for k in kinds))
+                 for lay, e in experts]
+        return ("where", *kinds), rows
+
+    def _level_spec(self, layer: int | None, expert: int | None, kind: str) -> StorageSpec:
+        """A matrix's spec for a layer's experts that have no expert-level entry."""
+        if layer is None:
+            from profiles.matrices import lookup_order
+
+            for m in lookup_order(kind):
+                if (None, None, m) in self.matrices:
+                    return self.matrices[(None, None, m)]
+            return self.default
+        return self.spec_for(layer, -1, kind)
 
     @classmethod
     def uniform(cls, codec: str, mode: str | None = None, level: float | None = None,
@@ -145,32 +270,59 @@ class Policy:
 
     def with_fingerprint(self, fingerprint: str | None) -> "Policy":
         return Policy(self.schema_version, fingerprint, self.default, dict(self.layers),
-                      dict(self.experts))
+                      dict(self.experts), dict(self.matrices))
 
     def check(self, moe_layers, experts_per_layer: int, fingerprint: str | None,
-              where: str = "policy") -> None:
-        """Raise PolicyError unless this policy fits a model with these layers and fingerprint."""
+              where: str = "policy", tensor_names=None) -> None:
+        """Raise PolicyError unless this policy fits a model with these layers and fingerprint
+        (and, given the names of one expert's tensors, matrices the model has)."""
         from profiles.models.fingerprint import fingerprint_mismatch
 
         reason = fingerprint_mismatch(self.fingerprint, fingerprint, where)
         if reason:
             raise PolicyError(f"{reason}; make a policy for this model")
         moe = set(moe_layers)
-        for layer in list(self.layers) + [lay for lay, _ in self.experts]:
+        named = list(self.layers) + [lay for lay, _ in self.experts]
+        named += [lay for lay, _, _ in self.matrices if lay is not None]
+        for layer in named:
             if layer not in moe:
                 raise PolicyError(f"{where} names layer {layer}, which is not an MoE layer of this "
                                   f"model (MoE layers: {_ranges(moe)})")
-        for layer, expert in self.experts:
+        pairs = list(self.experts) + [(lay, e) for lay, e, _ in self.matrices if e is not None]
+        for layer, expert in pairs:
             if not 0 <= expert < experts_per_layer:
                 raise PolicyError(f"{where} names expert {expert} of layer {layer}; this model "
                                   f"has experts 0-{experts_per_layer - 1}")
+        if tensor_names is not None and self.matrices:
+            from profiles.matrices import model_kinds
+
+            have = model_kinds(tensor_names)
+            for kind in sorted({k for _, _, k in self.matrices} - set(have)):
+                fused = kind in ("gate", "up") and "gate_up" in have
+                raise PolicyError(
+                    f"{where} names matrix {kind!r}, which this model's experts do not have "
+                    + ("(it stores gate and up fused as gate_up_proj); use 'gate_up'"
+                       if fused else f"; its matrices: {', '.join(have)}"))
 
     def to_dict(self) -> dict:
-        return {"kind": KIND, "schema_version": self.schema_version,
-                "fingerprint": self.fingerprint, "default": self.default.to_dict(),
-                "layers": {str(k): v.to_dict() for k, v in sorted(self.layers.items())},
-                "experts": {f"{lay}:{e}": v.to_dict()
-                            for (lay, e), v in sorted(self.experts.items())}}
+        def level(base: StorageSpec | None, key) -> dict:
+            out = base.to_dict() if base is not None else {}
+            mats = {m: v.to_dict() for (lay, e, m), v in sorted(
+                self.matrices.items(), key=lambda kv: str(kv[0])) if (lay, e) == key}
+            if mats:
+                out["matrices"] = mats
+            return out
+
+        layer_keys = sorted(set(self.layers) | {lay for lay, e, _ in self.matrices
+                                                if lay is not None and e is None})
+        expert_keys = sorted(set(self.experts) | {(lay, e) for lay, e, _ in self.matrices
+                                                  if e is not None})
+        return {"kind": KIND, "schema_version": SCHEMA_VERSION,
+                "fingerprint": self.fingerprint,
+                "default": level(self.default, (None, None)),
+                "layers": {str(k): level(self.layers.get(k), (k, None)) for k in layer_keys},
+                "experts": {f"{lay}:{e}": level(self.experts.get((lay, e)), (lay, e))
+                            for lay, e in expert_keys}}
 
     @classmethod
     def from_dict(cls, d: Mapping, where: str = "policy") -> "Policy":
@@ -178,22 +330,56 @@ class Policy:
             raise PolicyError(f"{where}: expected a JSON object")
         if d.get("kind", KIND) != KIND:
             raise PolicyError(f"{where}: field 'kind' is {d.get('kind')!r}, expected {KIND!r}")
-        if d.get("schema_version") != SCHEMA_VERSION:
-            raise PolicyError(f"{where}: schema_version is {d.get('schema_version')!r}, expected "
-                              f"{SCHEMA_VERSION}; regenerate it with this version of moesz")
+        version = d.get("schema_version")
+        if version not in READ_VERSIONS:
+            raise PolicyError(f"{where}: schema_version is {version!r}, expected "
+                              f"{' or '.join(map(str, READ_VERSIONS))}; regenerate it with this "
+                              f"version of moesz")
+        matrices: dict[tuple[int | None, int | None, str], StorageSpec] = {}
+
+        def level(v, key, label: str, needs_base: bool = False) -> StorageSpec | None:
+            from profiles.matrices import check_kind
+
+            if not isinstance(v, Mapping):
+                raise PolicyError(f"{label}: expected an object with 'codec' (and 'mode', "
+                                  f"'level')")
+            v = dict(v)
+            mats = v.pop("matrices", None)
+            if mats is not None:
+                if version == 1:
+                    raise PolicyError(f"{label}: 'matrices' needs schema_version 2; set "
+                                      f"\"schema_version\": 2")
+                if not isinstance(mats, Mapping) or not mats:
+                    raise PolicyError(f"{label}: 'matrices' must map matrix names to storage "
+                                      f"specs, e.g. {{\"down\": {{\"codec\": \"rtn8\"}}}}")
+                for m, spec in mats.items():
+                    check_kind(str(m), label)
+                    matrices[(*key, str(m))] = StorageSpec.from_dict(
+                        spec, f"{label} matrix {m}")
+            if not v and mats is not None and not needs_base:
+                return None   # only matrix entries at this level
+            return StorageSpec.from_dict(v, label)
+
         try:
-            layers = {int(k): StorageSpec.from_dict(v, f"{where} layer {k}")
-                      for k, v in (d.get("layers") or {}).items()}
+            layers = {}
+            for k, v in (d.get("layers") or {}).items():
+                spec = level(v, (int(k), None), f"{where} layer {k}")
+                if spec is not None:
+                    layers[int(k)] = spec
             experts = {}
             for k, v in (d.get("experts") or {}).items():
                 lay, _, e = str(k).partition(":")
-                experts[(int(lay), int(e))] = StorageSpec.from_dict(v, f"{where} expert {k}")
+                spec = level(v, (int(lay), int(e)), f"{where} expert {k}")
+                if spec is not None:
+                    experts[(int(lay), int(e))] = spec
         except ValueError:
             raise PolicyError(f"{where}: layer keys must be integers and expert keys "
                               f"'LAYER:EXPERT', e.g. '3' and '3:5'") from None
-        return cls(SCHEMA_VERSION, d.get("fingerprint"),
-                   StorageSpec.from_dict(d.get("default") or {"codec": "raw"}, f"{where} default"),
-                   layers, experts)
+        default = d.get("default") or {"codec": "raw"}
+        if isinstance(default, Mapping) and "codec" not in default:
+            default = {"codec": "raw", **default}
+        default = level(default, (None, None), f"{where} default", needs_base=True)
+        return cls(SCHEMA_VERSION, d.get("fingerprint"), default, layers, experts, matrices)
 
     def save(self, path) -> None:
         atomic_write_json(path, self.to_dict())
@@ -290,7 +476,8 @@ def apply_policy(loaded, policy: Policy, surrogate: str | None = None, seed: int
                           f"or none for real codec round trips")
     geometry = loaded.geometry
     emap = loaded.expert_map
-    policy.check(emap.moe_layers, emap.experts_per_layer, loaded.fingerprint)
+    policy.check(emap.moe_layers, emap.experts_per_layer, loaded.fingerprint,
+                 tensor_names=[n for n, _ in geometry.expert_tensor_shapes])
     if getattr(loaded, "offload", None) is not None:
         with _offloaded_policy(loaded, policy, surrogate, progress) as report:
             yield report
@@ -298,9 +485,10 @@ def apply_policy(loaded, policy: Policy, surrogate: str | None = None, seed: int
     restorer, rows, raw_sizes = WeightRestorer(), [], {}
     try:
         for i, ref in enumerate(emap.experts):
-            spec = policy.spec_for(ref.layer, ref.expert)
+            specs = policy.expert_specs(ref.layer, ref.expert)
             stored, bounds = 0, []
             for name, t in ref.tensors.items():
+                spec = specs.for_tensor(name)
                 args = dict(codec=spec.codec, mode=spec.mode, level=spec.level,
                             **spec.codec_options)
                 if surrogate is not None and spec.error_bounded:
@@ -320,7 +508,7 @@ def apply_policy(loaded, policy: Policy, surrogate: str | None = None, seed: int
                     restorer.replace(t, decoded)
                 stored = None if size is None or stored is None else stored + size
             known = [b for b in bounds if b is not None]
-            rows.append(ExpertStorage(ref.layer, ref.expert, spec.describe(),
+            rows.append(ExpertStorage(ref.layer, ref.expert, specs.describe(),
                                       max(known) if known else None, stored,
                                       geometry.bytes_per_expert))
             if progress is not None:
@@ -352,8 +540,8 @@ def _offloaded_policy(loaded, policy: Policy, surrogate: str | None, progress
     raw_bytes = None
     with loaded.offload.using(files):
         for i, (layer, e) in enumerate((r.layer, r.expert) for r in emap.experts):
-            spec = policy.spec_for(layer, e)
-            if spec.codec == "raw":
+            spec = policy.expert_specs(layer, e)
+            if spec.uniform is not None and spec.uniform.codec == "raw":
                 if raw_bytes is None:  # the same for every expert: one shape, one dtype
                     raw_bytes = sum(compressed_nbytes(torch.zeros(shape, dtype=reader.dtype),
                                                       codec="raw")

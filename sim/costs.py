@@ -183,9 +183,21 @@ def build_costs(geometry: Any, policy: Any, hardware: HardwareProfile, serving: 
                                              "hdec", "mdec")}
     labels: set[str] = set()
     memo: dict[tuple, tuple] = {}
+    per_matrix = bool(getattr(policy, "matrices", None))
     for li, layer in enumerate(geometry.moe_layers):
         for e in range(E):
-            spec = policy.spec_for(layer, e)
+            specs = policy.expert_specs(layer, e) if per_matrix else None
+            spec = specs.uniform if specs is not None else policy.spec_for(layer, e)
+            if spec is None:   # its matrices are stored differently
+                key = (li, specs)
+                row = memo.get(key)
+                if row is None:
+                    row = _matrix_rows(geometry, layer, specs, hardware, serving, ratios, orig,
+                                       bf16_bytes, labels)
+                    memo[key] = row
+                for name, v in zip(arrays, row):
+                    arrays[name][li, e] = v
+                continue
             key = (li, spec.codec, getattr(spec, "mode", None), getattr(spec, "level", None),
                    tuple(sorted((getattr(spec, "codec_options", None) or {}).items())))
             row = memo.get(key)
@@ -195,7 +207,7 @@ def build_costs(geometry: Any, policy: Any, hardware: HardwareProfile, serving: 
                 memo[key] = row
             for name, v in zip(arrays, row):
                 arrays[name][li, e] = v
-    if any(key[1] != "raw" for key in memo):
+    if any(len(key) == 2 or key[1] != "raw" for key in memo):
         labels.add(f"sizes: {ratios.label}")
     return ExpertCosts(
         moe_layers=tuple(geometry.moe_layers), original_bytes=orig,
@@ -251,6 +263,62 @@ def _expert_row(geometry, layer, spec, hardware, serving, ratios, orig, bf16_byt
                 rate = _cpu_rate(hardware, codec, level, labels, why)
             mdec = bf16_bytes / (rate * 1e9)
     return stored, link, resident, where, gdec, cdec, hdec, mdec
+
+
+def _matrix_rows(geometry, layer, specs, hardware, serving, ratios, orig, bf16_bytes, labels):
+    """`_expert_row` of an expert whose matrices are stored differently: each matrix costs its
+    share of the expert's values under its own spec, and the shares add up. Stored bytes are the
+    sum of the matrices' stored bytes (each the matrix's original bytes over its ratio: the
+    profile's per-matrix ratio where it has one, else the expert's ratio for that spec). As the
+    runtime does (`ExpertRecord.device_decodable`), the expert decodes on the GPU only if every
+    matrix does; otherwise on the CPU, every non-raw matrix at its codec's CPU rate, and the
+    decoded expert crosses the link."""
+    from profiles.matrices import matrix_values
+
+    values = matrix_values(geometry.expert_tensor_shapes)
+    total = sum(values.values())
+    rows = {}
+    for kind, n in values.items():
+        frac = n / total   # [values of the matrix] / [values of the expert]
+        spec = specs.for_matrix(kind)
+        rows[kind] = (spec, frac, _expert_row(geometry, layer, spec, hardware, serving,
+                                              _MatrixRatios(ratios, kind), orig * frac,
+                                              bf16_bytes * frac, labels))
+    stored = sum(r[0] for _, _, r in rows.values())
+    mdec = sum(r[7] for _, _, r in rows.values())
+    if any(r[3] == CPU for _, _, r in rows.values()):
+        cdec = 0.0
+        for spec, frac, r in rows.values():
+            if r[3] == CPU:
+                cdec += r[5]
+            elif spec.codec != "raw":   # a GPU codec decoded on the host with the rest
+                cdec += bf16_bytes * frac / (_cpu_rate(
+                    hardware, spec.codec, getattr(spec, "level", None), labels,
+                    "because another matrix of the same expert decodes on the CPU") * 1e9)
+        labels.add("per-matrix experts with a CPU-decoded matrix decode whole on the CPU "
+                   "(as the runtime does)")
+        return stored, orig, orig, CPU, 0.0, cdec, 0.0, mdec
+    where = GPU if any(r[3] == GPU for _, _, r in rows.values()) else NONE
+    link = sum(r[1] for _, _, r in rows.values())
+    resident = sum(r[2] for _, _, r in rows.values())
+    gdec = sum(r[4] for _, _, r in rows.values())
+    hdec = sum(r[6] for _, _, r in rows.values())
+    return stored, link, resident, where, gdec, 0.0, hdec, mdec
+
+
+class _MatrixRatios:
+    """A ratio source seen from one matrix kind: its per-matrix ratio where it has one."""
+
+    def __init__(self, ratios, kind: str) -> None:
+        self.ratios, self.kind = ratios, kind
+
+    def ratio(self, layer, spec, geometry):
+        per_matrix = getattr(self.ratios, "matrix_ratio", None)
+        if per_matrix is not None:
+            r = per_matrix(layer, spec, geometry, self.kind)
+            if r is not None:
+                return r
+        return self.ratios.ratio(layer, spec, geometry)
 
 
 def uniform_costs(moe_layers: tuple[int, ...], experts_per_layer: int, *, original_bytes: int,

@@ -87,18 +87,25 @@ class RatioTable:
         self.label = f"ratios from {source} ({what})"
         self.interpolated = False
         self._rows: dict[tuple, list[tuple[float, float]]] = {}
+        # per-matrix rows (`matrix` gate_up, down: a matrix's ratio against its own bytes) by kind
+        self._matrix_rows: dict[str, dict[tuple, list[tuple[float, float]]]] = {}
+        if "matrix" not in df.columns:
+            df["matrix"] = "all"
         for row in df.itertuples(index=False):
             codec = str(row.codec)
             flat = levelless(codec)
             mode = "" if flat else str(row.mode)
             key = (int(row.layer), codec, mode, _options_key(row.codec_options, codec))
             level = -1.0 if flat or pd.isna(row.level) else float(row.level)
-            self._rows.setdefault(key, []).append((level, float(row.ratio)))
-        for key, pts in self._rows.items():  # average duplicate levels, sort by level
-            merged: dict[float, list[float]] = {}
-            for lv, r in pts:
-                merged.setdefault(lv, []).append(r)
-            self._rows[key] = sorted((lv, float(np.mean(rs))) for lv, rs in merged.items())
+            kind = row.matrix if isinstance(row.matrix, str) and row.matrix else "all"
+            table = self._rows if kind == "all" else self._matrix_rows.setdefault(kind, {})
+            table.setdefault(key, []).append((level, float(row.ratio)))
+        for table in (self._rows, *self._matrix_rows.values()):
+            for key, pts in table.items():  # average duplicate levels, sort by level
+                merged: dict[float, list[float]] = {}
+                for lv, r in pts:
+                    merged.setdefault(lv, []).append(r)
+                table[key] = sorted((lv, float(np.mean(rs))) for lv, rs in merged.items())
 
     @classmethod
     def from_parquet(cls, path: str | Path) -> "RatioTable":
@@ -107,15 +114,37 @@ class RatioTable:
             raise ProfileError(f"{path}: no such file; profile the model with `moesz profile model`")
         return cls(pd.read_parquet(path), str(path))
 
-    def ratio(self, layer: int, spec: Any, geometry: Any = None) -> float:
-        codec, mode, level, options = _spec_parts(spec)
+    @property
+    def matrix_kinds(self) -> tuple[str, ...]:
+        """The matrix kinds the table has per-matrix ratios for (none for older profiles)."""
+        return tuple(sorted(self._matrix_rows))
+
+    def matrix_ratio(self, layer: int, spec: Any, geometry: Any, kind: str) -> float | None:
+        """One matrix's ratio against its own original bytes, or None where the table has no
+        per-matrix row for it (the caller then uses the expert's ratio)."""
+        table = self._matrix_rows.get(kind)
+        codec = _spec_parts(spec)[0]
         if codec == "raw":
             return 1.0
+        if not table:
+            return None
+        try:
+            return self._lookup(table, layer, spec)
+        except PolicyError:
+            return None
+
+    def ratio(self, layer: int, spec: Any, geometry: Any = None) -> float:
+        if _spec_parts(spec)[0] == "raw":
+            return 1.0
+        return self._lookup(self._rows, layer, spec)
+
+    def _lookup(self, rows: dict, layer: int, spec: Any) -> float:
+        codec, mode, level, options = _spec_parts(spec)
         flat = levelless(codec)
         mode_key = "" if flat else str(mode)
-        pts = self._rows.get((int(layer), codec, mode_key, _options_key(options, codec)))
+        pts = rows.get((int(layer), codec, mode_key, _options_key(options, codec)))
         if pts is None:  # a table without codec options
-            pts = self._rows.get((int(layer), codec, mode_key, None))
+            pts = rows.get((int(layer), codec, mode_key, None))
         if not pts:
             raise PolicyError(f"{self.source} has no ratio for codec {codec!r} mode {mode!r} at layer "
                               f"{layer}; profile it (moesz profile model --codecs {codec}) or change "

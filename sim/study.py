@@ -135,7 +135,9 @@ def run_study(*, hardware: HardwareProfile, source: ModelSource, policy: Any, po
     if placement_traces_path is not None:
         wl = with_placement(wl, load_traces(placement_traces_path), source=placement_traces_path)
     if hasattr(policy, "check"):
-        policy.check(g.moe_layers, g.experts_per_layer, None, where=policy_label)
+        shapes = getattr(g, "expert_tensor_shapes", None)
+        policy.check(g.moe_layers, g.experts_per_layer, None, where=policy_label,
+                     tensor_names=[n for n, _ in shapes] if shapes else None)
     hardware = with_disk_override(hardware, options)   # the closed form reads the same disk
     times = TimeModel(hardware, g)
     stats = reuse_stats(wl)

@@ -65,6 +65,9 @@ def _register() -> None:
     app.command("validate")(validate.validate)
     app.command("report")(report.report)
     from planner.cli import plan as plan_cli
+    from planner.cli import policy as policy_cli
+
+    app.add_typer(policy_cli.app, name="policy")
 
     app.add_typer(plan_cli.app, name="plan")
 

@@ -77,6 +77,9 @@ def plan(
         "bound meets the budget; default 3 on a measured profile, 0 on a synthetic one."),
     simulate_baselines: bool = typer.Option(False, "--simulate-baselines",
                                             help="Also simulate every baseline."),
+    per_matrix: bool = typer.Option(False, "--per-matrix", help="A level per (layer, matrix): "
+                                    "gate_up and down each get their own spec (needs a profile "
+                                    "made with `profile model --per-matrix`)."),
     cache_allocation: bool = typer.Option(False, "--cache-allocation",
                                           help="Also search the per-layer cache allocation."),
     plots: Optional[str] = typer.Option(None, "--plots",
@@ -137,7 +140,7 @@ def plan(
                       sampler=sampler, space=space, z=float(norm.ppf(confidence)), rerank=rerank,
                       simulate_baselines=simulate_baselines, cache_allocation=cache_allocation,
                       placement_traces=placement_traces, verify=verify,
-                      more_budgets=tuple(budgets[1:]),
+                      more_budgets=tuple(budgets[1:]), per_matrix=per_matrix,
                       command="moesz plan " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
     with Progress(transient=True, disable=as_json) as bar:
         task = bar.add_task("planning", total=None)
@@ -255,6 +258,11 @@ def print_plan(doc: dict) -> None:
                    "n/a" if x["layer_s_per_step"] is None else
                    f"{x['layer_s_per_step'] * 1e3:.3f} ms")
     console.print(lt)
+    if doc.get("policy", {}) and _per_matrix(doc["policy"]):
+        from planner.cli.policy import print_policy
+        from profiles.policy import Policy
+
+        print_policy(Policy.from_dict(doc["policy"], "plan policy"), console)
     if doc.get("budgets"):
         parts = []
         for r in doc["budgets"]:
@@ -292,6 +300,12 @@ def print_plan(doc: dict) -> None:
     console.print("All tokens/s are predicted, and drops are predictions for held-out prompts; "
                   "ratios come from the profile "
                   f"({m['profile_source']}).")
+
+
+def _per_matrix(policy_doc: dict) -> bool:
+    levels = [policy_doc.get("default") or {}, *(policy_doc.get("layers") or {}).values(),
+              *(policy_doc.get("experts") or {}).values()]
+    return any("matrices" in v for v in levels if isinstance(v, dict))
 
 
 def _budget(sv: dict, name: str) -> str:

@@ -170,6 +170,9 @@ def model_cmd(
     out: Path = typer.Option(..., "--out", help="Profile directory (created; rerun to resume)."),
     codecs: str = typer.Option("szp,sz3", "--codecs", help="Codecs to profile (lossless, rtn8 "
                                "and rtn4 baselines are always added)."),
+    per_matrix: bool = typer.Option(False, "--per-matrix", help="Also perturb only gate_up and "
+                                    "only down of each profiled layer and group at each level, and "
+                                    "measure ratios per matrix kind (for `plan --per-matrix`)."),
     baselines: str = typer.Option("", "--baselines", help="Formats users run (nf4, mxfp4, "
                                   "q4_k, q3_k, gq) measured on the whole model only, as baselines "
                                   "to compare plans with (--codecs makes them planner choices)."),
@@ -237,7 +240,7 @@ def model_cmd(
         host_mem=host_bytes(model, host_mem) if host_mem else None,
         bench=tuple(str(b) for b in bench or ()), template=template, extract=extract,
         max_new_tokens=max_new_tokens, text=None if text is None else str(text),
-        text_tokens=text_tokens, lm_eval=lm_eval)
+        text_tokens=text_tokens, lm_eval=lm_eval, per_matrix=per_matrix)
     if ratios_only:
         _ratios_only(request, as_json)
         return
@@ -270,13 +273,13 @@ def _ratios_only(request, as_json: bool) -> None:
                                "peak_rss_bytes": peak,
                                "ratios": json.loads(frame.to_json(orient="records"))}, indent=2))
         return
-    table = Table("layer", "codec", "level", "ratio vs original dtype (measured)", "experts",
-                  "max err/bound", title="compression ratios, measured on the checkpoint's "
+    table = Table("layer", "codec", "level", "matrix", "ratio vs original dtype (measured)",
+                  "experts", "max err/bound", title="compression ratios, measured on the checkpoint's "
                   "experts (every stored byte counted)", title_justify="left")
     for r in frame.itertuples():
         level = "-" if r.level != r.level else f"{r.level:g}"
         err = "-" if r.max_err_over_bound != r.max_err_over_bound else f"{r.max_err_over_bound:.3f}"
-        table.add_row(str(r.layer), r.codec, level,
+        table.add_row(str(r.layer), r.codec, level, getattr(r, "matrix", "all"),
                       f"{r.ratio:.3f} [{r.ratio_min:.3f}, {r.ratio_max:.3f}]",
                       f"{r.n_experts}/{r.n_experts_total}", err)
     _out.print(table)

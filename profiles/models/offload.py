@@ -54,8 +54,8 @@ class FileReader:
         from profiles.packed.records import encode_expert
 
         tensors = self.source.expert_tensors(*key)
-        spec = None if self.policy is None else self.policy.spec_for(*key)
-        if spec is None or spec.codec == "raw":
+        spec = None if self.policy is None else self.policy.expert_specs(*key)
+        if spec is None or (spec.uniform is not None and spec.uniform.codec == "raw"):
             return Record(tensors, None, sum(t.numel() * t.element_size()
                                              for t in tensors.values()))
         enc = encode_expert(tensors, spec, digests=False)

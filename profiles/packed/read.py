@@ -323,7 +323,7 @@ def check_policy_matches(ckpt: PackedCheckpoint, policy, where: str = "--policy"
     g = ckpt.geometry
     for layer in g.moe_layers:
         for e in range(g.experts_per_layer):
-            a, b = policy.spec_for(layer, e), packed.spec_for(layer, e)
+            a, b = policy.expert_specs(layer, e), packed.expert_specs(layer, e)
             if a != b:
                 raise PolicyError(f"{where} stores layer {layer} expert {e} as {a.describe()}, but "
                                   f"{ckpt.path} was packed with {b.describe()}; repack with "

@@ -91,16 +91,19 @@ def encode_expert(tensors: dict[str, torch.Tensor], spec, digests: bool = True,
 
     Args:
         tensors: name -> tensor (the expert's views; original dtype; any device).
-        spec: a `profiles.policy.StorageSpec`.
+        spec: a `profiles.policy.StorageSpec`, or an `ExpertSpecs` giving each matrix its own
+            (`Policy.expert_specs`): each tensor is one blob, so each carries its own codec.
         digests: compute each blob's SHA-256 (packed files need it; in-memory stores do not).
         raw_as: how a `raw` spec stores matrices (`shipped_spec` of the checkpoint's dtype).
     """
     from profiles.codecs import encode
+    from profiles.policy import spec_of_tensor
 
     parts, entries, blobs = [], [], []
     pos = original = 0
     for name, t in tensors.items():
-        s = raw_as if spec.codec == "raw" and raw_as is not None and t.dim() == 2 else spec
+        s = spec_of_tensor(spec, name)
+        s = raw_as if s.codec == "raw" and raw_as is not None and t.dim() == 2 else s
         blob = encode(t.detach(), codec=s.codec, mode=s.mode, level=s.level,
                       **dict(s.codec_options))
         raw = blob.to_bytes()

@@ -67,8 +67,9 @@ def pack(model, policy, out_dir: str | os.PathLike, progress: ByteProgress | Non
     from profiles.models.source import expert_source
 
     src = expert_source(model)
-    policy.check(src.moe_layers, src.experts_per_layer, src.fingerprint)
-    for spec in {policy.default, *policy.layers.values(), *policy.experts.values()}:
+    policy.check(src.moe_layers, src.experts_per_layer, src.fingerprint,
+                 tensor_names=[n for n, _ in src.geometry.expert_tensor_shapes])
+    for spec in policy.all_specs():
         ok, why = get_codec(spec.codec).availability()
         if not ok:
             raise PolicyError(f"policy codec {spec.codec!r} cannot encode here: {why}")
@@ -206,7 +207,7 @@ def _pack_layer(src, policy, layer: int, out: Path, rel: str, done0: int, total:
         pos = 0
         with open(tmp, "wb") as fh:
             for e in range(src.experts_per_layer):
-                spec = policy.spec_for(layer, e)
+                spec = policy.expert_specs(layer, e)
                 enc = encode_expert(src.expert_tensors(layer, e), spec, raw_as=raw_as)
                 pad = (-pos) % ALIGN
                 record = b"\0" * pad + enc.to_bytes()

@@ -35,6 +35,9 @@ SENSITIVITY_COLUMNS = (
     "strict_change_high", "content_change", "content_change_low", "content_change_high",
     "strict_mcnemar_p", "content_mcnemar_p", "interval_method", "kl_nats", "top1_agreement",
     "stopped_early")
+# `matrix` ("all", "gate_up", "down"): which matrices a point perturbed; optional, since
+# profiles made before per-matrix points lack it (read as "all", `with_matrix_column`)
+MATRIX_COLUMN = "matrix"
 REQUIRED_FIELDS = ("model", "command", "created_utc", "split", "tasks", "prompts_per_task",
                    "codecs", "mode", "levels", "targets", "design", "baseline", "detection_limit",
                    "points_total", "points_done", "complete")
@@ -124,7 +127,18 @@ def read_profile(path: str | os.PathLike) -> ModelProfile:
     doc = read_profile_doc(d)
     ratios = read_table(d / RATIOS_FILE, RATIO_COLUMNS)
     sens = read_table(d / SENSITIVITY_FILE, SENSITIVITY_COLUMNS)
-    return ModelProfile(d, doc, ratios, sens)
+    return ModelProfile(d, doc, with_matrix_column(ratios), with_matrix_column(sens))
+
+
+def with_matrix_column(frame):
+    """`frame` with a `matrix` column, "all" where it is missing or empty (older profiles)."""
+    if frame is None:
+        return frame
+    if MATRIX_COLUMN not in frame.columns:
+        return frame.assign(**{MATRIX_COLUMN: "all"})
+    col = frame[MATRIX_COLUMN]
+    return frame.assign(**{MATRIX_COLUMN: col.where(col.notna() & (col != ""), "all")
+                                       .astype(str)})
 
 
 def read_table(file: Path, columns):

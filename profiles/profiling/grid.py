@@ -31,6 +31,7 @@ from typing import Mapping, Sequence
 from profiles.errors import ConfigError
 
 BASELINE_CODECS = ("lossless", "rtn8", "rtn4")
+MATRIX_KINDS = ("gate_up", "down")   # the kinds per-matrix points perturb (profiles.matrices)
 PAPER_LEVELS = (0.1, 0.3, 0.5, 0.8)
 _TARGET_RE = re.compile(r"^(all|top:(\d+)|expert:(\d+))$")
 
@@ -49,18 +50,22 @@ class Point:
     surrogate: str = "none"     # "none", "gaussian", "uniform"
     codec_options: tuple[tuple[str, object], ...] = ()
     spec_codec: str = ""        # the codec whose bound a surrogate matches (measures bytes)
+    matrix: str = "all"         # "all", or the one matrix kind perturbed ("gate_up", "down")
 
     @property
     def key(self) -> str:
         level = "nan" if self.level is None else f"{self.level:g}"
         opts = json.dumps(dict(self.codec_options), sort_keys=True)
+        # whole-expert points keep the keys they had before per-matrix points existed
+        tail = "" if self.matrix == "all" else f"|matrix={self.matrix}"
         return (f"{self.target}|{self.experts}|{self.codec}|{self.mode}|{level}|{self.surrogate}"
-                f"|{opts}")
+                f"|{opts}{tail}")
 
     def describe(self) -> str:
         bound = "" if self.level is None else f":{self.mode}:{self.level:g}"
         noise = f" ({self.surrogate} noise)" if self.surrogate != "none" else ""
-        return f"{self.target} {self.experts} {self.codec}{bound}{noise}"
+        only = "" if self.matrix == "all" else f" ({self.matrix} only)"
+        return f"{self.target} {self.experts} {self.codec}{bound}{noise}{only}"
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,7 @@ class GridSpec:
     design: str = "grid"                            # grid | paper
     codec_options: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
     baselines: tuple[str, ...] = ()                # formats measured on the whole model only
+    per_matrix: bool = False                        # also perturb gate_up only and down only
 
 
 def parse_levels(text: str | Sequence[float]) -> tuple[float, ...]:
@@ -161,6 +167,8 @@ def parse_experts(text: str, experts_per_layer: int) -> str:
 def build_points(spec: GridSpec, moe_layers: Sequence[int], experts_per_layer: int) -> list[Point]:
     """Every point of the sweep, in the order they should run."""
     if spec.design == "paper":
+        if spec.per_matrix:
+            raise ConfigError("--per-matrix works with --design grid only; drop one of them")
         return paper_points(spec, moe_layers, experts_per_layer)
     if spec.design != "grid":
         raise ConfigError(f"--design {spec.design!r} is unknown; choose grid or paper")
@@ -177,6 +185,17 @@ def build_points(spec: GridSpec, moe_layers: Sequence[int], experts_per_layer: i
             for target, kind, lays in targets:
                 points.append(Point(target, kind, lays, spec.experts, codec, spec.mode, level,
                                     codec_options=_opts(spec, codec)))
+    if spec.per_matrix:
+        # each profiled layer and group, each level: only gate_up, then only down, perturbed
+        for level in spec.levels:
+            for codec in bounded:
+                for target, kind, lays in targets:
+                    if kind == "model":
+                        continue
+                    for matrix in MATRIX_KINDS:
+                        points.append(Point(target, kind, lays, spec.experts, codec, spec.mode,
+                                            level, codec_options=_opts(spec, codec),
+                                            matrix=matrix))
     # formats without a bound (gq, nf4, mxfp4, GGUF types): one point per target, no level
     for codec in (c for c in chosen if not _error_bounded(c)):
         for target, kind, lays in targets:

@@ -32,6 +32,8 @@ def sensitivity_heatmap(sens, path: str | Path, metric: str = "content") -> Path
     """
     if sens is None or len(sens) == 0:
         return None
+    if "matrix" in sens.columns:   # whole-expert points only
+        sens = sens[sens.matrix.isna() | (sens.matrix == "all")]
     rows = sens[(sens.target_kind == "layer") & (sens.surrogate == "none")
                 & sens.level.notna() & (sens.experts == sens.experts.mode().iat[0])]
     if len(rows) == 0:
@@ -81,6 +83,8 @@ def ratio_curves(ratios, path: str | Path) -> Path | None:
     """Write ratio-vs-level curves per codec and layer; None without bounded rows."""
     if ratios is None or len(ratios) == 0:
         return None
+    if "matrix" in ratios.columns:   # whole-expert ratios only
+        ratios = ratios[ratios.matrix.isna() | (ratios.matrix == "all")]
     bounded = ratios[ratios.level.notna()]
     if len(bounded) == 0:
         return None

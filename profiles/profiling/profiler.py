@@ -78,6 +78,7 @@ class ProfileRequest:
     text_tokens: int | None = DEFAULT_MAX_TOKENS  # text half's predicted tokens (None: auto)
     lm_eval: str | None = None           # lm-evaluation-harness tasks (refused with a line)
     baselines: str | Sequence[str] = ""  # formats users run, measured on the whole model only
+    per_matrix: bool = False             # also gate_up-only and down-only points, ratios per matrix
 
 
 @dataclass(frozen=True)
@@ -344,7 +345,7 @@ def _grid_spec(req: ProfileRequest, g) -> GridSpec:
         groups = parse_groups(req.groups, g.moe_layers)
     return GridSpec(codecs=codecs, mode=req.mode, levels=levels, layers=layers, groups=groups,
                     experts=parse_experts(req.target, g.experts_per_layer), design=req.design,
-                    baselines=tuple(_split_list(req.baselines)))
+                    baselines=tuple(_split_list(req.baselines)), per_matrix=req.per_matrix)
 
 
 def _check_out(out: Path, loaded, evalset: dict) -> None:

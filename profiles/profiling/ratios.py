@@ -50,7 +50,7 @@ def sample_experts(experts_per_layer: int, sample: int | None, layer: int, seed:
     return sorted(rng.sample(range(experts_per_layer), sample))
 
 
-def done_key(layer, codec: str, level, options) -> tuple:
+def done_key(layer, codec: str, level, options, matrix: str = "all") -> tuple:
     """What identifies a measured ratio row when a profile resumes: layer, codec, level (None when
     it has none) and the codec options completed with their defaults (so `gq` at 3 bits is not
     taken for `gq` at 4 bits)."""
@@ -67,7 +67,7 @@ def done_key(layer, codec: str, level, options) -> tuple:
     except Exception:  # noqa: BLE001 - an unknown codec's rows keep their options as written
         options = dict(options)
     return (int(layer), str(codec), None if level is None else float(level),
-            json.dumps(options, sort_keys=True, default=str))
+            json.dumps(options, sort_keys=True, default=str), str(matrix))
 
 
 def ratio_runs(codecs: Sequence[str], mode: str, levels: Sequence[float],
@@ -91,7 +91,7 @@ def ratio_runs(codecs: Sequence[str], mode: str, levels: Sequence[float],
 def measure_ratios(model, codecs: Sequence[str], mode: str, levels: Sequence[float], *,
                    sample: int | None = None, seed: int = 0, codec_options: dict | None = None,
                    layers: Sequence[int] | None = None, done_keys: set | None = None,
-                   progress: Progress | None = None):
+                   progress: Progress | None = None, per_matrix: bool = False):
     """Measure ratios on a model's real expert weights.
 
     Each sampled expert is read once (from the checkpoint's files when `model` is an expert
@@ -108,21 +108,27 @@ def measure_ratios(model, codecs: Sequence[str], mode: str, levels: Sequence[flo
         layers: MoE layers to measure (default all).
         done_keys: `done_key`s of the rows already measured (skipped, for resuming).
         progress: `progress(done, total, label)` per layer x expert.
+        per_matrix: also a row per matrix kind (`matrix` gate_up, down) for every layer x codec
+            x level: the matrix's stored bytes against its share of the expert's checkpoint
+            bytes (by values), from the same round trips. Whole-expert rows are `matrix` all.
 
     Returns:
-        A pandas DataFrame with `RATIO_COLUMNS`.
+        A pandas DataFrame with `RATIO_COLUMNS`, `ratio_vs_bf16` and `matrix`.
     """
     import pandas as pd
 
     from profiles.codecs import roundtrip
+    from profiles.matrices import matrix_of, matrix_values
     from profiles.models.source import expert_source
 
     src = expert_source(model)
     g = src.geometry
+    values = matrix_values(g.expert_tensor_shapes)
+    kinds = ["all"] + (sorted(values, key=lambda k: k != "gate_up") if per_matrix else [])
     layers = tuple(layers) if layers is not None else tuple(src.moe_layers)
     runs = ratio_runs(codecs, mode, levels, codec_options)
-    todo = {layer: [run for run in runs
-                    if not done_keys or done_key(layer, run[0], run[2], run[3]) not in done_keys]
+    todo = {layer: [run for run in runs if not done_keys or any(
+                done_key(layer, run[0], run[2], run[3], k) not in done_keys for k in kinds)]
             for layer in layers}
     todo = {layer: rs for layer, rs in todo.items() if rs}
     picks = {layer: sample_experts(g.experts_per_layer, sample, layer, seed) for layer in todo}
@@ -130,6 +136,7 @@ def measure_ratios(model, codecs: Sequence[str], mode: str, levels: Sequence[flo
     rows = []
     for layer, layer_runs in todo.items():
         stored = {i: [] for i in range(len(layer_runs))}
+        by_kind = {(i, k): [] for i in range(len(layer_runs)) for k in kinds}
         bounds = {i: [] for i in range(len(layer_runs))}
         worst = {i: 0.0 for i in range(len(layer_runs))}
         for e in picks[layer]:
@@ -139,16 +146,21 @@ def measure_ratios(model, codecs: Sequence[str], mode: str, levels: Sequence[flo
             bf16_bytes = 2 * sum(t.numel() for t in tensors.values())
             for i, (codec, rmode, level, opts) in enumerate(layer_runs):
                 nbytes = 0
-                for t in tensors.values():
+                per_kind = dict.fromkeys(kinds, 0)
+                for name, t in tensors.items():
                     with torch.no_grad():
                         decoded, blob = roundtrip(t, codec, None if rmode == "none" else rmode,
                                                   level, **opts)
                     nbytes += blob.nbytes
+                    if per_matrix:
+                        per_kind[matrix_of(name)] += blob.nbytes
                     if blob.abs_bound:
                         bounds[i].append(blob.abs_bound)
                         worst[i] = max(worst[i], max_abs_diff(decoded, t) / blob.abs_bound)
                     del decoded, blob
                 stored[i].append(nbytes)
+                for k in kinds[1:]:
+                    by_kind[(i, k)].append(per_kind[k])
             del tensors
             done += 1
         for i, (codec, rmode, level, opts) in enumerate(layer_runs):
@@ -165,7 +177,22 @@ def measure_ratios(model, codecs: Sequence[str], mode: str, levels: Sequence[flo
                 "n_experts": len(picks[layer]), "n_experts_total": g.experts_per_layer,
                 "max_err_over_bound": worst[i] if bounds[i] else math.nan,
                 "source": "measured",
-                "ratio_vs_bf16": bf16_bytes * len(stored[i]) / sum(stored[i])})
+                "ratio_vs_bf16": bf16_bytes * len(stored[i]) / sum(stored[i]),
+                "matrix": "all"})
+            whole = rows[-1]
+            for k in kinds[1:]:
+                # [values of the matrix] / [values of the expert] x the expert's checkpoint bytes
+                share = values[k] / sum(values.values())
+                orig, sizes = g.bytes_per_expert * share, by_kind[(i, k)]
+                rows.append({**whole, "ratio": orig * len(sizes) / sum(sizes),
+                             "ratio_min": min(orig / s for s in sizes),
+                             "ratio_max": max(orig / s for s in sizes),
+                             "original_bytes_per_expert": int(round(orig)),
+                             "compressed_bytes_per_expert": sum(sizes) / len(sizes),
+                             "ratio_vs_bf16": 2 * values[k] * len(sizes) / sum(sizes),
+                             # bounds and errors are kept for the whole expert only
+                             "abs_bound_mean": math.nan, "max_err_over_bound": math.nan,
+                             "matrix": k})
     if progress:
         progress(total, total, "ratios")
-    return pd.DataFrame(rows, columns=list(RATIO_COLUMNS) + list(OPTIONAL_COLUMNS))
+    return pd.DataFrame(rows, columns=list(RATIO_COLUMNS) + list(OPTIONAL_COLUMNS) + ["matrix"])

@@ -57,18 +57,22 @@ def point_policy(point: Point, top: Mapping[int, Sequence[int]],
     codec = (point.spec_codec or "szp") if point.surrogate != "none" else point.codec
     mode = None if point.mode == "none" else point.mode
     spec = StorageSpec(codec, mode, point.level, dict(point.codec_options))
-    layers, experts = {}, {}
+    layers, experts, matrices = {}, {}, {}
     kind, _, arg = point.experts.partition(":")
+    matrix = getattr(point, "matrix", "all")
     for layer in point.layers:
-        if kind == "all":
-            layers[layer] = spec
-        elif kind == "top":
-            for e in list(top[layer])[:int(arg)]:
-                experts[(layer, e)] = spec
-        else:
-            experts[(layer, int(arg))] = spec
+        keys = [(layer, None)] if kind == "all" else [
+            (layer, e) for e in (list(top[layer])[:int(arg)] if kind == "top" else [int(arg)])]
+        for lay, e in keys:
+            if matrix != "all":   # only this matrix; the expert's others stay raw
+                matrices[(lay, e, matrix)] = spec
+            elif e is None:
+                layers[lay] = spec
+            else:
+                experts[(lay, e)] = spec
     surrogate = None if point.surrogate == "none" else point.surrogate
-    return Policy(fingerprint=fingerprint, layers=layers, experts=experts), surrogate
+    return Policy(fingerprint=fingerprint, layers=layers, experts=experts,
+                  matrices=matrices), surrogate
 
 
 def mean_change_interval(changes: Sequence[tuple[float, float, float]]) -> tuple[float, float, float]:
@@ -269,7 +273,7 @@ class SensitivityRunner:
             "stopped_early": bool(stopped),
             "content_gained": cc.gained, "content_lost": cc.lost,
             "strict_gained": sc.gained, "strict_lost": sc.lost,
-            "codec_options": _opts_json(point)}
+            "codec_options": _opts_json(point), "matrix": getattr(point, "matrix", "all")}
 
     def _text_row(self, point: Point, fid) -> dict:
         nan = math.nan
@@ -285,7 +289,7 @@ class SensitivityRunner:
                                 "strict_mcnemar_p", "content_mcnemar_p")},
             "interval_method": INTERVAL_METHOD, **text_columns(fid), "stopped_early": False,
             "content_gained": 0, "content_lost": 0, "strict_gained": 0, "strict_lost": 0,
-            "codec_options": _opts_json(point)}
+            "codec_options": _opts_json(point), "matrix": getattr(point, "matrix", "all")}
 
 
 def point_value(rows: Sequence[dict]) -> float:

@@ -57,8 +57,8 @@ def ratios_step(out: Path, loaded, spec: GridSpec, req, progress):
     if path.exists():
         try:
             old = pd.read_parquet(path)
-            done = {done_key(r.layer, r.codec, r.level,
-                             getattr(r, "codec_options", None)) for r in old.itertuples()}
+            done = {done_key(r.layer, r.codec, r.level, getattr(r, "codec_options", None),
+                             _matrix_of_row(r)) for r in old.itertuples()}
         except Exception:
             old = None
     sample = req.ratio_sample if req.ratio_sample is not None else 16
@@ -66,11 +66,11 @@ def ratios_step(out: Path, loaded, spec: GridSpec, req, progress):
     report = None if progress is None else (lambda d, t, label: progress(d, t, label))
     new = measure_ratios(loaded, codecs + (extra if layers is None else []), spec.mode,
                          spec.levels, sample=sample, seed=req.seed, layers=layers,
-                         done_keys=done, progress=report)
+                         done_keys=done, progress=report, per_matrix=spec.per_matrix)
     if layers is not None:
         # the whole-model baselines (lossless, rtn, --baselines) are policies on every MoE layer:
         # their ratios are needed at every layer, not only at the layers profiled one by one
-        done |= {done_key(r.layer, r.codec, r.level, r.codec_options)
+        done |= {done_key(r.layer, r.codec, r.level, r.codec_options, _matrix_of_row(r))
                  for r in new.itertuples()}
         more = measure_ratios(loaded, extra, spec.mode, spec.levels, sample=sample,
                               seed=req.seed, layers=None, done_keys=done, progress=report)
@@ -79,6 +79,12 @@ def ratios_step(out: Path, loaded, spec: GridSpec, req, progress):
     atomic_write_json(out / fmt.RATIOS_MODEL_FILE, {"fingerprint": loaded.fingerprint})
     fmt.write_table(out, fmt.RATIOS_FILE, frame)
     return frame
+
+
+def _matrix_of_row(row) -> str:
+    """A ratio row's matrix kind; rows of profiles made before per-matrix ratios are `all`."""
+    m = getattr(row, "matrix", None)
+    return m if isinstance(m, str) and m else "all"
 
 
 def _check_ratios_model(out: Path, fingerprint: str) -> None:
@@ -175,7 +181,7 @@ def layer_digests(loaded, layers) -> dict[int, str]:
         for layer in layers:
             h = hashlib.blake2b(digest_size=16)
             for e in range(loaded.expert_map.experts_per_layer):
-                h.update((policy.spec_for(layer, e).describe() if policy is not None
+                h.update((policy.expert_specs(layer, e).describe() if policy is not None
                           else "stored").encode() + b"|")
             out[layer] = h.hexdigest()
         return out
@@ -222,7 +228,8 @@ def point_fields(point: Point) -> dict:
             "codec": point.codec, "mode": point.mode,
             "level": float("nan") if point.level is None else float(point.level),
             "surrogate": point.surrogate,
-            "codec_options": json.dumps(dict(point.codec_options), sort_keys=True)}
+            "codec_options": json.dumps(dict(point.codec_options), sort_keys=True),
+            "matrix": point.matrix}
 
 
 def same_weights(sweep, digest: str):
@@ -254,7 +261,8 @@ def profile_meta(req, loaded, spec: GridSpec, points, tasks, limit, compute, bas
         **({"baselines": list(spec.baselines)} if spec.baselines else {}),
         "targets": targets, "experts": spec.experts,
         "groups": {k: list(v) for k, v in spec.groups.items()},
-        "design": spec.design, "compute_dtype": compute, "host_mem_bytes": req.host_mem,
+        "design": spec.design, **({"per_matrix": True} if spec.per_matrix else {}),
+        "compute_dtype": compute, "host_mem_bytes": req.host_mem,
         "catastrophic_drop": req.catastrophic_drop,
         "ratio_sample": req.ratio_sample if req.ratio_sample is not None else 16,
         "storage": display_url(req.storage)   # a password in the URL is not written down
@@ -273,7 +281,7 @@ def write_outputs(out: Path, meta: dict, completed: dict, keys: Sequence[str], b
     from profiles.profiling.sensitivity import detection_limit
 
     rows = [r for k in keys if k in completed for r in completed[k]]
-    frame = pd.DataFrame(rows)
+    frame = fmt.with_matrix_column(pd.DataFrame(rows))
     for col in fmt.SENSITIVITY_COLUMNS:
         if col not in frame.columns:
             frame[col] = pd.Series(dtype="float64")

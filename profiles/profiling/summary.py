@@ -18,32 +18,37 @@ Table = tuple[str, list[str], list[list[str]]]
 
 def ratio_table(prof) -> Table:
     """Mean ratio over MoE layers (and its range) per codec and level."""
-    r = prof.ratios
-    header = ["codec", "mode", "level", "ratio (mean over layers)", "layer range",
+    from profiles.profiling.format import with_matrix_column
+
+    r = with_matrix_column(prof.ratios)
+    header = ["codec", "mode", "level", "matrix", "ratio (mean over layers)", "layer range",
               "max err / bound", "experts sampled"]
     if r is None or len(r) == 0:
         return "compression ratios (measured on the real weights)", header, []
     rows = []
-    for (codec, mode, level), grp in r.groupby(["codec", "mode", "level"], dropna=False,
-                                               sort=False):
+    for (codec, mode, level, matrix), grp in r.groupby(["codec", "mode", "level", "matrix"],
+                                                       dropna=False, sort=False):
         worst = grp.max_err_over_bound.max()
-        rows.append([codec, mode, "-" if _nan(level) else f"{level:g}",
+        rows.append([codec, mode, "-" if _nan(level) else f"{level:g}", matrix,
                      f"{grp.ratio.mean():.3f}x", f"{grp.ratio.min():.3f}-{grp.ratio.max():.3f}",
                      "-" if _nan(worst) else f"{worst:.3f}",
                      f"{int(grp.n_experts.iat[0])}/{int(grp.n_experts_total.iat[0])}"])
-    return "compression ratios vs checkpoint bytes (measured on the real weights)", header, rows
+    return ("compression ratios vs checkpoint bytes (measured on the real weights; a matrix row "
+            "is against that matrix's share of the expert's bytes)", header, rows)
 
 
 def sensitivity_table(prof) -> Table:
     """One row per point: mean content and strict change over tasks, KL, Holm verdicts."""
-    s = prof.sensitivity
-    header = ["target", "experts", "storage", "content Δ pts [95%]", "strict Δ", "KL nats [95%]",
-              "top-1", "Holm"]
+    from profiles.profiling.format import with_matrix_column
+
+    s = with_matrix_column(prof.sensitivity)
+    header = ["target", "experts", "matrix", "storage", "content Δ pts [95%]", "strict Δ",
+              "KL nats [95%]", "top-1", "Holm"]
     if s is None or len(s) == 0 or prof.doc.get("design") == "paper":
         return "accuracy sensitivity (measured, paired vs the unperturbed model)", header, []
     verdicts = _holm(s)
     rows = []
-    keys = ["target", "experts", "codec", "mode", "level", "surrogate"]
+    keys = ["target", "experts", "codec", "mode", "level", "surrogate", "matrix"]
     for key, grp in s.groupby(keys, dropna=False, sort=False):
         c = mean_change_interval(list(zip(grp.content_change, grp.content_change_low,
                                           grp.content_change_high)))
@@ -59,7 +64,7 @@ def sensitivity_table(prof) -> Table:
         kl = f"{grp.kl_nats.mean():.3g}"
         if "kl_low" in grp.columns and grp.kl_low.notna().any():
             kl += f" [{grp.kl_low.mean():.3g}, {grp.kl_high.mean():.3g}]"
-        rows.append([key[0], key[1], storage, "-" if text_only else _pts(c) + stopped,
+        rows.append([key[0], key[1], key[6], storage, "-" if text_only else _pts(c) + stopped,
                      "-" if text_only else f"{100 * st[0]:+.1f}", kl,
                      f"{grp.top1_agreement.mean():.3f}", " ".join(flags) or "-"])
     return ("accuracy sensitivity (measured; change vs the unperturbed model in points, mean over "

@@ -91,7 +91,9 @@ def decode_rates(runs: Sequence[RunResult], note: str) -> dict[str, LevelCurve]:
             decode_track = track == "GPU decode" or (
                 track == "GPU compute" and isinstance(item, Job) and item.kind != "cpu")
             if decode_track and isinstance(item, Job) and b > a:
-                spec = policy.spec_for(*item.key)
+                spec = policy.expert_specs(*item.key).uniform
+                if spec is None:
+                    continue  # matrices of several codecs: no one codec's rate
                 samples.setdefault((spec.codec, spec.mode, spec.level), []).append(bf16 / (b - a))
     out = {}
     for (codec, mode, level), rates in samples.items():

@@ -297,9 +297,11 @@ def _result(rt: OffloadedRuntime, gen, label: str, policy, dev, serving) -> RunR
 
 
 def _describe_policy(policy) -> str:
-    specs = {policy.default.describe()}
-    specs |= {s.describe() for s in policy.layers.values()}
-    specs |= {s.describe() for s in policy.experts.values()}
+    specs = {s.describe() for s in policy.all_specs()}
+    if not policy.layers and not policy.experts and all(
+            key[:2] == (None, None) for key in policy.matrices):
+        return policy.expert_specs(-1, -1).describe()   # one spec per matrix everywhere
     if len(specs) == 1:
         return next(iter(specs))
-    return f"per-layer policy ({len(specs)} storage specs)"
+    kind = "per-matrix" if policy.per_matrix else "per-layer"
+    return f"{kind} policy ({len(specs)} storage specs)"

@@ -323,7 +323,8 @@ class ExpertStore:
         from profiles.packed.records import shipped_spec
 
         emap = loaded.expert_map
-        policy.check(emap.moe_layers, emap.experts_per_layer, loaded.fingerprint)
+        policy.check(emap.moe_layers, emap.experts_per_layer, loaded.fingerprint,
+                     tensor_names=[n for n, _ in emap.expert_tensor_shapes])
         if getattr(loaded, "offload", None) is not None:
             from profiles.errors import ConfigError
 
@@ -355,7 +356,7 @@ class ExpertStore:
         pin = pin and torch.cuda.is_available()
         records: dict[Key, ExpertRecord] = {}
         for i, (layer, expert, tensors) in enumerate(experts):
-            spec = policy.spec_for(layer, expert)
+            spec = policy.expert_specs(layer, expert)
             if encode_device is not None:
                 tensors = {n: t.to(encode_device) for n, t in tensors.items()}
             enc = encode_expert(tensors, spec, digests=False, raw_as=raw_as)

@@ -195,3 +195,17 @@ def test_a_one_layer_policy_reads_only_that_layer_before_evaluating():
     with apply_policy(memory, policy) as a:
         assert torch.equal(logits(memory), got)
     assert a.stored_bytes == b.stored_bytes and a.ratio == b.ratio
+
+
+def test_a_per_matrix_policy_from_disk_gives_the_in_memory_logits_bit_for_bit():
+    # gate_up raw and down szp: the raw shortcut of the disk path must not take the whole expert
+    memory, disk = load_model("builtin"), load_model("builtin", host_mem=150_000)
+    policy = Policy(matrices={(None, None, "down"): StorageSpec.parse("szp:meanabs:2"),
+                              (3, None, "gate_up"): StorageSpec.parse("rtn8")})
+    with apply_policy(memory, policy) as a:
+        ref = logits(memory)
+    with apply_policy(disk, policy) as b:
+        got = logits(disk)
+    assert torch.equal(ref, got) and not torch.equal(ref, logits(memory))
+    assert a.stored_bytes == b.stored_bytes
+    assert [e.spec for e in a.experts] == [e.spec for e in b.experts]

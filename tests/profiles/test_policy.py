@@ -93,7 +93,7 @@ def test_precedence_and_json_round_trip(tmp_path):
     assert Policy.from_dict(json.loads(json.dumps(p.to_dict()))) == p
     p.save(tmp_path / "policy.json")
     doc = json.loads((tmp_path / "policy.json").read_text())
-    assert doc["kind"] == "policy" and doc["schema_version"] == 1 and "2:1" in doc["experts"]
+    assert doc["kind"] == "policy" and doc["schema_version"] == 2 and "2:1" in doc["experts"]
     assert Policy.load(tmp_path / "policy.json") == p
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.fingerprint = None
@@ -116,7 +116,7 @@ def test_load_accepts_a_plan_file_holding_a_policy(tmp_path):
     (None, "no such policy or plan file"),
     ("{not json", "not valid JSON"),
     ('{"kind": "hardware_profile"}', "neither a policy"),
-    ('{"kind": "policy", "schema_version": 99}', "schema_version is 99, expected 1"),
+    ('{"kind": "policy", "schema_version": 99}', "schema_version is 99, expected 1 or 2"),
     ('{"kind": "policy", "schema_version": 1, "layers": {"x": {"codec": "raw"}}}', "integers"),
     ('{"kind": "policy", "schema_version": 1, "default": {"codec": "raw", "lvl": 1}}',
      "unknown field"),
