@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from pathlib import Path
@@ -88,6 +89,10 @@ def read_expert_files(ckpt: PackedCheckpoint, pin: bool = False
 
 
 _PAGE = 4096
+# what a filesystem answers when it refuses O_DIRECT reads (alignment, no support); any other
+# error of a read is the drive's, and is reported
+_DIRECT_REFUSED = (errno.EINVAL, getattr(errno, "EOPNOTSUPP", errno.EINVAL),
+                   getattr(errno, "ENOTSUP", errno.EINVAL))
 READ_METHODS = ("direct", "fadvise", "cached")
 
 
@@ -121,18 +126,23 @@ class RecordFiles:
         """Expert `entry`'s record bytes as a uint8 tensor (page-locked when `pin`).
 
         Raises:
-            PackedError: the layer file ends inside the record.
+            PackedError: the layer file ends inside the record, or the drive failed the read.
         """
         if self.method == "direct":
             fd = self._direct_fd(entry.file)
             if fd is not None:
                 try:
                     return self._read_direct(fd, entry, pin)
-                except OSError:          # O_DIRECT refused at read time (alignment, filesystem)
-                    self.method = _fallback()
+                except OSError as exc:
+                    if exc.errno not in _DIRECT_REFUSED:
+                        raise self._read_error(entry, exc) from None
+                    self.method = _fallback()   # O_DIRECT refused at read time (alignment)
         host = torch.empty(entry.size, dtype=torch.uint8, pin_memory=pin)
         fd = self._fd(entry.file)
-        n = os.preadv(fd, [memoryview(host.numpy())], entry.offset)
+        try:
+            n = os.preadv(fd, [memoryview(host.numpy())], entry.offset)
+        except OSError as exc:
+            raise self._read_error(entry, exc) from None
         self._check(entry, n)
         if self.method == "fadvise" and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, entry.offset, entry.size, os.POSIX_FADV_DONTNEED)
@@ -149,6 +159,11 @@ class RecordFiles:
         head = entry.offset - start
         self._check(entry, min(max(n - head, 0), entry.size))
         return buf[head: head + entry.size]
+
+    def _read_error(self, entry: ExpertEntry, exc: OSError) -> PackedError:
+        return PackedError(f"{self.ckpt.path / entry.file}: reading layer {entry.layer} expert "
+                           f"{entry.expert} failed ({exc.strerror or exc}); check the drive, or "
+                           f"repack the model onto another")
 
     def _check(self, entry: ExpertEntry, n: int) -> None:
         if n != entry.size:

@@ -186,8 +186,9 @@ class DiskRecords:
             self.cache[read.key] = rec
 
     def close(self) -> None:
-        """Stop the read pool and close the layer files (records already read stay usable)."""
-        self.pool.shutdown(wait=True)
+        """Stop the read pool (reads not started are dropped) and close the layer files (records
+        already read stay usable)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
         self.files.close()
 
     def __contains__(self, key) -> bool:

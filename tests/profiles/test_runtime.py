@@ -468,3 +468,41 @@ def test_direct_reads_without_o_direct_nor_fadvise_say_they_are_cached(tiny_load
         assert files.method == "cached"
     finally:
         files.close()
+
+
+@pytest.mark.parametrize("method", ["direct", "fadvise"])
+def test_a_failing_drive_is_one_line_and_only_a_refused_o_direct_falls_back(tiny_loaded, tmp_path,
+                                                                          monkeypatch, method):
+    """EINVAL from an O_DIRECT read is the filesystem refusing it: fall back and read. Any other
+    error (EIO: the drive) is reported in one line naming the file and the expert, never taken
+    for a refusal that silently changes what the run measures."""
+    import errno
+    import os
+
+    from profiles.packed.read import RecordFiles
+    from profiles.packed.records import PackedError
+
+    ckpt = pack(tiny_loaded(), SZP, tmp_path / "ckpt")
+    entry = ckpt.experts[0]
+    real = os.preadv
+    failing = {"errno": errno.EINVAL}
+
+    def preadv(fd, bufs, offset):
+        if failing["errno"] is not None:
+            err = failing["errno"]
+            failing["errno"] = None if err == errno.EINVAL else err
+            raise OSError(err, os.strerror(err))
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    files = RecordFiles(ckpt, method)
+    try:
+        if method == "direct":
+            assert files.read(entry).numel() == entry.size      # EINVAL: refused, fell back
+            assert files.method != "direct"
+        failing["errno"] = errno.EIO
+        with pytest.raises(PackedError, match=r"reading layer \d+ expert \d+ failed "
+                                              r"\(Input/output error\); check the drive"):
+            files.read(entry)
+    finally:
+        files.close()
