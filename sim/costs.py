@@ -190,21 +190,16 @@ def build_costs(geometry: Any, policy: Any, hardware: HardwareProfile, serving: 
             spec = specs.uniform if specs is not None else policy.spec_for(layer, e)
             if spec is None:   # its matrices are stored differently
                 key = (li, specs)
-                row = memo.get(key)
-                if row is None:
-                    row = _matrix_rows(geometry, layer, specs, hardware, serving, ratios, orig,
-                                       bf16_bytes, labels)
-                    memo[key] = row
-                for name, v in zip(arrays, row):
-                    arrays[name][li, e] = v
-                continue
-            key = (li, spec.codec, getattr(spec, "mode", None), getattr(spec, "level", None),
-                   tuple(sorted((getattr(spec, "codec_options", None) or {}).items())))
+                make = lambda: _matrix_rows(geometry, layer, specs, hardware, serving,  # noqa: E731
+                                            ratios, orig, bf16_bytes, labels)
+            else:
+                key = (li, spec.codec, getattr(spec, "mode", None), getattr(spec, "level", None),
+                       tuple(sorted((getattr(spec, "codec_options", None) or {}).items())))
+                make = lambda: _expert_row(geometry, layer, spec, hardware, serving,  # noqa: E731
+                                           ratios, orig, bf16_bytes, labels)
             row = memo.get(key)
             if row is None:
-                row = _expert_row(geometry, layer, spec, hardware, serving, ratios, orig,
-                                  bf16_bytes, labels)
-                memo[key] = row
+                row = memo[key] = make()
             for name, v in zip(arrays, row):
                 arrays[name][li, e] = v
     if any(len(key) == 2 or key[1] != "raw" for key in memo):

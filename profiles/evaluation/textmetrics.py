@@ -108,6 +108,28 @@ def auto_max_tokens(model) -> int:
     return max(256, min(MAX_AUTO_TOKENS, REFERENCE_BYTES // (4 * int(vocab))))
 
 
+def read_text_file(path) -> str:
+    """The text of a `--text` corpus.
+
+    Raises:
+        ConfigError: a missing, non-UTF-8 or empty (whitespace only) file.
+    """
+    from profiles.errors import ConfigError
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--text {p}: no such file; give a local UTF-8 text file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--text {p}: not UTF-8 ({exc.reason} at byte {exc.start}); give a "
+                          f"UTF-8 text file") from None
+    if not text.strip():
+        raise ConfigError(f"--text {p}: the file is empty; give a UTF-8 text with at least a few "
+                          f"hundred tokens")
+    return text
+
+
 def read_text(path: str | Path, tokenizer, split: str, seq_tokens: int = DEFAULT_SEQ_TOKENS,
               max_tokens: int | None = DEFAULT_MAX_TOKENS, model=None,
               all_tokens: bool = False) -> TextCorpus:
@@ -130,17 +152,8 @@ def read_text(path: str | Path, tokenizer, split: str, seq_tokens: int = DEFAULT
     """
     check_split(split)
     p = Path(path)
-    if not p.is_file():
-        raise MoeszError(f"--text {p}: no such file; give a local UTF-8 text file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise MoeszError(f"--text {p}: not UTF-8 ({exc.reason} at byte {exc.start}); give a "
-                         f"UTF-8 text file") from None
+    text = read_text_file(p)
     docs = [d.strip() for d in text.replace("\r\n", "\n").split("\n\n") if d.strip()]
-    if not docs:
-        raise MoeszError(f"--text {p}: the file is empty; give a UTF-8 text with at least a few "
-                         f"hundred tokens")
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     width = max(2, min(seq_tokens, limit) if limit else seq_tokens)
     bos = getattr(tokenizer, "bos_token_id", None)

@@ -130,17 +130,9 @@ def _lm_eval_line(tasks: str) -> None:
 
 
 def _check_text_file(text: str) -> None:
-    p = Path(text)
-    if not p.is_file():
-        raise ConfigError(f"--text {p}: no such file; give a local UTF-8 text file")
-    try:
-        body = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"--text {p}: not UTF-8 ({exc.reason} at byte {exc.start}); give a "
-                          f"UTF-8 text file") from None
-    if not body.strip():
-        raise ConfigError(f"--text {p}: the file is empty; give a UTF-8 text with at least a few "
-                          f"hundred tokens")
+    from profiles.evaluation.textmetrics import read_text_file
+
+    read_text_file(text)
 
 
 def metrics_record(spec: EvalSpec, corpus_desc: str) -> dict:
