@@ -223,7 +223,7 @@ def model_cmd(
                                         "prompts and answers)."),
     text_tokens: Optional[int] = typer.Option(None, "--text-tokens", help="Predicted tokens of "
                                               "the text's profile half, at most (default: as "
-                                              "many as a 2 GiB reference holds, up to 65,536)."),
+                                              "many as a 2 GiB reference holds, up to 262,144)."),
     lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="lm-evaluation-harness tasks "
                                           "TASK[,TASK] (needs lm_eval and local data)."),
 ) -> None:

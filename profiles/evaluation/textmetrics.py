@@ -22,7 +22,7 @@ corpus), so the 95 % intervals are percentile bootstraps over sequences (B. Efro
 Tibshirani, An Introduction to the Bootstrap, 1993, ch. 13), with a fixed generator seed: the same
 weights give the same interval. Memory: the reference holds positions x vocabulary float32 values,
 so the default text budget is as many predicted tokens as fit in `REFERENCE_BYTES` (2 GiB), at
-most `MAX_AUTO_TOKENS`: 65 536 tokens for the built-in model's 21-token vocabulary, 16 384 for a
+most `MAX_AUTO_TOKENS`: 262 144 tokens for the built-in model's 21-token vocabulary, 16 384 for a
 32 k vocabulary, 3 579 for a 150 k one (`auto_max_tokens`).
 """
 
@@ -47,7 +47,7 @@ BOOTSTRAP = 2000
 DEFAULT_SEQ_TOKENS = 128
 DEFAULT_MAX_TOKENS = None           # None: as many as REFERENCE_BYTES allow, at most MAX_AUTO
 REFERENCE_BYTES = 2 << 30           # the reference's log-probabilities: 2 GiB at most
-MAX_AUTO_TOKENS = 65536
+MAX_AUTO_TOKENS = 262144
 Progress = Callable[[int, int, str], None]
 
 
