@@ -527,6 +527,24 @@ def check_ans_bytes(ctx: Ctx) -> dict:
                     raise AssertionError(f"ans decode differs: n={n} {dt} level={level} "
                                          f"strict={strict}")
                 cases += 1
+    # per-class frequency tables: rows, and each matrix's columns, of different scales
+    gen = torch.Generator().manual_seed(5)
+    for shape, scale_shape, dt in (((512, 256), (512, 1), torch.bfloat16),
+                                   ((4, 128, 256), (4, 1, 256), torch.float16)):
+        x = (torch.randn(*shape, generator=gen) * 0.02
+             * (0.2 + 3 * torch.rand(*scale_shape, generator=gen))).to(dt)
+        n = x.numel()
+        for level in (0.5, 2.0):
+            b = encode(x, "ans", "meanabs", level)
+            if b.meta.get("classes", 1) == 1:
+                raise AssertionError(f"ans chose one table for {shape}: the class case is not run")
+            secs = ans.split(payload_tensor(b.payload), b.meta, n, dt)
+            want = ans.decode_cpu(*secs, b.meta, n, b.abs_bound, dt)
+            got = ans_triton.decode(*[t.to(ctx.dev) for t in secs], b.meta, n, b.abs_bound, dt)
+            if not torch.equal(want.view(torch.uint8), got.cpu().view(torch.uint8)):
+                raise AssertionError(f"ans decode with classes ({b.meta['axis']}) differs: "
+                                     f"{shape} {dt} level={level}")
+            cases += 1
     return {"cases": cases, "sizes": list(sizes)}
 
 
@@ -555,14 +573,19 @@ def check_ans_speed_1gib(ctx: Ctx) -> dict:
     n = (1 << 15) if ctx.dry else (1 << 29)           # 2^29 bf16 values = 1 GiB
     repeats = 1 if ctx.dry else 10
     gen = torch.Generator().manual_seed(0)
-    x = (torch.randn(n, generator=gen) * 0.02).bfloat16()
-    res = {"values": n, "bf16_bytes": 2 * n, "repeats": repeats,
+    # a [rows, 4096] matrix whose rows differ in scale as trained weights do, so the per-class
+    # tables are in use (their extra look-up is part of the figure)
+    rows = n // 4096
+    x = (torch.randn(rows, 4096, generator=gen) * 0.02
+         * (0.5 + torch.rand(rows, 1, generator=gen))).bfloat16()
+    res = {"values": n, "bf16_bytes": 2 * n, "repeats": repeats, "shape": [rows, 4096],
            "timing": "perf_counter, dry run: figures meaningless" if ctx.dry
            else "median of CUDA events after one warm-up; encoded on the CPU (numpy reference)"}
     for label, mode, level in (("meanabs_0.5", "meanabs", 0.5), ("abs_1e-3", "abs", 1e-3)):
         t0 = time.perf_counter()
         b = encode(x, "ans", mode, level)
-        row = {"ratio_vs_bf16": round(b.ratio, 4), "cpu_encode_s": round(time.perf_counter() - t0, 1)}
+        row = {"ratio_vs_bf16": round(b.ratio, 4), "cpu_encode_s": round(time.perf_counter() - t0, 1),
+               "classes": int(b.meta.get("classes", 1)), "class_axis": b.meta.get("axis")}
         secs = [t.to(ctx.dev) for t in ans.split(payload_tensor(b.payload), b.meta, n, torch.bfloat16)]
         for g in (1, 2, 4, 8):
             ans_triton.CHUNKS_PER_PROGRAM = g

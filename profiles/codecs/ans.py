@@ -20,10 +20,21 @@ chunk holds 32·S values, value t·32 + j of the chunk belongs to lane j, and at
 lanes whose state fell below 2^16 read the chunk's next words in lane order. Chunks are
 independent; the last one may have fewer steps (its values padded to a multiple of 32).
 
-Payload (little-endian), each section padded to a multiple of 4 bytes, sizes in the blob's meta
-(`lanes`, `steps`, `prob_bits`, `radius`, `nudged`, `chunks`, `words`, `patches`):
+Classes (format version 2): trained weight matrices differ in scale from row to row or column to
+column, so the encoder may cut the rows, or the columns, of the tensor's matrices (its last two
+dimensions; a stack of experts is a matrix each) into C = 2 or 4 classes by their mean |x| and give each class its own frequency table; a
+value is coded with its row's (or column's) table (`choose_classes`: only where the estimated
+payload shrinks; option `classes=0` keeps one table). On the built-in model's experts this saves
+2–3 % of the payload at 4-bit-equivalent bounds (benchmarks/RESULTS.md).
 
-    K uint16            symbol frequencies, summing to M (K = 2R + 2, or 4R + 3 with nudged)
+Payload (little-endian), each section padded to a multiple of 4 bytes, sizes in the blob's meta
+(`lanes`, `steps`, `prob_bits`, `radius`, `nudged`, `chunks`, `words`, `patches`, and with more
+than one table `classes`, `axis` "row" or "col", `cols`, `mrows` rows per matrix):
+
+    C × K uint16        symbol frequencies of each class, each summing to M (K = 2R + 2, or
+                        4R + 3 with nudged; C = 1 without classes)
+    map                 the class of each row (axis "row") or of each matrix's column ("col"),
+                        2 bits each, four to a byte (`pack_map`); absent when C = 1
     chunks × 32 uint32  the lanes' final encoder states (the decoder's initial states)
     chunks uint32       each chunk's first word, as an index into the word section
     words uint16        the chunks' words, chunk after chunk
@@ -36,6 +47,8 @@ frequencies, so CPU and GPU write the same original-dtype bits by construction.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -294,6 +307,143 @@ def symbol_table(radius: int, nudged: bool) -> np.ndarray:
     return lut
 
 
+# ----------------------------------------------------------------------------- classes
+
+CLASS_CHOICES = (2, 4)          # classes the rows or columns of a tensor may be split into
+MAX_CLASS_SYMBOLS = 4096        # beyond this many symbols (tiny bounds) a tensor keeps one table
+CLASS_SAMPLE = 1 << 18          # values of whole rows the class tables are counted on, at most
+AXES = ("row", "col")
+
+
+def class_layout(shape) -> tuple[int, int, int]:
+    """(matrices, rows per matrix, columns) of a tensor as classes see it: its last two
+    dimensions are matrices of rows (a 3-D tensor of stacked experts is one matrix per expert);
+    (0, 0, 0) for a tensor of fewer than two dimensions."""
+    if len(shape) < 2 or int(shape[-1]) == 0 or int(shape[-2]) == 0:
+        return 0, 0, 0
+    return int(np.prod(shape[:-2], dtype=np.int64)), int(shape[-2]), int(shape[-1])
+
+
+@dataclass(frozen=True)
+class ClassMap:
+    """The class of each row (axis "row") or of each matrix's column ("col") of a tensor whose
+    columns are a multiple of 32, so that the 32 lanes of a chunk at one step read one row, or
+    32 consecutive columns of one row."""
+
+    cmap: np.ndarray            # uint8 [rows] or [matrices * cols]
+    axis: str
+    mrows: int                  # rows per matrix
+    cols: int
+
+    def entry(self, i: np.ndarray) -> np.ndarray:
+        """The map entry of flat value indices: their row, or their matrix's column."""
+        if self.axis == "row":
+            return i // self.cols
+        return (i // (self.mrows * self.cols)) * self.cols + i % self.cols
+
+    def blocks(self, chunks: int, steps: int, scale: int) -> tuple[np.ndarray, np.ndarray]:
+        """(class * scale of a block of values, the block each chunk codes at each step [steps,
+        chunks]): a step's class offsets are table[block[t]], one gather. A block is a row
+        ([rows, 1], broadcast over the lanes) or 32 consecutive columns ([blocks, 32])."""
+        c = self.cmap.astype(np.int64) * scale
+        table = c[:, None] if self.axis == "row" else c.reshape(-1, 32)
+        first = (np.arange(chunks, dtype=np.int64) * (steps * LANES))[None, :] \
+            + (np.arange(steps, dtype=np.int64) * LANES)[:, None]          # [steps, chunks]
+        n = self.cmap.size * (self.cols if self.axis == "row" else self.mrows)
+        block = self.entry(np.minimum(first, n - 1))
+        return table, (block if self.axis == "row" else block // 32)
+
+    def values(self) -> np.ndarray:
+        """The class of every value, in order (uint8; for tests and checks)."""
+        n = self.cmap.size * (self.cols if self.axis == "row" else self.mrows)
+        return self.cmap[self.entry(np.arange(n))]
+
+
+def _split(stat: np.ndarray, k: int) -> np.ndarray:
+    """Classes 0..k-1 of rows (or columns) by their statistic, equal counts, smallest first."""
+    order = np.argsort(stat, kind="stable")
+    cls = np.empty(stat.size, np.uint8)
+    cls[order] = (np.arange(stat.size) * k // max(stat.size, 1)).astype(np.uint8)
+    return cls
+
+
+def _table_bits(counts: np.ndarray) -> float:
+    """Bits of coding `counts` at their own empirical probabilities (the entropy bound)."""
+    c = counts[counts > 0].astype(np.float64)
+    return float((c * np.log2(c.sum() / c)).sum()) if c.size else 0.0
+
+
+def choose_classes(x: torch.Tensor, code: np.ndarray, table: np.ndarray, present: np.ndarray,
+                   prob_bits: int = PROB_BITS) -> tuple[ClassMap, np.ndarray] | None:
+    """Split the rows or the columns of a tensor into classes with a frequency table each, when
+    that makes the payload smaller; None to keep one table.
+
+    Trained weight matrices differ in scale from row to row (gate and up projections: output
+    channels) or from column to column (down projections: input features), so a value's row or
+    column says something about its code: coding each class with its own frequencies spends
+    fewer bits than one table for all. Rows (or columns) are ranked by their mean |x| and cut
+    into K classes of equal count. The axis and K (`CLASS_CHOICES`) are those with the smallest
+    estimated size — each class's empirical entropy, plus 16 bits per table entry
+    and 2 per row or column for the class map — counted on whole rows sampled evenly
+    (`CLASS_SAMPLE` values at most) and compared with one table counted the same way. Every
+    symbol of the tensor keeps a frequency of at least one in every class, so symbols the sample
+    missed stay codable.
+
+    Args:
+        x: the tensor (its shape gives rows and columns); code: its codes (`codes`); table: the
+            symbol of each code + MAX_RADIUS (`symbol_table`); present: whether each symbol
+            occurs in the tensor (from its exact histogram).
+
+    Returns:
+        (the class map, frequencies [K, nsym]); None where one table is as small, or the rows
+        are not a multiple of 32 values (the decoders' layout needs it).
+    """
+    matrices, mrows, cols = class_layout(tuple(x.shape))
+    rows = matrices * mrows
+    nsym = present.size
+    if (rows < 2 * CLASS_CHOICES[0] or cols % LANES or cols == 0
+            or nsym > MAX_CLASS_SYMBOLS):
+        return None
+    m = 1 << prob_bits
+    step = max(1, -(-rows * cols // CLASS_SAMPLE))
+    picked = np.arange(0, rows, step)
+    sym = np.take(table, code.reshape(rows, cols)[picked] + MAX_RADIUS)   # [sampled rows, cols]
+    key = sym + (np.arange(picked.size)[:, None] * nsym)
+    per_row = np.bincount(key.reshape(-1), minlength=picked.size * nsym).reshape(-1, nsym)
+    key = sym + (((picked // mrows)[:, None] * cols + np.arange(cols)[None, :]) * nsym)
+    per_col = np.bincount(key.reshape(-1), minlength=matrices * cols * nsym).reshape(-1, nsym)
+    stats = _mean_abs(x.detach().to("cpu").reshape(matrices, mrows, cols))
+    total = per_row.sum(axis=0)
+    best_bits, best = _table_bits(total) + 16 * nsym, None
+    for axis in AXES:
+        for k in CLASS_CHOICES:
+            cmap = _split(stats[axis], k)
+            hist, counted = (per_row, cmap[picked]) if axis == "row" else (per_col, cmap)
+            counts = np.zeros((k, nsym), np.int64)
+            np.add.at(counts, counted, hist)
+            bits = sum(_table_bits(c) for c in counts) + 16 * k * nsym
+            bits += 2 * cmap.size / step                   # the map, at the sample's scale
+            if bits < best_bits:
+                best_bits, best = bits, (axis, cmap, counts)
+    if best is None:
+        return None
+    axis, cmap, counts = best
+    freqs = np.stack([normalize(np.where(present & (c == 0), 0.5, c), m) for c in counts])
+    return ClassMap(cmap, axis, mrows, cols), freqs
+
+
+def _mean_abs(x3: torch.Tensor) -> dict[str, np.ndarray]:
+    """Mean |x| of each row and of each matrix's column, in fp32, a matrix at a time."""
+    matrices, mrows, cols = x3.shape
+    row = np.empty(matrices * mrows, np.float32)
+    col = np.empty(matrices * cols, np.float32)
+    for i in range(matrices):
+        a = x3[i].to(torch.float32).abs_()
+        row[i * mrows:(i + 1) * mrows] = a.mean(dim=1).numpy()
+        col[i * cols:(i + 1) * cols] = a.mean(dim=0).numpy()
+    return {"row": row, "col": col}
+
+
 # ----------------------------------------------------------------------------- rANS
 
 def chunk_geometry(n: int, steps: int) -> tuple[int, int, int]:
@@ -304,7 +454,8 @@ def chunk_geometry(n: int, steps: int) -> tuple[int, int, int]:
 
 def rans_encode(syms: np.ndarray, freqs: np.ndarray, prob_bits: int = PROB_BITS,
                 steps: int = STEPS, table: np.ndarray | None = None,
-                shift: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                shift: int = 0, classes: ClassMap | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Interleaved rANS encode of symbols 0..K-1 (vectorized over every lane of every chunk).
 
     The state arithmetic runs in float64, exact for states below 2^32 (the quotient x / f is never
@@ -314,6 +465,9 @@ def rans_encode(syms: np.ndarray, freqs: np.ndarray, prob_bits: int = PROB_BITS,
     Args:
         syms: the symbols, or with `table` the values table[v + shift] maps to symbols (mapped a
             step at a time, so that no tensor-sized symbol array is made).
+        freqs: the frequencies of the K symbols [K], or of each class's symbols [classes, K].
+        classes: with 2-D `freqs`, the class map (`ClassMap`) that selects each value's row of
+            frequencies.
 
     Returns:
         (states uint32 [chunks * 32], first word of each chunk uint32 [chunks], words uint16).
@@ -325,16 +479,21 @@ def rans_encode(syms: np.ndarray, freqs: np.ndarray, prob_bits: int = PROB_BITS,
     lanes = chunks * LANES
     if n == 0:
         return np.zeros(0, np.uint32), np.zeros(0, np.uint32), np.zeros(0, np.uint16)
+    ftab = np.atleast_2d(freqs)
+    nsym = ftab.shape[1]
     body = syms[: full * steps * LANES].reshape(full, steps, LANES)
+    ctab = cblk = None
+    if classes is not None and ftab.shape[0] > 1:
+        ctab, cblk = classes.blocks(chunks, steps, nsym)
     if rem:                                   # the tail chunk, padded with the likeliest symbol
-        pad = int(np.argmax(freqs))
+        pad = int(np.argmax(ftab[0]))
         if table is not None:
             pad = int(np.flatnonzero(table == pad)[0]) - shift
         tail = np.full(tail_steps * LANES, pad, dtype=syms.dtype)
         tail[:rem] = syms[full * steps * LANES:]
         tail = tail.reshape(tail_steps, LANES)
-    f64 = freqs.astype(np.float64)
-    cum = (np.cumsum(freqs) - freqs).astype(np.float64)
+    f64 = ftab.reshape(-1).astype(np.float64)         # class c's symbol s at c * nsym + s
+    cum = (np.cumsum(ftab, axis=1) - ftab).reshape(-1).astype(np.float64)
     spare = m - f64                                   # x' = x + floor(x / f) * (M - f) + cum
     limit = float(1 << (32 - prob_bits))
     x = np.full(lanes, float(STATE_LOW))
@@ -352,6 +511,9 @@ def rans_encode(syms: np.ndarray, freqs: np.ndarray, prob_bits: int = PROB_BITS,
             if shift:
                 s += shift
             np.take(table, s, out=s)
+        if ctab is not None:
+            s2 = s.reshape(-1, LANES)
+            np.add(s2, ctab[cblk[t, : a >> 5]], out=s2)
         np.take(f64, s, out=f)
         np.divide(xa, f, out=q)
         np.floor(q, out=q)
@@ -403,25 +565,30 @@ def _place_words(groups: list[np.ndarray], ws: list[np.ndarray], chunks: int,
 
 
 def decode_tables(freqs: np.ndarray, prob_bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(symbol, frequency, bias = slot - cum) of each of the M slots (int64)."""
+    """(symbol, frequency, bias = slot - cum) of each of the M slots (int64); with one row of
+    frequencies per class ([classes, K]), class c's slots follow at c * M."""
     m = 1 << prob_bits
-    if freqs.size == 0 or int(freqs.sum()) != m or int(freqs.min()) < 0:
-        raise ValueError(f"symbol frequencies sum to {int(freqs.sum()) if freqs.size else 0}, "
-                         f"not {m}")
-    sym = np.repeat(np.arange(freqs.size, dtype=np.intp), freqs)
-    cum = np.cumsum(freqs) - freqs
-    return sym, freqs[sym].astype(np.int64), (np.arange(m) - cum[sym]).astype(np.int64)
+    parts = []
+    for f in np.atleast_2d(freqs):
+        if f.size == 0 or int(f.sum()) != m or int(f.min()) < 0:
+            raise ValueError(f"symbol frequencies sum to {int(f.sum()) if f.size else 0}, "
+                             f"not {m}")
+        sym = np.repeat(np.arange(f.size, dtype=np.intp), f)
+        cum = np.cumsum(f) - f
+        parts.append((sym, f[sym].astype(np.int64), (np.arange(m) - cum[sym]).astype(np.int64)))
+    return tuple(np.concatenate(p) for p in zip(*parts))
 
 
 def rans_decode(states: np.ndarray, offsets: np.ndarray, words: np.ndarray, n: int,
                 freqs: np.ndarray, values: np.ndarray, prob_bits: int = PROB_BITS,
-                steps: int = STEPS) -> np.ndarray:
+                steps: int = STEPS, classes: ClassMap | None = None) -> np.ndarray:
     """Decode n values: the rANS decoder of `rans_encode`, each symbol looked up in `values`.
 
     States are held in int64 so that every table look-up indexes with numpy's native integer.
 
     Args:
         values: the output of each symbol (any numpy dtype: original-dtype bits, or the symbols).
+        freqs, classes: as for `rans_encode`.
 
     Returns:
         n values of `values.dtype`, in the original order.
@@ -441,6 +608,9 @@ def rans_decode(states: np.ndarray, offsets: np.ndarray, words: np.ndarray, n: i
     sym, f_slot, b_slot = decode_tables(freqs, prob_bits)
     v_slot = values[sym]
     mask = (1 << prob_bits) - 1
+    ctab = cblk = None
+    if classes is not None and np.atleast_2d(freqs).shape[0] > 1:
+        ctab, cblk = classes.blocks(chunks, steps, 1 << prob_bits)
     x = states.astype(np.int64)
     pos = offsets.astype(np.int64)
     w64 = words.astype(np.int64) if words.size else np.zeros(1, np.int64)
@@ -451,6 +621,9 @@ def rans_decode(states: np.ndarray, offsets: np.ndarray, words: np.ndarray, n: i
         a = lanes if (rem == 0 or t < tail_steps) else full * LANES
         xa, sa, f = x[:a], slot[:a], fs[:a]
         np.bitwise_and(xa, mask, out=sa)
+        if ctab is not None:               # class c's slots start at c * M
+            s2 = sa.reshape(-1, LANES)
+            np.add(s2, ctab[cblk[t, : a >> 5]], out=s2)
         out[: a >> 5, t, :] = np.take(v_slot, sa).reshape(-1, LANES)
         np.take(f_slot, sa, out=f)
         xa >>= prob_bits
@@ -483,11 +656,40 @@ def num_symbols(radius: int, nudged: bool) -> int:
     return 4 * radius + 3 if nudged else 2 * radius + 2
 
 
+def num_classes(meta: dict) -> int:
+    """Frequency tables of a payload (1 in blobs written before classes existed)."""
+    return int(meta.get("classes", 1))
+
+
+def class_map_size(meta: dict, n: int) -> int:
+    """Entries of the class map: one per row or per column (0 with one table)."""
+    if num_classes(meta) == 1:
+        return 0
+    cols = int(meta["cols"])
+    return n // cols if meta["axis"] == "row" else n // int(meta["mrows"])
+
+
+def pack_map(cmap: np.ndarray) -> np.ndarray:
+    """Classes 0..3, four to a byte (entry i in bits 2·(i mod 4) of byte i // 4)."""
+    c = np.zeros(-(-cmap.size // 4) * 4, np.uint8)
+    c[: cmap.size] = cmap
+    c = c.reshape(-1, 4)
+    return (c[:, 0] | (c[:, 1] << 2) | (c[:, 2] << 4) | (c[:, 3] << 6)).astype(np.uint8)
+
+
+def unpack_map(packed: torch.Tensor, entries: int) -> torch.Tensor:
+    """The classes of a packed map (uint8, on the packed tensor's device)."""
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device)
+    return ((packed[: -(-entries // 4), None] >> shifts) & 3).reshape(-1)[:entries]
+
+
 def section_sizes(meta: dict, n: int, itemsize: int) -> list[int]:
-    """Byte sizes of the payload's sections: table, states, offsets, words, patches."""
+    """Byte sizes of the payload's sections: tables, class map, states, offsets, words, patches."""
     k = num_symbols(int(meta["radius"]), bool(meta["nudged"]))
     chunks = int(meta["chunks"])
-    return [_pad4(2 * k), 4 * LANES * chunks, 4 * chunks, _pad4(2 * int(meta["words"])),
+    return [_pad4(2 * k * num_classes(meta)), _pad4(-(-class_map_size(meta, n) // 4)),
+            4 * LANES * chunks,
+            4 * chunks, _pad4(2 * int(meta["words"])),
             patches.section_nbytes(int(meta["patches"]), itemsize)]
 
 
@@ -499,9 +701,11 @@ class AnsCodec(Codec):
     gpu_decodable = True
     cpu_only = False
     description = ("SZ3 quantization (no predictor) + chunked interleaved rANS, decodes on GPU; "
-                   "strict 1|0")
-    option_spec = dict(patches.STRICT_OPTION)
-    implicit_options = frozenset({"strict"})
+                   "strict 1|0, classes 1|0 (a frequency table per class of rows or columns)")
+    option_spec = {**patches.STRICT_OPTION, "classes": (1, (1, 0))}
+    implicit_options = frozenset({"strict", "classes"})
+    format_version = 2            # 2: per-class frequency tables and the class map section
+    older_versions = (1,)
 
     def saturation_reason(self, max_abs, abs_bound):
         return None          # values beyond SZ3's radius are outliers, never saturated codes
@@ -517,11 +721,21 @@ class AnsCodec(Codec):
         out_idx = np.concatenate([np.zeros(0, np.int64)] + [
             np.flatnonzero(np.take(table, code[lo:lo + _PIECE] + MAX_RADIUS) == 0) + lo
             for lo in range(0, n, _PIECE)])
-        states, offsets, words = rans_encode(code, freqs, PROB_BITS, STEPS, table, MAX_RADIUS)
+        present = symbol_counts(hist, radius, nudged) > 0
+        chosen = choose_classes(x, code, table, present) if options.get("classes", 1) else None
+        cmap, cls = np.zeros(0, np.uint8), None
         meta = {"lanes": LANES, "steps": STEPS, "prob_bits": PROB_BITS, "radius": int(radius),
-                "nudged": int(nudged), "chunks": int(offsets.size), "words": int(words.size),
-                "patches": int(out_idx.size)}
-        parts = [freqs.astype("<u2").view(np.uint8), states.astype("<u4").view(np.uint8),
+                "nudged": int(nudged)}
+        if chosen is not None:
+            cls, freqs = chosen
+            cmap = cls.cmap
+            meta.update(classes=int(freqs.shape[0]), axis=cls.axis, cols=cls.cols,
+                        mrows=cls.mrows)
+        states, offsets, words = rans_encode(code, freqs, PROB_BITS, STEPS, table, MAX_RADIUS,
+                                             cls)
+        meta.update(chunks=int(offsets.size), words=int(words.size), patches=int(out_idx.size))
+        parts = [freqs.astype("<u2").reshape(-1).view(np.uint8), pack_map(cmap),
+                 states.astype("<u4").view(np.uint8),
                  offsets.astype("<u4").view(np.uint8), words.astype("<u2").view(np.uint8)]
         parts = [np.pad(p, (0, (-p.size) % 4)) for p in parts]
         parts.append(patches.pack(torch.from_numpy(out_idx), xc))
@@ -543,7 +757,8 @@ class AnsCodec(Codec):
 
 
 def split(payload: torch.Tensor, meta: dict, n: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    """The payload's five sections (table, states, offsets, words, patches) as uint8 tensors.
+    """The payload's six sections (tables, class map, states, offsets, words, patches) as uint8
+    tensors.
 
     Raises:
         CodecError: the meta is malformed or the payload length does not match it.
@@ -552,7 +767,11 @@ def split(payload: torch.Tensor, meta: dict, n: int, dtype: torch.dtype) -> list
         sizes = section_sizes(meta, n, torch.empty((), dtype=dtype).element_size())
         steps, radius = int(meta["steps"]), int(meta["radius"])
         if (int(meta["lanes"]) != LANES or not 1 <= int(meta["prob_bits"]) <= 16 or steps < 1
-                or not 0 <= radius <= MAX_RADIUS):
+                or not 0 <= radius <= MAX_RADIUS or not 1 <= num_classes(meta) <= 4):
+            raise ValueError
+        if num_classes(meta) > 1 and (meta["axis"] not in AXES or int(meta["cols"]) < 1
+                                      or int(meta["cols"]) % LANES or int(meta["mrows"]) < 1
+                                      or n % (int(meta["cols"]) * int(meta["mrows"]))):
             raise ValueError
     except (KeyError, TypeError, ValueError):
         raise CodecError(f"ans blob: meta {meta} is malformed; the blob is corrupt") from None
@@ -570,14 +789,30 @@ def split(payload: torch.Tensor, meta: dict, n: int, dtype: torch.dtype) -> list
 
 
 def frequencies(table: torch.Tensor, meta: dict) -> np.ndarray:
-    """The symbol frequencies (int64) from the table section (a CPU uint8 tensor)."""
+    """The symbol frequencies (int64 [classes, K]) from the table section (a CPU uint8 tensor)."""
     k = num_symbols(int(meta["radius"]), bool(meta["nudged"]))
-    return table.numpy()[: 2 * k].view("<u2").astype(np.int64)
+    c = num_classes(meta)
+    return table.numpy()[: 2 * k * c].view("<u2").astype(np.int64).reshape(c, k)
 
 
-def decode_cpu(table: torch.Tensor, states: torch.Tensor, offsets: torch.Tensor,
-               words: torch.Tensor, patch: torch.Tensor, meta: dict, n: int, abs_bound: float,
-               dtype: torch.dtype) -> torch.Tensor:
+def classes_of(cmap: torch.Tensor, meta: dict, n: int) -> ClassMap | None:
+    """The class map from its section (a CPU uint8 tensor); None with one table.
+
+    Raises:
+        ValueError: a class beyond the payload's tables.
+    """
+    if num_classes(meta) == 1:
+        return None
+    cols, mrows = int(meta["cols"]), int(meta["mrows"])
+    m = unpack_map(cmap, class_map_size(meta, n)).numpy()
+    if m.size and int(m.max()) >= num_classes(meta):
+        raise ValueError(f"class {int(m.max())} in the class map, {num_classes(meta)} tables")
+    return ClassMap(m, meta["axis"], mrows, cols)
+
+
+def decode_cpu(table: torch.Tensor, cmap: torch.Tensor, states: torch.Tensor,
+               offsets: torch.Tensor, words: torch.Tensor, patch: torch.Tensor, meta: dict,
+               n: int, abs_bound: float, dtype: torch.dtype) -> torch.Tensor:
     """The numpy reference decode of an `ans` payload's sections (CPU uint8 tensors).
 
     Returns:
@@ -591,7 +826,7 @@ def decode_cpu(table: torch.Tensor, states: torch.Tensor, offsets: torch.Tensor,
         bits = rans_decode(states.numpy().view("<u4"), offsets.numpy().view("<u4"),
                            words.numpy()[: 2 * int(meta["words"])].view("<u2"), n,
                            frequencies(table, meta), vals, int(meta["prob_bits"]),
-                           int(meta["steps"]))
+                           int(meta["steps"]), classes_of(cmap, meta, n))
     except ValueError as exc:
         raise CodecError(f"ans blob: {exc}; the blob is corrupt") from None
     signed = {1: np.uint8, 2: np.int16, 4: np.int32}[bits.itemsize]
@@ -601,5 +836,5 @@ def decode_cpu(table: torch.Tensor, states: torch.Tensor, offsets: torch.Tensor,
 
 
 __all__ = ["AnsCodec", "quantize", "dequantize", "codes", "symbol_table", "choose_radius", "normalize",
-           "rans_encode", "rans_decode", "value_table", "decode_cpu", "split", "LANES", "STEPS",
-           "PROB_BITS"]
+           "rans_encode", "rans_decode", "value_table", "decode_cpu", "split", "choose_classes",
+           "ClassMap", "LANES", "STEPS", "PROB_BITS"]

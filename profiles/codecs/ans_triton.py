@@ -5,7 +5,9 @@ DietGPU, Johnson 2021): at step t every lane looks its state's slot up in two ta
 entries — frequency and bias packed in one uint32, and the raw bits of the value the slot's symbol
 decodes to — stores that value, advances its state, and the lanes whose state fell below 2^16
 read the chunk's next 16-bit words at the chunk's position plus their rank among the reading
-lanes (a cumulative sum across the tile's lane axis). The tables are built on the device from the
+lanes (a cumulative sum across the tile's lane axis). With per-class tables (format version 2)
+a value's class is read from the class map at its row (index // cols) or its matrix's column
+and selects that class's M slots. The tables are built on the device from the
 payload's frequencies (no copy to the host); outliers are patched afterwards with one scatter.
 
 Values come from the table built by `ans.value_table` on the CPU, so the kernel writes exactly the
@@ -40,10 +42,11 @@ except ImportError:  # the kernel is only defined where triton is installed
 
 
 if triton is not None:
-    @triton.jit(do_not_specialize=["n", "chunks", "steps", "tail_steps", "nwords"])
-    def _decode_kernel(states_ptr, offsets_ptr, words_ptr, fb_ptr, val_ptr, out_ptr,
-                       n, chunks, steps, tail_steps, nwords,
-                       PROB_BITS: tl.constexpr, G: tl.constexpr):
+    @triton.jit(do_not_specialize=["n", "chunks", "steps", "tail_steps", "nwords", "cols",
+                                   "mcells"])
+    def _decode_kernel(states_ptr, offsets_ptr, words_ptr, fb_ptr, val_ptr, cmap_ptr, out_ptr,
+                       n, chunks, steps, tail_steps, nwords, cols, mcells,
+                       PROB_BITS: tl.constexpr, G: tl.constexpr, AXIS: tl.constexpr):
         pid = tl.program_id(0)
         c = pid * G + tl.arange(0, G)                                   # [G] chunk ids
         lane = tl.arange(0, 32)
@@ -58,9 +61,16 @@ if triton is not None:
         for t in range(0, steps):
             active = cvalid[:, None] & (t < nsteps)[:, None]
             slot = (x & mask_slot).to(tl.int32)
+            idx = base[:, None] + t * 32 + lane[None, :]
+            if AXIS != 0:          # class c's tables start at slot c * M
+                if AXIS == 1:
+                    cidx = idx // cols
+                else:
+                    cidx = (idx // mcells) * cols + idx % cols
+                k = tl.load(cmap_ptr + cidx, mask=active & (idx < n), other=0).to(tl.int32)
+                slot += k << PROB_BITS
             e = tl.load(fb_ptr + slot).to(tl.uint32, bitcast=True)
             v = tl.load(val_ptr + slot)
-            idx = base[:, None] + t * 32 + lane[None, :]
             tl.store(out_ptr + idx, v, mask=active & (idx < n))
             xn = (e & 0xFFFF) * (x >> PROB_BITS) + (e >> 16)
             need = (xn < 65536) & active
@@ -76,22 +86,27 @@ if triton is not None:
 
 def tables(table: torch.Tensor, meta: dict, abs_bound: float,
            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(frequency | bias << 16 as int32 [M], value bits [M]) on the table's device, no host copy."""
+    """(frequency | bias << 16 as int32 [C·M], value bits [C·M]) on the table's device, no host
+    copy: class c's M slots at c·M."""
     dev = table.device
     k = ans.num_symbols(int(meta["radius"]), bool(meta["nudged"]))
+    c = ans.num_classes(meta)
     m = 1 << int(meta["prob_bits"])
-    freqs = table[: 2 * k].view(torch.int16).to(torch.int64) & 0xFFFF
-    sym = torch.repeat_interleave(torch.arange(k, device=dev), freqs, output_size=m)
-    cum = torch.cumsum(freqs, 0) - freqs
-    fb = (freqs[sym] | ((torch.arange(m, device=dev) - cum[sym]) << 16)).to(torch.int32)
     bits = ans.value_table(int(meta["radius"]), bool(meta["nudged"]), abs_bound, dtype_name(dtype))
     width = _INT_OF_SIZE[bits.itemsize]
     vals = torch.from_numpy(bits.view({1: "u1", 2: "i2", 4: "i4"}[bits.itemsize])).to(dev)
-    return fb, vals.view(width)[sym]
+    all_freqs = (table[: 2 * k * c].view(torch.int16).to(torch.int64) & 0xFFFF).reshape(c, k)
+    fbs, vs = [], []
+    for freqs in all_freqs:
+        sym = torch.repeat_interleave(torch.arange(k, device=dev), freqs, output_size=m)
+        cum = torch.cumsum(freqs, 0) - freqs
+        fbs.append((freqs[sym] | ((torch.arange(m, device=dev) - cum[sym]) << 16)).to(torch.int32))
+        vs.append(vals.view(width)[sym])
+    return torch.cat(fbs), torch.cat(vs)
 
 
-def decode(table: torch.Tensor, states: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor,
-           patch: torch.Tensor, meta: dict, n: int, abs_bound: float,
+def decode(table: torch.Tensor, cmap: torch.Tensor, states: torch.Tensor, offsets: torch.Tensor,
+           words: torch.Tensor, patch: torch.Tensor, meta: dict, n: int, abs_bound: float,
            dtype: torch.dtype) -> torch.Tensor:
     """Decode an `ans` payload's sections (uint8 tensors on the device) with one kernel launch.
 
@@ -109,11 +124,20 @@ def decode(table: torch.Tensor, states: torch.Tensor, offsets: torch.Tensor, wor
         chunks = full + (rem > 0)
         fb, vals = tables(table, meta, abs_bound, dtype)
         nwords = int(meta["words"])
+        axis = 0 if ans.num_classes(meta) == 1 else (1 if meta["axis"] == "row" else 2)
+        cols = int(meta.get("cols", 1))
+        mcells = cols * int(meta.get("mrows", 1))          # values per matrix
+        cm = ans.unpack_map(cmap, ans.class_map_size(meta, n)).contiguous()
+        if axis and cm.numel() and int(cm.max()) >= ans.num_classes(meta):
+            raise ValueError(f"class {int(cm.max())} in the class map, "
+                             f"{ans.num_classes(meta)} tables")
+        if cm.numel() == 0:
+            cm = torch.zeros(1, dtype=torch.uint8, device=dev)
         grid = ((chunks + CHUNKS_PER_PROGRAM - 1) // CHUNKS_PER_PROGRAM,)
         _decode_kernel[grid](states.view(torch.int32), offsets.view(torch.int32),
-                             words.view(torch.int16), fb, vals, out,
-                             n, chunks, steps, tail_steps if rem else steps, nwords,
-                             PROB_BITS=int(meta["prob_bits"]), G=CHUNKS_PER_PROGRAM)
+                             words.view(torch.int16), fb, vals, cm, out,
+                             n, chunks, steps, tail_steps if rem else steps, nwords, cols, mcells,
+                             PROB_BITS=int(meta["prob_bits"]), G=CHUNKS_PER_PROGRAM, AXIS=axis)
     result = out.view(dtype)
     idx, pv = patches.unpack(patch, int(meta["patches"]), dtype, n)
     return patches.apply(result, idx, pv)

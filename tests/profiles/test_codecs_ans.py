@@ -166,7 +166,7 @@ def test_corrupt_truncated_and_mismatched_blobs_are_refused_with_one_line():
         assert "\n" not in str(info.value)
     payload = blob.payload.copy()                               # valid lengths, wrong words
     sizes = ans.section_sizes(blob.meta, 20000, 2)
-    payload[sum(sizes[:3]): sum(sizes[:3]) + 64] ^= 0x5A
+    payload[sum(sizes[:4]): sum(sizes[:4]) + 64] ^= 0x5A          # the words section
     with pytest.raises(CodecError, match="corrupt"):
         decode(Blob(blob.codec, blob.codec_version, blob.dtype, blob.shape, blob.mode, blob.level,
                     blob.abs_bound, blob.options, False, None, blob.meta, payload))
@@ -185,18 +185,29 @@ _TRITON_SCRIPT = textwrap.dedent("""
     from profiles.codecs import ans, ans_triton, encode
     from profiles.codecs.registry import payload_tensor
     cases = json.loads(sys.argv[1])
-    for n, dt, level, strict in cases:
+    for shape, dt, level, strict in cases:
+        shape = shape if isinstance(shape, list) else [shape]
+        n = 1
+        for d in shape:
+            n *= d
         dtype = getattr(torch, dt)
         g = torch.Generator().manual_seed(n)
         x = torch.randn(n, generator=g) * 0.02
+        if len(shape) == 2:                        # rows of different scales
+            x = (x.reshape(shape) * (0.2 + 3 * torch.rand(shape[0], 1, generator=g))).reshape(-1)
+        elif len(shape) == 3:                      # each matrix's columns of different scales
+            x = (x.reshape(shape) * (0.2 + 3 * torch.rand(shape[0], 1, shape[2], generator=g))
+                 ).reshape(-1)
         if n > 100:
             x[77] = 3.0                            # an outlier, patched after the kernel
-        x = (x * (40 if strict else 1)).to(dtype)
+        x = (x * (40 if strict else 1)).to(dtype).reshape(shape)
         b = encode(x, "ans", "meanabs", level, strict=strict)
+        if len(shape) > 1:
+            assert b.meta.get("classes", 1) > 1, (shape, b.meta)
         secs = ans.split(payload_tensor(b.payload), b.meta, n, dtype)
         ref = ans.decode_cpu(*secs, b.meta, n, b.abs_bound, dtype)
         got = ans_triton.decode(*secs, b.meta, n, b.abs_bound, dtype)
-        assert torch.equal(ref.view(torch.uint8), got.view(torch.uint8)), (n, dt, level)
+        assert torch.equal(ref.view(torch.uint8), got.view(torch.uint8)), (shape, dt, level)
     print("triton-interpreter-ok")
 """)
 
@@ -205,7 +216,9 @@ def test_triton_decoder_matches_reference_under_the_interpreter():
     pytest.importorskip("triton")
     cases = [[1, "bfloat16", 0.5, 1], [33, "float16", 0.5, 0], [1000, "float32", 2.0, 1],
              [16384 * 2 + 77, "bfloat16", 0.5, 1], [5000, "float8_e4m3fn", 1.0, 1],
-             [20000, "bfloat16", 0.05, 0]]
+             [20000, "bfloat16", 0.05, 0],
+             [[256, 128], "bfloat16", 0.5, 1],            # classes by row
+             [[2, 128, 192], "float16", 1.0, 1]]          # classes by each matrix's column
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -222,3 +235,100 @@ def test_gpu_decode_is_bit_identical_to_the_cpu_decode():
         blob = encode(x, "ans", "meanabs", level)
         assert torch.equal(decode(blob, device="cuda").cpu().view(torch.int16),
                            decode(blob).view(torch.int16))
+
+
+def scaled(shape, axis, seed=0, dtype=torch.bfloat16):
+    """Weights whose rows (axis 0) or columns (axis 1) have different scales, as trained FFN
+    matrices do."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g) * 0.02
+    scale = 0.3 + 2 * torch.rand(shape[-2] if axis == 0 else shape[-1], generator=g)
+    return (x * (scale[:, None] if axis == 0 else scale)).to(dtype)
+
+
+@pytest.mark.parametrize("shape,axis,want", [((512, 256), 0, "row"), ((4, 128, 256), 1, "col")])
+def test_classes_shrink_the_payload_and_decode_the_same_values(shape, axis, want):
+    x = scaled(shape, axis)
+    one = encode(x, "ans", "meanabs", 1.0, classes=0)
+    many = encode(x, "ans", "meanabs", 1.0)
+    assert "classes" not in one.meta and one.options == {"classes": 0}
+    assert many.meta["classes"] in ans.CLASS_CHOICES and many.meta["axis"] == want
+    assert many.options == {} and many.ratio > 1.02 * one.ratio
+    # the same quantization: only the entropy coding differs
+    assert torch.equal(decode(many).view(torch.int16), decode(one).view(torch.int16))
+    sizes = ans.section_sizes(many.meta, x.numel(), 2)
+    assert sum(sizes) == many.payload_nbytes
+    secs = ans.split(payload_tensor(many.payload), many.meta, x.numel(), x.dtype)
+    cls = ans.classes_of(secs[1], many.meta, x.numel())
+    rows = x.numel() // shape[-1]
+    assert cls.cmap.size == (rows if want == "row" else x.numel() // shape[-2])
+    assert sizes[1] == -(-(-(-cls.cmap.size // 4)) // 4) * 4           # 2 bits an entry
+
+
+def test_class_map_packs_four_classes_to_a_byte():
+    cmap = np.array([0, 1, 2, 3, 3, 2, 1], np.uint8)
+    packed = ans.pack_map(cmap)
+    assert packed.tolist() == [0b11100100, 0b00011011]
+    assert ans.unpack_map(torch.from_numpy(packed), 7).tolist() == cmap.tolist()
+
+
+def test_class_map_blocks_select_the_class_of_every_value():
+    rng = np.random.default_rng(2)
+    for axis, mrows, cols, matrices in (("row", 8, 64, 1), ("col", 8, 64, 3)):
+        n = matrices * mrows * cols
+        size = matrices * mrows if axis == "row" else matrices * cols
+        cm = ans.ClassMap(rng.integers(0, 4, size).astype(np.uint8), axis, mrows, cols)
+        steps = 5                                    # chunks of 160 values, a partial one last
+        chunks = -(-n // (32 * steps))
+        table, block = cm.blocks(chunks, steps, 1)
+        full = np.zeros(chunks * steps * 32, np.int64)
+        full[:n] = cm.values()
+        want = full.reshape(chunks, steps, 32).transpose(1, 0, 2)
+        for t in range(steps):
+            got = np.broadcast_to(table[block[t]], (chunks, 32))
+            live = (np.arange(chunks) * steps * 32 + t * 32) < n
+            assert np.array_equal(got[live], want[t][live]), (axis, t)
+
+
+def test_rans_with_classes_round_trips_symbols():
+    rng = np.random.default_rng(3)
+    rows, cols = 300, 64
+    cmap = rng.integers(0, 2, rows).astype(np.uint8)
+    cls = ans.ClassMap(cmap, "row", rows, cols)
+    p = np.array([[0.1, 0.8, 0.1, 0.0], [0.05, 0.25, 0.4, 0.3]])
+    syms = np.concatenate([rng.choice(4, size=cols, p=p[c]) for c in cmap]).astype(np.int32)
+    counts = np.stack([np.bincount(syms.reshape(rows, cols)[cmap == c].reshape(-1),
+                                   minlength=4) for c in (0, 1)])
+    freqs = np.stack([ans.normalize(c, 1 << ans.PROB_BITS) for c in counts])
+    states, offsets, words = ans.rans_encode(syms, freqs, classes=cls, steps=64)
+    back = ans.rans_decode(states, offsets, words, syms.size, freqs,
+                           np.arange(4, dtype=np.uint16), steps=64, classes=cls)
+    assert np.array_equal(back, syms)
+
+
+def test_no_classes_where_rows_are_not_a_multiple_of_32_values():
+    assert "classes" not in encode(scaled((256, 100), 0), "ans", "meanabs", 1.0).meta
+    assert "classes" not in encode(scaled((1, 4096), 0), "ans", "meanabs", 1.0).meta
+
+
+def test_version_1_blobs_and_a_corrupt_class_map(monkeypatch):
+    x = scaled((256, 128), 0)
+    one = encode(x, "ans", "meanabs", 1.0, classes=0)          # the version-1 payload layout
+    old = Blob(one.codec, 1, one.dtype, one.shape, one.mode, one.level, one.abs_bound, {},
+               one.lossless_fallback, one.fallback_reason, one.meta, one.payload)
+    assert torch.equal(decode(Blob.from_bytes(old.to_bytes())).view(torch.int16),
+                       decode(one).view(torch.int16))
+    monkeypatch.setattr(ans, "CLASS_CHOICES", (2,))
+    many = encode(x, "ans", "meanabs", 1.0)
+    assert many.meta["classes"] == 2
+    payload = many.payload.copy()
+    sizes = ans.section_sizes(many.meta, x.numel(), 2)
+    payload[sizes[0]] = 0xFF                                    # class 3 of 2, four times
+    bad = Blob(many.codec, many.codec_version, many.dtype, many.shape, many.mode, many.level,
+               many.abs_bound, many.options, False, None, many.meta, payload)
+    with pytest.raises(CodecError, match="class 3 in the class map") as info:
+        decode(bad)
+    assert "\n" not in str(info.value)
+    for meta in ({"axis": "diagonal"}, {"cols": 100}, {"mrows": 0}, {"classes": 5}):
+        with pytest.raises(CodecError, match="malformed"):
+            decode(_corrupt(many, **meta))
