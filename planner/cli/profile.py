@@ -225,7 +225,10 @@ def model_cmd(
                                               "the text's profile half, at most (default: as "
                                               "many as a 2 GiB reference holds, up to 65,536)."),
     lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="lm-evaluation-harness tasks "
-                                          "TASK[,TASK] (needs lm_eval and local data)."),
+                                          "TASK[,TASK]: task YAML files, or registered names "
+                                          "whose data are in the local Hugging Face cache "
+                                          "(needs moesz[lmeval]); the profile half of their "
+                                          "documents (by a hash of each) is measured."),
 ) -> None:
     """Profile a model: compression ratios, accuracy sensitivity, routing traces -> DIR."""
     from planner.cli.model_eval import host_bytes

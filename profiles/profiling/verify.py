@@ -104,7 +104,8 @@ def measure_policies(profile_dir: str | Path, policies: Sequence, progress: Prog
             runner = SensitivityRunner(loaded, baseline, text_reference(view.model, corpus), {},
                                        seed=int(doc.get("seed", 0)), batch_size=batch_size,
                                        catastrophic_drop=None,
-                                       benches={b.name: b for b in spec.benches})
+                                       benches={b.name: b for b in spec.benches},
+                                       lm_evals={t.name: t for t in spec.lm_evals})
             for done, i in enumerate(todo):
                 if progress is not None:
                     progress(done, len(todo), f"verifying candidate {done + 1}/{len(todo)}")

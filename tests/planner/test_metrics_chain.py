@@ -261,4 +261,5 @@ def test_validate_on_another_text_or_benchmark(profiled, tmp_path):
     r = runner.invoke(app, ["validate", str(plan), "--limit", "4", "--cache-dir",
                             str(root / "cache"), "--bench", str(copy)])
     assert r.exit_code == 1
-    assert "its budget is on 'sums', which the given --bench files do not include" in r.output
+    assert ("its budget is on 'sums', which the given --bench files and --lm-eval tasks do not "
+            "include") in r.output
