@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import hashlib
 import io
 import json
@@ -185,17 +186,11 @@ def load_tasks(value: str | Sequence[str], split: str | None = None) -> tuple[Lm
                           "task names")
     _require(",".join(specs))
     out: list[LmEvalTask] = []
-    manager = None
     for spec in specs:
         if _is_path(spec):
             tasks, source = _load_yaml(spec), str(Path(spec).expanduser().resolve())
         else:
-            if manager is None:
-                from lm_eval.tasks import TaskManager
-
-                with _quiet_offline():
-                    manager = TaskManager()
-            tasks, source = _load_name(manager, spec), spec
+            tasks, source = _load_name(_registry(), spec), spec
         out += [_describe(source, spec, t, split) for t in tasks]
     seen = set()
     for t in out:
@@ -288,6 +283,16 @@ def _beside(files, base: Path):
         return [_beside(v, base) for v in files]
     p = Path(str(files)).expanduser()
     return str(base / p) if not p.is_absolute() and (base / p).exists() else files
+
+
+@functools.lru_cache(maxsize=1)
+def _registry():
+    """lm-eval's index of its registered tasks (built once per process: it reads thousands of
+    YAML files, seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    with _quiet_offline():
+        return TaskManager()
 
 
 def _load_name(manager, spec: str) -> list:

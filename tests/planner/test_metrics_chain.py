@@ -108,7 +108,8 @@ def test_a_budget_on_a_missing_metric_lists_what_the_profile_has(profiled, tmp_p
     assert r.exit_code == 1
     assert r.output.strip().splitlines() == [
         "error: budget metric 'gsm8k' is not in the profile " + str(out) + "; it has content, "
-        "strict, kl, ppl, sums; add a benchmark with --bench FILE when profiling"]
+        "strict, kl, ppl, sums; add a benchmark with --bench FILE or --lm-eval TASK when "
+        "profiling"]
     r = runner.invoke(app, ["plan", "--profile", str(out), "--budget", "kl", "--gpu-mem", "25%",
                             "--out", str(tmp_path / "p.json")])
     assert r.exit_code == 1 and "expected METRIC=VALUE" in r.output
