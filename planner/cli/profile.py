@@ -346,6 +346,11 @@ def _print_model_profile(prof) -> None:
     metrics = profile_metrics(d)
     _out.print(f"metrics a budget may name: {', '.join(metrics['available'])} (kl: "
                f"{metrics['kl']['unit']} on {metrics['kl']['corpus']})", highlight=False)
+    for t in metrics.get("lm_eval") or ():
+        _out.print(f"{t['name']}: lm-eval {t['output_type']} task from {t['source']}, "
+                   f"{t['num_fewshot']}-shot, scored per document by its {t['metric']!r} "
+                   f"(strict and content are both that); {t['docs']} documents, split by a hash "
+                   f"of each", highlight=False)
     how = (f"median paired 95% half-width over {lim['points_measured']} points"
            if lim.get("points_measured") else "no point yet: the floor with no discordant prompt")
     if lim.get("metric"):

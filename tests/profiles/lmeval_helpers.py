@@ -1,5 +1,6 @@
-"""A small lm-evaluation-harness task with local data: a multiple-choice task YAML and its JSONL
-documents, written side by side (the YAML names its data file relative to itself)."""
+"""Small lm-evaluation-harness tasks with local data: a multiple-choice (and a generate_until) task
+YAML and its JSONL documents, written side by side (the YAML names its data file relative to
+itself)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,33 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 """
+GEN_TASK = "tiny_sums_gen"
+GEN_YAML = f"""task: {GEN_TASK}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: sums.jsonl
+test_split: test
+output_type: generate_until
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{choices[0]}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  do_sample: false
+  max_gen_toks: 4
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def write_gen_task(root: str | Path, docs: int = 40) -> Path:
+    """The same questions as a generate_until task (`root/tiny_sums_gen.yaml`, exact match)."""
+    write_task(root, docs)
+    path = Path(root) / f"{GEN_TASK}.yaml"
+    path.write_text(GEN_YAML, encoding="utf-8")
+    return path
 
 
 def write_task(root: str | Path, docs: int = 40, seed: int = 0) -> Path:

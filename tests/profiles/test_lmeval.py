@@ -11,7 +11,7 @@ import pytest
 
 from profiles.errors import ConfigError, MoeszError
 from tests.profiles.eval_helpers import one_torch_thread, save_text_checkpoint  # noqa: F401
-from tests.profiles.lmeval_helpers import TASK, write_task
+from tests.profiles.lmeval_helpers import GEN_TASK, TASK, write_gen_task, write_task
 
 NEEDS = "lm-eval[hf]==0.4.13 is optional (pip install moesz[lmeval])"
 
@@ -65,6 +65,16 @@ def test_documents_are_paired_one_by_one(task_yaml, loaded):
     assert c.n == 10 and c.both + c.gained + c.lost + c.neither == 10
     assert c.change.low <= c.change.value <= c.change.high
     assert set(pert.verdicts()) == {TASK}
+
+
+def test_a_generate_until_task_is_scored_by_exact_match(task_yaml, loaded):
+    from profiles.evaluation.lmeval import load_tasks
+
+    (t,) = load_tasks(str(write_gen_task(task_yaml.parent)), "profile")
+    assert (t.name, t.output_type, t.metric) == (GEN_TASK, "generate_until", "exact_match")
+    prompts, shown, right = t.answer(loaded.model, loaded.tokenizer, 3, batch_size=4)
+    assert len(prompts) == len(shown) == len(right) == 3
+    assert all(isinstance(g, str) and len(g) <= 40 for g in shown)
 
 
 def test_a_recorded_task_loads_again_and_refuses_changed_documents(task_yaml, tmp_path):
