@@ -125,3 +125,23 @@ def test_bad_lm_eval_inputs_are_one_line(ckpt, tmp_path, monkeypatch, case):
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and want in lines[0], r.output
     assert not out.exists()   # refused before anything was written
+
+
+def test_validate_on_other_tasks_and_a_rerun_with_others_is_refused(profiled, ckpt, tmp_path):
+    root, yaml, out = profiled
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.read_text().replace(f"task: {TASK}", "task: other_sums")
+                     .replace("sums.jsonl", str(yaml.parent / "sums.jsonl")))
+    plan = root / "plan.json"
+    if not plan.exists():
+        pytest.skip("needs the plan of test_plan_on_the_task_and_validate_on_its_other_half")
+    r = runner.invoke(app, ["validate", str(plan), "--cache-dir", str(root / "cache"),
+                            "--lm-eval", str(other)])
+    assert r.exit_code == 1
+    assert (f"its budget is on '{TASK}', which the given --bench files and --lm-eval tasks do "
+            f"not include (other_sums)") in r.output
+    r = runner.invoke(app, ["profile", "model", str(ckpt), "--out", str(out), "--codecs", "szp",
+                            "--levels", "1", "--layers", "1", "--groups", "none", "--limit", "12",
+                            "--lm-eval", str(other)])
+    assert r.exit_code == 1
+    assert f"was profiled with tasks=['{TASK}'], this run asks for ['other_sums']" in r.output
