@@ -126,7 +126,8 @@ def evaluate(loaded_or_model, tokenizer=None, tasks: Sequence[str] | None = None
              benchmarks: Sequence[UserBenchmark] = (), baseline: EvalResult | None = None,
              condition: str = "base", progress: Progress | None = None,
              lm_evals: Sequence = ()) -> EvalResult:
-    """Greedy accuracy of a model on built-in tasks and user benchmarks.
+    """Greedy accuracy of a model on built-in tasks and user benchmarks; lm-eval tasks as lm-eval
+    scores them.
 
     Args:
         loaded_or_model: a `LoadedModel`, or a transformers model (then pass `tokenizer`).
