@@ -53,13 +53,20 @@ def test_profile_records_the_task_its_metric_and_half(profiled):
     assert (sens.content_change_low <= sens.content_change).all()
 
 
-def test_plan_on_the_task_and_validate_on_its_other_half(profiled):
+@pytest.fixture(scope="module")
+def planned(profiled):
     root, _, out = profiled
     plan = root / "plan.json"
     r = runner.invoke(app, ["plan", "--profile", str(out), "--budget", f"{TASK}=0.5",
                             "--gpu-mem", "25%", "--trials", "6", "--warm-trials", "2",
                             "--rerank", "1", "--verify", "1", "--no-plots", "--out", str(plan)])
     assert r.exit_code == 0, r.output
+    return plan
+
+
+def test_plan_on_the_task_and_validate_on_its_other_half(profiled, planned):
+    root, _, out = profiled
+    plan = planned
     doc = json.loads(plan.read_text())
     assert doc["budget"]["metric"] == TASK and doc["evaluation"]["tasks"] == [TASK]
     assert doc["verification"]["verified"] == 1   # measured again through lm-eval
@@ -127,14 +134,13 @@ def test_bad_lm_eval_inputs_are_one_line(ckpt, tmp_path, monkeypatch, case):
     assert not out.exists()   # refused before anything was written
 
 
-def test_validate_on_other_tasks_and_a_rerun_with_others_is_refused(profiled, ckpt, tmp_path):
+def test_validate_on_other_tasks_and_a_rerun_with_others_is_refused(profiled, planned, ckpt,
+                                                                    tmp_path):
     root, yaml, out = profiled
     other = tmp_path / "other.yaml"
     other.write_text(yaml.read_text().replace(f"task: {TASK}", "task: other_sums")
                      .replace("sums.jsonl", str(yaml.parent / "sums.jsonl")))
-    plan = root / "plan.json"
-    if not plan.exists():
-        pytest.skip("needs the plan of test_plan_on_the_task_and_validate_on_its_other_half")
+    plan = planned
     r = runner.invoke(app, ["validate", str(plan), "--cache-dir", str(root / "cache"),
                             "--lm-eval", str(other)])
     assert r.exit_code == 1
@@ -145,3 +151,19 @@ def test_validate_on_other_tasks_and_a_rerun_with_others_is_refused(profiled, ck
                             "--lm-eval", str(other)])
     assert r.exit_code == 1
     assert f"was profiled with tasks=['{TASK}'], this run asks for ['other_sums']" in r.output
+
+
+def test_verifying_without_lm_eval_says_how_to_plan_anyway(profiled, tmp_path, monkeypatch):
+    import shutil
+
+    out = tmp_path / "prof"
+    shutil.copytree(profiled[2], out)
+    (out / "verified.parquet").unlink(missing_ok=True)   # nothing measured yet: lm-eval is needed
+    monkeypatch.setitem(sys.modules, "lm_eval.models.huggingface", None)
+    r = runner.invoke(app, ["plan", "--profile", str(out), "--budget", f"{TASK}=0.5",
+                            "--gpu-mem", "25%", "--trials", "4", "--verify", "1", "--no-plots",
+                            "--out", str(tmp_path / "p.json")])
+    assert r.exit_code == 1
+    line = r.output.strip().splitlines()[-1]
+    assert "lm-evaluation-harness is not installed here" in line
+    assert line.endswith("or give --verify 0 to plan on the prediction alone")

@@ -113,7 +113,7 @@ def test_bad_task_files_are_one_line(task_yaml, tmp_path, case):
     assert want in msg and "\n" not in msg
 
 
-def test_the_builtin_tokenizer_is_refused(task_yaml):
+def test_the_builtin_tokenizer_is_refused():
     from profiles.evaluation.lmeval import check_tokenizer
     from profiles.tasks.tokenizer import CharTokenizer
 
