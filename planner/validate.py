@@ -14,11 +14,12 @@ disjoint in its operands and read only here, so the comparison is out of sample.
 
 The plan carries its profile's evaluation set (`evaluation`: built-in tasks, user benchmarks,
 lm-eval tasks and the text corpus, each split by a stable hash into the profile and validate
-halves), and validation measures the other half of each. For a plan whose metric is `kl` the drop is the mean KL(base ||
-plan) in nats per token on the text's validate half (the built-in tasks' validate prompts and
-answers without a text); for `ppl` the perplexity ratio minus 1; both with bootstrap intervals
-over sequences (`profiles.evaluation.textmetrics`). For a task's name, the drop is that task's
-content accuracy drop (for an lm-eval task, the drop of its per-document primary metric).
+halves), and validation measures the other half of each. For a plan whose metric is `kl` the
+drop is the mean KL(base || plan) in nats per token on the text's validate half (the built-in
+tasks' validate prompts and answers without a text); for `ppl` the perplexity ratio minus 1; both
+with bootstrap intervals over sequences (`profiles.evaluation.textmetrics`). For a task's name,
+the drop is that task's content accuracy drop (for an lm-eval task, the drop of its per-document
+primary metric).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Evaluate a model on the built-in tasks (and user benchmarks and lm-eval tasks), optionally against
-a baseline.
+"""Evaluate a model on the built-in tasks (and user benchmarks and lm-eval tasks), optionally
+against a baseline.
 
 `evaluate` generates greedily on each task's prompts, scores strict and content accuracy with
 Wilson intervals, and, given the unperturbed model's `EvalResult` on the same prompts, adds paired

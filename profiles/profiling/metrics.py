@@ -1,6 +1,6 @@
-"""What a profile measures its model with: built-in tasks, user JSONL benchmarks, lm-evaluation-harness
-tasks and a text corpus, and the `metrics` record of `profile.json` that names every metric a budget
-may use.
+"""What a profile measures its model with: built-in tasks, user JSONL benchmarks,
+lm-evaluation-harness tasks and a text corpus, and the `metrics` record of `profile.json` that
+names every metric a budget may use.
 
 Metrics (docs/model-profile.md, "Metrics"):
 

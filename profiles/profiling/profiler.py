@@ -176,7 +176,8 @@ def _profile(req: ProfileRequest, progress: Progress | None, t0: float) -> Profi
     identity = {"fingerprint": loaded.fingerprint, "split": req.split, "tasks": tasks,
                 "prompts_per_task": limit, "seed": req.seed, "compute_dtype": compute,
                 "catastrophic_drop": req.catastrophic_drop}
-    if spec_eval.benches or spec_eval.text or spec_eval.lm_evals:   # absent otherwise: older sweeps keep matching
+    # absent otherwise: older sweeps keep matching
+    if spec_eval.benches or spec_eval.text or spec_eval.lm_evals:
         identity.update(spec_eval.identity())
     sweep = Sweep(storage, STUDY_NAME, identity, heartbeat_s=req.heartbeat_s, grace_s=req.grace_s)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,8 @@ its strict and content accuracy change with Newcombe's paired interval and the e
 p-value, plus the label-free KL(base || perturbed), top-1 agreement and perplexity ratio on a text
 corpus (`profiles.evaluation.textmetrics`: the `--text` file's profile half, else the built-in
 tasks' prompts and answers), with bootstrap intervals over sequences. Tasks are the built-in ones,
-user JSONL benchmarks and lm-eval tasks (scored per document by lm-eval) alike; a profile with a text and no task gets one row per point (task
-`(text)`) holding the text metrics only.
+user JSONL benchmarks and lm-eval tasks (scored per document by lm-eval) alike; a profile with a
+text and no task gets one row per point (task `(text)`) holding the text metrics only.
 
 Cost control: the prompts are answered in two stages; after the first quarter (at least 16 per
 task) a point whose content accuracy, averaged over tasks, has fallen by more than
