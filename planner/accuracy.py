@@ -239,7 +239,7 @@ class AccuracyModel:
             if df.empty:
                 raise ProfileError(f"the profile has no accuracy rows for {metric} "
                                    f"{'of ' + ', '.join(tasks) if tasks else ''}; profile with "
-                                   f"--bench FILE or the built-in tasks")
+                                   f"--bench FILE, --lm-eval TASK or the built-in tasks")
         self.tasks = sorted(df["task"].astype(str).unique())
         self.notes: list[str] = []
         effects = self._aggregate(df)

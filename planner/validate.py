@@ -12,13 +12,14 @@ disjoint in its operands and read only here, so the comparison is out of sample.
 4. average the plan's metric over tasks (MOVER interval, `planner.verdict`), and give the verdict
    `held` / `violated` / `inconclusive` against the plan's budget.
 
-The plan carries its profile's evaluation set (`evaluation`: built-in tasks, user benchmarks and
-the text corpus, each split by a stable hash into the profile and validate halves), and validation
-measures the other half of each. For a plan whose metric is `kl` the drop is the mean KL(base ||
-plan) in nats per token on the text's validate half (the built-in tasks' validate prompts and
-answers without a text); for `ppl` the perplexity ratio minus 1; both with bootstrap intervals
-over sequences (`profiles.evaluation.textmetrics`). For a task's name, the drop is that task's
-content accuracy drop.
+The plan carries its profile's evaluation set (`evaluation`: built-in tasks, user benchmarks,
+lm-eval tasks and the text corpus, each split by a stable hash into the profile and validate
+halves), and validation measures the other half of each. For a plan whose metric is `kl` the
+drop is the mean KL(base || plan) in nats per token on the text's validate half (the built-in
+tasks' validate prompts and answers without a text); for `ppl` the perplexity ratio minus 1; both
+with bootstrap intervals over sequences (`profiles.evaluation.textmetrics`). For a task's name,
+the drop is that task's content accuracy drop (for an lm-eval task, the drop of its per-document
+primary metric).
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def validate_plan(plan: str | Path, *, split: str = "validate", limit: int | Non
                   cache_dir: str | Path | None = None, batch_size: int = 64,
                   threads: int | None = 1, progress: Progress | None = None,
                   host_mem: int | None = None, offload: bool = False,
-                  text: str | None = None, bench: Sequence[str] = ()) -> dict:
+                  text: str | None = None, bench: Sequence[str] = (),
+                  lm_eval: str | None = None) -> dict:
     """Measure a plan's accuracy for real and judge it against its budget.
 
     Args:
@@ -115,6 +117,8 @@ def validate_plan(plan: str | Path, *, split: str = "validate", limit: int | Non
         text: measure the text metrics on this file's validate half instead of the plan's text.
         bench: measure these JSONL benchmarks' validate halves instead of the plan's (read with
             the plan's first benchmark's template and pattern, else the defaults).
+        lm_eval: measure these lm-eval tasks' validate halves (`TASK[,TASK]`) instead of the
+            plan's.
 
     Returns:
         The validation document (kind `validation`): `measured`, `predicted`, `budget`,
@@ -129,7 +133,7 @@ def validate_plan(plan: str | Path, *, split: str = "validate", limit: int | Non
     from profiles.policy import apply_policy
 
     facts = read_plan(plan, model)
-    spec = _plan_spec(facts, tasks, text, bench, split)
+    spec = _plan_spec(facts, tasks, text, bench, split, lm_eval)
     limit = limit if limit is not None else _profile_limit(facts)
     if limit < 1:
         raise PlanError(f"--limit {limit} must be at least 1 prompt per task")
@@ -152,12 +156,12 @@ def validate_plan(plan: str | Path, *, split: str = "validate", limit: int | Non
         stage = _Stages(progress)
         view = _view(loaded, wide)
         kw = dict(split=split, limit=limit, batch_size=batch_size)
-        if spec.tasks and not spec.benches:
+        if spec.tasks and not (spec.benches or spec.lm_evals):
             base = cached_baseline(view, base_file, list(spec.tasks), progress=stage("baseline"),
                                    **kw)
-        elif spec.benches:
+        elif spec.benches or spec.lm_evals:
             base = evaluate(view, tasks=list(spec.tasks), benchmarks=spec.benches,
-                            progress=stage("baseline"), **kw)
+                            lm_evals=spec.lm_evals, progress=stage("baseline"), **kw)
         else:
             base = None
         corpus = None
@@ -178,7 +182,7 @@ def validate_plan(plan: str | Path, *, split: str = "validate", limit: int | Non
             view = _view(loaded, wide)  # the decoded (bf16) weights, wider arithmetic only
             result = None if base is None else evaluate(
                 view, tasks=[t.task for t in base.tasks if t.task in spec.tasks],
-                benchmarks=spec.benches, baseline=base, condition="plan",
+                benchmarks=spec.benches, lm_evals=spec.lm_evals, baseline=base, condition="plan",
                 progress=stage("plan"), **kw)
             text = text_metrics(view.model, ref) if ref is not None else None
         t3 = time.perf_counter()
@@ -195,13 +199,14 @@ def validate_plan(plan: str | Path, *, split: str = "validate", limit: int | Non
 
 
 def _plan_spec(facts: PlanFacts, tasks: Sequence[str] | None, text: str | None = None,
-               bench: Sequence[str] = (), split: str = "validate"):
+               bench: Sequence[str] = (), split: str = "validate", lm_eval: str | None = None):
     """The evaluation set to measure: the plan's profile's (validate halves), or the built-in
-    tasks for plans made before profiles recorded it; `tasks` narrows the built-in tasks, `text`
-    and `bench` replace the plan's text and benchmarks.
+    tasks for plans made before profiles recorded it; `tasks` narrows the built-in tasks, `text`,
+    `bench` and `lm_eval` replace the plan's text, benchmarks and lm-eval tasks.
 
     Raises:
         PlanError: a replacement file that cannot be read, or one that drops the plan's metric.
+        ConfigError: the plan's lm-eval tasks cannot be loaded (lm-eval missing, data gone).
     """
     from profiles.profiling.metrics import EvalSpec, eval_spec, spec_from_record
     from profiles.tasks import check_task_names
@@ -211,21 +216,23 @@ def _plan_spec(facts: PlanFacts, tasks: Sequence[str] | None, text: str | None =
         EvalSpec(tuple(check_task_names(None)), (), None)
     if tasks:
         spec = replace(spec, tasks=tuple(check_task_names(list(tasks))))
-    if text is not None or bench:
+    if text is not None or bench or lm_eval:
         first = spec.benches[0] if spec.benches else None
         try:
             given = eval_spec(None, tuple(bench), first.template if first else None,
                               first.extract if first else None,
-                              first.max_new_tokens if first else 256, text, split="validate")
+                              first.max_new_tokens if first else 256, text, lm_eval=lm_eval,
+                              split="validate")
         except MoeszError as exc:
             raise PlanError(str(exc)) from None
         spec = replace(spec, text=given.text if text is not None else spec.text,
-                       benches=given.benches if bench else spec.benches)
+                       benches=given.benches if bench else spec.benches,
+                       lm_evals=given.lm_evals if lm_eval else spec.lm_evals)
         names = set(spec.task_names())
         if facts.metric not in METRICS and facts.metric not in names:
             raise PlanError(f"{facts.path}: its budget is on {facts.metric!r}, which the given "
-                            f"--bench files do not include ({', '.join(sorted(names))}); "
-                            f"give that benchmark too")
+                            f"--bench files and --lm-eval tasks do not include "
+                            f"({', '.join(sorted(names))}); give that task too")
     # benchmarks and texts have two halves; the built-in tasks' `train` split has no counterpart
     return spec.with_split(split if split in ("profile", "validate") else "validate")
 

@@ -63,7 +63,8 @@ def eval_(
     model: str = typer.Argument(..., help="builtin, a local checkpoint directory, or a packed "
                                 "checkpoint (its experts served from disk)"),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated built-in tasks "
-                                        "(default: all, or none when --bench is given)."),
+                                        "(default: all, or none when --bench or --lm-eval is "
+                                        "given)."),
     split: str = typer.Option("validate", "--split", help="profile or validate."),
     limit: int = typer.Option(100, "--limit", help="Prompts per task."),
     policy_file: Optional[Path] = typer.Option(None, "--policy", help="Policy or plan file to "
@@ -82,6 +83,11 @@ def eval_(
                                           "--bench strict accuracy."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Generation budget for "
                                        "--bench items."),
+    lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="lm-evaluation-harness tasks "
+                                          "TASK[,TASK]: task YAML files, or registered names "
+                                          "whose data are in the local Hugging Face cache; the "
+                                          "--split half of their documents, scored per document "
+                                          "(paired with a policy)."),
     with_fidelity: bool = typer.Option(False, "--fidelity", help="Also measure mean KL(base||"
                                        "perturbed) and top-1 agreement on the calibration set."),
     text: Optional[Path] = typer.Option(None, "--text", help="Also measure perplexity on this "
@@ -117,10 +123,20 @@ def eval_(
     benches = [UserBenchmark(str(p), template=template or DEFAULT_TEMPLATE,
                              extract=extract or DEFAULT_EXTRACT, max_new_tokens=max_new_tokens)
                for p in bench or []]
+    lm_evals = ()
+    if lm_eval:
+        from profiles.evaluation.lmeval import load_tasks
+
+        lm_evals = load_tasks(lm_eval, split)
     loaded = load_model(model, trust_remote_code=trust_remote_code,
                         host_mem=host_bytes(model, host_mem, trust_remote_code),
                         offload=host_mem is not None)
-    kw = dict(tasks=names, split=split, limit=limit, batch_size=batch_size, benchmarks=benches)
+    if lm_evals:
+        from profiles.evaluation.lmeval import check_tokenizer
+
+        check_tokenizer(loaded.tokenizer, lm_eval)
+    kw = dict(tasks=names, split=split, limit=limit, batch_size=batch_size, benchmarks=benches,
+              lm_evals=lm_evals)
     fid = ppl = report = None
     with _progress_bar("evaluate", not as_json) as progress, torch_threads(threads):
         base = evaluate(loaded, progress=progress, **kw)
@@ -139,6 +155,11 @@ def eval_(
     verdicts = result.verdicts(alpha) if policy is not None else {}
     doc = _eval_doc(result, base, policy is not None, verdicts, label, surrogate, seed, report,
                     fid, ppl_base, ppl)
+    if lm_evals:
+        from profiles.evaluation.lmeval import SPLIT_METHOD
+
+        doc["lm_eval"] = [{**t.to_dict(), "split": split, "split_method": SPLIT_METHOD}
+                          for t in lm_evals]
     if loaded.offload is not None:
         from profiles.models.offload import offload_summary
 
@@ -244,6 +265,10 @@ def _print_eval(doc: dict, alpha: float) -> None:
         notes.append("change: perturbed minus base on the same prompts in percentage points, 95 % "
                      "Newcombe paired interval (method 10); p: exact McNemar, two-sided; "
                      "verdicts after Holm over the tasks")
+    for t in doc.get("lm_eval", []):
+        notes.append(f"{t['name']}: lm-eval {t['output_type']} task, {t['num_fewshot']}-shot, "
+                     f"scored per document by its {t['metric']!r} (strict and content are both "
+                     f"that), the {t['split']} half of its {t['docs']} documents")
     if "policy_bytes" in doc and doc["policy_bytes"]["ratio"]:
         pb = doc["policy_bytes"]
         notes.append(f"policy: {pb['stored_bytes']:,} of {pb['original_bytes']:,} expert bytes "

@@ -225,7 +225,10 @@ def model_cmd(
                                               "the text's profile half, at most (default: as "
                                               "many as a 2 GiB reference holds, up to 262,144)."),
     lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="lm-evaluation-harness tasks "
-                                          "TASK[,TASK] (needs lm_eval and local data)."),
+                                          "TASK[,TASK]: task YAML files, or registered names "
+                                          "whose data are in the local Hugging Face cache "
+                                          "(needs moesz[lmeval]); the profile half of their "
+                                          "documents (by a hash of each) is measured."),
 ) -> None:
     """Profile a model: compression ratios, accuracy sensitivity, routing traces -> DIR."""
     from planner.cli.model_eval import host_bytes
@@ -343,6 +346,11 @@ def _print_model_profile(prof) -> None:
     metrics = profile_metrics(d)
     _out.print(f"metrics a budget may name: {', '.join(metrics['available'])} (kl: "
                f"{metrics['kl']['unit']} on {metrics['kl']['corpus']})", highlight=False)
+    for t in metrics.get("lm_eval") or ():
+        _out.print(f"{t['name']}: lm-eval {t['output_type']} task from {t['source']}, "
+                   f"{t['num_fewshot']}-shot, scored per document by its {t['metric']!r} "
+                   f"(strict and content are both that); {t['docs']} documents, split by a hash "
+                   f"of each", highlight=False)
     how = (f"median paired 95% half-width over {lim['points_measured']} points"
            if lim.get("points_measured") else "no point yet: the floor with no discordant prompt")
     if lim.get("metric"):

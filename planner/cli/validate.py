@@ -68,6 +68,10 @@ def validate(
     bench: Optional[list[str]] = typer.Option(None, "--bench", help="JSONL benchmark to measure "
                                               "(its validate half) instead of the plan's "
                                               "(repeatable)."),
+    lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="lm-evaluation-harness tasks "
+                                          "TASK[,TASK] (task YAML files or registered names with "
+                                          "local data) to measure (their validate halves) "
+                                          "instead of the plan's."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Measure a plan's accuracy on the held-out split and judge it against its budget."""
@@ -98,7 +102,8 @@ def validate(
                             cache_dir=cache_dir, batch_size=batch_size, threads=threads,
                             progress=progress, host_mem=host_bytes(
                                 model or read_plan(plan).model_spec, host_mem)
-                            if host_mem else None, text=text, bench=tuple(bench or ()))
+                            if host_mem else None, text=text, bench=tuple(bench or ()),
+                            lm_eval=lm_eval)
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
         return

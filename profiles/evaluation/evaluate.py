@@ -1,4 +1,5 @@
-"""Evaluate a model on the built-in tasks (and user benchmarks), optionally against a baseline.
+"""Evaluate a model on the built-in tasks (and user benchmarks and lm-eval tasks), optionally
+against a baseline.
 
 `evaluate` generates greedily on each task's prompts, scores strict and content accuracy with
 Wilson intervals, and, given the unperturbed model's `EvalResult` on the same prompts, adds paired
@@ -123,13 +124,16 @@ def answer_budget(tokenizer, examples: Sequence[Example]) -> int:
 def evaluate(loaded_or_model, tokenizer=None, tasks: Sequence[str] | None = None,
              split: str = "validate", limit: int = 100, *, seed: int = 0, batch_size: int = 64,
              benchmarks: Sequence[UserBenchmark] = (), baseline: EvalResult | None = None,
-             condition: str = "base", progress: Progress | None = None) -> EvalResult:
-    """Greedy accuracy of a model on built-in tasks and user benchmarks.
+             condition: str = "base", progress: Progress | None = None,
+             lm_evals: Sequence = ()) -> EvalResult:
+    """Greedy accuracy of a model on built-in tasks and user benchmarks; lm-eval tasks as lm-eval
+    scores them.
 
     Args:
         loaded_or_model: a `LoadedModel`, or a transformers model (then pass `tokenizer`).
         tokenizer: overrides the loaded model's tokenizer.
-        tasks: built-in task names; None means all, unless `benchmarks` are given (then none).
+        tasks: built-in task names; None means all, unless `benchmarks` or `lm_evals` are given
+            (then none).
         split: `profile` or `validate` (or `train`).
         limit: prompts per task (and most items per benchmark).
         seed: selects the built-in prompts.
@@ -138,10 +142,12 @@ def evaluate(loaded_or_model, tokenizer=None, tasks: Sequence[str] | None = None
         baseline: the unperturbed model's result on the same prompts; adds paired changes.
         condition: what was evaluated, e.g. "base" or a policy's description.
         progress: `progress(done, total, label)` per batch, over all prompts.
+        lm_evals: loaded lm-eval tasks (`profiles.evaluation.lmeval.LmEvalTask`), scored per
+            document by lm-eval (the first `limit` documents of their half).
 
     Raises:
-        MoeszError: unknown tasks or split, limit < 1, no tokenizer, or a baseline evaluated on
-            other prompts.
+        MoeszError: unknown tasks or split, limit < 1, no tokenizer, a baseline evaluated on
+            other prompts, or lm-eval tasks on a model without a Hugging Face tokenizer.
     """
     model = getattr(loaded_or_model, "model", loaded_or_model)
     tokenizer = tokenizer if tokenizer is not None else getattr(loaded_or_model, "tokenizer", None)
@@ -149,13 +155,14 @@ def evaluate(loaded_or_model, tokenizer=None, tasks: Sequence[str] | None = None
         raise MoeszError("this model has no tokenizer; pass one, or add tokenizer files to the "
                          "checkpoint directory")
     sources = []  # (name, examples, scorer, max_new_tokens, stop)
-    if tasks or not benchmarks:
+    if tasks or not (benchmarks or lm_evals):
         for name, exs in task_examples(tasks, split, limit, seed).items():
             sources.append((name, exs, score, answer_budget(tokenizer, exs), ()))
     for bench in benchmarks:
         sources.append((bench.name, bench.examples(limit), bench.score, bench.max_new_tokens,
                         bench.stop))
-    total, done, results = sum(len(s[1]) for s in sources), 0, []
+    total = sum(len(s[1]) for s in sources) + sum(len(t.indices(limit)) for t in lm_evals)
+    done, results = 0, []
     for name, exs, scorer, budget, stop in sources:
         report = None if progress is None else (
             lambda d, t, label, base=done: progress(base + d, total, label))
@@ -170,6 +177,16 @@ def evaluate(loaded_or_model, tokenizer=None, tasks: Sequence[str] | None = None
         if baseline is not None:
             result = _paired(result, baseline)
         results.append(result)
+    for task in lm_evals:
+        if progress is not None:
+            progress(done, total, f"{condition}: {task.name} (lm-eval)")
+        prompts, shown, right = task.answer(model, tokenizer, limit, batch_size=batch_size)
+        done += len(prompts)
+        result = TaskResult(task.name, len(prompts), proportion(right), proportion(right),
+                            tuple(prompts), tuple(shown), tuple(right), tuple(right))
+        results.append(result if baseline is None else _paired(result, baseline))
+    if progress is not None and lm_evals:
+        progress(done, total, f"{condition}: done")
     return EvalResult(getattr(loaded_or_model, "spec", type(model).__name__),
                       getattr(loaded_or_model, "fingerprint", None), condition, split, limit, seed,
                       tuple(results))

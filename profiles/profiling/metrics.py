@@ -1,17 +1,20 @@
-"""What a profile measures its model with: built-in tasks, user JSONL benchmarks and a text corpus,
-and the `metrics` record of `profile.json` that names every metric a budget may use.
+"""What a profile measures its model with: built-in tasks, user JSONL benchmarks,
+lm-evaluation-harness tasks and a text corpus, and the `metrics` record of `profile.json` that
+names every metric a budget may use.
 
 Metrics (docs/model-profile.md, "Metrics"):
 
 - `content`, `strict`: accuracy averaged over the profile's tasks (built-in and benchmarks);
-- one per task, by its name (a benchmark's file stem, `add`, ...): that task's content accuracy;
+- one per task, by its name (a benchmark's file stem, an lm-eval task's name, `add`, ...): that
+  task's content accuracy (for an lm-eval task, its per-document primary metric, `acc` or
+  `exact_match`);
 - `kl`: next-token KL(base || perturbed) in nats per token on the text corpus (or, without
   `--text`, on the built-in tasks' prompts and answers), with a bootstrap interval;
 - `ppl`: the perplexity ratio perturbed / base on the same text (a budget `ppl=1.01` allows 1 %).
 
-Benchmarks and the text corpus are split into disjoint `profile` and `validate` halves by a stable
-hash (`profiles.evaluation.textmetrics.split_of`), recorded in the profile so `moesz validate`
-measures the other half.
+Benchmarks, lm-eval tasks' documents and the text corpus are split into disjoint `profile` and
+`validate` halves by a stable hash (`profiles.evaluation.textmetrics.split_of`), recorded in the
+profile so `moesz validate` measures the other half.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 from profiles.errors import ConfigError, MoeszError
+from profiles.evaluation.lmeval import SPLIT_METHOD as LM_EVAL_SPLIT
 from profiles.evaluation.textmetrics import (DEFAULT_MAX_TOKENS, DEFAULT_SEQ_TOKENS, SPLIT_METHOD,
                                              TextCorpus, read_text)
 from profiles.evaluation.userbench import DEFAULT_EXTRACT, DEFAULT_TEMPLATE, UserBenchmark
@@ -40,12 +44,14 @@ class EvalSpec:
     text: str | None
     text_tokens: int | None = DEFAULT_MAX_TOKENS   # None: the model's default budget
     seq_tokens: int = DEFAULT_SEQ_TOKENS
+    lm_evals: tuple = ()          # profiles.evaluation.lmeval.LmEvalTask, loaded
 
     def with_split(self, split: str) -> "EvalSpec":
-        return replace(self, benches=tuple(replace(b, split=split) for b in self.benches))
+        return replace(self, benches=tuple(replace(b, split=split) for b in self.benches),
+                       lm_evals=tuple(replace(t, split=split) for t in self.lm_evals))
 
     def task_names(self) -> list[str]:
-        return list(self.tasks) + [b.name for b in self.benches]
+        return list(self.tasks) + [b.name for b in self.benches] + [t.name for t in self.lm_evals]
 
     def corpus(self, loaded, split: str) -> TextCorpus | None:
         """The text half, tokenized for `loaded`; None without --text."""
@@ -62,8 +68,11 @@ class EvalSpec:
 
     def identity(self) -> dict:
         """What must not change between a profile's runs (a sweep's storage records it)."""
-        return {"benches": [{**b.to_dict(), "sha256": _sha256(b.path)} for b in self.benches],
-                "text": self.text_record()}
+        out = {"benches": [{**b.to_dict(), "sha256": _sha256(b.path)} for b in self.benches],
+               "text": self.text_record()}
+        if self.lm_evals:   # absent otherwise: older sweeps keep matching
+            out["lm_eval"] = [t.to_dict() for t in self.lm_evals]
+        return out
 
 
 def _sha256(path: str) -> str:
@@ -76,21 +85,27 @@ def eval_spec(tasks: Sequence[str] | None, bench: Sequence[str] = (), template: 
               split: str = "profile") -> EvalSpec:
     """Check the evaluation options before any model is loaded.
 
-    Built-in tasks default to all of them unless a benchmark or a text is given (they suit only
-    the built-in model); `tasks` then adds them explicitly.
+    Built-in tasks default to all of them unless a benchmark, an lm-eval task or a text is given
+    (they suit only the built-in model); `tasks` then adds them explicitly. lm-eval tasks are
+    loaded with their data now (`profiles.evaluation.lmeval.load_tasks`), offline.
 
     Raises:
-        ConfigError: an unknown task, lm-eval requested, a bad template or pattern, an empty or
-            malformed JSONL file, a pattern that extracts no answer, a missing or empty text file,
-            two benchmarks with the same name.
+        ConfigError: an unknown task, a bad template or pattern, an empty or malformed JSONL file,
+            a pattern that extracts no answer, a missing or empty text file, two tasks with the
+            same name; for --lm-eval: lm-eval not installed, an unreadable task YAML, an unknown
+            task name, data that are not local.
     """
     from profiles.tasks import check_task_names
 
+    lm_evals = ()
     if lm_eval:
-        _lm_eval_line(lm_eval)
+        from profiles.evaluation.lmeval import load_tasks
+
+        lm_evals = load_tasks(lm_eval, split)
     names = list(tasks or [])
     try:
-        builtin = tuple(check_task_names(names or None)) if names or not (bench or text) else ()
+        builtin = tuple(check_task_names(names or None)) \
+            if names or not (bench or text or lm_evals) else ()
         benches = []
         for path in bench:
             b = UserBenchmark(str(path), template=template or DEFAULT_TEMPLATE,
@@ -110,23 +125,17 @@ def eval_spec(tasks: Sequence[str] | None, bench: Sequence[str] = (), template: 
             raise ConfigError(f"--bench {b.path}: the task name {b.name!r} is taken (a built-in "
                               f"task, another benchmark or a metric); rename the file")
         seen.add(b.name)
+    for t in lm_evals:
+        if t.name in seen or t.name in AGGREGATE_METRICS or t.name == TEXT_ROW:
+            raise ConfigError(f"--lm-eval {t.source}: the task name {t.name!r} is taken (a "
+                              f"built-in task, a benchmark or a metric); rename the task")
+        seen.add(t.name)
     if text is not None:
         _check_text_file(text)
     if text_tokens is not None and text_tokens < 1:
         raise ConfigError(f"--text-tokens {text_tokens} must be at least 1")
-    return EvalSpec(builtin, tuple(benches), None if text is None else str(text), text_tokens)
-
-
-def _lm_eval_line(tasks: str) -> None:
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        raise ConfigError(f"--lm-eval {tasks}: lm-evaluation-harness is not installed here; "
-                          f"`pip install lm-eval` with its task data available locally, or give "
-                          f"the same questions as a JSONL file (--bench FILE)") from None
-    raise ConfigError(f"--lm-eval {tasks}: profiling with lm-eval tasks is not supported yet "
-                      f"(`moesz model eval` runs them on one model); export the task's questions "
-                      f"to JSONL and give --bench FILE")
+    return EvalSpec(builtin, tuple(benches), None if text is None else str(text), text_tokens,
+                    lm_evals=lm_evals)
 
 
 def _check_text_file(text: str) -> None:
@@ -144,6 +153,8 @@ def metrics_record(spec: EvalSpec, corpus_desc: str) -> dict:
         "tasks": tasks,
         "builtin_tasks": list(spec.tasks),
         "benchmarks": [b.to_dict() for b in spec.benches],
+        **({"lm_eval": [{**t.to_dict(), "split_method": LM_EVAL_SPLIT}
+                        for t in spec.lm_evals]} if spec.lm_evals else {}),
         "text": spec.text_record(),
         "kl": {"unit": "nats per token", "corpus": corpus_desc,
                "interval": "95% percentile bootstrap over sequences"},
@@ -173,7 +184,8 @@ def check_metric(metric: str, metrics: dict, where: str) -> None:
     """
     have = list(metrics.get("available") or [])
     if metric not in have:
-        hint = ("; add a benchmark with --bench FILE when profiling" if metric not in
+        hint = ("; add a benchmark with --bench FILE or --lm-eval TASK when profiling"
+                if metric not in
                 AGGREGATE_METRICS else "; profile with --bench FILE or the built-in tasks for "
                 "accuracy, or --text FILE for kl and ppl")
         raise ConfigError(f"budget metric {metric!r} is not in {where}; it has "
@@ -183,11 +195,16 @@ def check_metric(metric: str, metrics: dict, where: str) -> None:
 def spec_from_record(metrics: dict) -> EvalSpec:
     """The evaluation set a profile (or a plan copying its record) was made with."""
     text = metrics.get("text") or None
+    lm_evals = ()
+    if metrics.get("lm_eval"):   # loaded again, with their data (lm-eval must be installed)
+        from profiles.evaluation.lmeval import from_records
+
+        lm_evals = from_records(metrics["lm_eval"])
     return EvalSpec(tuple(metrics.get("builtin_tasks") or ()),
                     tuple(UserBenchmark.from_dict(b) for b in metrics.get("benchmarks") or ()),
                     None if text is None else text["path"],
                     text.get("max_tokens") if text else DEFAULT_MAX_TOKENS,
-                    int(text["seq_tokens"]) if text else DEFAULT_SEQ_TOKENS)
+                    int(text["seq_tokens"]) if text else DEFAULT_SEQ_TOKENS, lm_evals)
 
 
 __all__ = ["AGGREGATE_METRICS", "EvalSpec", "TEXT_ROW", "check_metric", "eval_spec",

@@ -76,7 +76,7 @@ class ProfileRequest:
     max_new_tokens: int = 256            # generation budget per benchmark item
     text: str | None = None              # text corpus for kl and ppl (profile half)
     text_tokens: int | None = DEFAULT_MAX_TOKENS  # text half's predicted tokens (None: auto)
-    lm_eval: str | None = None           # lm-evaluation-harness tasks (refused with a line)
+    lm_eval: str | None = None           # lm-evaluation-harness tasks: YAML paths or names
     baselines: str | Sequence[str] = ""  # formats users run, measured on the whole model only
     per_matrix: bool = False             # also gate_up-only and down-only points, ratios per matrix
 
@@ -146,6 +146,13 @@ def _profile(req: ProfileRequest, progress: Progress | None, t0: float) -> Profi
     _check_options(req)               # fail before the (slow) model load where possible
     _report(progress, 0, 1, "loading model")
     loaded = _load(req.model, req.host_mem)
+    if spec_eval.lm_evals:
+        from profiles.evaluation.lmeval import check_tokenizer
+
+        try:
+            check_tokenizer(loaded.tokenizer, req.lm_eval)
+        except MoeszError as exc:
+            raise ConfigError(str(exc)) from None
     g = loaded.geometry
     spec = _grid_spec(req, g)
     points = build_points(spec, g.moe_layers, g.experts_per_layer)
@@ -169,7 +176,8 @@ def _profile(req: ProfileRequest, progress: Progress | None, t0: float) -> Profi
     identity = {"fingerprint": loaded.fingerprint, "split": req.split, "tasks": tasks,
                 "prompts_per_task": limit, "seed": req.seed, "compute_dtype": compute,
                 "catastrophic_drop": req.catastrophic_drop}
-    if spec_eval.benches or spec_eval.text:   # absent otherwise: older sweeps keep matching
+    # absent otherwise: older sweeps keep matching
+    if spec_eval.benches or spec_eval.text or spec_eval.lm_evals:
         identity.update(spec_eval.identity())
     sweep = Sweep(storage, STUDY_NAME, identity, heartbeat_s=req.heartbeat_s, grace_s=req.grace_s)
     out.mkdir(parents=True, exist_ok=True)
@@ -188,7 +196,8 @@ def _profile(req: ProfileRequest, progress: Progress | None, t0: float) -> Profi
     top = top_experts(traces, g.moe_layers, g.experts_per_layer)
     runner = SensitivityRunner(loaded, baseline, base_fid, top, seed=req.seed,
                                batch_size=req.batch_size, catastrophic_drop=req.catastrophic_drop,
-                               benches={b.name: b for b in spec_eval.benches})
+                               benches={b.name: b for b in spec_eval.benches},
+                               lm_evals={t.name: t for t in spec_eval.lm_evals})
     base_digests = steps.layer_digests(loaded, g.moe_layers)
     meta = steps.profile_meta(req, loaded, spec, points, spec_eval.task_names(), limit, compute,
                               baseline, metrics_record(spec_eval, corpus.describe()))
@@ -362,7 +371,8 @@ def _check_out(out: Path, loaded, evalset: dict) -> None:
         reason = fingerprint_mismatch(theirs, loaded.fingerprint, f"the profile in {out}")
         raise ProfileError(f"{out} holds a profile of another model "
                            f"({reason or f'fingerprint {theirs}'}); use another --out")
-    names = list(evalset["tasks"]) + [b["name"] for b in evalset.get("benches", [])]
+    names = list(evalset["tasks"]) + [b["name"] for b in evalset.get("benches", [])] + \
+        [t["name"] for t in evalset.get("lm_eval", [])]
     for field, want in (("split", evalset["split"]), ("tasks", names),
                         ("prompts_per_task", evalset["limit"]), ("seed", evalset["seed"])):
         if doc.get(field) != want:

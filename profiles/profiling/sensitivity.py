@@ -6,9 +6,9 @@ answers the same prompts as the unperturbed baseline (`profiles.evaluation`), an
 its strict and content accuracy change with Newcombe's paired interval and the exact McNemar
 p-value, plus the label-free KL(base || perturbed), top-1 agreement and perplexity ratio on a text
 corpus (`profiles.evaluation.textmetrics`: the `--text` file's profile half, else the built-in
-tasks' prompts and answers), with bootstrap intervals over sequences. Tasks are the built-in ones
-and user JSONL benchmarks alike; a profile with a text and no task gets one row per point (task
-`(text)`) holding the text metrics only.
+tasks' prompts and answers), with bootstrap intervals over sequences. Tasks are the built-in ones,
+user JSONL benchmarks and lm-eval tasks (scored per document by lm-eval) alike; a profile with a
+text and no task gets one row per point (task `(text)`) holding the text metrics only.
 
 Cost control: the prompts are answered in two stages; after the first quarter (at least 16 per
 task) a point whose content accuracy, averaged over tasks, has fallen by more than
@@ -149,6 +149,8 @@ class SensitivityRunner:
         base_fidelity: `TextReference` of the unperturbed model on the text corpus.
         top: per-layer experts by activation (for `top:N` targets).
         benches: user benchmarks among the baseline's tasks, by task name.
+        lm_evals: lm-eval tasks among the baseline's tasks (`profiles.evaluation.lmeval`), by
+            task name.
         seed: surrogate noise seed.
         batch_size: prompts per forward pass.
         catastrophic_drop: stop a point early when its mean content change is surely below minus
@@ -164,9 +166,11 @@ class SensitivityRunner:
     catastrophic_drop: float | None = 0.5
     progress: Progress | None = None
     benches: Mapping[str, object] = None
+    lm_evals: Mapping[str, object] = None
 
     def __post_init__(self) -> None:
         self.benches = dict(self.benches or {})
+        self.lm_evals = dict(self.lm_evals or {})
 
     def run(self, point: Point) -> tuple[float, list[dict]]:
         """Apply the point's policy to `loaded`, evaluate it, restore; (mean content change,
@@ -219,6 +223,13 @@ class SensitivityRunner:
         out = {}
         for t in self.baseline.tasks:
             bench = self.benches.get(t.task)
+            lm = self.lm_evals.get(t.task)
+            if lm is not None:   # lm-eval scores the documents itself
+                prompts, shown, right = lm.answer(target.model, target.tokenizer,
+                                                  self.baseline.limit, start, stop,
+                                                  self.batch_size)
+                out[t.task] = (prompts, shown, right, list(right))
+                continue
             if bench is not None:
                 exs = bench.examples(self.baseline.limit)[start:stop]
                 budget, stop_at, scorer = bench.max_new_tokens, bench.stop, bench.score

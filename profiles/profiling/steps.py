@@ -105,12 +105,14 @@ def _check_ratios_model(out: Path, fingerprint: str) -> None:
 def baseline_and_traces(out: Path, view, evalset: dict, req, progress, spec=None,
                         corpus=None):
     """(baseline EvalResult, traces DataFrame): read back when DIR has them for this evaluation
-    set, else recorded now (one greedy pass with router hooks over the built-in tasks and the
-    benchmarks; with neither, over the start of the text's sequences) and written."""
+    set, else recorded now (one greedy pass with router hooks over the built-in tasks, the
+    benchmarks and the first prompts of each lm-eval task; with none of them, over the start of
+    the text's sequences) and written; lm-eval tasks are scored by lm-eval, apart."""
     from profiles.evaluation import EvalResult
     from profiles.traces import read_traces, write_traces
 
-    names = list(evalset["tasks"]) + ([b.name for b in spec.benches] if spec else [])
+    names = list(evalset["tasks"]) + ([b.name for b in spec.benches] if spec else []) + \
+        ([t.name for t in spec.lm_evals] if spec else [])
     bpath, tpath = out / BASELINE_FILE, out / fmt.TRACES_FILE
     if bpath.exists() and tpath.exists():
         try:
@@ -142,6 +144,15 @@ def _record_baseline(view, evalset: dict, req, progress, spec, corpus):
                for t, exs in builtin.items()]
     sources += [(b.name, [e.prompt for e in benches[b.name]], b.max_new_tokens, b.stop)
                 for b in (spec.benches if spec else ())]
+    scored = []   # lm-eval tasks' baselines; their first prompts route the traces
+    for t in (spec.lm_evals if spec else ()):
+        if progress is not None:
+            progress(0, 1, f"baseline: {t.name} (lm-eval)")
+        prompts, shown, right = t.answer(view.model, view.tokenizer, limit,
+                                         batch_size=req.batch_size)
+        scored.append(TaskResult(t.name, len(prompts), proportion(right), proportion(right),
+                                 tuple(prompts), tuple(shown), tuple(right), tuple(right)))
+        sources.append((t.name, prompts[:TEXT_TRACE_PROMPTS], TEXT_TRACE_TOKENS, ()))
     if not sources:   # text only: route the start of the text's sequences
         seqs = corpus.sequences[:TEXT_TRACE_PROMPTS]
         prompts = [view.tokenizer.decode(list(s[1:33] if len(s) > 1 else s),
@@ -167,6 +178,7 @@ def _record_baseline(view, evalset: dict, req, progress, spec, corpus):
         tasks.append(TaskResult(b.name, len(exs), proportion(strict), proportion(content),
                                 tuple(e.prompt for e in exs), tuple(g.text for g in gens),
                                 tuple(strict), tuple(content)))
+    tasks += scored
     base = EvalResult(view.spec, view.fingerprint, "base", split, limit, seed, tuple(tasks))
     return base, rec.frame
 

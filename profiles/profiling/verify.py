@@ -60,8 +60,8 @@ def measure_policies(profile_dir: str | Path, policies: Sequence, progress: Prog
         Per policy, its rows (columns of `sensitivity.parquet` plus `policy_digest` and `policy`).
 
     Raises:
-        ProfileError: the profile lacks its baseline, or its model cannot be loaded or has another
-            fingerprint.
+        ProfileError: the profile lacks its baseline, its model cannot be loaded or has another
+            fingerprint, or its lm-eval tasks cannot be loaded (lm-eval missing, data changed).
     """
     from profiles.evaluation import EvalResult
     from profiles.evaluation.textmetrics import builtin_corpus, text_reference
@@ -82,7 +82,11 @@ def measure_policies(profile_dir: str | Path, policies: Sequence, progress: Prog
             raise ProfileError(f"{d / steps.BASELINE_FILE}: missing; rerun the profile command "
                                f"to complete the profile before verifying plans")
         baseline = EvalResult.load(d / steps.BASELINE_FILE)
-        spec = spec_from_record(profile_metrics(doc)).with_split(doc["split"])
+        try:
+            spec = spec_from_record(profile_metrics(doc)).with_split(doc["split"])
+        except MoeszError as exc:   # its lm-eval tasks cannot be loaded here
+            raise ProfileError(f"{d}: {exc}; or give --verify 0 to plan on the prediction "
+                               f"alone") from None
         host_mem = doc.get("host_mem_bytes")
         with torch_threads(threads):
             try:
@@ -104,7 +108,8 @@ def measure_policies(profile_dir: str | Path, policies: Sequence, progress: Prog
             runner = SensitivityRunner(loaded, baseline, text_reference(view.model, corpus), {},
                                        seed=int(doc.get("seed", 0)), batch_size=batch_size,
                                        catastrophic_drop=None,
-                                       benches={b.name: b for b in spec.benches})
+                                       benches={b.name: b for b in spec.benches},
+                                       lm_evals={t.name: t for t in spec.lm_evals})
             for done, i in enumerate(todo):
                 if progress is not None:
                     progress(done, len(todo), f"verifying candidate {done + 1}/{len(todo)}")

@@ -108,7 +108,8 @@ def test_a_budget_on_a_missing_metric_lists_what_the_profile_has(profiled, tmp_p
     assert r.exit_code == 1
     assert r.output.strip().splitlines() == [
         "error: budget metric 'gsm8k' is not in the profile " + str(out) + "; it has content, "
-        "strict, kl, ppl, sums; add a benchmark with --bench FILE when profiling"]
+        "strict, kl, ppl, sums; add a benchmark with --bench FILE or --lm-eval TASK when "
+        "profiling"]
     r = runner.invoke(app, ["plan", "--profile", str(out), "--budget", "kl", "--gpu-mem", "25%",
                             "--out", str(tmp_path / "p.json")])
     assert r.exit_code == 1 and "expected METRIC=VALUE" in r.output
@@ -261,4 +262,5 @@ def test_validate_on_another_text_or_benchmark(profiled, tmp_path):
     r = runner.invoke(app, ["validate", str(plan), "--limit", "4", "--cache-dir",
                             str(root / "cache"), "--bench", str(copy)])
     assert r.exit_code == 1
-    assert "its budget is on 'sums', which the given --bench files do not include" in r.output
+    assert ("its budget is on 'sums', which the given --bench files and --lm-eval tasks do not "
+            "include") in r.output

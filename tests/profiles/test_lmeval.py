@@ -1,0 +1,129 @@
+"""lm-evaluation-harness tasks as paired per-document metrics (profiles.evaluation.lmeval): a local
+task YAML, its halves, per-document scores paired against the unperturbed model, and the one-line
+errors."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+
+import pytest
+
+from profiles.errors import ConfigError, MoeszError
+from tests.profiles.eval_helpers import one_torch_thread, save_text_checkpoint  # noqa: F401
+from tests.profiles.lmeval_helpers import GEN_TASK, TASK, write_gen_task, write_task
+
+NEEDS = "lm-eval[hf]==0.4.13 is optional (pip install moesz[lmeval])"
+
+
+@pytest.fixture(scope="module")
+def task_yaml(tmp_path_factory):
+    pytest.importorskip("lm_eval.models.huggingface", reason=NEEDS)
+    return write_task(tmp_path_factory.mktemp("lmeval") / "task")
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    from profiles.models import load_model
+
+    return load_model(str(save_text_checkpoint("mixtral", tmp_path_factory.mktemp("ck") / "c")))
+
+
+def test_a_yaml_task_loads_offline_with_data_beside_it(task_yaml, tmp_path, monkeypatch):
+    from profiles.evaluation.lmeval import load_tasks
+
+    monkeypatch.chdir(tmp_path)   # the data file is found beside the YAML, not in the cwd
+    (t,) = load_tasks(str(task_yaml), "profile")
+    assert (t.name, t.output_type, t.metric, t.num_fewshot, t.docs) == \
+        (TASK, "multiple_choice", "acc", 0, 40)
+    assert t.source == str(task_yaml.resolve()) and len(t.docs_sha256) == 64
+    profile = set(t.indices())
+    validate = set(replace(t, split="validate").indices())
+    assert profile and validate and not profile & validate
+    assert profile | validate == set(range(40)) == set(replace(t, split=None).indices())
+    assert t.indices(3) == sorted(profile)[:3]
+    assert t.to_dict()["source"] == t.source
+
+
+def test_documents_are_paired_one_by_one(task_yaml, loaded):
+    from profiles.evaluation import evaluate
+    from profiles.evaluation.lmeval import load_tasks
+    from profiles.policy import Policy, StorageSpec, apply_policy
+
+    (t,) = load_tasks(str(task_yaml), "validate")
+    base = evaluate(loaded, lm_evals=[t], limit=10, batch_size=16)
+    (r,) = base.tasks
+    assert r.task == TASK and r.n == 10 and r.strict_correct == r.content_correct
+    assert all(p.startswith("Question: what is ") and p.endswith("\nAnswer:") for p in r.prompts)
+    assert all(g.isdigit() for g in r.generations)   # the chosen choice
+    prompts, _, right = t.answer(loaded.model, loaded.tokenizer, 10, 4, 7)
+    assert prompts == list(r.prompts[4:7]) and right == list(r.content_correct[4:7])
+    with apply_policy(loaded, Policy(default=StorageSpec.parse("rtn4"))):
+        pert = evaluate(loaded, lm_evals=[t], limit=10, batch_size=16, baseline=base,
+                        condition="rtn4")
+    c = pert.tasks[0].content_change
+    assert c.n == 10 and c.both + c.gained + c.lost + c.neither == 10
+    assert c.change.low <= c.change.value <= c.change.high
+    assert set(pert.verdicts()) == {TASK}
+
+
+def test_a_generate_until_task_is_scored_by_exact_match(task_yaml, loaded):
+    from profiles.evaluation.lmeval import load_tasks
+
+    (t,) = load_tasks(str(write_gen_task(task_yaml.parent)), "profile")
+    assert (t.name, t.output_type, t.metric) == (GEN_TASK, "generate_until", "exact_match")
+    prompts, shown, right = t.answer(loaded.model, loaded.tokenizer, 3, batch_size=4)
+    assert len(prompts) == len(shown) == len(right) == 3
+    assert all(isinstance(g, str) and len(g) <= 40 for g in shown)
+
+
+def test_a_recorded_task_loads_again_and_refuses_changed_documents(task_yaml, tmp_path):
+    from profiles.evaluation.lmeval import from_records, load_tasks
+
+    (t,) = load_tasks(str(task_yaml))
+    (again,) = from_records([t.to_dict()], "validate")
+    assert again == replace(t, split="validate")
+    with pytest.raises(ConfigError, match="its documents changed since the profile"):
+        from_records([{**t.to_dict(), "docs_sha256": "0" * 64}])
+
+
+@pytest.mark.parametrize("case", ["missing", "not-yaml", "group", "no-data", "empty"])
+def test_bad_task_files_are_one_line(task_yaml, tmp_path, case):
+    from profiles.evaluation.lmeval import load_tasks
+
+    path = tmp_path / "t.yaml"
+    text = task_yaml.read_text()
+    if case == "missing":
+        want = "no such task YAML file"
+    elif case == "not-yaml":
+        path.write_text("task: [unclosed\n")
+        want = "not a readable lm-eval task YAML"
+    elif case == "group":
+        path.write_text("group: g\ntask: [a, b]\n")
+        want = "expected one task"
+    elif case == "no-data":
+        path.write_text(text.replace("sums.jsonl", str(tmp_path / "absent.jsonl")))
+        want = "cannot be loaded offline"
+    else:
+        want = "--lm-eval is empty"
+        path = " , "
+    with pytest.raises(ConfigError) as err:
+        load_tasks(str(path))
+    msg = str(err.value)
+    assert want in msg and "\n" not in msg
+
+
+def test_the_builtin_tokenizer_is_refused():
+    from profiles.evaluation.lmeval import check_tokenizer
+    from profiles.tasks.tokenizer import CharTokenizer
+
+    with pytest.raises(MoeszError, match="character tokenizer cannot run its tasks"):
+        check_tokenizer(CharTokenizer(), TASK)
+
+
+def test_without_lm_eval_the_line_says_how_to_install_it(monkeypatch):
+    from profiles.evaluation.lmeval import load_tasks
+
+    monkeypatch.setitem(sys.modules, "lm_eval.models.huggingface", None)
+    with pytest.raises(ConfigError, match=r"not installed here; `pip install moesz\[lmeval\]`"):
+        load_tasks("whatever.yaml")
