@@ -165,6 +165,12 @@ class ExpertSpecs:
     def specs(self) -> set[StorageSpec]:
         return {self.gate_up, self.down, self.gate, self.up}
 
+    @property
+    def splits_gate_up(self) -> bool:
+        """Whether gate and up are stored apart from `gate_up` (a fused `gate_up_proj` is then
+        split into its gate and up parts, each its own blob: `profiles.models.gate_up`)."""
+        return self.gate != self.gate_up or self.up != self.gate_up
+
 
 def spec_of_tensor(spec, name: str) -> StorageSpec:
     """The StorageSpec for tensor `name` under `spec` (a StorageSpec or an ExpertSpecs)."""
@@ -273,9 +279,10 @@ class Policy:
                       dict(self.experts), dict(self.matrices))
 
     def check(self, moe_layers, experts_per_layer: int, fingerprint: str | None,
-              where: str = "policy", tensor_names=None) -> None:
+              where: str = "policy", tensor_names=None, architecture: str | None = None) -> None:
         """Raise PolicyError unless this policy fits a model with these layers and fingerprint
-        (and, given the names of one expert's tensors, matrices the model has)."""
+        (and, given the names of one expert's tensors, matrices the model has: `gate` and `up`
+        of a fused `gate_up_proj` where the architecture's layout is known)."""
         from profiles.models.fingerprint import fingerprint_mismatch
 
         reason = fingerprint_mismatch(self.fingerprint, fingerprint, where)
@@ -298,11 +305,13 @@ class Policy:
 
             have = model_kinds(tensor_names)
             for kind in sorted({k for _, _, k in self.matrices} - set(have)):
-                fused = kind in ("gate", "up") and "gate_up" in have
-                raise PolicyError(
-                    f"{where} names matrix {kind!r}, which this model's experts do not have "
-                    + ("(it stores gate and up fused as gate_up_proj); use 'gate_up'"
-                       if fused else f"; its matrices: {', '.join(have)}"))
+                if kind in ("gate", "up") and "gate_up" in have:
+                    from profiles.models.gate_up import require_layout
+
+                    require_layout(architecture, where)   # split out of gate_up_proj
+                    continue
+                raise PolicyError(f"{where} names matrix {kind!r}, which this model's experts "
+                                  f"do not have; its matrices: {', '.join(have)}")
 
     def to_dict(self) -> dict:
         def level(base: StorageSpec | None, key) -> dict:
@@ -477,7 +486,8 @@ def apply_policy(loaded, policy: Policy, surrogate: str | None = None, seed: int
     geometry = loaded.geometry
     emap = loaded.expert_map
     policy.check(emap.moe_layers, emap.experts_per_layer, loaded.fingerprint,
-                 tensor_names=[n for n, _ in geometry.expert_tensor_shapes])
+                 tensor_names=[n for n, _ in geometry.expert_tensor_shapes],
+                 architecture=geometry.architecture)
     if getattr(loaded, "offload", None) is not None:
         with _offloaded_policy(loaded, policy, surrogate, progress) as report:
             yield report
@@ -487,7 +497,7 @@ def apply_policy(loaded, policy: Policy, surrogate: str | None = None, seed: int
         for i, ref in enumerate(emap.experts):
             specs = policy.expert_specs(ref.layer, ref.expert)
             stored, bounds = 0, []
-            for name, t in ref.tensors.items():
+            for name, t in _pieces(ref.tensors, specs, geometry.architecture):
                 spec = specs.for_tensor(name)
                 args = dict(codec=spec.codec, mode=spec.mode, level=spec.level,
                             **spec.codec_options)
@@ -562,6 +572,24 @@ def _offloaded_policy(loaded, policy: Policy, surrogate: str | None, progress
             if progress is not None:
                 progress(i + 1, len(emap.experts), f"layer {layer} expert {e}")
         yield PolicyReport(tuple(rows), None, 0, 0)
+
+
+def _pieces(tensors: dict[str, torch.Tensor], specs: ExpertSpecs, architecture: str
+            ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, view) of each tensor an expert is stored as: its own tensors, with a fused
+    `gate_up_proj` (and its bias) as its gate and up parts when the specs store them apart.
+    Each is a view of the model's weights, so writing its decoded values edits the model."""
+    from profiles.models.gate_up import PARTS, require_layout
+
+    if not (specs.splits_gate_up and any(n in PARTS for n in tensors)):
+        yield from tensors.items()
+        return
+    layout = require_layout(architecture)
+    for name, t in tensors.items():
+        if name in PARTS:
+            yield from zip(PARTS[name], layout.split(name, t))
+        else:
+            yield name, t
 
 
 def _surrogate_bound(t: torch.Tensor, spec: StorageSpec) -> float:
