@@ -239,9 +239,9 @@ class Policy:
         """(columns, rows): the spec of each matrix at the default, at each layer and at each
         expert the policy names (experts and layers it does not name take the row above them).
         Columns are `where` and the matrix kinds: `gate_up`, `down`, plus `gate` and `up` when
-        the policy names them."""
+        the policy names either (the other then shows what it falls back to)."""
         named = {k for _, _, k in self.matrices}
-        kinds = ("gate_up", "down") + tuple(k for k in ("gate", "up") if k in named)
+        kinds = ("gate_up", "down") + (("gate", "up") if named & {"gate", "up"} else ())
         layers = sorted(set(self.layers) | {lay for lay, _, _ in self.matrices if lay is not None})
         experts = sorted(set(self.experts) | {(lay, e) for lay, e, _ in self.matrices
                                               if e is not None})
