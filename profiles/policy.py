@@ -245,15 +245,16 @@ class Policy:
         layers = sorted(set(self.layers) | {lay for lay, _, _ in self.matrices if lay is not None})
         experts = sorted(set(self.experts) | {(lay, e) for lay, e, _ in self.matrices
                                               if e is not None})
-        rows = [("default", *(self._level_spec(None, None, k).describe() for k in kinds))]
-        rows += [(f"layer {lay}", *(self._level_spec(lay, None, k).describe() for k in kinds))
+        rows = [("default", *(self.level_spec(None, None, k).describe() for k in kinds))]
+        rows += [(f"layer {lay}", *(self.level_spec(lay, None, k).describe() for k in kinds))
                  for lay in layers]
         rows += [(f"expert {lay}:{e}", *(self.spec_for(lay, e, k).describe() for k in kinds))
                  for lay, e in experts]
         return ("where", *kinds), rows
 
-    def _level_spec(self, layer: int | None, expert: int | None, kind: str) -> StorageSpec:
-        """A matrix's spec for a layer's experts that have no expert-level entry."""
+    def level_spec(self, layer: int | None, expert: int | None, kind: str) -> StorageSpec:
+        """A matrix's spec for a layer's experts that have no expert-level entry (layer None:
+        at the default level; `expert` is not used)."""
         if layer is None:
             from profiles.matrices import lookup_order
 
