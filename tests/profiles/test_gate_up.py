@@ -207,3 +207,23 @@ def test_gate_up_down_policy_served_from_disk_equals_in_memory(models, tmp_path)
 
 def _serving():
     return ServingConfig(gpu_mem_fraction=0.5, prompt_tokens=PROMPT, generated_tokens=STEPS)
+
+
+def test_gpt_oss_shipped_mxfp4_keeps_a_raw_up_as_shipped_beside_a_compressed_gate(tmp_path):
+    # raw on a checkpoint shipped MXFP4 stores the shipped blocks; the up part is whole columns
+    # of the [in, out] matrix, so its blocks re-encode exactly as shipped
+    from profiles.codecs import decode
+    from tests.fixtures_models import save_tiny_mxfp4_gpt_oss
+
+    policy = Policy(matrices={(None, None, "gate"): RTN8})
+    ckpt = read_packed(pack(str(save_tiny_mxfp4_gpt_oss(tmp_path / "m")), policy,
+                            tmp_path / "ck").path)
+    lm = load_model(str(tmp_path / "m"))
+    store = ExpertStore.from_packed(ckpt)
+    layout = gate_up_layout("gpt_oss")
+    for ref in lm.expert_map.experts[:4]:
+        rec = store[(ref.layer, ref.expert)]
+        codecs = {t.name: t.blob.codec for t in rec.tensors}
+        assert codecs["gate_proj"] == "rtn8" and codecs["up_proj"] == "mxfp4"
+        up = decode(next(t.blob for t in rec.tensors if t.name == "up_proj"))
+        assert torch.equal(up, layout.split("gate_up_proj", ref.tensors["gate_up_proj"])[1])
