@@ -413,7 +413,7 @@ class AccuracyModel:
                                    f"`moesz profile model --per-matrix --matrices "
                                    f"{','.join(self.matrix_kinds)}` to plan per matrix") from None
         self.matrix_models = models
-        kinds = " and ".join(self.matrix_kinds)
+        kinds = ", ".join(self.matrix_kinds)
         self.notes = list(self.notes) + [
             f"per matrix: a level per (layer, matrix: {kinds}); the drop of a layer whose "
             f"matrices differ is the sum of the matrices' single-matrix drops (variances added; "

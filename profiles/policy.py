@@ -2,8 +2,9 @@
 
 A `Policy` gives every routed expert a `StorageSpec` (codec, bound mode, level, codec options): a
 default, per-layer overrides and per-expert overrides, most specific first. Each level may also
-override single matrices of the expert (`matrices`: `gate_up`, `down`, and `gate`/`up` where a
-model keeps them separate; `profiles.matrices`): for a matrix, the expert level's matrix entry,
+override single matrices of the expert (`matrices`: `gate_up`, `down`, and `gate`/`up`, split
+out of a fused `gate_up_proj` where they differ from `gate_up`; `profiles.matrices`,
+`profiles.models.gate_up`): for a matrix, the expert level's matrix entry,
 then the expert level's spec, then the layer's matrix entry, the layer's spec, the default's
 matrix entry, the default. Schema version 2 (version-1 files, which have no `matrices`, read
 unchanged). It is the one format

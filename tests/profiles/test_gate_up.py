@@ -103,10 +103,14 @@ def test_gate_up_down_policy_runtime_logits_equal_the_round_trip_bit_for_bit(mod
     ckpt = pack(lm, GATE_UP_DOWN, tmp_path / "ckpt")
     assert ckpt.stored_expert_bytes == report.stored_bytes + sum(   # + alignment padding
         e.size - sum(b.size for b in e.blobs) for e in ckpt.experts)
-    for source, policy in ((lm, GATE_UP_DOWN), (ckpt.path, None)):
-        got = measure_throughput(source, policy, _serving(), prompt_ids=ids, record_logits=True,
+    disk = ServingConfig(gpu_mem_fraction=0.5, prompt_tokens=PROMPT, generated_tokens=STEPS,
+                         host_mem_bytes=ckpt.stored_expert_bytes // 3)   # the disk tier
+    for source, policy, serving in ((lm, GATE_UP_DOWN, _serving()), (ckpt.path, None, _serving()),
+                                    (ckpt.path, None, disk)):
+        got = measure_throughput(source, policy, serving, prompt_ids=ids, record_logits=True,
                                  device="cpu")
         assert got.misses > 0
+        assert any(n.startswith("disk tier") for n in got.notes) is (serving is disk)
         assert got.output_ids == ref.ids.tolist()
         assert all(torch.equal(a, b) for a, b in zip(ref.logits, got.logits))
     # gate_up stored whole at szp gives other logits: the split really changed what ran
