@@ -171,8 +171,9 @@ def model_cmd(
     codecs: str = typer.Option("szp,sz3", "--codecs", help="Codecs to profile (lossless, rtn8 "
                                "and rtn4 baselines are always added)."),
     per_matrix: bool = typer.Option(False, "--per-matrix", help="Also perturb only gate_up and "
-                                    "only down of each profiled layer and group at each level, and "
-                                    "measure ratios per matrix kind (for `plan --per-matrix`)."),
+                                    "only down (or the kinds --matrices names) of each profiled "
+                                    "layer and group at each level, and measure ratios per matrix "
+                                    "kind (for `plan --per-matrix`)."),
     matrices: Optional[str] = typer.Option(None, "--matrices", help="The matrix kinds "
                                            "--per-matrix perturbs one at a time (implies "
                                            "--per-matrix): gate_up, down, gate, up; gate and up "
