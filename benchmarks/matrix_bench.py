@@ -2,8 +2,9 @@
 
     python benchmarks/matrix_bench.py sensitivity PROFILE_DIR
         per layer and level: the content change (points, mean over tasks, 95 % paired interval)
-        and KL (nats per token, 95 % bootstrap interval) of perturbing only gate_up, only down,
-        and the whole expert; then the compression ratio of each matrix kind (measured)
+        and KL (nats per token, 95 % bootstrap interval) of perturbing only one matrix kind
+        (those the profile has: gate_up, gate, up, down) and the whole expert; then the
+        compression ratio of each matrix kind (measured)
     python benchmarks/matrix_bench.py bytes DIR HIDDEN INTER EXPERTS
         a random-weight Mixtral-shaped checkpoint packed under a per-matrix policy, against the
         simulator's predicted stored bytes
@@ -35,12 +36,14 @@ def sensitivity(profile_dir: str) -> None:
     print(f"machine: {describe()}")
     print(f"profile: {prof.path} ({prof.doc['command']}; {prof.doc['prompts_per_task']} prompts "
           f"per task x {len(prof.doc['tasks'])} tasks, split {prof.doc['split']})\n")
-    print("| layer | level | content Δ gate_up only | content Δ down only | content Δ whole "
-          "expert | KL gate_up only | KL down only | KL whole |")
-    print("|---|---|---|---|---|---|---|---|")
+    kinds = [k for k in ("gate_up", "gate", "up", "down") if k in set(s.matrix)] + ["all"]
+    names = [f"{k} only" if k != "all" else "whole expert" for k in kinds]
+    print("| layer | level | " + " | ".join(f"content Δ {n}" for n in names) + " | "
+          + " | ".join(f"KL {n}" for n in names) + " |")
+    print("|---|---|" + "---|" * (2 * len(kinds)))
     for (target, level), grp in s.groupby(["target", "level"], sort=True):
         cells, kls = [], []
-        for m in ("gate_up", "down", "all"):
+        for m in kinds:
             g = grp[grp.matrix == m]
             if len(g) == 0:
                 cells.append("n/a")
@@ -57,12 +60,13 @@ def sensitivity(profile_dir: str) -> None:
         print(f"| {target.split(':')[1]} | {level:g} | " + " | ".join(cells + kls) + " |")
     r = prof.ratios
     r = r[(r.codec.isin(s.codec.unique())) & r.level.notna()]
-    print("\n| level | ratio gate_up (mean over layers [min, max]) | ratio down | ratio whole "
-          "expert |")
-    print("|---|---|---|---|")
+    rkinds = [k for k in ("gate_up", "gate", "up", "down") if k in set(r.matrix)] + ["all"]
+    print("\n| level | " + " | ".join(f"ratio {k} (mean over layers [min, max])" if k != "all"
+                                     else "ratio whole expert" for k in rkinds) + " |")
+    print("|---|" + "---|" * len(rkinds))
     for level, grp in r.groupby("level", sort=True):
         cells = []
-        for m in ("gate_up", "down", "all"):
+        for m in rkinds:
             g = grp[grp.matrix == m]
             cells.append("n/a" if len(g) == 0 else
                          f"{g.ratio.mean():.3f} [{g.ratio.min():.3f}, {g.ratio.max():.3f}]")

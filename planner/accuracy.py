@@ -41,7 +41,8 @@ Z95 = 1.959963984540054  # two-sided 95 % interval half-width in standard errors
 Z_ONE_SIDED_95 = 1.6448536269514722
 RAW = "raw"
 EXACT_CODECS = ("raw", "lossless")  # bit-exact: the model is unchanged
-MATRIX_KINDS = ("gate_up", "down")  # the matrices `--per-matrix` plans a level for
+MATRIX_KINDS = ("gate_up", "down")  # the matrices `--per-matrix` plans a level for, unless
+SPLIT_KINDS = ("gate", "up", "down")  # ... the profile has gate-only and up-only points
 
 
 def spec_label(codec: str, mode, level, options=None) -> str:
@@ -193,8 +194,9 @@ class AccuracyModel:
         z: one-sided standard-normal quantile of the feasibility bound (1.645 = 95 %).
         holm_alpha: family-wise error rate of the Holm gate on gains.
         surrogate: which rows to use (`none` = real codec round trips).
-        matrix: which points to use: `all` (whole experts, default), or `gate_up` / `down` (the
-            points of `profile model --per-matrix` that perturbed only that matrix).
+        matrix: which points to use: `all` (whole experts, default), or a matrix kind
+            (`gate_up`, `down`, `gate`, `up`: the points of `profile model --per-matrix` that
+            perturbed only that matrix).
 
     Raises:
         ConfigError: an unknown metric or a non-positive z.
@@ -221,6 +223,7 @@ class AccuracyModel:
                                f"`moesz profile model --per-matrix` to plan per matrix")
         self.matrix = matrix
         self.matrix_models: dict[str, "AccuracyModel"] = {}
+        self.matrix_kinds: tuple[str, ...] = ()       # the kinds `attach_matrices` plans
         self._args = (metric, z, holm_alpha, surrogate, tasks)
         if df.empty:
             raise ProfileError(f"sensitivity profile has no rows with surrogate {surrogate!r} and "
@@ -384,33 +387,58 @@ class AccuracyModel:
         return sorted({lab for (lay, lab) in self.effects if lay == layer})
 
     def attach_matrices(self, sensitivity: pd.DataFrame) -> None:
-        """Add the per-matrix models (`gate_up`, `down`) from the profile's per-matrix points, so
-        `effect` answers per-matrix labels (`gate_up=A;down=B`).
+        """Add the per-matrix models from the profile's per-matrix points, so `effect` answers
+        per-matrix labels (`gate_up=A;down=B`, `gate=A;up=B;down=C`). The planned kinds
+        (`matrix_kinds`) are `gate`, `up` and `down` where the profile has gate-only and up-only
+        points (`profile model --matrices gate,up,down`), else `gate_up` and `down`.
 
         Raises:
-            ProfileError: the profile has no per-matrix rows (one line naming `--per-matrix`).
+            ProfileError: the profile has no per-matrix rows for a planned kind (one line
+                naming `--per-matrix` and `--matrices`).
         """
         metric, z, holm, surrogate, tasks = self._args
-        self.matrix_models = {m: AccuracyModel(sensitivity, metric, z, holm, surrogate, tasks,
-                                               matrix=m) for m in MATRIX_KINDS}
+        have = set(sensitivity["matrix"].astype(str)) if "matrix" in sensitivity.columns \
+            else set()
+        self.matrix_kinds = SPLIT_KINDS if {"gate", "up"} <= have else MATRIX_KINDS
+        models = {}
+        for m in self.matrix_kinds + (("gate_up",) if "gate_up" in have
+                                       and "gate_up" not in self.matrix_kinds else ()):
+            try:
+                models[m] = AccuracyModel(sensitivity, metric, z, holm, surrogate, tasks,
+                                          matrix=m)
+            except ProfileError:
+                if m == "gate_up" and m not in self.matrix_kinds:
+                    continue
+                raise ProfileError(f"the profile has no per-matrix rows for {m}; profile with "
+                                   f"`moesz profile model --per-matrix --matrices "
+                                   f"{','.join(self.matrix_kinds)}` to plan per matrix") from None
+        self.matrix_models = models
+        kinds = ", ".join(self.matrix_kinds)
         self.notes = list(self.notes) + [
-            "per matrix: a level per (layer, matrix); the drop of a layer whose gate_up and down "
-            "differ is the sum of the two matrices' single-matrix drops (variances added; "
-            "additivity over matrices assumed, as over layers); equal levels use the whole-expert "
-            "row"]
+            f"per matrix: a level per (layer, matrix: {kinds}); the drop of a layer whose "
+            f"matrices differ is the sum of the matrices' single-matrix drops (variances added; "
+            f"additivity over matrices assumed, as over layers)"
+            + ("; gate and up at one level use the gate_up-only row" if "gate" in kinds
+               and "gate_up" in models else "")
+            + "; all at one level use the whole-expert row"]
 
     def effect(self, layer: int, label: str) -> tuple[float, float] | None:
         """(mu, sigma) of a choice at a layer; (0, 0) for bit-exact codecs; None when unprofiled.
         A per-matrix label `gate_up=A;down=B` (with `attach_matrices`) adds the single-matrix
-        effects of A on gate_up and B on down."""
+        effects of A on gate_up and B on down (likewise for gate, up and down; gate and up at the
+        same level count as gate_up at that level where the profile has that row)."""
         if ";" in label and self.matrix_models:
             parts = dict(p.split("=", 1) for p in label.split(";"))
+            if parts.get("gate") is not None and parts.get("gate") == parts.get("up") \
+                    and "gate_up" in self.matrix_models:
+                parts["gate_up"] = parts.pop("gate")
+                del parts["up"]
             mu = var = 0.0
-            for kind in MATRIX_KINDS:
-                lab = parts.get(kind, RAW)
+            for kind, lab in parts.items():
                 if lab.split(",")[0] in EXACT_CODECS:
                     continue
-                e = self.matrix_models[kind].effects.get((layer, lab))
+                model = self.matrix_models.get(kind)
+                e = None if model is None else model.effects.get((layer, lab))
                 if e is None:
                     return None
                 mu, var = mu + e.drop, var + e.sd ** 2

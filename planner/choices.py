@@ -9,10 +9,12 @@ experts decompressed or a per-layer cache, and no host budget), step time = fixe
 layer times exactly; otherwise the table holds the marginal step time of each choice around a
 reference assignment (a linearization, refreshed by the caller) and says so.
 
-Per matrix (`plan --per-matrix`), a choice is a pair: a spec for `gate_up` and one for `down`
-(`MatrixChoice`), every pair of the profiled levels and raw, so the search and the MILP pick a
-level per (layer, matrix) through the same one-choice-per-layer machinery; a pair's bytes and
-decode time are its matrices' (`sim.costs`), its drop the sum of the single-matrix drops.
+Per matrix (`plan --per-matrix`), a choice is a spec per planned matrix kind (`MatrixChoice`):
+`gate_up` and `down`, or `gate`, `up` and `down` when the profile perturbed gate and up apart
+(`AccuracyModel.matrix_kinds`), every combination of the profiled levels and raw, so the search
+and the MILP pick a level per (layer, matrix) through the same one-choice-per-layer machinery; a
+choice's bytes and decode time are its matrices' (`sim.costs`), its drop the sum of the
+single-matrix drops.
 """
 
 from __future__ import annotations
@@ -27,23 +29,40 @@ from profiles.errors import ConfigError, MoeszError
 from profiles.policy import Policy, StorageSpec
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class MatrixChoice:
-    """A per-matrix choice: `gate_up` and `down` stored differently. `codec` is "per-matrix" so
-    the uniform baselines, which look for one codec's levels, pass it by."""
+    """A per-matrix choice: a spec per matrix kind, not all equal. `MatrixChoice(A, B)` stores
+    gate_up as A and down as B; `MatrixChoice(A, B, C, kinds=("gate", "up", "down"))` gate, up
+    and down. `codec` is "per-matrix" so the uniform baselines, which look for one codec's
+    levels, pass it by."""
 
-    gate_up: StorageSpec
-    down: StorageSpec
+    kinds: tuple[str, ...]
+    specs: tuple[StorageSpec, ...]
     codec = "per-matrix"
     mode = None
     level = None
 
+    def __init__(self, *specs: StorageSpec, kinds: Sequence[str] = ("gate_up", "down")) -> None:
+        if len(specs) != len(kinds):
+            raise ValueError(f"MatrixChoice: {len(specs)} specs for matrices {kinds}")
+        object.__setattr__(self, "kinds", tuple(kinds))
+        object.__setattr__(self, "specs", tuple(specs))
+
+    def __getattr__(self, kind: str) -> StorageSpec:   # choice.gate_up, choice.down, ...
+        kinds = self.__dict__.get("kinds", ())
+        if kind in kinds:
+            return self.specs[kinds.index(kind)]
+        raise AttributeError(kind)
+
     def describe(self) -> str:
-        return f"gate_up={self.gate_up.describe()};down={self.down.describe()}"
+        return ";".join(f"{k}={s.describe()}" for k, s in zip(self.kinds, self.specs))
 
     def layer_policy(self, layer: int) -> tuple[dict, dict]:
-        """(layers, matrices) entries of a Policy storing `layer` this way."""
-        return {layer: self.gate_up}, {(layer, None, "down"): self.down}
+        """(layers, matrices) entries of a Policy storing `layer` this way: the first kind's spec
+        for the layer, a matrix entry for each other kind whose spec differs from it."""
+        base = self.specs[0]
+        return {layer: base}, {(layer, None, k): s for k, s in zip(self.kinds[1:], self.specs[1:])
+                               if s != base}
 
 
 @dataclass(frozen=True)
@@ -164,8 +183,8 @@ def build_table(*, accuracy: AccuracyModel, geometry: Any, ratios: Any, hardware
         codecs: codec names to consider.
         reference: for a non-separable closed form, the assignment to linearize around
             (default: all raw).
-        per_matrix: also every pair of different specs for gate_up and down (`MatrixChoice`);
-            needs `accuracy.attach_matrices`.
+        per_matrix: also every combination of specs, not all equal, for the planned matrix
+            kinds (`MatrixChoice`; `accuracy.matrix_kinds`); needs `accuracy.attach_matrices`.
 
     Raises:
         ConfigError: a requested codec has no profiled single-layer rows.
@@ -184,7 +203,12 @@ def build_table(*, accuracy: AccuracyModel, geometry: Any, ratios: Any, hardware
                           f"{', '.join(missing)}; profiled codecs: {', '.join(have) or 'none'}")
     specs = [StorageSpec("raw")] + [StorageSpec.parse(lab) for lab in labels]
     if per_matrix:
-        specs += [MatrixChoice(g, d) for g in specs for d in specs if g != d]
+        import itertools
+
+        kinds = accuracy.matrix_kinds or ("gate_up", "down")
+        specs += [MatrixChoice(*combo, kinds=kinds)
+                  for combo in itertools.product(specs, repeat=len(kinds))
+                  if len(set(combo)) > 1]
     C = len(specs)
     mu = np.full((L, C), np.nan)
     var = np.full((L, C), np.nan)
@@ -207,8 +231,7 @@ def build_table(*, accuracy: AccuracyModel, geometry: Any, ratios: Any, hardware
             if eff is None:
                 continue
             try:
-                for s in ((spec.gate_up, spec.down) if isinstance(spec, MatrixChoice)
-                          else (spec,)):
+                for s in (spec.specs if isinstance(spec, MatrixChoice) else (spec,)):
                     ratios.ratio(layer, s, geometry)
             except MoeszError:
                 continue

@@ -18,6 +18,14 @@ from planner.plan import KIND, SCHEMA_VERSION
 from profiles.serving import ServingConfig
 
 
+def _matrices(policy, moe_layers, accuracy) -> dict:
+    """What a `--per-matrix` plan did with the matrices: the kinds it planned a level for and
+    which it protects (`planner.protection`)."""
+    from planner.protection import matrix_summary
+
+    return {"kinds": list(accuracy.matrix_kinds), "summary": matrix_summary(policy, moe_layers)}
+
+
 def serving_for(serving: ServingConfig, cand) -> ServingConfig:
     """The serving configuration of a candidate (its per-layer cache slots, when searched)."""
     if cand.per_layer_cache_slots is None:
@@ -59,9 +67,8 @@ def from_candidate(c, table: ChoiceTable, accuracy, cf, prof, serving) -> Option
                        "stored_bytes_per_expert": float(table.stored_bytes[pos, k]),
                        "ratio": float(cf.original_bytes / table.stored_bytes[pos, k]),
                        "layer_s_per_step": float(table.layer_s[pos, k]),
-                       **({"matrices": {"gate_up": spec.gate_up.describe(),
-                                        "down": spec.down.describe()}}
-                          if hasattr(spec, "gate_up") else {})})
+                       **({"matrices": {k: s.describe() for k, s in zip(spec.kinds, spec.specs)}}
+                          if hasattr(spec, "kinds") else {})})
     return Option(f"search trial {c.trial}", table.policy(c.choice, prof.fingerprint),
                    serving_for(serving, c), c.tokens_per_s, accuracy.predict_sums(c.M, c.V),
                    c.host_bytes, layers, trial=c.trial)
@@ -166,6 +173,8 @@ def plan_document(req, prof, hw_src, hw, accuracy, table, chosen: Option, option
                    "bound": "one-sided upper confidence bound", "z": accuracy.z,
                    "averaged_over_tasks": accuracy.tasks},
         "codecs": list(codecs),
+        **({"matrices": _matrices(chosen.policy, table.moe_layers, accuracy)}
+           if req.per_matrix else {}),
         "layers": chosen.layers,
         "predicted": {
             "source": chosen.source,

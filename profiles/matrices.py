@@ -1,11 +1,14 @@
 """Matrix kinds of a routed expert: which projection each of its tensors belongs to.
 
 Every MoE expert is a gated FFN, down(act(gate(x)) * up(x)). transformers 5 fuses gate and up in
-memory (`gate_up_proj`, gate rows first) and `profiles.models.layout` maps every on-disk layout to
-that fused form, so two kinds cover every architecture: `gate_up` and `down`. Models whose experts
-stay one module per expert in memory (older or remote-code models: mixtral's `w1/w2/w3`, the
-`gate_proj/up_proj/down_proj` of qwen-style modules) keep gate and up as separate tensors; for
-them a policy may also name `gate` and `up`, each falling back to `gate_up` when not named.
+memory (`gate_up_proj`) and `profiles.models.layout` maps every on-disk layout to that fused form,
+so two kinds cover every architecture: `gate_up` and `down`. A policy may also name `gate` and
+`up`, each falling back to `gate_up` when not named: models whose experts stay one module per
+expert in memory (older or remote-code models: mixtral's `w1/w2/w3`, the
+`gate_proj/up_proj/down_proj` of qwen-style modules) have them as separate tensors, and on fused
+models an expert whose gate or up is stored apart from `gate_up` has its `gate_up_proj` split into
+its gate and up parts, each stored as its own blob and joined back exactly, following the
+architecture's order (`profiles.models.gate_up`: halves for most, interleaved for gpt_oss).
 
 Biases follow their matrix (`gate_up_proj_bias` is `gate_up`). Per-matrix storage follows the
 observation that the down projection carries most of the quantization damage of MoE experts and
@@ -47,7 +50,7 @@ def check_kind(name: str, where: str) -> str:
     """`name` if it is a matrix kind; else PolicyError with the valid names."""
     if name not in KINDS:
         raise PolicyError(f"{where}: unknown matrix {name!r}; valid matrices: {', '.join(KINDS)} "
-                          f"(gate and up only where a model stores them separately)")
+                          f"(gate and up: the two parts of gate_up)")
     return name
 
 
@@ -57,12 +60,16 @@ def model_kinds(tensor_names) -> tuple[str, ...]:
     return tuple(k for k in KINDS if k in have)
 
 
-def matrix_values(expert_tensor_shapes) -> dict[str, int]:
-    """Values of one expert per matrix kind, from its (name, shape) pairs (biases included)."""
+def matrix_values(expert_tensor_shapes, split: bool = False) -> dict[str, int]:
+    """Values of one expert per matrix kind, from its (name, shape) pairs (biases included).
+    With `split`, a fused `gate_up` counts as its halves, `gate` and `up` (as stored apart)."""
     import math
 
     out: dict[str, int] = {}
     for name, shape in expert_tensor_shapes:
         kind = matrix_of(name)
         out[kind] = out.get(kind, 0) + math.prod(shape)
+    if split and "gate_up" in out:
+        half = out.pop("gate_up") // 2
+        out = {"gate": half, "up": half, **out}
     return out

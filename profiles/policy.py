@@ -2,8 +2,9 @@
 
 A `Policy` gives every routed expert a `StorageSpec` (codec, bound mode, level, codec options): a
 default, per-layer overrides and per-expert overrides, most specific first. Each level may also
-override single matrices of the expert (`matrices`: `gate_up`, `down`, and `gate`/`up` where a
-model keeps them separate; `profiles.matrices`): for a matrix, the expert level's matrix entry,
+override single matrices of the expert (`matrices`: `gate_up`, `down`, and `gate`/`up`, split
+out of a fused `gate_up_proj` where they differ from `gate_up`; `profiles.matrices`,
+`profiles.models.gate_up`): for a matrix, the expert level's matrix entry,
 then the expert level's spec, then the layer's matrix entry, the layer's spec, the default's
 matrix entry, the default. Schema version 2 (version-1 files, which have no `matrices`, read
 unchanged). It is the one format
@@ -165,6 +166,12 @@ class ExpertSpecs:
     def specs(self) -> set[StorageSpec]:
         return {self.gate_up, self.down, self.gate, self.up}
 
+    @property
+    def splits_gate_up(self) -> bool:
+        """Whether gate and up are stored apart from `gate_up` (a fused `gate_up_proj` is then
+        split into its gate and up parts, each its own blob: `profiles.models.gate_up`)."""
+        return self.gate != self.gate_up or self.up != self.gate_up
+
 
 def spec_of_tensor(spec, name: str) -> StorageSpec:
     """The StorageSpec for tensor `name` under `spec` (a StorageSpec or an ExpertSpecs)."""
@@ -233,21 +240,22 @@ class Policy:
         """(columns, rows): the spec of each matrix at the default, at each layer and at each
         expert the policy names (experts and layers it does not name take the row above them).
         Columns are `where` and the matrix kinds: `gate_up`, `down`, plus `gate` and `up` when
-        the policy names them."""
+        the policy names either (the other then shows what it falls back to)."""
         named = {k for _, _, k in self.matrices}
-        kinds = ("gate_up", "down") + tuple(k for k in ("gate", "up") if k in named)
+        kinds = ("gate_up", "down") + (("gate", "up") if named & {"gate", "up"} else ())
         layers = sorted(set(self.layers) | {lay for lay, _, _ in self.matrices if lay is not None})
         experts = sorted(set(self.experts) | {(lay, e) for lay, e, _ in self.matrices
                                               if e is not None})
-        rows = [("default", *(self._level_spec(None, None, k).describe() for k in kinds))]
-        rows += [(f"layer {lay}", *(self._level_spec(lay, None, k).describe() for k in kinds))
+        rows = [("default", *(self.level_spec(None, None, k).describe() for k in kinds))]
+        rows += [(f"layer {lay}", *(self.level_spec(lay, None, k).describe() for k in kinds))
                  for lay in layers]
         rows += [(f"expert {lay}:{e}", *(self.spec_for(lay, e, k).describe() for k in kinds))
                  for lay, e in experts]
         return ("where", *kinds), rows
 
-    def _level_spec(self, layer: int | None, expert: int | None, kind: str) -> StorageSpec:
-        """A matrix's spec for a layer's experts that have no expert-level entry."""
+    def level_spec(self, layer: int | None, expert: int | None, kind: str) -> StorageSpec:
+        """A matrix's spec for a layer's experts that have no expert-level entry (layer None:
+        at the default level; `expert` is not used)."""
         if layer is None:
             from profiles.matrices import lookup_order
 
@@ -273,9 +281,10 @@ class Policy:
                       dict(self.experts), dict(self.matrices))
 
     def check(self, moe_layers, experts_per_layer: int, fingerprint: str | None,
-              where: str = "policy", tensor_names=None) -> None:
+              where: str = "policy", tensor_names=None, architecture: str | None = None) -> None:
         """Raise PolicyError unless this policy fits a model with these layers and fingerprint
-        (and, given the names of one expert's tensors, matrices the model has)."""
+        (and, given the names of one expert's tensors, matrices the model has: `gate` and `up`
+        of a fused `gate_up_proj` where the architecture's layout is known)."""
         from profiles.models.fingerprint import fingerprint_mismatch
 
         reason = fingerprint_mismatch(self.fingerprint, fingerprint, where)
@@ -298,11 +307,13 @@ class Policy:
 
             have = model_kinds(tensor_names)
             for kind in sorted({k for _, _, k in self.matrices} - set(have)):
-                fused = kind in ("gate", "up") and "gate_up" in have
-                raise PolicyError(
-                    f"{where} names matrix {kind!r}, which this model's experts do not have "
-                    + ("(it stores gate and up fused as gate_up_proj); use 'gate_up'"
-                       if fused else f"; its matrices: {', '.join(have)}"))
+                if kind in ("gate", "up") and "gate_up" in have:
+                    from profiles.models.gate_up import require_layout
+
+                    require_layout(architecture, where)   # split out of gate_up_proj
+                    continue
+                raise PolicyError(f"{where} names matrix {kind!r}, which this model's experts "
+                                  f"do not have; its matrices: {', '.join(have)}")
 
     def to_dict(self) -> dict:
         def level(base: StorageSpec | None, key) -> dict:
@@ -477,7 +488,8 @@ def apply_policy(loaded, policy: Policy, surrogate: str | None = None, seed: int
     geometry = loaded.geometry
     emap = loaded.expert_map
     policy.check(emap.moe_layers, emap.experts_per_layer, loaded.fingerprint,
-                 tensor_names=[n for n, _ in geometry.expert_tensor_shapes])
+                 tensor_names=[n for n, _ in geometry.expert_tensor_shapes],
+                 architecture=geometry.architecture)
     if getattr(loaded, "offload", None) is not None:
         with _offloaded_policy(loaded, policy, surrogate, progress) as report:
             yield report
@@ -487,7 +499,7 @@ def apply_policy(loaded, policy: Policy, surrogate: str | None = None, seed: int
         for i, ref in enumerate(emap.experts):
             specs = policy.expert_specs(ref.layer, ref.expert)
             stored, bounds = 0, []
-            for name, t in ref.tensors.items():
+            for name, t in _pieces(ref.tensors, specs, geometry.architecture):
                 spec = specs.for_tensor(name)
                 args = dict(codec=spec.codec, mode=spec.mode, level=spec.level,
                             **spec.codec_options)
@@ -562,6 +574,24 @@ def _offloaded_policy(loaded, policy: Policy, surrogate: str | None, progress
             if progress is not None:
                 progress(i + 1, len(emap.experts), f"layer {layer} expert {e}")
         yield PolicyReport(tuple(rows), None, 0, 0)
+
+
+def _pieces(tensors: dict[str, torch.Tensor], specs: ExpertSpecs, architecture: str
+            ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, view) of each tensor an expert is stored as: its own tensors, with a fused
+    `gate_up_proj` (and its bias) as its gate and up parts when the specs store them apart.
+    Each is a view of the model's weights, so writing its decoded values edits the model."""
+    from profiles.models.gate_up import PARTS, require_layout
+
+    if not (specs.splits_gate_up and any(n in PARTS for n in tensors)):
+        yield from tensors.items()
+        return
+    layout = require_layout(architecture)
+    for name, t in tensors.items():
+        if name in PARTS:
+            yield from zip(PARTS[name], layout.split(name, t))
+        else:
+            yield name, t
 
 
 def _surrogate_bound(t: torch.Tensor, spec: StorageSpec) -> float:

@@ -270,7 +270,7 @@ def _matrix_rows(geometry, layer, specs, hardware, serving, ratios, orig, bf16_b
     decoded expert crosses the link."""
     from profiles.matrices import matrix_values
 
-    values = matrix_values(geometry.expert_tensor_shapes)
+    values = matrix_values(geometry.expert_tensor_shapes, split=specs.splits_gate_up)
     total = sum(values.values())
     rows = {}
     for kind, n in values.items():

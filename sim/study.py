@@ -137,7 +137,8 @@ def run_study(*, hardware: HardwareProfile, source: ModelSource, policy: Any, po
     if hasattr(policy, "check"):
         shapes = getattr(g, "expert_tensor_shapes", None)
         policy.check(g.moe_layers, g.experts_per_layer, None, where=policy_label,
-                     tensor_names=[n for n, _ in shapes] if shapes else None)
+                     tensor_names=[n for n, _ in shapes] if shapes else None,
+                     architecture=getattr(g, "architecture", None))
     hardware = with_disk_override(hardware, options)   # the closed form reads the same disk
     times = TimeModel(hardware, g)
     stats = reuse_stats(wl)

@@ -258,11 +258,17 @@ def print_plan(doc: dict) -> None:
                    "n/a" if x["layer_s_per_step"] is None else
                    f"{x['layer_s_per_step'] * 1e3:.3f} ms")
     console.print(lt)
-    if doc.get("policy", {}) and _per_matrix(doc["policy"]):
+    if doc.get("policy", {}) and (_per_matrix(doc["policy"]) or doc.get("matrices")):
         from planner.cli.policy import print_policy
+        from planner.protection import matrix_summary
         from profiles.policy import Policy
 
-        print_policy(Policy.from_dict(doc["policy"], "plan policy"), console)
+        policy = Policy.from_dict(doc["policy"], "plan policy")
+        if policy.per_matrix:
+            print_policy(policy, console)
+        # derived from the plan's policy (plans made before the summary have none written)
+        console.print(matrix_summary(policy, [x["layer"] for x in doc["layers"]]),
+                      highlight=False)
     if doc.get("budgets"):
         parts = []
         for r in doc["budgets"]:

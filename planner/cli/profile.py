@@ -171,8 +171,14 @@ def model_cmd(
     codecs: str = typer.Option("szp,sz3", "--codecs", help="Codecs to profile (lossless, rtn8 "
                                "and rtn4 baselines are always added)."),
     per_matrix: bool = typer.Option(False, "--per-matrix", help="Also perturb only gate_up and "
-                                    "only down of each profiled layer and group at each level, and "
-                                    "measure ratios per matrix kind (for `plan --per-matrix`)."),
+                                    "only down (or the kinds --matrices names) of each profiled "
+                                    "layer and group at each level, and measure ratios per matrix "
+                                    "kind (for `plan --per-matrix`)."),
+    matrices: Optional[str] = typer.Option(None, "--matrices", help="The matrix kinds "
+                                           "--per-matrix perturbs one at a time (implies "
+                                           "--per-matrix): gate_up, down, gate, up; gate and up "
+                                           "are split out of a fused gate_up_proj. Default "
+                                           "gate_up,down."),
     baselines: str = typer.Option("", "--baselines", help="Formats users run (nf4, mxfp4, "
                                   "q4_k, q3_k, gq) measured on the whole model only, as baselines "
                                   "to compare plans with (--codecs makes them planner choices)."),
@@ -243,7 +249,7 @@ def model_cmd(
         host_mem=host_bytes(model, host_mem) if host_mem else None,
         bench=tuple(str(b) for b in bench or ()), template=template, extract=extract,
         max_new_tokens=max_new_tokens, text=None if text is None else str(text),
-        text_tokens=text_tokens, lm_eval=lm_eval, per_matrix=per_matrix)
+        text_tokens=text_tokens, lm_eval=lm_eval, per_matrix=per_matrix, matrices=matrices)
     if ratios_only:
         _ratios_only(request, as_json)
         return

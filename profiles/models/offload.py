@@ -51,6 +51,7 @@ class FileReader:
         self.source, self.policy = source, policy
 
     def read(self, key: Key) -> Record:
+        from profiles.models.gate_up import gate_up_layout
         from profiles.packed.records import encode_expert
 
         tensors = self.source.expert_tensors(*key)
@@ -58,7 +59,8 @@ class FileReader:
         if spec is None or (spec.uniform is not None and spec.uniform.codec == "raw"):
             return Record(tensors, None, sum(t.numel() * t.element_size()
                                              for t in tensors.values()))
-        enc = encode_expert(tensors, spec, digests=False)
+        enc = encode_expert(tensors, spec, digests=False,
+                            layout=gate_up_layout(self.source.geometry.architecture))
         return Record(None, {e.name: b for e, b in zip(enc.entries, enc.blobs)}, enc.size)
 
 
@@ -175,14 +177,16 @@ class OffloadedExperts:
 
     def _write(self, layer: int, e: int, rec: Record) -> None:
         from profiles.codecs import decode
+        from profiles.models.gate_up import gate_up_layout, join_expert
 
+        if rec.tensors is not None:
+            values = rec.tensors
+        else:   # gate and up stored apart are joined back into gate_up_proj
+            values = join_expert({n: decode(b) for n, b in rec.blobs.items()},
+                                 gate_up_layout(self.model.config.model_type))
         with torch.no_grad():
             for name, buf in self.buffers.items():
-                if rec.tensors is not None:
-                    value = rec.tensors[name]
-                else:
-                    value = decode(rec.blobs[name]).reshape(buf.shape[1:])
-                buf[e].copy_(value)
+                buf[e].copy_(values[name].reshape(buf.shape[1:]))
         self.stats.fills += 1
 
     @contextmanager

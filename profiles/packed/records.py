@@ -86,19 +86,33 @@ def shipped_spec(dtype: str):
 
 
 def encode_expert(tensors: dict[str, torch.Tensor], spec, digests: bool = True,
-                  raw_as=None) -> EncodedExpert:
+                  raw_as=None, layout=None) -> EncodedExpert:
     """Encode one expert's tensors as `spec` says into one aligned record.
 
     Args:
         tensors: name -> tensor (the expert's views; original dtype; any device).
         spec: a `profiles.policy.StorageSpec`, or an `ExpertSpecs` giving each matrix its own
             (`Policy.expert_specs`): each tensor is one blob, so each carries its own codec.
+            Where it stores `gate` or `up` apart from `gate_up`, a fused `gate_up_proj` (and its
+            bias) is stored as two blobs, `gate_proj` and `up_proj` (`profiles.models.gate_up`).
         digests: compute each blob's SHA-256 (packed files need it; in-memory stores do not).
         raw_as: how a `raw` spec stores matrices (`shipped_spec` of the checkpoint's dtype).
+        layout: the model's `GateUpLayout` (needed only to split gate and up).
+
+    Raises:
+        PolicyError: the specs split gate and up of a fused tensor and no layout is given.
     """
     from profiles.codecs import encode
-    from profiles.policy import spec_of_tensor
+    from profiles.models.gate_up import PARTS, split_expert
+    from profiles.policy import ExpertSpecs, spec_of_tensor
 
+    if isinstance(spec, ExpertSpecs) and spec.splits_gate_up and any(n in PARTS for n in tensors):
+        if layout is None:
+            from profiles.errors import PolicyError
+
+            raise PolicyError("gate and up are stored apart but the model's gate/up layout is "
+                              "unknown; use 'gate_up'")
+        tensors = split_expert(tensors, layout)
     parts, entries, blobs = [], [], []
     pos = original = 0
     for name, t in tensors.items():

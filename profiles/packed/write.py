@@ -68,7 +68,8 @@ def pack(model, policy, out_dir: str | os.PathLike, progress: ByteProgress | Non
 
     src = expert_source(model)
     policy.check(src.moe_layers, src.experts_per_layer, src.fingerprint,
-                 tensor_names=[n for n, _ in src.geometry.expert_tensor_shapes])
+                 tensor_names=[n for n, _ in src.geometry.expert_tensor_shapes],
+                 architecture=src.geometry.architecture)
     for spec in policy.all_specs():
         ok, why = get_codec(spec.codec).availability()
         if not ok:
@@ -197,18 +198,22 @@ def _remove_earlier_output(out: Path, listed: set[str]) -> None:
 def _pack_layer(src, policy, layer: int, out: Path, rel: str, done0: int, total: int,
                 progress) -> tuple[list[dict], dict]:
     """Encode one layer's experts into its file, streaming; (manifest entries, file info)."""
+    from profiles.models.gate_up import gate_up_layout
+
     entries: list[dict] = []
     h = hashlib.sha256()
     box: dict = {}
     nbytes = src.geometry.bytes_per_expert
     raw_as = shipped_spec(src.geometry.dtype)  # raw MXFP4 experts stay as shipped
+    layout = gate_up_layout(src.geometry.architecture)
 
     def write(tmp: Path) -> None:
         pos = 0
         with open(tmp, "wb") as fh:
             for e in range(src.experts_per_layer):
                 spec = policy.expert_specs(layer, e)
-                enc = encode_expert(src.expert_tensors(layer, e), spec, raw_as=raw_as)
+                enc = encode_expert(src.expert_tensors(layer, e), spec, raw_as=raw_as,
+                                    layout=layout)
                 pad = (-pos) % ALIGN
                 record = b"\0" * pad + enc.to_bytes()
                 fh.write(record)

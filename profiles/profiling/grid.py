@@ -31,7 +31,7 @@ from typing import Mapping, Sequence
 from profiles.errors import ConfigError
 
 BASELINE_CODECS = ("lossless", "rtn8", "rtn4")
-MATRIX_KINDS = ("gate_up", "down")   # the kinds per-matrix points perturb (profiles.matrices)
+MATRIX_KINDS = ("gate_up", "down")   # the kinds per-matrix points perturb unless told otherwise
 PAPER_LEVELS = (0.1, 0.3, 0.5, 0.8)
 _TARGET_RE = re.compile(r"^(all|top:(\d+)|expert:(\d+))$")
 
@@ -50,7 +50,7 @@ class Point:
     surrogate: str = "none"     # "none", "gaussian", "uniform"
     codec_options: tuple[tuple[str, object], ...] = ()
     spec_codec: str = ""        # the codec whose bound a surrogate matches (measures bytes)
-    matrix: str = "all"         # "all", or the one matrix kind perturbed ("gate_up", "down")
+    matrix: str = "all"         # "all", or the one matrix kind perturbed (gate_up, down, gate, up)
 
     @property
     def key(self) -> str:
@@ -81,7 +81,8 @@ class GridSpec:
     design: str = "grid"                            # grid | paper
     codec_options: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
     baselines: tuple[str, ...] = ()                # formats measured on the whole model only
-    per_matrix: bool = False                        # also perturb gate_up only and down only
+    per_matrix: bool = False                        # also perturb one matrix kind at a time
+    matrices: tuple[str, ...] = MATRIX_KINDS        # ... these kinds (profiles.matrices.KINDS)
 
 
 def parse_levels(text: str | Sequence[float]) -> tuple[float, ...]:
@@ -100,6 +101,22 @@ def parse_levels(text: str | Sequence[float]) -> tuple[float, ...]:
     if not out:
         raise ConfigError("no levels given; give levels like 0.1,0.3,1,2,3")
     return tuple(sorted(set(out)))
+
+
+def parse_matrices(text: str | Sequence[str]) -> tuple[str, ...]:
+    """`gate,up,down` -> ("gate", "up", "down"): the matrix kinds `--per-matrix` perturbs one at
+    a time, in that order; each must be one of `profiles.matrices.KINDS`."""
+    from profiles.matrices import KINDS
+
+    items = [m.strip() for m in (text.split(",") if isinstance(text, str) else text)]
+    out = tuple(dict.fromkeys(m for m in items if m))
+    for m in out:
+        if m not in KINDS:
+            raise ConfigError(f"--matrices: unknown matrix {m!r}; valid matrices: "
+                              f"{', '.join(KINDS)} (e.g. --matrices gate,up,down)")
+    if not out:
+        raise ConfigError(f"--matrices: no matrix given; name some of {', '.join(KINDS)}")
+    return out
 
 
 def parse_layers(text: str, moe_layers: Sequence[int]) -> tuple[int, ...] | None:
@@ -186,13 +203,13 @@ def build_points(spec: GridSpec, moe_layers: Sequence[int], experts_per_layer: i
                 points.append(Point(target, kind, lays, spec.experts, codec, spec.mode, level,
                                     codec_options=_opts(spec, codec)))
     if spec.per_matrix:
-        # each profiled layer and group, each level: only gate_up, then only down, perturbed
+        # each profiled layer and group, each level: one matrix kind at a time perturbed
         for level in spec.levels:
             for codec in bounded:
                 for target, kind, lays in targets:
                     if kind == "model":
                         continue
-                    for matrix in MATRIX_KINDS:
+                    for matrix in spec.matrices:
                         points.append(Point(target, kind, lays, spec.experts, codec, spec.mode,
                                             level, codec_options=_opts(spec, codec),
                                             matrix=matrix))

@@ -33,8 +33,9 @@ from profiles.evaluation.textmetrics import DEFAULT_MAX_TOKENS
 from profiles.evaluation.threads import torch_threads
 from profiles.profiling import format as fmt
 from profiles.profiling import steps
-from profiles.profiling.grid import (PAPER_LEVELS, GridSpec, build_points, parse_experts,
-                                     parse_groups, parse_layers, parse_levels)
+from profiles.profiling.grid import (MATRIX_KINDS, PAPER_LEVELS, GridSpec, build_points,
+                                     parse_experts, parse_groups, parse_layers, parse_levels,
+                                     parse_matrices)
 
 Progress = Callable[[int, int, str], None]
 DEFAULT_LIMIT = 300
@@ -79,6 +80,8 @@ class ProfileRequest:
     lm_eval: str | None = None           # lm-evaluation-harness tasks: YAML paths or names
     baselines: str | Sequence[str] = ""  # formats users run, measured on the whole model only
     per_matrix: bool = False             # also gate_up-only and down-only points, ratios per matrix
+    matrices: str | Sequence[str] | None = None  # the kinds per-matrix points perturb (implies
+    #                                              per_matrix; None: gate_up,down)
 
 
 @dataclass(frozen=True)
@@ -308,6 +311,8 @@ def _check_options(req: ProfileRequest) -> None:
     from profiles.codecs.bounds import check_request
     from profiles.errors import MoeszError
 
+    if req.matrices is not None:
+        parse_matrices(req.matrices)
     if req.max_evals is not None and req.max_evals < 0:
         raise ConfigError(f"--max-evals {req.max_evals} is negative; give 0 or more")
     if req.ratio_sample is not None and req.ratio_sample < 1:
@@ -352,9 +357,18 @@ def _grid_spec(req: ProfileRequest, g) -> GridSpec:
             parse_groups(req.groups, g.moe_layers)
     else:
         groups = parse_groups(req.groups, g.moe_layers)
+    matrices = MATRIX_KINDS if req.matrices is None else parse_matrices(req.matrices)
+    per_matrix = req.per_matrix or req.matrices is not None
+    if per_matrix:   # gate and up of a fused gate_up_proj need the architecture's order
+        from profiles.policy import Policy, StorageSpec
+
+        Policy(matrices={(None, None, m): StorageSpec() for m in matrices}).check(
+            g.moe_layers, g.experts_per_layer, None, where="--matrices",
+            tensor_names=[n for n, _ in g.expert_tensor_shapes], architecture=g.architecture)
     return GridSpec(codecs=codecs, mode=req.mode, levels=levels, layers=layers, groups=groups,
                     experts=parse_experts(req.target, g.experts_per_layer), design=req.design,
-                    baselines=tuple(_split_list(req.baselines)), per_matrix=req.per_matrix)
+                    baselines=tuple(_split_list(req.baselines)), per_matrix=per_matrix,
+                    matrices=matrices)
 
 
 def _check_out(out: Path, loaded, evalset: dict) -> None:

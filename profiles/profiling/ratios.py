@@ -91,7 +91,8 @@ def ratio_runs(codecs: Sequence[str], mode: str, levels: Sequence[float],
 def measure_ratios(model, codecs: Sequence[str], mode: str, levels: Sequence[float], *,
                    sample: int | None = None, seed: int = 0, codec_options: dict | None = None,
                    layers: Sequence[int] | None = None, done_keys: set | None = None,
-                   progress: Progress | None = None, per_matrix: bool = False):
+                   progress: Progress | None = None, per_matrix: bool = False,
+                   matrices: Sequence[str] | None = None):
     """Measure ratios on a model's real expert weights.
 
     Each sampled expert is read once (from the checkpoint's files when `model` is an expert
@@ -111,6 +112,9 @@ def measure_ratios(model, codecs: Sequence[str], mode: str, levels: Sequence[flo
         per_matrix: also a row per matrix kind (`matrix` gate_up, down) for every layer x codec
             x level: the matrix's stored bytes against its share of the expert's checkpoint
             bytes (by values), from the same round trips. Whole-expert rows are `matrix` all.
+        matrices: the kinds of those rows (default: the model's, gate_up and down); `gate` and
+            `up` of a fused `gate_up_proj` are its two parts (`profiles.models.gate_up`), each
+            put through its own round trip.
 
     Returns:
         A pandas DataFrame with `RATIO_COLUMNS`, `ratio_vs_bf16` and `matrix`.
@@ -119,12 +123,21 @@ def measure_ratios(model, codecs: Sequence[str], mode: str, levels: Sequence[flo
 
     from profiles.codecs import roundtrip
     from profiles.matrices import matrix_of, matrix_values
+    from profiles.models.gate_up import PARTS, require_layout, split_expert
     from profiles.models.source import expert_source
 
     src = expert_source(model)
     g = src.geometry
     values = matrix_values(g.expert_tensor_shapes)
-    kinds = ["all"] + (sorted(values, key=lambda k: k != "gate_up") if per_matrix else [])
+    total_values = sum(values.values())
+    if matrices is None:
+        matrices = sorted(values, key=lambda k: k != "gate_up")
+    split = per_matrix and "gate_up" in values and bool({"gate", "up"} & set(matrices))
+    layout = require_layout(g.architecture, "--matrices") if split else None
+    if split:   # gate and up: the halves of gate_up, as stored apart
+        values.update(matrix_values(g.expert_tensor_shapes, split=True))
+    kinds = ["all"] + ([k for k in matrices if k in values] if per_matrix else [])
+    parts = {p for pair in PARTS.values() for p in pair}
     layers = tuple(layers) if layers is not None else tuple(src.moe_layers)
     runs = ratio_runs(codecs, mode, levels, codec_options)
     todo = {layer: [run for run in runs if not done_keys or any(
@@ -144,6 +157,8 @@ def measure_ratios(model, codecs: Sequence[str], mode: str, levels: Sequence[flo
                 progress(done, total, f"ratios layer {layer} expert {e}")
             tensors = src.expert_tensors(layer, e)
             bf16_bytes = 2 * sum(t.numel() for t in tensors.values())
+            pieces = {n: t for n, t in split_expert(tensors, layout).items()
+                      if n in parts} if split else {}
             for i, (codec, rmode, level, opts) in enumerate(layer_runs):
                 nbytes = 0
                 per_kind = dict.fromkeys(kinds, 0)
@@ -152,16 +167,22 @@ def measure_ratios(model, codecs: Sequence[str], mode: str, levels: Sequence[flo
                         decoded, blob = roundtrip(t, codec, None if rmode == "none" else rmode,
                                                   level, **opts)
                     nbytes += blob.nbytes
-                    if per_matrix:
+                    if per_matrix and matrix_of(name) in per_kind:
                         per_kind[matrix_of(name)] += blob.nbytes
                     if blob.abs_bound:
                         bounds[i].append(blob.abs_bound)
                         worst[i] = max(worst[i], max_abs_diff(decoded, t) / blob.abs_bound)
                     del decoded, blob
+                for name, t in pieces.items():   # gate and up parts: their own round trips
+                    if matrix_of(name) in per_kind:
+                        with torch.no_grad():
+                            _, blob = roundtrip(t, codec, None if rmode == "none" else rmode,
+                                                level, **opts)
+                        per_kind[matrix_of(name)] += blob.nbytes
                 stored[i].append(nbytes)
                 for k in kinds[1:]:
                     by_kind[(i, k)].append(per_kind[k])
-            del tensors
+            del tensors, pieces
             done += 1
         for i, (codec, rmode, level, opts) in enumerate(layer_runs):
             per_expert = [g.bytes_per_expert / s for s in stored[i]]
@@ -180,9 +201,13 @@ def measure_ratios(model, codecs: Sequence[str], mode: str, levels: Sequence[flo
                 "ratio_vs_bf16": bf16_bytes * len(stored[i]) / sum(stored[i]),
                 "matrix": "all"})
             whole = rows[-1]
+            if done_keys and done_key(layer, codec, level, opts, "all") in done_keys:
+                rows.pop()    # measured before (this run adds matrix kinds)
             for k in kinds[1:]:
+                if done_keys and done_key(layer, codec, level, opts, k) in done_keys:
+                    continue
                 # [values of the matrix] / [values of the expert] x the expert's checkpoint bytes
-                share = values[k] / sum(values.values())
+                share = values[k] / total_values
                 orig, sizes = g.bytes_per_expert * share, by_kind[(i, k)]
                 rows.append({**whole, "ratio": orig * len(sizes) / sum(sizes),
                              "ratio_min": min(orig / s for s in sizes),

@@ -66,7 +66,8 @@ def ratios_step(out: Path, loaded, spec: GridSpec, req, progress):
     report = None if progress is None else (lambda d, t, label: progress(d, t, label))
     new = measure_ratios(loaded, codecs + (extra if layers is None else []), spec.mode,
                          spec.levels, sample=sample, seed=req.seed, layers=layers,
-                         done_keys=done, progress=report, per_matrix=spec.per_matrix)
+                         done_keys=done, progress=report, per_matrix=spec.per_matrix,
+                         matrices=spec.matrices)
     if layers is not None:
         # the whole-model baselines (lossless, rtn, --baselines) are policies on every MoE layer:
         # their ratios are needed at every layer, not only at the layers profiled one by one
@@ -274,6 +275,7 @@ def profile_meta(req, loaded, spec: GridSpec, points, tasks, limit, compute, bas
         "targets": targets, "experts": spec.experts,
         "groups": {k: list(v) for k, v in spec.groups.items()},
         "design": spec.design, **({"per_matrix": True} if spec.per_matrix else {}),
+        **({"matrices": list(spec.matrices)} if spec.per_matrix else {}),
         "compute_dtype": compute, "host_mem_bytes": req.host_mem,
         "catastrophic_drop": req.catastrophic_drop,
         "ratio_sample": req.ratio_sample if req.ratio_sample is not None else 16,

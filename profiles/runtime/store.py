@@ -49,6 +49,13 @@ class ExpertRecord:
     tensors: tuple[TensorBlob, ...]
     original_nbytes: int     # the expert in its original dtype
     device_decodable: bool   # every payload decodes on the device
+    layout: Any = None       # the model's GateUpLayout: joins gate and up stored apart
+
+    def join(self, weights: dict) -> dict:
+        """Decoded tensors by the model's names (gate and up parts joined into gate_up_proj)."""
+        from profiles.models.gate_up import join_expert
+
+        return join_expert(weights, self.layout)
 
     @property
     def key(self) -> Key:
@@ -106,6 +113,7 @@ class DiskRecords:
 
         self.ckpt, self.budget, self.pin, self.depth = ckpt, int(budget_bytes), pin, int(depth)
         self.entries = {e.key: e for e in ckpt.experts}
+        self.layout = _layout(ckpt)
         self.cache: "OrderedDict[Key, ExpertRecord]" = OrderedDict()
         self.held = self.peak = self.reads = self.read_bytes = 0
         self.files = RecordFiles(ckpt, read_method)
@@ -161,7 +169,7 @@ class DiskRecords:
         t0 = time.perf_counter()
         host = self.files.read(e, self.pin)
         rec = _record(e.layer, e.expert, e.spec, host, e.blobs, e.original_bytes,
-                      f"{self.ckpt.path / e.file} layer {e.layer} expert {e.expert}")
+                      f"{self.ckpt.path / e.file} layer {e.layer} expert {e.expert}", self.layout)
         t1 = time.perf_counter()     # the span covers the read and the record's CRC32 check
         tl = self.timeline
         if tl is not None:
@@ -253,13 +261,20 @@ def _device_decodable(blobs: Iterable[Any]) -> bool:
 
 
 def _record(layer: int, expert: int, spec: str, host: torch.Tensor, entries, original: int,
-            where: str) -> ExpertRecord:
+            where: str, layout=None) -> ExpertRecord:
     from profiles.packed import parse_blob
 
     tensors = tuple(TensorBlob(b.name, parse_blob(host, b, f"{where} {b.name}"),
                                b.payload_offset) for b in entries)
     return ExpertRecord(layer, expert, spec, host, tensors, original,
-                        _device_decodable(t.blob for t in tensors))
+                        _device_decodable(t.blob for t in tensors), layout)
+
+
+def _layout(ckpt):
+    """A packed checkpoint's GateUpLayout (from its architecture; None where unknown)."""
+    from profiles.models.gate_up import gate_up_layout
+
+    return gate_up_layout(ckpt.manifest.get("geometry", {}).get("architecture"))
 
 
 class ExpertStore:
@@ -325,21 +340,26 @@ class ExpertStore:
 
         emap = loaded.expert_map
         policy.check(emap.moe_layers, emap.experts_per_layer, loaded.fingerprint,
-                     tensor_names=[n for n, _ in emap.expert_tensor_shapes])
+                     tensor_names=[n for n, _ in emap.expert_tensor_shapes],
+                     architecture=loaded.geometry.architecture)
         if getattr(loaded, "offload", None) is not None:
             from profiles.errors import ConfigError
 
             raise ConfigError(f"{loaded.spec}: its experts are served from disk; pack it "
                               f"(`moesz pack`) and run the packed directory")
+        from profiles.models.gate_up import gate_up_layout
+
         return cls.from_tensors(((r.layer, r.expert, r.tensors) for r in emap.experts), policy,
                                 loaded.fingerprint, pin, len(emap.experts), progress,
-                                encode_device, raw_as=shipped_spec(loaded.geometry.dtype))
+                                encode_device, raw_as=shipped_spec(loaded.geometry.dtype),
+                                layout=gate_up_layout(loaded.geometry.architecture))
 
     @classmethod
     def from_tensors(cls, experts: Iterable[tuple[int, int, dict[str, torch.Tensor]]], policy,
                      fingerprint: str | None, pin: bool = False, total: int | None = None,
                      progress: Progress | None = None,
-                     encode_device: torch.device | None = None, raw_as=None) -> "ExpertStore":
+                     encode_device: torch.device | None = None, raw_as=None,
+                     layout=None) -> "ExpertStore":
         """Encode (layer, expert, tensors) triples under `policy` into host records.
 
         Args:
@@ -347,6 +367,8 @@ class ExpertStore:
                 fused Triton kernel; streams are byte-identical to the CPU encoder's).
             raw_as: how `raw` stores matrices of a checkpoint shipped quantized
                 (`profiles.packed.records.shipped_spec`).
+            layout: the model's `GateUpLayout`, to store gate and up apart where the policy
+                says (`profiles.models.gate_up`).
         """
         import dataclasses
 
@@ -360,7 +382,7 @@ class ExpertStore:
             spec = policy.expert_specs(layer, expert)
             if encode_device is not None:
                 tensors = {n: t.to(encode_device) for n, t in tensors.items()}
-            enc = encode_expert(tensors, spec, digests=False, raw_as=raw_as)
+            enc = encode_expert(tensors, spec, digests=False, raw_as=raw_as, layout=layout)
             host = torch.zeros(enc.size, dtype=torch.uint8, pin_memory=pin)
             arr = host.numpy()
             for off, raw in enc.parts:
@@ -372,7 +394,7 @@ class ExpertStore:
                 for e, b in zip(enc.entries, enc.blobs))
             records[(layer, expert)] = ExpertRecord(
                 layer, expert, spec.describe(), host, blobs, enc.original_nbytes,
-                _device_decodable(t.blob for t in blobs))
+                _device_decodable(t.blob for t in blobs), layout)
             if progress is not None:
                 progress(i + 1, total or 0, f"layer {layer} expert {expert}")
         return cls(records, policy, fingerprint, "encoded in memory")
@@ -395,11 +417,12 @@ class ExpertStore:
                        f"host memory, {depth} reads in flight)")
 
         files = read_expert_files(ckpt, pin=pin)
-        records = {}
+        records, layout = {}, _layout(ckpt)
         for e in ckpt.experts:
             host = files[e.file][e.offset: e.offset + e.size]
             records[e.key] = _record(e.layer, e.expert, e.spec, host, e.blobs, e.original_bytes,
-                                     f"{ckpt.path / e.file} layer {e.layer} expert {e.expert}")
+                                     f"{ckpt.path / e.file} layer {e.layer} expert {e.expert}",
+                                     layout)
         return cls(records, ckpt.policy, ckpt.fingerprint, str(ckpt.path))
 
     def check_model(self, moe_layers, experts_per_layer: int) -> None:

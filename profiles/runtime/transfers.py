@@ -162,7 +162,8 @@ class Transfers:
     def host_weights(self, record: ExpertRecord, item: Job) -> Weights:
         """Decode a record on the CPU in the calling thread (timed on `CPU decode`)."""
         t0 = self.tl.now()
-        out = {t.name: decode_payload(t.blob, None, torch.device("cpu")) for t in record.tensors}
+        out = record.join({t.name: decode_payload(t.blob, None, torch.device("cpu"))
+                           for t in record.tensors})
         self.tl.host("CPU decode", item, t0, self.tl.now())
         return out
 
@@ -172,7 +173,7 @@ class Transfers:
         for t in record.tensors:
             payload = buf[t.payload_offset: t.payload_offset + t.blob.payload_nbytes]
             out[t.name] = decode_payload(t.blob, payload, buf.device)
-        return out
+        return record.join(out)
 
     def _copy(self, host: torch.Tensor, item: Job) -> tuple[torch.Tensor, Any]:
         """Host -> device copy of `host` (uint8) on the copy stream; (device tensor, done event)."""

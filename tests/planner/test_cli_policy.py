@@ -36,7 +36,7 @@ def test_policy_show_refuses_an_unknown_matrix_in_one_line(tmp_path):
     assert res.exit_code == 1
     assert res.output.strip().splitlines() == [
         f"error: {path} default: unknown matrix 'ffn2'; valid matrices: gate_up, down, gate, up "
-        f"(gate and up only where a model stores them separately)"]
+        f"(gate and up: the two parts of gate_up)"]
     assert "Traceback" not in res.output
 
 

@@ -65,6 +65,8 @@ def test_model_tiny_grid_then_show(tmp_path):
     (["profile", "model", "builtin", "--out", "X", "--levels", "abc"], "level 'abc' is not a number"),
     (["profile", "model", "builtin", "--out", "X", "--max-evals", "-1"], "--max-evals -1"),
     (["profile", "show", "NOPE"], "no such model profile directory"),
+    (["profile", "model", "builtin", "--out", "X", "--matrices", "gate,ffn"],
+     "--matrices: unknown matrix 'ffn'; valid matrices: gate_up, down, gate, up"),
 ])
 def test_errors_are_one_line(tmp_path, args, match):
     args = [a.replace("X", str(tmp_path / "x")).replace("NOPE", str(tmp_path / "nope"))

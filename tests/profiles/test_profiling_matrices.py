@@ -103,3 +103,62 @@ def test_a_profile_without_the_matrix_column_loads_as_all(tmp_path):
     from planner.modelprofile import load_profile
 
     assert set(load_profile(out).sensitivity.matrix) == {"all"}
+
+
+def test_matrices_chooses_the_kinds_perturbed_one_at_a_time():
+    from profiles.profiling.grid import parse_matrices
+
+    assert parse_matrices("gate, up,down") == ("gate", "up", "down")
+    spec = GridSpec(codecs=("szp",), levels=(1.0,), per_matrix=True,
+                    matrices=parse_matrices("gate,up,down"))
+    only = [p for p in build_points(spec, (0, 1), 4) if p.matrix != "all"]
+    assert [(p.target, p.matrix) for p in only] == [
+        (f"layer:{x}", m) for x in (0, 1) for m in ("gate", "up", "down")]
+    assert "|matrix=gate" in only[0].key and "(gate only)" in only[0].describe()
+    with pytest.raises(ConfigError, match=r"^--matrices: unknown matrix 'ffn'; valid matrices: "
+                                          r"gate_up, down, gate, up \(e.g. --matrices "
+                                          r"gate,up,down\)$"):
+        parse_matrices("gate,ffn")
+
+
+def test_a_gate_point_perturbs_gate_and_leaves_up_raw():
+    p = Point("layer:1", "layer", (1,), "all", "szp", "meanabs", 2.0, matrix="gate")
+    policy, _ = point_policy(p, {1: [0, 1]}, None)
+    specs = policy.expert_specs(1, 0)
+    assert (specs.gate.codec, specs.up.codec, specs.gate_up.codec, specs.down.codec) == \
+        ("szp", "raw", "raw", "raw")
+    assert specs.splits_gate_up
+
+
+@pytest.mark.skipif(not _builtin_ready(), reason="the built-in model's weights are not built")
+def test_gate_up_down_profile_of_the_builtin_model(tmp_path):
+    out = tmp_path / "p"
+    res = profile_model(ProfileRequest(out=out, matrices="gate,up,down", command="pytest",
+                                       **TINY))
+    assert res.complete
+    prof = read_profile(out)
+    assert prof.doc["per_matrix"] is True and prof.doc["matrices"] == ["gate", "up", "down"]
+    layer = prof.sensitivity[prof.sensitivity.target == "layer:3"]
+    assert set(layer.matrix) == {"all", "gate", "up", "down"}
+    assert layer.groupby("matrix").weights_digest.first().nunique() == 4
+    for m in ("gate", "up"):
+        assert layer[layer.matrix == m].content_change_low.notna().all()
+    # gate and up each get half of gate_up's values, and a ratio of their own blob's bytes
+    r = prof.ratios
+    rows = r[(r.layer == 3) & (r.codec == "szp")].set_index("matrix")
+    assert set(rows.index) == {"all", "gate", "up", "down"}
+    assert rows.loc["gate", "original_bytes_per_expert"] == \
+        rows.loc["up", "original_bytes_per_expert"]
+    assert rows.loc["gate", "original_bytes_per_expert"] * 2 \
+        + rows.loc["down", "original_bytes_per_expert"] == pytest.approx(
+            rows.loc["all", "original_bytes_per_expert"], abs=2)
+    assert RatioTable(r, "test").matrix_kinds == ("down", "gate", "up")
+    # asking again for gate_up too adds its points and ratio rows, and nothing twice
+    res = profile_model(ProfileRequest(out=out, matrices="gate_up,gate,up,down",
+                                       command="pytest", **TINY))
+    prof = read_profile(out)
+    r = prof.ratios
+    rows = r[(r.layer == 3) & (r.codec == "szp")]
+    assert sorted(rows.matrix) == ["all", "down", "gate", "gate_up", "up"]
+    assert set(prof.sensitivity[prof.sensitivity.target == "layer:3"].matrix) == \
+        {"all", "gate_up", "gate", "up", "down"}

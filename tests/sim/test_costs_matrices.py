@@ -56,3 +56,14 @@ def test_a_gpu_codec_without_a_cpu_speed_beside_a_cpu_matrix_is_refused():
     with pytest.raises(ConfigError, match="no CPU decode speed for codec 'szp'.*another matrix "
                                           "of the same expert decodes on the CPU"):
         build_costs(make_geometry(), policy, make_hardware(), SERVING, RATIOS)
+
+
+def test_gate_and_up_stored_apart_each_cost_half_of_gate_up():
+    # a fused gate_up (2/3 of the values) split in halves: gate raw MB / 3 = 333,333, up szp
+    # MB / 3 / 4 = 83,333, down szp MB / 3 / 4 = 83,333
+    policy = Policy(default=SZP, matrices={(None, None, "gate"): StorageSpec()})
+    c = build_costs(make_geometry(), policy, make_hardware(), SERVING, RATIOS)   # a mixtral
+    assert c.stored_bytes[0, 0] == 333_333 + 83_333 + 83_333
+    assert c.decode_where[0, 0] == GPU
+    # up and down decode: 2/3 of the expert's 768 bf16 bytes at 0.00128 GB/s
+    assert c.gpu_decode_s[0, 0] == pytest.approx(BF16 * 2 / 3 / 1.28e6)
