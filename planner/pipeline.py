@@ -345,7 +345,23 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
             if req.rerank > 0 else None)
         verified, verification = verify_options(prof, accuracy, budget, candidates,
                                                 len(candidates), progress, more)
-        chosen = verified if verified is not None else raw_option()
+        chosen = verified
+        if verified is None:
+            from planner.verify import fall_back
+
+            measured = [from_baseline(b, prof, cf, req.serving) for b in baselines
+                        if b.feasible and b.name != BEST_USER_FORMAT and b.policy is not None
+                        and b.tokens_per_s is not None and b.drop is not None
+                        and b.drop.kind.startswith("measured") and b.drop.ucb <= budget]
+            measured = [o for o in measured
+                        if all(b.record(predicted_drop(b, o))["meets"] for b in more)]
+            if req.rerank > 0:
+                measured = [replace(o, tokens_per_s_simulation=_simulate(
+                    prof, hw, o.serving, o.policy, cf.workload)) for o in measured]
+            chosen, verification = fall_back(
+                verification, measured, raw_option(),
+                lambda o: o.tokens_per_s_simulation if o.tokens_per_s_simulation is not None
+                else o.tokens_per_s)
         timings["verify_s"] = time.perf_counter() - tv
     base_sims: dict[str, float] = {o.source.split(": ", 1)[1]: o.tokens_per_s_simulation
                                    for o in options if o.source.startswith("baseline")

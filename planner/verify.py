@@ -158,3 +158,28 @@ def verify_options(prof, accuracy: AccuracyModel, budget: float, options: Sequen
                     "wall_s": time.perf_counter() - t0,
                     "method": "real codec round trips on the profile split, paired with the "
                               "profile's baseline; " + MEASURED_KIND}
+
+
+def fall_back(verification: dict, measured: Sequence, raw, speed: Callable) -> tuple:
+    """(the chosen option, the verification record) when no verified candidate met the budget:
+    the fastest of `measured` — policies the profile measured as a whole (uniform baselines with
+    a measured upper bound within every budget) — or `raw` (every expert raw, exact) without one.
+
+    Before this, the plan went straight to raw although the profile held measured uniform
+    levels within budget (the verified candidates are the search's fastest, which can all fail
+    while a slower measured level holds)."""
+    rec = dict(verification)
+    lowest = min(rec["candidates"], key=lambda r: r["measured_drop"]["ucb"])
+    missed = (f"none of the {rec['verified']} verified candidates meets the budget by its "
+              f"measured upper bound (the lowest is {lowest['measured_drop']['ucb']:.4g}, "
+              f"{lowest['source']})")
+    if not measured:
+        return raw, rec
+    best = max(measured, key=speed)
+    rec.update(chosen_accuracy="measured (the profile's whole-model row)",
+               chosen_source=best.source,
+               warning=f"{missed}, so the plan falls back to {best.source.split(': ', 1)[-1]}, "
+                       f"the fastest policy the profile measured as a whole within the budget "
+                       f"(upper bound {best.drop.ucb:.4g}); raise --verify or the budget, or "
+                       f"profile with more prompts, for a faster verified plan")
+    return best, rec

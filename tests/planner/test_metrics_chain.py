@@ -217,6 +217,45 @@ def test_verification_decides_on_the_measured_bound(profiled):
     assert "the lowest is" in rec["warning"] and "stores every expert raw" in rec["warning"]
 
 
+def test_no_verified_candidate_falls_back_to_a_measured_uniform_level(profiled, monkeypatch):
+    """When every verified candidate misses, the plan takes the fastest policy the profile
+    measured as a whole within the budget, not straight away every expert raw."""
+    import planner.verify as verify
+    from planner.pipeline import PlanRequest, make_plan
+    from profiles.serving import ServingConfig, parse_mem
+
+    _, _, out, _, _ = profiled
+    real = verify.verify_options
+
+    def nothing_meets(prof, accuracy, budget, options, n, progress=None, more=()):
+        return real(prof, accuracy, 1e-12, options, n, progress, more)
+
+    monkeypatch.setattr(verify, "verify_options", nothing_meets)
+    serving = ServingConfig().with_budgets(parse_mem("25%", what="gpu"), None)
+    outcome = make_plan(PlanRequest(profile=str(out), hardware="preset:h200-published",
+                                    budget=0.01, serving=serving, metric="kl", trials=5,
+                                    warm_trials=0, rerank=1, verify=2))
+    ver = outcome.plan.doc["verification"]
+    measured = [b for b in outcome.baselines if b.feasible and b.drop is not None
+                and b.drop.kind.startswith("measured") and b.drop.ucb <= 0.01]
+    assert measured, "the fixture's profile should measure a uniform level within kl 0.01"
+    assert ver["chosen_accuracy"] == "measured (the profile's whole-model row)"
+    assert "falls back to" in ver["warning"]
+    chosen = outcome.plan.doc["predicted"]["accuracy_drop"]
+    assert chosen["kind"].startswith("measured") and chosen["ucb"] <= 0.01
+    assert ver["chosen_source"].split(": ", 1)[1] in {b.name for b in measured}
+
+
+def test_fall_back_without_a_measured_policy_is_raw():
+    from planner.verify import fall_back
+
+    rec = {"candidates": [{"measured_drop": {"ucb": 0.5}, "source": "search"}], "verified": 1,
+           "chosen_accuracy": "exact (raw)", "warning": "w"}
+    raw = object()
+    chosen, out = fall_back(rec, [], raw, lambda o: 0.0)
+    assert chosen is raw and out == rec
+
+
 def test_two_budgets_are_both_met_and_the_binding_one_named(profiled):
     import pandas as pd
 
