@@ -35,6 +35,9 @@ def _command(ctx: typer.Context) -> str:
         value = ctx.params.get(p.name)
         if getattr(p, "param_type_name", "") == "argument":
             words.append(str(value))
+        elif isinstance(value, (list, tuple)) and p.opts:   # a repeatable option
+            for v in value:
+                words += [p.opts[0], str(v)]
         elif value is not None and value != p.default and p.opts:
             words += [p.opts[0]] if p.is_flag else [p.opts[0], str(value)]
     return " ".join(shlex.quote(w) for w in words)

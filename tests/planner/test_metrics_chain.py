@@ -52,6 +52,9 @@ def test_profile_records_its_metrics_and_split(profiled):
     assert m["builtin_tasks"] == [] and doc["tasks"] == ["sums"]
     assert m["text"]["path"] == str(text.resolve()) and len(m["text"]["sha256"]) == 64
     assert "blake2b" in m["split_method"]
+    # the command as given: a repeatable option once per value, an absent one not at all
+    assert f"--bench {bench}" in doc["command"] and "()" not in doc["command"]
+    assert "--lm-eval" not in doc["command"]
     import pandas as pd
 
     sens = pd.read_parquet(out / "sensitivity.parquet")
