@@ -174,7 +174,8 @@ def measure_hardware(model: str | None = None, *, name: str | None = None,
         from profiles.runtime.calibrate import runtime_calibration
 
         prof, samples = runtime_calibration(model, prof, tokens=8 if quick else 32,
-                                            batches=(1,) if quick else (1, 4))
+                                            batches=(1,) if quick else (1, 4),
+                                            repeats=1 if quick else 3)
         raw["runtime_calibration"] = samples
         prof = dataclasses.replace(prof, raw=raw)
         step("runtime calibration")

@@ -200,8 +200,12 @@ def _ffn_curve(ffn: dict[int, list[float]], note: str) -> TokenCurve:
 CALIBRATION_BATCHES = (1, 4)
 
 
+CALIBRATION_REPEATS = 3
+
+
 def runtime_calibration(model, base: HardwareProfile, *, device: str = "cpu", tokens: int = 32,
                         prompt: int = 16, batches: Sequence[int] = CALIBRATION_BATCHES,
+                        repeats: int = CALIBRATION_REPEATS,
                         progress=None) -> tuple[HardwareProfile, dict]:
     """`base` calibrated on the runtime's own runs of `model` on `device`: per batch size, one
     all-hit run (every expert kept on the device after the warm-up: it times attention, router,
@@ -215,6 +219,9 @@ def runtime_calibration(model, base: HardwareProfile, *, device: str = "cpu", to
         base: the measured profile to calibrate (its device section must be `device`'s).
         tokens, prompt: decode steps and prompt tokens of each run.
         batches: batch sizes to calibrate (the attention figures are per batch).
+        repeats: runs of each kind; the median run by tokens/s is the one calibrated on (one
+            run of 32 steps swings by 20 % on a shared machine, and every prediction made with
+            the profile inherits its error).
         progress: `progress(done, total, label)` after each run.
     """
     from profiles.packed import is_packed
@@ -232,28 +239,39 @@ def runtime_calibration(model, base: HardwareProfile, *, device: str = "cpu", to
     if not isinstance(loaded, str):
         base = expert_decode_rates(loaded, base, raw)
     per_batch, runs_all = [], []
-    total, done = 2 * len(batches), 0
+    repeats = max(1, int(repeats))
+    total, done = 2 * len(batches) * repeats, 0
+
+    def median_run(measure, label: str):
+        nonlocal done
+        runs = []
+        for _ in range(repeats):
+            runs.append(measure())
+            done += 1
+            if progress:
+                progress(done, total, label)
+        return sorted(runs, key=lambda r: r.tokens_per_s)[len(runs) // 2], runs
     store = None
     if not isinstance(loaded, str):
         store = open_model(loaded, None, torch_device(device))[3]
     for b in batches:
         sv = ServingConfig(batch_size=b, prompt_tokens=prompt, generated_tokens=tokens)
-        warm = measure_throughput(loaded, None, sv, device=device, warm_cache=True, store=store)
-        done += 1
-        if progress:
-            progress(done, total, f"calibration run, batch {b}, all hits")
-        cold = measure_throughput(loaded, None, replace(sv, gpu_mem_fraction=0.25), device=device,
-                                  store=store)
-        done += 1
-        if progress:
-            progress(done, total, f"calibration run, batch {b}, 25% GPU budget")
+        warm, warms = median_run(lambda: measure_throughput(
+            loaded, None, sv, device=device, warm_cache=True, store=store),
+            f"calibration run, batch {b}, all hits")
+        cold, colds = median_run(lambda: measure_throughput(
+            loaded, None, replace(sv, gpu_mem_fraction=0.25), device=device, store=store),
+            f"calibration run, batch {b}, 25% GPU budget")
         per_batch.append((b, model_timings_from_runs([warm, cold], "")))
         runs_all += [warm, cold]
         raw[f"batch {b}"] = {"all_hits_tokens_per_s": warm.tokens_per_s,
-                             "cold_tokens_per_s": cold.tokens_per_s, "steps": warm.steps}
+                             "cold_tokens_per_s": cold.tokens_per_s, "steps": warm.steps,
+                             "all_hits_runs_tokens_per_s": [r.tokens_per_s for r in warms],
+                             "cold_runs_tokens_per_s": [r.tokens_per_s for r in colds]}
     label = ", ".join(f"batch {b}" for b in batches)
-    note = (f"from moesz runtime runs of {runs_all[0].model} on {device} ({label}; an all-hit "
-            f"run and a 25% GPU budget run each, {tokens} decode steps)")
+    note = (f"from moesz runtime runs of {runs_all[0].model} on {device} ({label}; the median "
+            f"of {repeats} all-hit runs and of {repeats} 25% GPU budget runs each, {tokens} "
+            f"decode steps)")
     prof = calibrate_profile(base, runs_all[1::2], date=base.source.date, name=base.name)
     mt = _merge_batches(per_batch, model_timings_from_runs(runs_all, note), note)
     others = tuple(t for t in prof.model_timings if t.model != mt.model)
