@@ -133,6 +133,21 @@ def test_the_summary_names_protected_matrices_and_how_the_rest_is_stored():
         "everywhere")
 
 
+def test_a_summary_without_a_protected_matrix_says_why_when_matrices_differ():
+    # rtn8 beside szp, or raw beside lossless, cannot be ranked: nothing is protected, but the
+    # layers do not store their matrices alike
+    rtn8, lossless = StorageSpec.parse("rtn8"), StorageSpec.parse("lossless")
+    mixed = Policy(layers={0: rtn8, 1: rtn8}, matrices={(0, None, "down"): SZP2,
+                                                         (1, None, "down"): SZP2})
+    exact = Policy(layers={0: RAW, 1: RAW}, matrices={(0, None, "down"): lossless})
+    for p in (mixed, exact):
+        head = matrix_summary(p, range(2)).split(";")[0]
+        assert head == ("protects: no matrix (where a layer's matrices differ, their specs "
+                        "cannot be ranked: different lossy codecs, or raw beside lossless)")
+    assert matrix_summary(Policy(), range(2)).startswith(
+        "protects: no matrix (each layer stores its matrices alike); keeps gate_up raw")
+
+
 def test_only_comparable_specs_rank():
     assert tighter(RAW, SZP2) and tighter(StorageSpec.parse("lossless"), SZP1)
     assert tighter(SZP1, SZP2) and not tighter(SZP2, SZP1)
