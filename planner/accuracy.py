@@ -426,11 +426,13 @@ class AccuracyModel:
         """(mu, sigma) of a choice at a layer; (0, 0) for bit-exact codecs; None when unprofiled.
         A per-matrix label `gate_up=A;down=B` (with `attach_matrices`) adds the single-matrix
         effects of A on gate_up and B on down (likewise for gate, up and down; gate and up at the
-        same level count as gate_up at that level where the profile has that row)."""
+        same level count as gate_up at that level where the profile has that row at that layer,
+        else as the sum of their own rows)."""
         if ";" in label and self.matrix_models:
             parts = dict(p.split("=", 1) for p in label.split(";"))
+            fused = self.matrix_models.get("gate_up")
             if parts.get("gate") is not None and parts.get("gate") == parts.get("up") \
-                    and "gate_up" in self.matrix_models:
+                    and fused is not None and (layer, parts["gate"]) in fused.effects:
                 parts["gate_up"] = parts.pop("gate")
                 del parts["up"]
             mu = var = 0.0

@@ -51,8 +51,11 @@ def matrix_summary(policy: Policy, moe_layers: Sequence[int]) -> str:
         return "raw" if s.codec == "raw" else f"at {s.describe()}"
 
     parts = [f"{k} on {where(lays)} ({s.describe()})" for (k, s), lays in protected.items()]
-    head = "protects: " + ("; ".join(parts) if parts else "no matrix (each layer stores its "
-                                                           "matrices alike)")
+    alike = all(len({spec[(lay, k)] for k in kinds}) == 1 for lay in layers)
+    head = "protects: " + ("; ".join(parts) if parts else
+                           "no matrix (each layer stores its matrices alike)" if alike else
+                           "no matrix (where a layer's matrices differ, their specs cannot be "
+                           "ranked: different lossy codecs, or raw beside lossless)")
     rest = []
     for k in kinds:
         left = [lay for lay in layers if not any(lay in lays for (kk, _), lays in

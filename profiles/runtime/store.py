@@ -58,6 +58,14 @@ class ExpertRecord:
         return join_expert(weights, self.layout)
 
     @property
+    def joins(self) -> bool:
+        """Whether decoding joins gate and up parts (a new tensor, not views of the record)."""
+        from profiles.models.gate_up import PARTS
+
+        parts = {p for pair in PARTS.values() for p in pair}
+        return any(t.name in parts for t in self.tensors)
+
+    @property
     def key(self) -> Key:
         return (self.layer, self.expert)
 

@@ -137,9 +137,10 @@ class Transfers:
                ) -> tuple[Weights, Any]:
         """Decode every payload of a record copied to the device (`buf`), after event `after`.
 
-        A `raw` record needs no decoding: its tensors are views of the copy.
+        A `raw` record needs no decoding: its tensors are views of the copy. One whose gate and
+        up are stored apart is joined, which reads the copy: like a decode, after `after`.
         """
-        if record.codecs == ("raw",):
+        if record.codecs == ("raw",) and not record.joins:
             return self._views(record, buf), after
         stream = self.decode_stream if self.decode_stream is not None else (
             torch.cuda.current_stream(self.device) if self.cuda else None)

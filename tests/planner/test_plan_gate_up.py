@@ -104,6 +104,29 @@ def test_plan_show_says_which_matrices_the_plan_protects(outcome, plan_path):
 
 
 @needs_builtin
+def test_gate_and_up_at_one_level_sum_their_rows_where_the_gate_up_row_is_missing(prof):
+    # a profile with gate_up-only rows at layer 2 alone (e.g. an earlier run with --matrices
+    # gate_up,down --layers 2): at layer 5, gate and up at one level are the sum of their own
+    # rows, as at a layer without gate_up rows, not an unprofiled choice
+    import pandas as pd
+
+    from planner.accuracy import AccuracyModel
+    from profiles.profiling import read_profile
+
+    s = read_profile(prof).sensitivity
+    gu = s[(s.matrix == "gate") & (s.target == "layer:2")].assign(matrix="gate_up")
+    sens = pd.concat([s, gu], ignore_index=True)
+    acc = AccuracyModel(sens)
+    acc.attach_matrices(sens)
+    assert acc.matrix_kinds == ("gate", "up", "down") and "gate_up" in acc.matrix_models
+    lab = SZP1.describe()
+    both = f"gate={lab};up={lab};down=raw"
+    g, u = (acc.matrix_models[k].effect(5, lab) for k in ("gate", "up"))
+    assert acc.effect(5, both) == pytest.approx((g[0] + u[0], (g[1] ** 2 + u[1] ** 2) ** 0.5))
+    assert acc.effect(2, both) == pytest.approx(acc.matrix_models["gate_up"].effect(2, lab))
+
+
+@needs_builtin
 def test_a_profile_with_gate_and_up_but_no_down_points_is_refused(tmp_path):
     out = tmp_path / "p"
     profile_model(ProfileRequest(model="builtin", out=out, codecs="szp", levels="2",
@@ -131,6 +154,21 @@ def test_the_summary_names_protected_matrices_and_how_the_rest_is_stored():
     assert matrix_summary(Policy(default=SZP2), range(2)).startswith(
         "protects: no matrix (each layer stores its matrices alike); compresses gate_up "
         "everywhere")
+
+
+def test_a_summary_without_a_protected_matrix_says_why_when_matrices_differ():
+    # rtn8 beside szp, or raw beside lossless, cannot be ranked: nothing is protected, but the
+    # layers do not store their matrices alike
+    rtn8, lossless = StorageSpec.parse("rtn8"), StorageSpec.parse("lossless")
+    mixed = Policy(layers={0: rtn8, 1: rtn8}, matrices={(0, None, "down"): SZP2,
+                                                         (1, None, "down"): SZP2})
+    exact = Policy(layers={0: RAW, 1: RAW}, matrices={(0, None, "down"): lossless})
+    for p in (mixed, exact):
+        head = matrix_summary(p, range(2)).split(";")[0]
+        assert head == ("protects: no matrix (where a layer's matrices differ, their specs "
+                        "cannot be ranked: different lossy codecs, or raw beside lossless)")
+    assert matrix_summary(Policy(), range(2)).startswith(
+        "protects: no matrix (each layer stores its matrices alike); keeps gate_up raw")
 
 
 def test_only_comparable_specs_rank():

@@ -252,3 +252,27 @@ def test_gpt_oss_shipped_mxfp4_keeps_a_raw_up_as_shipped_beside_a_compressed_gat
         assert codecs["gate_proj"] == "rtn8" and codecs["up_proj"] == "mxfp4"
         up = decode(next(t.blob for t in rec.tensors if t.name == "up_proj"))
         assert torch.equal(up, layout.split("gate_up_proj", ref.tensors["gate_up_proj"])[1])
+
+
+def test_a_raw_record_with_gate_and_up_apart_is_joined_after_its_copy(models):
+    # gate, up and down raw beside a compressed gate_up: every blob is raw, but the join reads
+    # the copied bytes, so it must run as a decode does (on CUDA: on the decode stream, after
+    # the copy's event), not as the views-only path of a raw record; on the CPU that path is
+    # the one the timeline records on the decode track
+    from profiles.runtime.timeline import Job, Timeline
+    from profiles.runtime.transfers import Transfers
+
+    lm = models("olmoe")
+    policy = Policy(default=SZP, matrices={(None, None, k): StorageSpec()
+                                           for k in ("gate", "up", "down")})
+    rec = ExpertStore.from_loaded(lm, policy)[(0, 0)]
+    assert rec.codecs == ("raw",) and rec.joins
+    tl = Timeline(torch.device("cpu"))
+    tr = Transfers(torch.device("cpu"), tl)
+    try:
+        weights, _ = tr.decode(rec, rec.host.clone(), Job("fetch", (0, 0)))
+    finally:
+        tr.close()
+    assert [s[0] for s in tl.spans()] == [tr.decode_track]
+    ref = lm.expert_map.experts[0].tensors
+    assert all(torch.equal(weights[n], ref[n]) for n in ref)
