@@ -94,14 +94,18 @@ class Budget:
                                                   else (0.0 if ucb <= 0 else math.inf))}
 
 
-def make_budget(metric: str, given: Any, prof, z: float) -> Budget:
-    """A `Budget` on a profile, its metric checked (`resolve_metric`) and value converted."""
+def make_budget(metric: str, given: Any, prof, z: float, per_matrix: bool = False) -> Budget:
+    """A `Budget` on a profile, its metric checked (`resolve_metric`) and value converted; with
+    `per_matrix`, its accuracy model also answers per-matrix choices (`attach_matrices`), as the
+    primary budget's does."""
     from planner.accuracy import AccuracyModel
 
     base, tasks, _ = resolve_metric(metric, prof)
     value = budget_value(given, metric)
-    return Budget(metric, float(given), value,
-                  AccuracyModel(prof.sensitivity, base, z=z, tasks=tasks))
+    accuracy = AccuracyModel(prof.sensitivity, base, z=z, tasks=tasks)
+    if per_matrix:
+        accuracy.attach_matrices(prof.sensitivity)
+    return Budget(metric, float(given), value, accuracy)
 
 
 def predicted_drop(budget: Budget, option):

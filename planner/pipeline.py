@@ -232,7 +232,7 @@ def make_plan(req: PlanRequest, out: str | None = None, progress: Progress | Non
     accuracy = AccuracyModel(prof.sensitivity, base_metric, z=req.z, tasks=metric_tasks)
     if req.per_matrix:
         accuracy.attach_matrices(prof.sensitivity)
-    more = [make_budget(m, v, prof, req.z) for m, v in req.more_budgets]
+    more = [make_budget(m, v, prof, req.z, req.per_matrix) for m, v in req.more_budgets]
     constraint = accuracy.constraint(budget)
     cf = ClosedFormModel(hw, prof.geometry, req.serving, _workload(req, prof))
     timings["setup_s"] = time.perf_counter() - t0

@@ -177,3 +177,22 @@ def test_only_comparable_specs_rank():
     assert not tighter(StorageSpec.parse("rtn8"), SZP2) and not tighter(SZP2,
                                                                         StorageSpec.parse("rtn8"))
     assert not tighter(RAW, StorageSpec.parse("lossless"))
+
+
+@needs_builtin
+def test_a_second_budget_keeps_the_per_matrix_choices(prof):
+    """A further budget answers per-matrix choices too: the per-matrix options keep their
+    predicted drop of it instead of all being filtered out (the plan then fell back to raw)."""
+    from planner.budget import make_budget, predicted_drop
+    from planner.modelprofile import load_profile
+
+    p = load_profile(str(prof))
+    label = "gate=szp:meanabs:1,variant=fixed;up=szp:meanabs:2,variant=fixed;" \
+            "down=szp:meanabs:2,variant=fixed"
+
+    class Option:                       # the fields predicted_drop reads
+        layers = [{"layer": 2, "spec": label}, {"layer": 5, "spec": label}]
+
+    assert predicted_drop(make_budget("content", 0.5, p, 1.96, per_matrix=True),
+                          Option()) is not None
+    assert predicted_drop(make_budget("content", 0.5, p, 1.96), Option()) is None
