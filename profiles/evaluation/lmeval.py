@@ -21,7 +21,9 @@ the per-document value of the task's primary metric (`acc` for multiple_choice a
 `exact_match` for generate_until, else the task's first metric; the task's first filter) must be
 right (1) or wrong (0), so a perturbed model is paired with the unperturbed one document by
 document (`profiles.evaluation.paired`), exactly like a benchmark's prompts. A task's strict and
-content accuracy are both that metric.
+content accuracy are both that metric. Few-shot examples are drawn for each document by a generator
+seeded with the document (the same prompt on every call), and from a pool without the other half's
+documents when the task draws them from its evaluation split.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import io
 import json
 import logging
 import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -122,7 +125,7 @@ class LmEvalTask:
         if not idx:
             return [], [], []
         check_tokenizer(tokenizer, self.name)
-        with _quiet_offline():
+        with _quiet_offline(), _fewshot_per_document(self):
             lm = _hflm(model, tokenizer, batch_size)
             out = evaluate(lm=lm, task_dict={"tasks": {self.name: self.loaded.task}, "groups": {}},
                            samples={self.name: list(idx)}, bootstrap_iters=0, log_samples=True)
@@ -330,7 +333,7 @@ def _describe(source: str, spec: str, task, split: str | None) -> LmEvalTask:
     if not docs:
         raise ConfigError(f"--lm-eval {spec}: task {name!r} has no documents in its evaluation "
                           f"split; {_FIX}")
-    texts = [json.dumps(d, sort_keys=True, ensure_ascii=False, default=str) for d in docs]
+    texts = [_doc_json(d) for d in docs]
     digest = hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
     if split is not None:
         from profiles.evaluation.textmetrics import check_split
@@ -353,6 +356,54 @@ def _shown(task, kind: str, row: dict) -> str:
         except Exception:
             return f"choice {best}"
     return str(resps[0]) if resps else ""
+
+
+@contextlib.contextmanager
+def _fewshot_per_document(task: LmEvalTask):
+    """Each document's few-shot examples drawn by a generator seeded with the document itself,
+    from a pool without the other half's documents, for the duration.
+
+    lm-eval's sampler is one generator advanced document after document, so a second call (the
+    perturbed model after the baseline, or documents scored in two stages) would prompt the same
+    document with other examples and break the pairing; and a task without a training or
+    validation split draws its examples from the evaluation split, i.e. from the other half too.
+
+    Raises:
+        MoeszError: the half's pool has no more than `num_fewshot` documents.
+    """
+    lt = task.loaded.task
+    sampler = getattr(lt, "sampler", None)
+    if task.num_fewshot <= 0 or sampler is None:
+        yield
+        return
+    saved = (sampler.df, sampler._loaded, sampler.rnd)
+    pool = list(sampler.fewshot_docs())
+    if task.split is not None:
+        other = {_doc_json(d) for d, h in zip(task.loaded.docs, task.loaded.halves)
+                 if h != task.split}
+        pool = [d for d in pool if _doc_json(d) not in other]
+        if len(pool) <= task.num_fewshot:
+            raise MoeszError(f"--lm-eval {task.name}: its few-shot examples come from its "
+                             f"evaluation documents and the {task.split} half has "
+                             f"{len(pool)}, not more than num_fewshot={task.num_fewshot}; give "
+                             f"the task a fewshot_split or more documents")
+    original = lt.fewshot_context
+
+    def fewshot_context(doc, *args, **kwargs):
+        sampler.rnd = random.Random(f"{FEWSHOT_SEED}:{_doc_json(doc)}")
+        return original(doc, *args, **kwargs)
+
+    sampler.df, sampler._loaded = pool, True
+    lt.fewshot_context = fewshot_context
+    try:
+        yield
+    finally:
+        del lt.fewshot_context
+        sampler.df, sampler._loaded, sampler.rnd = saved
+
+
+def _doc_json(doc) -> str:
+    return json.dumps(doc, sort_keys=True, ensure_ascii=False, default=str)
 
 
 def _hflm(model, tokenizer, batch_size: int):

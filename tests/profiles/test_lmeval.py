@@ -67,6 +67,27 @@ def test_documents_are_paired_one_by_one(task_yaml, loaded):
     assert set(pert.verdicts()) == {TASK}
 
 
+def test_few_shot_prompts_are_the_same_on_every_call_and_drawn_from_the_half(task_yaml, loaded,
+                                                                              tmp_path):
+    from profiles.evaluation.lmeval import load_tasks
+
+    yaml = write_task(tmp_path / "fs")
+    yaml.write_text(yaml.read_text() + "num_fewshot: 2\n")   # examples from the test split
+    (t,) = load_tasks(str(yaml), "profile")
+    assert t.num_fewshot == 2
+    once, _, right = t.answer(loaded.model, loaded.tokenizer, 6, batch_size=8)
+    again, _, _ = t.answer(loaded.model, loaded.tokenizer, 6, batch_size=8)
+    head, _, _ = t.answer(loaded.model, loaded.tokenizer, 6, 0, 2, batch_size=8)
+    tail, _, _ = t.answer(loaded.model, loaded.tokenizer, 6, 2, 6, batch_size=8)
+    assert once == again == head + tail and len(once) == 6
+    docs = t.loaded.docs
+    mine = {docs[i]["question"] for i in t.indices()}
+    theirs = {docs[i]["question"] for i in replace(t, split="validate").indices()} - mine
+    shots = [p.rsplit("Question:", 1)[0] for p in once]
+    assert all(p.count("Answer:") == 2 for p in shots)
+    assert not [q for q in theirs for p in shots if f"Question: {q}" in p]
+
+
 def test_a_generate_until_task_is_scored_by_exact_match(task_yaml, loaded):
     from profiles.evaluation.lmeval import load_tasks
 
