@@ -208,7 +208,8 @@ def from_records(records: Sequence[dict], split: str | None = None) -> tuple[LmE
     """The tasks a profile recorded (`LmEvalTask.to_dict`), loaded again.
 
     Raises:
-        ConfigError: as `load_tasks`, or a task whose documents changed since it was recorded.
+        ConfigError: as `load_tasks`, or a task whose documents, output type, metric or number of
+            few-shot examples changed since it was recorded.
     """
     sources: dict[str, list[dict]] = {}
     for r in records:
@@ -223,6 +224,13 @@ def from_records(records: Sequence[dict], split: str | None = None) -> tuple[LmE
         if t.docs_sha256 != r.get("docs_sha256", t.docs_sha256):
             raise ConfigError(f"--lm-eval {r['name']}: its documents changed since the profile "
                               f"was made ({t.docs} now, {r.get('docs')} then); profile again")
+        now = {k: getattr(t, k) for k in ("output_type", "metric", "num_fewshot")}
+        then = {k: r.get(k, v) for k, v in now.items()}
+        if now != then:
+            diff = ", ".join(f"{k} {now[k]} now, {then[k]} then" for k in now
+                             if now[k] != then[k])
+            raise ConfigError(f"--lm-eval {r['name']}: it is scored otherwise than when the "
+                              f"profile was made ({diff}); profile again")
         out.append(t)
     return tuple(out)
 

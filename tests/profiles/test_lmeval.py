@@ -108,6 +108,22 @@ def test_a_recorded_task_loads_again_and_refuses_changed_documents(task_yaml, tm
         from_records([{**t.to_dict(), "docs_sha256": "0" * 64}])
 
 
+def test_a_recorded_task_scored_otherwise_now_is_refused(tmp_path):
+    from profiles.evaluation.lmeval import from_records, load_tasks
+
+    pytest.importorskip("lm_eval.models.huggingface", reason=NEEDS)
+    yaml = write_task(tmp_path / "t")
+    (t,) = load_tasks(str(yaml))
+    record = t.to_dict()
+    yaml.write_text(yaml.read_text() + "num_fewshot: 3\n")   # same documents, other prompts
+    with pytest.raises(ConfigError) as err:
+        from_records([record])
+    assert "(num_fewshot 3 now, 0 then); profile again" in str(err.value)
+    yaml.write_text(yaml.read_text().replace("metric: acc", "metric: acc_norm"))
+    with pytest.raises(ConfigError, match="metric acc_norm now, acc then"):
+        from_records([{**record, "num_fewshot": 3}])
+
+
 @pytest.mark.parametrize("case", ["missing", "not-yaml", "group", "no-data", "empty"])
 def test_bad_task_files_are_one_line(task_yaml, tmp_path, case):
     from profiles.evaluation.lmeval import load_tasks
