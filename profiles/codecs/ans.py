@@ -408,19 +408,17 @@ def choose_classes(x: torch.Tensor, code: np.ndarray, table: np.ndarray, present
     step = max(1, -(-rows * cols // CLASS_SAMPLE))
     picked = np.arange(0, rows, step)
     sym = np.take(table, code.reshape(rows, cols)[picked] + MAX_RADIUS)   # [sampled rows, cols]
-    key = sym + (np.arange(picked.size)[:, None] * nsym)
-    per_row = np.bincount(key.reshape(-1), minlength=picked.size * nsym).reshape(-1, nsym)
-    key = sym + (((picked // mrows)[:, None] * cols + np.arange(cols)[None, :]) * nsym)
-    per_col = np.bincount(key.reshape(-1), minlength=matrices * cols * nsym).reshape(-1, nsym)
+    # the sample's map entries: its rows, and its values' matrix columns [sampled rows, cols]
+    entry = {"row": picked[:, None], "col": (picked // mrows)[:, None] * cols + np.arange(cols)}
     stats = _mean_abs(x.detach().to("cpu").reshape(matrices, mrows, cols))
-    total = per_row.sum(axis=0)
+    total = np.bincount(sym.reshape(-1), minlength=nsym)
     best_bits, best = _table_bits(total) + 16 * nsym, None
     for axis in AXES:
         for k in CLASS_CHOICES:
             cmap = _split(stats[axis], k)
-            hist, counted = (per_row, cmap[picked]) if axis == "row" else (per_col, cmap)
-            counts = np.zeros((k, nsym), np.int64)
-            np.add.at(counts, counted, hist)
+            # counted on the sample alone: [sample] keys, not [rows or columns, symbols] counts
+            key = cmap[entry[axis]].astype(np.int64) * nsym + sym
+            counts = np.bincount(key.reshape(-1), minlength=k * nsym).reshape(k, nsym)
             bits = sum(_table_bits(c) for c in counts) + 16 * k * nsym
             bits += 2 * cmap.size / step                   # the map, at the sample's scale
             if bits < best_bits:

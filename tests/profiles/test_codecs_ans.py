@@ -332,3 +332,25 @@ def test_version_1_blobs_and_a_corrupt_class_map(monkeypatch):
     for meta in ({"axis": "diagonal"}, {"cols": 100}, {"mrows": 0}, {"classes": 5}):
         with pytest.raises(CodecError, match="malformed"):
             decode(_corrupt(many, **meta))
+
+
+def test_the_class_chooser_counts_on_its_sample_not_per_column_and_symbol():
+    import tracemalloc
+
+    x = scaled((16, 64, 2048), 1)                # 16 matrices of 2048 columns, ~1500 symbols
+    eb = 0.01 * float(x.float().abs().mean())
+    code, hist = ans.codes(x.reshape(-1), eb, True)
+    radius, nudged, _ = ans.choose_radius(hist, 2)
+    present = ans.symbol_counts(hist, radius, nudged) > 0
+    assert present.size > 1000
+    tracemalloc.start()
+    try:
+        chosen = ans.choose_classes(x, code, ans.symbol_table(radius, nudged), present)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert chosen is not None and chosen[0].axis == "col"
+    # dense [matrices * columns, symbols] counts would take 16 * 2048 * 1500 * 8 bytes = 393 MB
+    assert peak < 8 * x.numel() * x.element_size(), peak / 2**20
+    freqs = chosen[1]
+    assert (freqs[:, present] >= 1).all() and (freqs.sum(axis=1) == 1 << ans.PROB_BITS).all()
