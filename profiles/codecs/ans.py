@@ -385,7 +385,8 @@ def choose_classes(x: torch.Tensor, code: np.ndarray, table: np.ndarray, present
     into K classes of equal count. The axis and K (`CLASS_CHOICES`) are those with the smallest
     estimated size — each class's empirical entropy, plus 16 bits per table entry
     and 2 per row or column for the class map — counted on whole rows sampled evenly
-    (`CLASS_SAMPLE` values at most) and compared with one table counted the same way. Every
+    (`CLASS_SAMPLE` values at most; the tables and the map are costed at the sample's scale too)
+    and compared with one table counted the same way. Every
     symbol of the tensor keeps a frequency of at least one in every class, so symbols the sample
     missed stay codable.
 
@@ -412,14 +413,14 @@ def choose_classes(x: torch.Tensor, code: np.ndarray, table: np.ndarray, present
     entry = {"row": picked[:, None], "col": (picked // mrows)[:, None] * cols + np.arange(cols)}
     stats = _mean_abs(x.detach().to("cpu").reshape(matrices, mrows, cols))
     total = np.bincount(sym.reshape(-1), minlength=nsym)
-    best_bits, best = _table_bits(total) + 16 * nsym, None
+    best_bits, best = _table_bits(total) + 16 * nsym / step, None
     for axis in AXES:
         for k in CLASS_CHOICES:
             cmap = _split(stats[axis], k)
             # counted on the sample alone: [sample] keys, not [rows or columns, symbols] counts
             key = cmap[entry[axis]].astype(np.int64) * nsym + sym
             counts = np.bincount(key.reshape(-1), minlength=k * nsym).reshape(k, nsym)
-            bits = sum(_table_bits(c) for c in counts) + 16 * k * nsym
+            bits = sum(_table_bits(c) for c in counts) + 16 * k * nsym / step
             bits += 2 * cmap.size / step                   # the map, at the sample's scale
             if bits < best_bits:
                 best_bits, best = bits, (axis, cmap, counts)

@@ -354,3 +354,15 @@ def test_the_class_chooser_counts_on_its_sample_not_per_column_and_symbol():
     assert peak < 8 * x.numel() * x.element_size(), peak / 2**20
     freqs = chosen[1]
     assert (freqs[:, present] >= 1).all() and (freqs.sum(axis=1) == 1 << ans.PROB_BITS).all()
+
+
+def test_the_class_chooser_costs_the_tables_at_the_samples_scale(monkeypatch):
+    x = scaled((2048, 2048), 0)                  # 4M values: the sample is 1/16 of the rows
+    chosen = encode(x, "ans", "meanabs", 0.02)
+    sizes = {}
+    for k in ans.CLASS_CHOICES:
+        monkeypatch.setattr(ans, "CLASS_CHOICES", (k,))
+        forced = encode(x, "ans", "meanabs", 0.02)
+        assert forced.meta.get("classes") == k
+        sizes[k] = forced.payload_nbytes
+    assert chosen.payload_nbytes == min(sizes.values()), (chosen.meta.get("classes"), sizes)
