@@ -772,7 +772,7 @@ def split(payload: torch.Tensor, meta: dict, n: int, dtype: torch.dtype) -> list
                                       or int(meta["cols"]) % LANES or int(meta["mrows"]) < 1
                                       or n % (int(meta["cols"]) * int(meta["mrows"]))):
             raise ValueError
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):   # cols or mrows 0
         raise CodecError(f"ans blob: meta {meta} is malformed; the blob is corrupt") from None
     if payload.numel() != sum(sizes):
         raise CodecError(f"ans blob: payload of {payload.numel()} bytes, expected {sum(sizes)} "

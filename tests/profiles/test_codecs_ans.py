@@ -366,3 +366,13 @@ def test_the_class_chooser_costs_the_tables_at_the_samples_scale(monkeypatch):
         assert forced.meta.get("classes") == k
         sizes[k] = forced.payload_nbytes
     assert chosen.payload_nbytes == min(sizes.values()), (chosen.meta.get("classes"), sizes)
+
+
+@pytest.mark.parametrize("shape,axis,meta", [((256, 128), 0, {"cols": 0}),
+                                             ((4, 128, 256), 1, {"mrows": 0})])
+def test_a_zero_class_map_dimension_is_a_malformed_meta(shape, axis, meta):
+    blob = encode(scaled(shape, axis), "ans", "meanabs", 1.0)
+    assert blob.meta["axis"] == ("row" if axis == 0 else "col")
+    with pytest.raises(CodecError, match="malformed") as info:
+        decode(_corrupt(blob, **meta))
+    assert "\n" not in str(info.value)
