@@ -376,3 +376,22 @@ def test_a_zero_class_map_dimension_is_a_malformed_meta(shape, axis, meta):
     with pytest.raises(CodecError, match="malformed") as info:
         decode(_corrupt(blob, **meta))
     assert "\n" not in str(info.value)
+
+
+def test_the_triton_decoder_refuses_a_corrupt_class_map_or_table_with_a_codec_error(monkeypatch):
+    pytest.importorskip("triton")
+    from profiles.codecs import ans_triton
+
+    monkeypatch.setattr(ans, "CLASS_CHOICES", (2,))
+    x = scaled((256, 128), 0)
+    blob = encode(x, "ans", "meanabs", 1.0)
+    assert blob.meta["classes"] == 2
+    sizes = ans.section_sizes(blob.meta, x.numel(), 2)
+    for at, byte, want in ((sizes[0], 0xFF, "class 3 in the class map"),   # the map's first byte
+                           (0, 0x00, "frequencies do not sum")):           # a table's first entry
+        payload = blob.payload.copy()
+        payload[at] = byte if payload[at] != byte else byte ^ 1
+        secs = ans.split(payload_tensor(payload), blob.meta, x.numel(), x.dtype)
+        with pytest.raises(CodecError, match=want) as info:   # refused before any launch
+            ans_triton.decode(*secs, blob.meta, x.numel(), blob.abs_bound, x.dtype)
+        assert "\n" not in str(info.value)
