@@ -117,7 +117,8 @@ class LmEvalTask:
             order.
 
         Raises:
-            MoeszError: the tokenizer is not a Hugging Face one, or the metric is not right/wrong.
+            MoeszError: the tokenizer is not a Hugging Face one, lm-eval cannot run the task, or
+                the metric is not right/wrong.
         """
         from lm_eval.evaluator import evaluate
 
@@ -127,8 +128,15 @@ class LmEvalTask:
         check_tokenizer(tokenizer, self.name)
         with _quiet_offline(), _fewshot_per_document(self):
             lm = _hflm(model, tokenizer, batch_size)
-            out = evaluate(lm=lm, task_dict={"tasks": {self.name: self.loaded.task}, "groups": {}},
-                           samples={self.name: list(idx)}, bootstrap_iters=0, log_samples=True)
+            try:   # a task YAML lm-eval loads but cannot run (e.g. a metric's wrong aggregation)
+                out = evaluate(lm=lm, task_dict={"tasks": {self.name: self.loaded.task},
+                                                 "groups": {}},
+                               samples={self.name: list(idx)}, bootstrap_iters=0,
+                               log_samples=True)
+            except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+                raise MoeszError(f"--lm-eval {self.name}: lm-eval cannot score its documents "
+                                 f"({type(exc).__name__}: {_one_line(exc)}); check the task's "
+                                 f"metric_list, doc_to_target and doc_to_choice") from None
         rows = out["samples"][self.name]
         first = rows[0]["filter"] if rows else None
         rows = sorted((r for r in rows if r["filter"] == first), key=lambda r: r["doc_id"])

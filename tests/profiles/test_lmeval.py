@@ -98,6 +98,21 @@ def test_a_generate_until_task_is_scored_by_exact_match(task_yaml, loaded):
     assert all(isinstance(g, str) and len(g) <= 40 for g in shown)
 
 
+@pytest.mark.parametrize("aggregation,want", [("mean", "lm-eval cannot score its documents"),
+                                               ("bleu", r"not right \(1\) or wrong \(0\)")])
+def test_a_task_lm_eval_cannot_score_per_document_is_one_line(task_yaml, loaded, tmp_path,
+                                                              aggregation, want):
+    from profiles.evaluation.lmeval import load_tasks
+
+    yaml = write_gen_task(tmp_path / "bleu")
+    yaml.write_text(yaml.read_text().replace("metric: exact_match\n    aggregation: mean",
+                                             f"metric: bleu\n    aggregation: {aggregation}"))
+    (t,) = load_tasks(str(yaml), "profile")
+    with pytest.raises(MoeszError, match=want) as err:
+        t.answer(loaded.model, loaded.tokenizer, 2, batch_size=2)
+    assert "\n" not in str(err.value) and str(err.value).startswith(f"--lm-eval {GEN_TASK}: ")
+
+
 def test_a_recorded_task_loads_again_and_refuses_changed_documents(task_yaml, tmp_path):
     from profiles.evaluation.lmeval import from_records, load_tasks
 
