@@ -218,7 +218,9 @@ def test_triton_decoder_matches_reference_under_the_interpreter():
              [16384 * 2 + 77, "bfloat16", 0.5, 1], [5000, "float8_e4m3fn", 1.0, 1],
              [20000, "bfloat16", 0.05, 0],
              [[256, 128], "bfloat16", 0.5, 1],            # classes by row
-             [[2, 128, 192], "float16", 1.0, 1]]          # classes by each matrix's column
+             [[2, 128, 192], "float16", 1.0, 1],          # classes by each matrix's column
+             [[300, 96], "bfloat16", 0.5, 1],             # classes by row, a short last chunk
+             [[3, 100, 160], "bfloat16", 0.5, 1]]         # by column, a short last chunk
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
