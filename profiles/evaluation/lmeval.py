@@ -23,7 +23,7 @@ right (1) or wrong (0), so a perturbed model is paired with the unperturbed one 
 document (`profiles.evaluation.paired`), exactly like a benchmark's prompts. A task's strict and
 content accuracy are both that metric. Few-shot examples are drawn for each document by a generator
 seeded with the document (the same prompt on every call), and from a pool without the other half's
-documents when the task draws them from its evaluation split.
+documents and the document itself when the task draws them from its evaluation split.
 """
 
 from __future__ import annotations
@@ -377,15 +377,17 @@ def _shown(task, kind: str, row: dict) -> str:
 @contextlib.contextmanager
 def _fewshot_per_document(task: LmEvalTask):
     """Each document's few-shot examples drawn by a generator seeded with the document itself,
-    from a pool without the other half's documents, for the duration.
+    from a pool without the other half's documents nor the document itself, for the duration.
 
     lm-eval's sampler is one generator advanced document after document, so a second call (the
     perturbed model after the baseline, or documents scored in two stages) would prompt the same
     document with other examples and break the pairing; and a task without a training or
-    validation split draws its examples from the evaluation split, i.e. from the other half too.
+    validation split draws its examples from the evaluation split, i.e. from the other half too,
+    and (lm-eval excludes the document only when `fewshot_split` names the test split) the
+    document itself, its answer shown.
 
     Raises:
-        MoeszError: the half's pool has no more than `num_fewshot` documents.
+        MoeszError: the pool has no more than `num_fewshot` documents besides the one prompted.
     """
     lt = task.loaded.task
     sampler = getattr(lt, "sampler", None)
@@ -394,27 +396,39 @@ def _fewshot_per_document(task: LmEvalTask):
         return
     saved = (sampler.df, sampler._loaded, sampler.rnd)
     pool = list(sampler.fewshot_docs())
+    evaluated = {_doc_json(d): h for d, h in zip(task.loaded.docs, task.loaded.halves)}
+    keys = [_doc_json(d) for d in pool]
+    from_eval = any(k in evaluated for k in keys)
     if task.split is not None:
-        other = {_doc_json(d) for d, h in zip(task.loaded.docs, task.loaded.halves)
-                 if h != task.split}
-        pool = [d for d in pool if _doc_json(d) not in other]
-        if len(pool) <= task.num_fewshot:
-            raise MoeszError(f"--lm-eval {task.name}: its few-shot examples come from its "
-                             f"evaluation documents and the {task.split} half has "
-                             f"{len(pool)}, not more than num_fewshot={task.num_fewshot}; give "
-                             f"the task a fewshot_split or more documents")
-    original = lt.fewshot_context
+        pool = [d for d, k in zip(pool, keys) if evaluated.get(k, task.split) == task.split]
+    if from_eval and len(pool) <= task.num_fewshot:
+        where = f"the {task.split} half" if task.split else "it"
+        raise MoeszError(f"--lm-eval {task.name}: its few-shot examples come from its "
+                         f"evaluation documents and {where} has {len(pool)}, not more than "
+                         f"num_fewshot={task.num_fewshot}; give the task a fewshot_split or more "
+                         f"documents")
+    original, original_sample = lt.fewshot_context, sampler.sample
+    current = [None]
 
     def fewshot_context(doc, *args, **kwargs):
         sampler.rnd = random.Random(f"{FEWSHOT_SEED}:{_doc_json(doc)}")
+        current[0] = doc
         return original(doc, *args, **kwargs)
+
+    def sample(n, eval_doc=None, df=None, **kwargs):   # lm-eval drops eval_doc from the draw
+        return original_sample(n, eval_doc=current[0] if eval_doc is None else eval_doc, df=df,
+                               **kwargs)
 
     sampler.df, sampler._loaded = pool, True
     lt.fewshot_context = fewshot_context
+    if from_eval:
+        sampler.sample = sample
     try:
         yield
     finally:
         del lt.fewshot_context
+        if from_eval:
+            del sampler.sample
         sampler.df, sampler._loaded, sampler.rnd = saved
 
 

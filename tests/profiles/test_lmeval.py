@@ -88,6 +88,27 @@ def test_few_shot_prompts_are_the_same_on_every_call_and_drawn_from_the_half(tas
     assert not [q for q in theirs for p in shots if f"Question: {q}" in p]
 
 
+def test_a_document_is_never_its_own_few_shot_example(loaded, tmp_path):
+    from profiles.evaluation.lmeval import load_tasks
+
+    pytest.importorskip("lm_eval.models.huggingface", reason=NEEDS)
+    yaml = write_task(tmp_path / "self", docs=12)    # a pool of 6: its own answer 1 in 2 times
+    yaml.write_text(yaml.read_text().replace("Question: {{question}}",
+                                             "Question {{id}}: {{question}}") + "num_fewshot: 3\n")
+    for split in ("profile", "validate"):
+        (t,) = load_tasks(str(yaml), split)
+        prompts, _, _ = t.answer(loaded.model, loaded.tokenizer, None, batch_size=8)
+        for i, p in zip(t.indices(), prompts):
+            shots, asked = p.rsplit("Question ", 1)
+            assert asked.startswith(f"{i}:") and shots.count("Answer:") == 3
+            assert f"Question {i}:" not in shots, (split, i)
+    yaml.write_text(yaml.read_text().replace("num_fewshot: 3", "num_fewshot: 6"))
+    (t,) = load_tasks(str(yaml), "profile")
+    with pytest.raises(MoeszError, match="not more than num_fewshot=6; give the task a "
+                                         "fewshot_split or more documents"):
+        t.answer(loaded.model, loaded.tokenizer, None, batch_size=8)
+
+
 def test_a_generate_until_task_is_scored_by_exact_match(task_yaml, loaded):
     from profiles.evaluation.lmeval import load_tasks
 
