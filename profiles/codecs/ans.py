@@ -385,7 +385,8 @@ def choose_classes(x: torch.Tensor, code: np.ndarray, table: np.ndarray, present
     into K classes of equal count. The axis and K (`CLASS_CHOICES`) are those with the smallest
     estimated size — each class's empirical entropy, plus 16 bits per table entry
     and 2 per row or column for the class map — counted on whole rows sampled evenly
-    (`CLASS_SAMPLE` values at most) and compared with one table counted the same way. Every
+    (`CLASS_SAMPLE` values at most; the tables and the map are costed at the sample's scale too)
+    and compared with one table counted the same way. Every
     symbol of the tensor keeps a frequency of at least one in every class, so symbols the sample
     missed stay codable.
 
@@ -408,20 +409,18 @@ def choose_classes(x: torch.Tensor, code: np.ndarray, table: np.ndarray, present
     step = max(1, -(-rows * cols // CLASS_SAMPLE))
     picked = np.arange(0, rows, step)
     sym = np.take(table, code.reshape(rows, cols)[picked] + MAX_RADIUS)   # [sampled rows, cols]
-    key = sym + (np.arange(picked.size)[:, None] * nsym)
-    per_row = np.bincount(key.reshape(-1), minlength=picked.size * nsym).reshape(-1, nsym)
-    key = sym + (((picked // mrows)[:, None] * cols + np.arange(cols)[None, :]) * nsym)
-    per_col = np.bincount(key.reshape(-1), minlength=matrices * cols * nsym).reshape(-1, nsym)
+    # the sample's map entries: its rows, and its values' matrix columns [sampled rows, cols]
+    entry = {"row": picked[:, None], "col": (picked // mrows)[:, None] * cols + np.arange(cols)}
     stats = _mean_abs(x.detach().to("cpu").reshape(matrices, mrows, cols))
-    total = per_row.sum(axis=0)
-    best_bits, best = _table_bits(total) + 16 * nsym, None
+    total = np.bincount(sym.reshape(-1), minlength=nsym)
+    best_bits, best = _table_bits(total) + 16 * nsym / step, None
     for axis in AXES:
         for k in CLASS_CHOICES:
             cmap = _split(stats[axis], k)
-            hist, counted = (per_row, cmap[picked]) if axis == "row" else (per_col, cmap)
-            counts = np.zeros((k, nsym), np.int64)
-            np.add.at(counts, counted, hist)
-            bits = sum(_table_bits(c) for c in counts) + 16 * k * nsym
+            # counted on the sample alone: [sample] keys, not [rows or columns, symbols] counts
+            key = cmap[entry[axis]].astype(np.int64) * nsym + sym
+            counts = np.bincount(key.reshape(-1), minlength=k * nsym).reshape(k, nsym)
+            bits = sum(_table_bits(c) for c in counts) + 16 * k * nsym / step
             bits += 2 * cmap.size / step                   # the map, at the sample's scale
             if bits < best_bits:
                 best_bits, best = bits, (axis, cmap, counts)
@@ -773,7 +772,7 @@ def split(payload: torch.Tensor, meta: dict, n: int, dtype: torch.dtype) -> list
                                       or int(meta["cols"]) % LANES or int(meta["mrows"]) < 1
                                       or n % (int(meta["cols"]) * int(meta["mrows"]))):
             raise ValueError
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):   # cols or mrows 0
         raise CodecError(f"ans blob: meta {meta} is malformed; the blob is corrupt") from None
     if payload.numel() != sum(sizes):
         raise CodecError(f"ans blob: payload of {payload.numel()} bytes, expected {sum(sizes)} "

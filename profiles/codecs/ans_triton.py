@@ -22,6 +22,7 @@ import torch
 
 from profiles.codecs import ans, patches
 from profiles.codecs.dtypes import dtype_name
+from profiles.errors import CodecError
 
 CHUNKS_PER_PROGRAM = 4
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
@@ -96,6 +97,8 @@ def tables(table: torch.Tensor, meta: dict, abs_bound: float,
     width = _INT_OF_SIZE[bits.itemsize]
     vals = torch.from_numpy(bits.view({1: "u1", 2: "i2", 4: "i4"}[bits.itemsize])).to(dev)
     all_freqs = (table[: 2 * k * c].view(torch.int16).to(torch.int64) & 0xFFFF).reshape(c, k)
+    if bool((all_freqs.sum(dim=1) != m).any()):   # repeat_interleave would read past the tables
+        raise CodecError(f"ans blob: symbol frequencies do not sum to {m}; the blob is corrupt")
     fbs, vs = [], []
     for freqs in all_freqs:
         sym = torch.repeat_interleave(torch.arange(k, device=dev), freqs, output_size=m)
@@ -112,6 +115,9 @@ def decode(table: torch.Tensor, cmap: torch.Tensor, states: torch.Tensor, offset
 
     Returns:
         A flat tensor of n values of `dtype` on the sections' device, outliers patched.
+
+    Raises:
+        CodecError: frequencies that do not sum to M, or a class beyond the payload's tables.
     """
     if triton is None:
         raise RuntimeError("triton is not installed (pip install 'moesz[gpu]')")
@@ -129,8 +135,8 @@ def decode(table: torch.Tensor, cmap: torch.Tensor, states: torch.Tensor, offset
         mcells = cols * int(meta.get("mrows", 1))          # values per matrix
         cm = ans.unpack_map(cmap, ans.class_map_size(meta, n)).contiguous()
         if axis and cm.numel() and int(cm.max()) >= ans.num_classes(meta):
-            raise ValueError(f"class {int(cm.max())} in the class map, "
-                             f"{ans.num_classes(meta)} tables")
+            raise CodecError(f"ans blob: class {int(cm.max())} in the class map, "
+                             f"{ans.num_classes(meta)} tables; the blob is corrupt")
         if cm.numel() == 0:
             cm = torch.zeros(1, dtype=torch.uint8, device=dev)
         grid = ((chunks + CHUNKS_PER_PROGRAM - 1) // CHUNKS_PER_PROGRAM,)

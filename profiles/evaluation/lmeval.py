@@ -21,7 +21,9 @@ the per-document value of the task's primary metric (`acc` for multiple_choice a
 `exact_match` for generate_until, else the task's first metric; the task's first filter) must be
 right (1) or wrong (0), so a perturbed model is paired with the unperturbed one document by
 document (`profiles.evaluation.paired`), exactly like a benchmark's prompts. A task's strict and
-content accuracy are both that metric.
+content accuracy are both that metric. Few-shot examples are drawn for each document by a generator
+seeded with the document (the same prompt on every call), and from a pool without the other half's
+documents and the document itself when the task draws them from its evaluation split.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import io
 import json
 import logging
 import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -114,7 +117,8 @@ class LmEvalTask:
             order.
 
         Raises:
-            MoeszError: the tokenizer is not a Hugging Face one, or the metric is not right/wrong.
+            MoeszError: the tokenizer is not a Hugging Face one, lm-eval cannot run the task, or
+                the metric is not right/wrong.
         """
         from lm_eval.evaluator import evaluate
 
@@ -122,10 +126,17 @@ class LmEvalTask:
         if not idx:
             return [], [], []
         check_tokenizer(tokenizer, self.name)
-        with _quiet_offline():
+        with _quiet_offline(), _fewshot_per_document(self):
             lm = _hflm(model, tokenizer, batch_size)
-            out = evaluate(lm=lm, task_dict={"tasks": {self.name: self.loaded.task}, "groups": {}},
-                           samples={self.name: list(idx)}, bootstrap_iters=0, log_samples=True)
+            try:   # a task YAML lm-eval loads but cannot run (e.g. a metric's wrong aggregation)
+                out = evaluate(lm=lm, task_dict={"tasks": {self.name: self.loaded.task},
+                                                 "groups": {}},
+                               samples={self.name: list(idx)}, bootstrap_iters=0,
+                               log_samples=True)
+            except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+                raise MoeszError(f"--lm-eval {self.name}: lm-eval cannot score its documents "
+                                 f"({type(exc).__name__}: {_one_line(exc)}); check the task's "
+                                 f"metric_list, doc_to_target and doc_to_choice") from None
         rows = out["samples"][self.name]
         first = rows[0]["filter"] if rows else None
         rows = sorted((r for r in rows if r["filter"] == first), key=lambda r: r["doc_id"])
@@ -205,7 +216,8 @@ def from_records(records: Sequence[dict], split: str | None = None) -> tuple[LmE
     """The tasks a profile recorded (`LmEvalTask.to_dict`), loaded again.
 
     Raises:
-        ConfigError: as `load_tasks`, or a task whose documents changed since it was recorded.
+        ConfigError: as `load_tasks`, or a task whose documents, output type, metric or number of
+            few-shot examples changed since it was recorded.
     """
     sources: dict[str, list[dict]] = {}
     for r in records:
@@ -220,6 +232,13 @@ def from_records(records: Sequence[dict], split: str | None = None) -> tuple[LmE
         if t.docs_sha256 != r.get("docs_sha256", t.docs_sha256):
             raise ConfigError(f"--lm-eval {r['name']}: its documents changed since the profile "
                               f"was made ({t.docs} now, {r.get('docs')} then); profile again")
+        now = {k: getattr(t, k) for k in ("output_type", "metric", "num_fewshot")}
+        then = {k: r.get(k, v) for k, v in now.items()}
+        if now != then:
+            diff = ", ".join(f"{k} {now[k]} now, {then[k]} then" for k in now
+                             if now[k] != then[k])
+            raise ConfigError(f"--lm-eval {r['name']}: it is scored otherwise than when the "
+                              f"profile was made ({diff}); profile again")
         out.append(t)
     return tuple(out)
 
@@ -330,7 +349,7 @@ def _describe(source: str, spec: str, task, split: str | None) -> LmEvalTask:
     if not docs:
         raise ConfigError(f"--lm-eval {spec}: task {name!r} has no documents in its evaluation "
                           f"split; {_FIX}")
-    texts = [json.dumps(d, sort_keys=True, ensure_ascii=False, default=str) for d in docs]
+    texts = [_doc_json(d) for d in docs]
     digest = hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
     if split is not None:
         from profiles.evaluation.textmetrics import check_split
@@ -353,6 +372,68 @@ def _shown(task, kind: str, row: dict) -> str:
         except Exception:
             return f"choice {best}"
     return str(resps[0]) if resps else ""
+
+
+@contextlib.contextmanager
+def _fewshot_per_document(task: LmEvalTask):
+    """Each document's few-shot examples drawn by a generator seeded with the document itself,
+    from a pool without the other half's documents nor the document itself, for the duration.
+
+    lm-eval's sampler is one generator advanced document after document, so a second call (the
+    perturbed model after the baseline, or documents scored in two stages) would prompt the same
+    document with other examples and break the pairing; and a task without a training or
+    validation split draws its examples from the evaluation split, i.e. from the other half too,
+    and (lm-eval excludes the document only when `fewshot_split` names the test split) the
+    document itself, its answer shown.
+
+    Raises:
+        MoeszError: the pool has no more than `num_fewshot` documents besides the one prompted.
+    """
+    lt = task.loaded.task
+    sampler = getattr(lt, "sampler", None)
+    if task.num_fewshot <= 0 or sampler is None:
+        yield
+        return
+    saved = (sampler.df, sampler._loaded, sampler.rnd)
+    pool = list(sampler.fewshot_docs())
+    evaluated = {_doc_json(d): h for d, h in zip(task.loaded.docs, task.loaded.halves)}
+    keys = [_doc_json(d) for d in pool]
+    from_eval = any(k in evaluated for k in keys)
+    if task.split is not None:
+        pool = [d for d, k in zip(pool, keys) if evaluated.get(k, task.split) == task.split]
+    if from_eval and len(pool) <= task.num_fewshot:
+        where = f"the {task.split} half" if task.split else "it"
+        raise MoeszError(f"--lm-eval {task.name}: its few-shot examples come from its "
+                         f"evaluation documents and {where} has {len(pool)}, not more than "
+                         f"num_fewshot={task.num_fewshot}; give the task a fewshot_split or more "
+                         f"documents")
+    original, original_sample = lt.fewshot_context, sampler.sample
+    current = [None]
+
+    def fewshot_context(doc, *args, **kwargs):
+        sampler.rnd = random.Random(f"{FEWSHOT_SEED}:{_doc_json(doc)}")
+        current[0] = doc
+        return original(doc, *args, **kwargs)
+
+    def sample(n, eval_doc=None, df=None, **kwargs):   # lm-eval drops eval_doc from the draw
+        return original_sample(n, eval_doc=current[0] if eval_doc is None else eval_doc, df=df,
+                               **kwargs)
+
+    sampler.df, sampler._loaded = pool, True
+    lt.fewshot_context = fewshot_context
+    if from_eval:
+        sampler.sample = sample
+    try:
+        yield
+    finally:
+        del lt.fewshot_context
+        if from_eval:
+            del sampler.sample
+        sampler.df, sampler._loaded, sampler.rnd = saved
+
+
+def _doc_json(doc) -> str:
+    return json.dumps(doc, sort_keys=True, ensure_ascii=False, default=str)
 
 
 def _hflm(model, tokenizer, batch_size: int):

@@ -218,7 +218,9 @@ def test_triton_decoder_matches_reference_under_the_interpreter():
              [16384 * 2 + 77, "bfloat16", 0.5, 1], [5000, "float8_e4m3fn", 1.0, 1],
              [20000, "bfloat16", 0.05, 0],
              [[256, 128], "bfloat16", 0.5, 1],            # classes by row
-             [[2, 128, 192], "float16", 1.0, 1]]          # classes by each matrix's column
+             [[2, 128, 192], "float16", 1.0, 1],          # classes by each matrix's column
+             [[300, 96], "bfloat16", 0.5, 1],             # classes by row, a short last chunk
+             [[3, 100, 160], "bfloat16", 0.5, 1]]         # by column, a short last chunk
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -332,3 +334,66 @@ def test_version_1_blobs_and_a_corrupt_class_map(monkeypatch):
     for meta in ({"axis": "diagonal"}, {"cols": 100}, {"mrows": 0}, {"classes": 5}):
         with pytest.raises(CodecError, match="malformed"):
             decode(_corrupt(many, **meta))
+
+
+def test_the_class_chooser_counts_on_its_sample_not_per_column_and_symbol():
+    import tracemalloc
+
+    x = scaled((16, 64, 2048), 1)                # 16 matrices of 2048 columns, ~1500 symbols
+    eb = 0.01 * float(x.float().abs().mean())
+    code, hist = ans.codes(x.reshape(-1), eb, True)
+    radius, nudged, _ = ans.choose_radius(hist, 2)
+    present = ans.symbol_counts(hist, radius, nudged) > 0
+    assert present.size > 1000
+    tracemalloc.start()
+    try:
+        chosen = ans.choose_classes(x, code, ans.symbol_table(radius, nudged), present)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert chosen is not None and chosen[0].axis == "col"
+    # dense [matrices * columns, symbols] counts would take 16 * 2048 * 1500 * 8 bytes = 393 MB
+    assert peak < 8 * x.numel() * x.element_size(), peak / 2**20
+    freqs = chosen[1]
+    assert (freqs[:, present] >= 1).all() and (freqs.sum(axis=1) == 1 << ans.PROB_BITS).all()
+
+
+def test_the_class_chooser_costs_the_tables_at_the_samples_scale(monkeypatch):
+    x = scaled((2048, 2048), 0)                  # 4M values: the sample is 1/16 of the rows
+    chosen = encode(x, "ans", "meanabs", 0.02)
+    sizes = {}
+    for k in ans.CLASS_CHOICES:
+        monkeypatch.setattr(ans, "CLASS_CHOICES", (k,))
+        forced = encode(x, "ans", "meanabs", 0.02)
+        assert forced.meta.get("classes") == k
+        sizes[k] = forced.payload_nbytes
+    assert chosen.payload_nbytes == min(sizes.values()), (chosen.meta.get("classes"), sizes)
+
+
+@pytest.mark.parametrize("shape,axis,meta", [((256, 128), 0, {"cols": 0}),
+                                             ((4, 128, 256), 1, {"mrows": 0})])
+def test_a_zero_class_map_dimension_is_a_malformed_meta(shape, axis, meta):
+    blob = encode(scaled(shape, axis), "ans", "meanabs", 1.0)
+    assert blob.meta["axis"] == ("row" if axis == 0 else "col")
+    with pytest.raises(CodecError, match="malformed") as info:
+        decode(_corrupt(blob, **meta))
+    assert "\n" not in str(info.value)
+
+
+def test_the_triton_decoder_refuses_a_corrupt_class_map_or_table_with_a_codec_error(monkeypatch):
+    pytest.importorskip("triton")
+    from profiles.codecs import ans_triton
+
+    monkeypatch.setattr(ans, "CLASS_CHOICES", (2,))
+    x = scaled((256, 128), 0)
+    blob = encode(x, "ans", "meanabs", 1.0)
+    assert blob.meta["classes"] == 2
+    sizes = ans.section_sizes(blob.meta, x.numel(), 2)
+    for at, byte, want in ((sizes[0], 0xFF, "class 3 in the class map"),   # the map's first byte
+                           (0, 0x00, "frequencies do not sum")):           # a table's first entry
+        payload = blob.payload.copy()
+        payload[at] = byte if payload[at] != byte else byte ^ 1
+        secs = ans.split(payload_tensor(payload), blob.meta, x.numel(), x.dtype)
+        with pytest.raises(CodecError, match=want) as info:   # refused before any launch
+            ans_triton.decode(*secs, blob.meta, x.numel(), blob.abs_bound, x.dtype)
+        assert "\n" not in str(info.value)

@@ -67,6 +67,48 @@ def test_documents_are_paired_one_by_one(task_yaml, loaded):
     assert set(pert.verdicts()) == {TASK}
 
 
+def test_few_shot_prompts_are_the_same_on_every_call_and_drawn_from_the_half(task_yaml, loaded,
+                                                                              tmp_path):
+    from profiles.evaluation.lmeval import load_tasks
+
+    yaml = write_task(tmp_path / "fs")
+    yaml.write_text(yaml.read_text() + "num_fewshot: 2\n")   # examples from the test split
+    (t,) = load_tasks(str(yaml), "profile")
+    assert t.num_fewshot == 2
+    once, _, right = t.answer(loaded.model, loaded.tokenizer, 6, batch_size=8)
+    again, _, _ = t.answer(loaded.model, loaded.tokenizer, 6, batch_size=8)
+    head, _, _ = t.answer(loaded.model, loaded.tokenizer, 6, 0, 2, batch_size=8)
+    tail, _, _ = t.answer(loaded.model, loaded.tokenizer, 6, 2, 6, batch_size=8)
+    assert once == again == head + tail and len(once) == 6
+    docs = t.loaded.docs
+    mine = {docs[i]["question"] for i in t.indices()}
+    theirs = {docs[i]["question"] for i in replace(t, split="validate").indices()} - mine
+    shots = [p.rsplit("Question:", 1)[0] for p in once]
+    assert all(p.count("Answer:") == 2 for p in shots)
+    assert not [q for q in theirs for p in shots if f"Question: {q}" in p]
+
+
+def test_a_document_is_never_its_own_few_shot_example(loaded, tmp_path):
+    from profiles.evaluation.lmeval import load_tasks
+
+    pytest.importorskip("lm_eval.models.huggingface", reason=NEEDS)
+    yaml = write_task(tmp_path / "self", docs=12)    # a pool of 6: its own answer 1 in 2 times
+    yaml.write_text(yaml.read_text().replace("Question: {{question}}",
+                                             "Question {{id}}: {{question}}") + "num_fewshot: 3\n")
+    for split in ("profile", "validate"):
+        (t,) = load_tasks(str(yaml), split)
+        prompts, _, _ = t.answer(loaded.model, loaded.tokenizer, None, batch_size=8)
+        for i, p in zip(t.indices(), prompts):
+            shots, asked = p.rsplit("Question ", 1)
+            assert asked.startswith(f"{i}:") and shots.count("Answer:") == 3
+            assert f"Question {i}:" not in shots, (split, i)
+    yaml.write_text(yaml.read_text().replace("num_fewshot: 3", "num_fewshot: 6"))
+    (t,) = load_tasks(str(yaml), "profile")
+    with pytest.raises(MoeszError, match="not more than num_fewshot=6; give the task a "
+                                         "fewshot_split or more documents"):
+        t.answer(loaded.model, loaded.tokenizer, None, batch_size=8)
+
+
 def test_a_generate_until_task_is_scored_by_exact_match(task_yaml, loaded):
     from profiles.evaluation.lmeval import load_tasks
 
@@ -77,6 +119,21 @@ def test_a_generate_until_task_is_scored_by_exact_match(task_yaml, loaded):
     assert all(isinstance(g, str) and len(g) <= 40 for g in shown)
 
 
+@pytest.mark.parametrize("aggregation,want", [("mean", "lm-eval cannot score its documents"),
+                                               ("bleu", r"not right \(1\) or wrong \(0\)")])
+def test_a_task_lm_eval_cannot_score_per_document_is_one_line(task_yaml, loaded, tmp_path,
+                                                              aggregation, want):
+    from profiles.evaluation.lmeval import load_tasks
+
+    yaml = write_gen_task(tmp_path / "bleu")
+    yaml.write_text(yaml.read_text().replace("metric: exact_match\n    aggregation: mean",
+                                             f"metric: bleu\n    aggregation: {aggregation}"))
+    (t,) = load_tasks(str(yaml), "profile")
+    with pytest.raises(MoeszError, match=want) as err:
+        t.answer(loaded.model, loaded.tokenizer, 2, batch_size=2)
+    assert "\n" not in str(err.value) and str(err.value).startswith(f"--lm-eval {GEN_TASK}: ")
+
+
 def test_a_recorded_task_loads_again_and_refuses_changed_documents(task_yaml, tmp_path):
     from profiles.evaluation.lmeval import from_records, load_tasks
 
@@ -85,6 +142,22 @@ def test_a_recorded_task_loads_again_and_refuses_changed_documents(task_yaml, tm
     assert again == replace(t, split="validate")
     with pytest.raises(ConfigError, match="its documents changed since the profile"):
         from_records([{**t.to_dict(), "docs_sha256": "0" * 64}])
+
+
+def test_a_recorded_task_scored_otherwise_now_is_refused(tmp_path):
+    from profiles.evaluation.lmeval import from_records, load_tasks
+
+    pytest.importorskip("lm_eval.models.huggingface", reason=NEEDS)
+    yaml = write_task(tmp_path / "t")
+    (t,) = load_tasks(str(yaml))
+    record = t.to_dict()
+    yaml.write_text(yaml.read_text() + "num_fewshot: 3\n")   # same documents, other prompts
+    with pytest.raises(ConfigError) as err:
+        from_records([record])
+    assert "(num_fewshot 3 now, 0 then); profile again" in str(err.value)
+    yaml.write_text(yaml.read_text().replace("metric: acc", "metric: acc_norm"))
+    with pytest.raises(ConfigError, match="metric acc_norm now, acc then"):
+        from_records([{**record, "num_fewshot": 3}])
 
 
 @pytest.mark.parametrize("case", ["missing", "not-yaml", "group", "no-data", "empty"])
