@@ -85,6 +85,7 @@ class DemoMetrics:
     text: str | None = None
     bench: tuple[str, ...] = ()
     budget: str | None = None   # METRIC=X; default content at the size's budget
+    lm_eval: str | None = None  # refused: the built-in model cannot run lm-eval tasks
 
     def resolved_budget(self, sz: "DemoSize") -> tuple[str, float]:
         """(metric, value), checked before any work: the metric must be one the demo's profile
@@ -129,6 +130,11 @@ def run_demo(out_dir: str | Path, progress: Progress | None = None, size: str = 
     from profiles.profiling.metrics import eval_spec
     from profiles.tasks import TASKS
 
+    if metrics.lm_eval:
+        raise ConfigError(f"--lm-eval {metrics.lm_eval}: the demo runs the built-in model, whose "
+                          f"character tokenizer cannot run lm-evaluation-harness tasks; profile "
+                          f"your own checkpoint with `moesz profile model DIR --lm-eval "
+                          f"{metrics.lm_eval}`, or give the demo the questions as --bench FILE")
     metric, budget = metrics.resolved_budget(SIZES[size])
     eval_spec(list(TASKS), metrics.bench, text=metrics.text)  # bad files fail before any work
     out = Path(out_dir).expanduser()

@@ -19,6 +19,9 @@ def demo(
                                               "beside the built-in tasks (repeatable)."),
     budget: Optional[str] = typer.Option(None, "--budget", help="The plan's budget naming its "
                                          "metric, e.g. kl=0.02 (default: content=0.01)."),
+    lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="Refused with one line: the "
+                                          "built-in model's character tokenizer cannot run "
+                                          "lm-eval tasks (use them with `profile model`)."),
 ) -> None:
     """Run the whole chain on the built-in model and write a report folder."""
     from pathlib import Path
@@ -26,7 +29,7 @@ def demo(
     from planner.cli.model_eval import _progress_bar
     from planner.demo import DemoMetrics, run_demo, summary_lines
 
-    metrics = DemoMetrics(text=text, bench=tuple(bench or ()), budget=budget)
+    metrics = DemoMetrics(text=text, bench=tuple(bench or ()), budget=budget, lm_eval=lm_eval)
     with _progress_bar("demo") as progress:
         record = run_demo(out, progress=progress, size=size, hardware=hardware, metrics=metrics)
     for line in summary_lines(record, Path(out)):

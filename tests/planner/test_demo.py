@@ -120,7 +120,22 @@ def test_demo_refuses_a_budget_or_text_it_cannot_measure(tmp_path):
         run_demo(tmp_path / "d", size="ci", metrics=DemoMetrics(budget="ppl=0.5"))
     with pytest.raises(ConfigError, match="no such file"):
         run_demo(tmp_path / "d", size="ci", metrics=DemoMetrics(text=str(tmp_path / "no.txt")))
+    with pytest.raises(ConfigError, match="character tokenizer cannot run lm-evaluation"):
+        run_demo(tmp_path / "d", size="ci", metrics=DemoMetrics(lm_eval="hellaswag"))
     assert not (tmp_path / "d").exists()   # refused before anything was written
+
+
+def test_demo_cli_refuses_lm_eval_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from planner.cli import app
+
+    r = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), "--size", "ci",
+                                 "--lm-eval", "hellaswag"])
+    assert r.exit_code != 0
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and "--lm-eval hellaswag" in lines[0], r.output
+    assert not (tmp_path / "d").exists()
 
 
 @pytest.mark.slow
