@@ -181,7 +181,8 @@ def model_cmd(
                                            "--per-matrix perturbs one at a time (implies "
                                            "--per-matrix): gate_up, down, gate, up; gate and up "
                                            "are split out of a fused gate_up_proj. Default "
-                                           "gate_up,down."),
+                                           "gate_up,down (gate,up,down where a model keeps "
+                                           "them apart in memory)."),
     baselines: str = typer.Option("", "--baselines", help="Formats users run (nf4, mxfp4, "
                                   "q4_k, q3_k, gq) measured on the whole model only, as baselines "
                                   "to compare plans with (--codecs makes them planner choices)."),

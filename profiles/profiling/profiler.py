@@ -357,7 +357,14 @@ def _grid_spec(req: ProfileRequest, g) -> GridSpec:
             parse_groups(req.groups, g.moe_layers)
     else:
         groups = parse_groups(req.groups, g.moe_layers)
-    matrices = MATRIX_KINDS if req.matrices is None else parse_matrices(req.matrices)
+    if req.matrices is None:   # the model's own kinds: gate, up, down where experts keep them apart
+        from profiles.matrices import model_kinds
+
+        have = model_kinds(n for n, _ in g.expert_tensor_shapes)
+        matrices = MATRIX_KINDS if "gate_up" in have else tuple(
+            k for k in ("gate", "up", "down") if k in have)
+    else:
+        matrices = parse_matrices(req.matrices)
     per_matrix = req.per_matrix or req.matrices is not None
     if per_matrix:   # gate and up of a fused gate_up_proj need the architecture's order
         from profiles.policy import Policy, StorageSpec

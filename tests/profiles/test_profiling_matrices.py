@@ -162,3 +162,22 @@ def test_gate_up_down_profile_of_the_builtin_model(tmp_path):
     assert sorted(rows.matrix) == ["all", "down", "gate", "gate_up", "up"]
     assert set(prof.sensitivity[prof.sensitivity.target == "layer:3"].matrix) == \
         {"all", "gate_up", "gate", "up", "down"}
+
+
+def test_per_matrix_defaults_to_the_models_own_kinds():
+    """--per-matrix without --matrices perturbs gate_up and down on a fused model, and gate, up
+    and down on one that keeps them apart in memory (mixtral's w1/w3 modules), whose policy
+    cannot name gate_up at all."""
+    import dataclasses
+
+    from profiles.profiling.profiler import _grid_spec
+    from profiles.models import load_model
+
+    fused = load_model("builtin").geometry
+    req = ProfileRequest(model="builtin", out="unused", codecs="szp", levels="1",
+                         per_matrix=True)
+    assert _grid_spec(req, fused).matrices == ("gate_up", "down")
+    apart = dataclasses.replace(fused, expert_tensor_shapes=(
+        ("w1.weight", (256, 128)), ("w2.weight", (128, 256)), ("w3.weight", (256, 128))),
+        architecture="mixtral")
+    assert _grid_spec(req, apart).matrices == ("gate", "up", "down")
