@@ -74,6 +74,8 @@ class LmEvalTask:
         num_fewshot: few-shot examples in each prompt (lm-eval's choice, seeded).
         docs: documents in the task's evaluation split, both halves.
         docs_sha256: sha256 of the documents' JSON, in order (what a profile must be rerun with).
+        prompts_sha256: sha256 of how the task renders each document (description, prompt text,
+            target, choices, delimiters): a task re-templated over the same documents differs.
         split: `profile` or `validate`; None scores every document.
     """
 
@@ -84,6 +86,7 @@ class LmEvalTask:
     num_fewshot: int
     docs: int
     docs_sha256: str
+    prompts_sha256: str = ""
     split: str | None = None
     loaded: _Loaded | None = field(default=None, compare=False, repr=False)
 
@@ -91,7 +94,7 @@ class LmEvalTask:
         """What a profile records to load the same task again."""
         return {"source": self.source, "name": self.name, "output_type": self.output_type,
                 "metric": self.metric, "num_fewshot": self.num_fewshot, "docs": self.docs,
-                "docs_sha256": self.docs_sha256}
+                "docs_sha256": self.docs_sha256, "prompts_sha256": self.prompts_sha256}
 
     def indices(self, limit: int | None = None) -> list[int]:
         """Document indices of this task's half (all without a split), the first `limit`.
@@ -232,6 +235,10 @@ def from_records(records: Sequence[dict], split: str | None = None) -> tuple[LmE
         if t.docs_sha256 != r.get("docs_sha256", t.docs_sha256):
             raise ConfigError(f"--lm-eval {r['name']}: its documents changed since the profile "
                               f"was made ({t.docs} now, {r.get('docs')} then); profile again")
+        if r.get("prompts_sha256") and t.prompts_sha256 != r["prompts_sha256"]:
+            raise ConfigError(f"--lm-eval {r['name']}: its prompts changed since the profile was "
+                              f"made (the same documents rendered otherwise: description, "
+                              f"template, target or choices); profile again")
         now = {k: getattr(t, k) for k in ("output_type", "metric", "num_fewshot")}
         then = {k: r.get(k, v) for k, v in now.items()}
         if now != then:
@@ -356,8 +363,25 @@ def _describe(source: str, spec: str, task, split: str | None) -> LmEvalTask:
 
         check_split(split, "--lm-eval split")
     return LmEvalTask(source, name, kind, metric, int(task.get_config("num_fewshot") or 0),
-                      len(docs), digest, split,
+                      len(docs), digest, _prompts_sha256(task, docs, spec), split,
                       _Loaded(task, [split_of(t) for t in texts], docs))
+
+
+def _prompts_sha256(task, docs, spec: str) -> str:
+    """sha256 of the task's rendering of every document, in order."""
+    h = hashlib.sha256()
+    for key in ("description", "target_delimiter", "fewshot_delimiter"):
+        h.update(repr(task.get_config(key)).encode("utf-8"))
+    try:
+        for d in docs:
+            parts = [task.doc_to_text(d), task.doc_to_target(d)]
+            if task.OUTPUT_TYPE == "multiple_choice":
+                parts.append(task.doc_to_choice(d))
+            h.update(repr(parts).encode("utf-8"))
+    except Exception as exc:   # a template error of the user's task, not moesz's
+        raise ConfigError(f"--lm-eval {spec}: task {task.task_name!r} cannot render its "
+                          f"documents ({_one_line(exc)}); fix the task's templates") from None
+    return h.hexdigest()
 
 
 def _shown(task, kind: str, row: dict) -> str:

@@ -160,6 +160,22 @@ def test_a_recorded_task_scored_otherwise_now_is_refused(tmp_path):
         from_records([{**record, "num_fewshot": 3}])
 
 
+def test_a_recorded_task_with_another_template_is_refused(tmp_path):
+    from profiles.evaluation.lmeval import from_records, load_tasks
+
+    pytest.importorskip("lm_eval.models.huggingface", reason=NEEDS)
+    yaml = write_task(tmp_path / "t")
+    (t,) = load_tasks(str(yaml))
+    record = t.to_dict()
+    assert len(record["prompts_sha256"]) == 64
+    assert from_records([record])[0].prompts_sha256 == record["prompts_sha256"]   # stable
+    yaml.write_text(yaml.read_text().replace("Answer:", "The answer is"))   # same documents
+    with pytest.raises(ConfigError, match="its prompts changed since the profile was made"):
+        from_records([record])
+    old = {k: v for k, v in record.items() if k != "prompts_sha256"}   # recorded before
+    assert from_records([old])[0].docs_sha256 == record["docs_sha256"]
+
+
 @pytest.mark.parametrize("case", ["missing", "not-yaml", "group", "no-data", "empty"])
 def test_bad_task_files_are_one_line(task_yaml, tmp_path, case):
     from profiles.evaluation.lmeval import load_tasks
