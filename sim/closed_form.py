@@ -277,9 +277,7 @@ class ClosedFormModel:
                 p_period = np.where(np.rint(m1) > W, with_copy / cpu_k, 0.0)
             if ssd is not None:
                 p_first, p_period = p_first + ssd, np.maximum(p_period, ssd_period)
-            # a host-codec miss's share of the lock is held while its worker decodes (inside
-            # p_first), not after: after the decode the model's thread only computes
-            one = s_work + C if cpu_dec is None else np.where(cd, C, s_work + C)
+            one = s_work + C
             miss_part = np.maximum(T_all + m1 * s_work,
                                    p_first + one + more * np.maximum(p_period, one))
         else:

@@ -108,10 +108,6 @@ class _Job:
         self.waiters: list[Callable[[], None]] = []
 
 
-def _ignore(_: Any) -> None:
-    """The completion of a span nothing waits for."""
-
-
 class _Countdown:
     """Calls `then(None)` once `remaining` experts are done: `one(_)` = done now, `at(t)` = done
     at simulated time t (a booked compute span); the call comes at the latest of them."""
@@ -259,13 +255,6 @@ class Simulation:
             i += 1
             if dur > 0:
                 job.i = i
-                if server is self.cpu_dec and self._gil > 0:
-                    # the decode holds Python's lock for its share of the time: the model's
-                    # thread (the CPU device) is blocked that long while the worker decodes,
-                    # beside the decode, not after it
-                    held = self._gil * self._cdec[job.li][job.e]
-                    self.cpu_dec_gil.submit(_Job("lock", job.key, job.li, job.e, DEMAND, (),
-                                                 _ignore), held, URGENT, _ignore)
                 if self.serial and i >= 2 and stages[i - 2][0].__class__ is Track:
                     # the CPU device decodes a record right after copying it, in one go
                     server.submit(job, dur, URGENT, self._advance)
@@ -296,9 +285,9 @@ class Simulation:
                 st.append((self.gpu_dec, self._gdec[li][e]))
             stages = self._stage_cache[li][e] = tuple(st)
         if where == CPU:
-            # (on the CPU device the share of the decode that holds Python's lock occupies the
-            # model's thread *while* the worker decodes: `_advance` books it beside the decode)
             stages = ((self.cpu_dec, self._cpu_dec_s(li, e)),) + stages
+            if self._gil > 0:   # the share of the decode that holds Python's lock
+                stages += ((self.cpu_dec_gil, self._gil * self._cdec[li][e]),)
         if self._host_read(li, e):
             return ((self.ssd, self._ssd_s(li, e)),) + stages
         return stages
