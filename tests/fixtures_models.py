@@ -178,3 +178,17 @@ def save_tiny_mxfp4_gpt_oss(path: str | Path, seed: int = 0, with_tokenizer: boo
 
         shutil.copy(builtin_dir() / "tokenizer.json", path / "tokenizer.json")
     return path
+
+
+def model_cache(tmp_path_factory):
+    """A getter of loaded tiny checkpoints by architecture, each saved (bf16 safetensors) and
+    loaded once: the body of a module-scoped `models` fixture."""
+    from profiles.models import load_model
+
+    out = {}
+
+    def get(arch):
+        if arch not in out:
+            out[arch] = load_model(str(save_tiny_model(arch, tmp_path_factory.mktemp(arch))))
+        return out[arch]
+    return get

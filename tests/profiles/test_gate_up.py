@@ -25,7 +25,7 @@ from profiles.runtime import greedy_generate, measure_throughput, synthetic_prom
 from profiles.runtime.device_decode import decode_payload
 from profiles.runtime.store import ExpertStore
 from profiles.serving import ServingConfig
-from tests.fixtures_models import ARCHITECTURES, save_tiny_model, tiny_model
+from tests.fixtures_models import ARCHITECTURES, model_cache, save_tiny_model, tiny_model
 
 STEPS, PROMPT = 6, 5
 SZP, RTN8, LOSSLESS = (StorageSpec.parse(t) for t in ("szp:meanabs:1", "rtn8", "lossless"))
@@ -38,13 +38,7 @@ GATE_ONLY = Policy(default=SZP, matrices={(None, None, "gate"): RTN8})
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    out = {}
-
-    def get(arch):
-        if arch not in out:
-            out[arch] = load_model(str(save_tiny_model(arch, tmp_path_factory.mktemp(arch))))
-        return out[arch]
-    return get
+    return model_cache(tmp_path_factory)
 
 
 def _zero_part(mod, layout, part: int) -> None:

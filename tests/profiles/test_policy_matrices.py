@@ -11,10 +11,9 @@ import torch
 from profiles.codecs import compressed_nbytes
 from profiles.errors import PolicyError
 from profiles.matrices import KINDS, matrix_of, model_kinds
-from profiles.models import load_model
 from profiles.packed import encode_expert
 from profiles.policy import Policy, StorageSpec, apply_policy
-from tests.fixtures_models import save_tiny_model
+from tests.fixtures_models import model_cache
 
 SZP = StorageSpec.parse("szp:meanabs:1")
 RTN8 = StorageSpec.parse("rtn8")
@@ -23,13 +22,7 @@ LOSSLESS = StorageSpec.parse("lossless")
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    out = {}
-
-    def get(arch):
-        if arch not in out:
-            out[arch] = load_model(str(save_tiny_model(arch, tmp_path_factory.mktemp(arch))))
-        return out[arch]
-    return get
+    return model_cache(tmp_path_factory)
 
 
 @pytest.mark.parametrize("name, kind", [

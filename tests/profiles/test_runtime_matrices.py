@@ -14,14 +14,13 @@ import pytest
 import torch
 
 from profiles.errors import PolicyError
-from profiles.models import load_model
 from profiles.packed import pack, read_packed
 from profiles.policy import Policy, StorageSpec, apply_policy
 from profiles.runtime import greedy_generate, measure_throughput, synthetic_prompt
 from profiles.runtime.device_decode import decode_payload
 from profiles.runtime.store import ExpertStore
 from profiles.serving import ServingConfig
-from tests.fixtures_models import save_tiny_model
+from tests.fixtures_models import model_cache
 
 STEPS, PROMPT = 6, 5
 # gate_up error-bounded on the GPU path, down int8 round-to-nearest (a host-side codec here)
@@ -32,13 +31,7 @@ MIXED = Policy(default=StorageSpec.parse("szp:meanabs:1"),
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    out = {}
-
-    def get(arch):
-        if arch not in out:
-            out[arch] = load_model(str(save_tiny_model(arch, tmp_path_factory.mktemp(arch))))
-        return out[arch]
-    return get
+    return model_cache(tmp_path_factory)
 
 
 def _serving():
