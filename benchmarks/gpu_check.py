@@ -506,10 +506,24 @@ def check_formats_speed_1gib(ctx: Ctx) -> dict:
 
 # --- the entropy-coded codec and strict bounds (issue 14) --------------------------------------
 
-def check_ans_bytes(ctx: Ctx) -> dict:
+def _ans_same_bytes(ctx: Ctx, x: torch.Tensor, level: float, strict: int = 1):
+    """Encode x with `ans` on the CPU; the Triton decode on the device and the numpy decode must
+    write the same bytes. Returns the blob, or raises AssertionError."""
     from profiles.codecs import ans, ans_triton, encode
     from profiles.codecs.registry import payload_tensor
 
+    n, dt = x.numel(), x.dtype
+    b = encode(x, "ans", "meanabs", level, strict=strict)
+    secs = ans.split(payload_tensor(b.payload), b.meta, n, dt)
+    want = ans.decode_cpu(*secs, b.meta, n, b.abs_bound, dt)
+    got = ans_triton.decode(*[t.to(ctx.dev) for t in secs], b.meta, n, b.abs_bound, dt)
+    if not torch.equal(want.view(torch.uint8), got.cpu().view(torch.uint8)):
+        raise AssertionError(f"ans decode differs: shape {tuple(x.shape)} {dt} level={level} "
+                             f"strict={strict} classes={b.meta.get('classes', 1)}")
+    return b
+
+
+def check_ans_bytes(ctx: Ctx) -> dict:
     sizes = (1, 33, 1000, 3 * 16384 + 17) if ctx.dry else (1, 33, 1000, 3 * 16384 + 17, 1 << 22)
     dtypes = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
     cases = 0
@@ -519,13 +533,7 @@ def check_ans_bytes(ctx: Ctx) -> dict:
             x = x.to(dt)
             levels = ((0.05, 1), (0.5, 0)) if ctx.dry else ((0.05, 1), (0.5, 1), (0.5, 0), (2.0, 1))
             for level, strict in levels:
-                b = encode(x, "ans", "meanabs", level, strict=strict)
-                secs = ans.split(payload_tensor(b.payload), b.meta, n, dt)
-                want = ans.decode_cpu(*secs, b.meta, n, b.abs_bound, dt)
-                got = ans_triton.decode(*[t.to(ctx.dev) for t in secs], b.meta, n, b.abs_bound, dt)
-                if not torch.equal(want.view(torch.uint8), got.cpu().view(torch.uint8)):
-                    raise AssertionError(f"ans decode differs: n={n} {dt} level={level} "
-                                         f"strict={strict}")
+                _ans_same_bytes(ctx, x, level, strict)
                 cases += 1
     # per-class frequency tables: rows, and each matrix's columns, of different scales
     gen = torch.Generator().manual_seed(5)
@@ -533,17 +541,9 @@ def check_ans_bytes(ctx: Ctx) -> dict:
                                    ((4, 128, 256), (4, 1, 256), torch.float16)):
         x = (torch.randn(*shape, generator=gen) * 0.02
              * (0.2 + 3 * torch.rand(*scale_shape, generator=gen))).to(dt)
-        n = x.numel()
         for level in (0.5, 2.0):
-            b = encode(x, "ans", "meanabs", level)
-            if b.meta.get("classes", 1) == 1:
+            if _ans_same_bytes(ctx, x, level).meta.get("classes", 1) == 1:
                 raise AssertionError(f"ans chose one table for {shape}: the class case is not run")
-            secs = ans.split(payload_tensor(b.payload), b.meta, n, dt)
-            want = ans.decode_cpu(*secs, b.meta, n, b.abs_bound, dt)
-            got = ans_triton.decode(*[t.to(ctx.dev) for t in secs], b.meta, n, b.abs_bound, dt)
-            if not torch.equal(want.view(torch.uint8), got.cpu().view(torch.uint8)):
-                raise AssertionError(f"ans decode with classes ({b.meta['axis']}) differs: "
-                                     f"{shape} {dt} level={level}")
             cases += 1
     return {"cases": cases, "sizes": list(sizes)}
 
