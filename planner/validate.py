@@ -225,6 +225,19 @@ def _plan_spec(facts: PlanFacts, tasks: Sequence[str] | None, text: str | None =
                               split="validate")
         except MoeszError as exc:
             raise PlanError(str(exc)) from None
+        recorded = {str(r.get("name")): r for r in (record or {}).get("lm_eval", [])
+                    if isinstance(r, dict)} if isinstance(record, dict) else {}
+        for t in given.lm_evals:   # another version of a task the plan was made on
+            r = recorded.get(t.name)
+            if r is None:
+                continue
+            now = t.to_dict()
+            differ = [k for k in ("docs_sha256", "prompts_sha256", "metric", "num_fewshot")
+                      if r.get(k) and r.get(k) != now.get(k)]
+            if differ:
+                raise PlanError(f"--lm-eval {t.source}: task {t.name!r} differs from the one the "
+                                f"plan was made on ({', '.join(differ)}); validate on the "
+                                f"plan's own task (omit --lm-eval) or profile again")
         spec = replace(spec, text=given.text if text is not None else spec.text,
                        benches=given.benches if bench else spec.benches,
                        lm_evals=given.lm_evals if lm_eval else spec.lm_evals)

@@ -153,6 +153,20 @@ def test_validate_on_other_tasks_and_a_rerun_with_others_is_refused(profiled, pl
     assert f"was profiled with tasks=['{TASK}'], this run asks for ['other_sums']" in r.output
 
 
+def test_validate_on_another_version_of_the_plans_task_is_refused(profiled, planned, tmp_path):
+    """The plan's task name with other prompts: validating on it would not test the plan."""
+    root, yaml, _ = profiled
+    other = tmp_path / f"{TASK}.yaml"
+    other.write_text(yaml.read_text().replace("Answer:", "The answer is")
+                     .replace("sums.jsonl", str(yaml.parent / "sums.jsonl")))
+    r = runner.invoke(app, ["validate", str(planned), "--cache-dir", str(root / "cache"),
+                            "--lm-eval", str(other)])
+    assert r.exit_code == 1
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and f"task '{TASK}' differs from the one the plan was made on " \
+        "(prompts_sha256)" in lines[0], r.output
+
+
 def test_verifying_without_lm_eval_says_how_to_plan_anyway(profiled, tmp_path, monkeypatch):
     import shutil
 
