@@ -144,11 +144,8 @@ def verify_options(prof, accuracy: AccuracyModel, budget: float, options: Sequen
             chosen, chosen_more = replace(o, drop=meas), others
     warning = None
     if chosen is None:
-        best = min(records, key=lambda r: r["measured_drop"]["ucb"])
-        warning = (f"none of the {len(picked)} verified candidates meets the budget by its "
-                   f"measured upper bound (the lowest is {best['measured_drop']['ucb']:.4g}, "
-                   f"{best['source']}), so the plan stores every expert raw, which is exact; "
-                   f"raise --verify or the budget, or profile with more prompts")
+        warning = (f"{_none_met(records)}, so the plan stores every expert raw, which is "
+                   f"exact; raise --verify or the budget, or profile with more prompts")
     return chosen, {"candidates": records, "verified": len(picked),
                     "chosen_accuracy": "measured" if warning is None else "exact (raw)",
                     "chosen_source": chosen.source if chosen else "baseline: no compression",
@@ -160,6 +157,14 @@ def verify_options(prof, accuracy: AccuracyModel, budget: float, options: Sequen
                               "profile's baseline; " + MEASURED_KIND}
 
 
+def _none_met(records: Sequence[dict]) -> str:
+    """What the verification found when no candidate met the budget, naming the closest."""
+    lowest = min(records, key=lambda r: r["measured_drop"]["ucb"])
+    return (f"none of the {len(records)} verified candidates meets the budget by its measured "
+            f"upper bound (the lowest is {lowest['measured_drop']['ucb']:.4g}, "
+            f"{lowest['source']})")
+
+
 def fall_back(verification: dict, measured: Sequence, raw, speed: Callable) -> tuple:
     """(the chosen option, the verification record) when no verified candidate met the budget:
     the fastest of `measured` — policies the profile measured as a whole (uniform baselines with
@@ -169,10 +174,7 @@ def fall_back(verification: dict, measured: Sequence, raw, speed: Callable) -> t
     levels within budget (the verified candidates are the search's fastest, which can all fail
     while a slower measured level holds)."""
     rec = dict(verification)
-    lowest = min(rec["candidates"], key=lambda r: r["measured_drop"]["ucb"])
-    missed = (f"none of the {rec['verified']} verified candidates meets the budget by its "
-              f"measured upper bound (the lowest is {lowest['measured_drop']['ucb']:.4g}, "
-              f"{lowest['source']})")
+    missed = _none_met(rec["candidates"])
     if not measured:
         return raw, rec
     best = max(measured, key=speed)
