@@ -16,8 +16,9 @@ each configuration is measured `--repeats` times and the median run is compared:
 Grid, per model: policies raw / szp / sz3 / gq (4 bit, group 64) at GPU budgets of 10, 25 and
 50 % of the routed-expert bytes; at 25 %, host budgets that force disk reads (10 % of the
 original expert bytes) with 1 read in flight and the measured best depth; static-hot instead
-of LRU; oracle prefetch; batch 4. Calibration runs (raw, 25 %, batch 1 and 4, all-hit and cold)
-overlap the grid's raw rows, which are therefore in-sample; every other row is out of sample.
+of LRU; oracle prefetch; batch 4. Calibration runs (raw, 25 %, batch 1 and 4, all-hit and cold;
+`sz3` meanabs 1, 25 %, batch 1, cold) overlap those grid rows, which are therefore in-sample;
+every other row is out of sample.
 
 Writes OUT/fidelity.json (every row with measured and predicted figures) and prints the markdown
 table and summary for benchmarks/RESULTS.md. Each row's error is (predicted - measured) /
@@ -160,7 +161,8 @@ def main() -> int:
             r = runs[len(runs) // 2]
             p = predict_for_run(r, hw).result
             row = {"model": label, "config": describe(cfg), **cfg,
-                   "in_sample": cfg["policy"] == "raw" and cfg["gpu"] == 0.25 and len(cfg) == 2
+                   "in_sample": cfg["policy"] in ("raw", "sz3") and cfg["gpu"] == 0.25
+                   and len(cfg) == 2
                    or (cfg["policy"] == "raw" and cfg.get("batch") == 4 and len(cfg) == 3),
                    "measured_tokens_per_s": r.tokens_per_s,
                    "measured_range": [runs[0].tokens_per_s, runs[-1].tokens_per_s],

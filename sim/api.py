@@ -102,7 +102,7 @@ def sweep(*, geometry: Any, hardware: HardwareProfile, serving: ServingConfig,
               for hb in host_budgets]
     out = []
     costs_memo: dict[str, ExpertCosts] = {}
-    times = TimeModel(hardware, geometry)
+    times = TimeModel(hardware, geometry, serving.batch_size)
     for i, ((label, policy), cache, gb, hb) in enumerate(combos):
         sv = ServingConfig.from_dict({**serving.to_dict(), "cache_policy": cache}).with_budgets(gb, hb)
         if label not in costs_memo:

@@ -65,7 +65,7 @@ class ClosedFormModel:
                  times: TimeModel | None = None) -> None:
         check_geometry(geometry)
         self.g, self.hw, self.serving = geometry, hardware, serving
-        self.times = times or TimeModel(hardware, geometry)
+        self.times = times or TimeModel(hardware, geometry, serving.batch_size)
         if isinstance(traces, Workload):
             wl = traces
         else:
@@ -267,12 +267,17 @@ class ClosedFormModel:
             # disk read / worker decode, hits compute meanwhile; host-codec workers copy too
             dec_miss = fetch_dec + hit_dec
             # a host-codec miss holds the model's thread for the decode's share of Python's lock
-            s_work = link_s + dec_miss if cpu_dec is None else np.where(
-                cd, self.gil * dec_s, link_s + dec_miss)
+            # (and the runtime's own work per fetched expert, in the model's thread too)
+            miss = self.times.miss_overhead_s
+            s_work = link_s + dec_miss + miss if cpu_dec is None else np.where(
+                cd, self.gil * dec_s + self.times.host_miss_overhead_s, link_s + dec_miss + miss)
             p_first, p_period = 0.0, 0.0
             if cpu_dec is not None:
                 # the workers decode (and copy) a step's misses at once when they fit the pool
-                with_copy = np.where(cd, cpu_dec + link_s, 0.0)
+                # (on the CPU device only the part of a decode that does not hold Python's
+                # lock runs on the workers; the held part is in `s_work`, in the model's thread)
+                worker = (1.0 - self.gil) * dec_s if self.gil > 0 else cpu_dec
+                with_copy = np.where(cd, worker + link_s, 0.0)
                 p_first = with_copy
                 p_period = np.where(np.rint(m1) > W, with_copy / cpu_k, 0.0)
             if ssd is not None:

@@ -160,7 +160,7 @@ class Simulation:
         hardware = with_disk_override(hardware, options)
         self.g, self.hw, self.serving, self.costs, self.wl = geometry, hardware, serving, costs, workload
         self.opt = options
-        self.times = times or TimeModel(hardware, geometry)
+        self.times = times or TimeModel(hardware, geometry, serving.batch_size)
         if costs.shape != (len(geometry.moe_layers), geometry.experts_per_layer):
             raise ConfigError(f"expert costs have shape {costs.shape}; the model has "
                               f"{len(geometry.moe_layers)} MoE layers x {geometry.experts_per_layer} experts")
@@ -201,6 +201,14 @@ class Simulation:
         L = len(layers)
         # per-expert stage durations as nested lists (fast scalar access in the event loop)
         self._link_s = [[self.link.time_s(float(b)) for b in row] for row in c.link_bytes]
+        # on the CPU device, the runtime's own work per fetched expert (cache, bookkeeping) runs
+        # in the model's thread: booked with the copy, or with a host-codec miss's lock share
+        self._miss_s = self.times.miss_overhead_s if self.serial else 0.0
+        self._host_miss_s = self.times.host_miss_overhead_s if self.serial else 0.0
+        if self._miss_s > 0:
+            self._dev_link_s = [[v + self._miss_s for v in row] for row in self._link_s]
+        else:
+            self._dev_link_s = self._link_s
         self._gdec = c.gpu_decode_s.tolist()
         self._cdec = c.cpu_decode_s.tolist()     # one worker thread alone
         self._ssd_depth = self._cpu_k = 1
@@ -280,14 +288,15 @@ class Simulation:
         if stages is None:
             st = []
             if not (self.serial and where == CPU):
-                st.append((self.h2d, self._link_s[li][e]))
+                st.append((self.h2d, self._dev_link_s[li][e]))
             if where == GPU and self._hdec[li][e] == 0:
                 st.append((self.gpu_dec, self._gdec[li][e]))
             stages = self._stage_cache[li][e] = tuple(st)
         if where == CPU:
             stages = ((self.cpu_dec, self._cpu_dec_s(li, e)),) + stages
-            if self._gil > 0:   # the share of the decode that holds Python's lock
-                stages += ((self.cpu_dec_gil, self._gil * self._cdec[li][e]),)
+            if self._gil > 0 or self._host_miss_s > 0:
+                # the share of the decode that holds Python's lock, and the runtime's work
+                stages += ((self.cpu_dec_gil, self._gil * self._cdec[li][e] + self._host_miss_s),)
         if self._host_read(li, e):
             return ((self.ssd, self._ssd_s(li, e)),) + stages
         return stages
@@ -296,6 +305,11 @@ class Simulation:
         """A worker's decode of expert e while `_cpu_k` experts decode at once (the host-codec
         misses a layer issues together, up to the workers), at the measured thread scaling; on
         the CPU device the worker then copies the decoded expert too."""
+        if self.serial and self._gil > 0:
+            # the worker runs the part of the decode that does not hold Python's lock, in
+            # parallel with the other workers (the held part is booked on the model's thread,
+            # in turn with everything else it runs: `_fetch_stages`), then copies the expert
+            return (1.0 - self._gil) * self._cdec[li][e] + self._link_s[li][e]
         k = self._cpu_k
         p = self._parallel.get(k)
         if p is None:

@@ -140,7 +140,7 @@ def run_study(*, hardware: HardwareProfile, source: ModelSource, policy: Any, po
                      tensor_names=[n for n, _ in shapes] if shapes else None,
                      architecture=getattr(g, "architecture", None))
     hardware = with_disk_override(hardware, options)   # the closed form reads the same disk
-    times = TimeModel(hardware, g)
+    times = TimeModel(hardware, g, serving.batch_size)
     stats = reuse_stats(wl)
     caches = list(caches or [serving.cache_policy])
     combos = [(c, gb, hb) for c in caches for gb in gpu_budgets for hb in host_budgets]

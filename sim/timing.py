@@ -19,7 +19,8 @@ from sim.shape import (KV_DTYPE_BYTES, dtype_bytes, expert_params, kv_bytes_per_
 class TimeModel:
     """Seconds of GPU and CPU compute for one model on one machine."""
 
-    def __init__(self, hardware: HardwareProfile, geometry: Any) -> None:
+    def __init__(self, hardware: HardwareProfile, geometry: Any, batch: int | None = None) -> None:
+        """`batch`: the serving batch size, for timings calibrated per batch (`by_batch`)."""
         if hardware.gpu is None:
             raise ConfigError(f"hardware profile {hardware.origin or hardware.name} has no 'gpu' "
                               f"section; the simulator needs one (use --hardware "
@@ -32,6 +33,14 @@ class TimeModel:
         self.wbytes = dtype_bytes(geometry.dtype)
         self.params = expert_params(geometry)
         self.timings = hardware.timings_for(geometry)
+        self.batch = batch
+        # the runtime's own work per fetched expert on the CPU device (calibrated per batch)
+        self.miss_overhead_s = (self.timings.miss_overhead_s(batch)
+                                if self.timings is not None and hardware.gpu.serial else 0.0)
+        # and per host-codec miss (beyond its decode's held share of Python's lock)
+        host = None if self.timings is None else self.timings.host_miss_overhead_s
+        self.host_miss_overhead_s = (host if host is not None and hardware.gpu.serial
+                                     else self.miss_overhead_s)
         self.layer_bytes = non_expert_bytes_per_layer(geometry)
         self.kv_layer_token = kv_bytes_per_token(geometry) / geometry.num_layers
         self._expert: dict[int, float] = {}
@@ -41,12 +50,23 @@ class TimeModel:
                 f"({gpu.d2d_gbps.source})")
         if self.timings is not None:
             t = self.timings
+            per = (f", at batch {batch} between the calibrated batches "
+                   f"{'/'.join(str(b.batch) for b in t.by_batch)}" if t.by_batch and batch else "")
             self.labels = [f"attention+router: {t.attention_router.source} (model_timings {t.model})",
-                           f"expert FFN: {t.expert_ffn.source} (model_timings {t.model})",
+                           f"expert FFN: {t.expert_ffn.source}{per} (model_timings {t.model})",
                            "LM head: " + (f"{t.lm_head.source} (model_timings {t.model})"
                                           if t.lm_head else f"estimated, {roof}")]
         else:
             self.labels = [f"attention+router, expert FFN, LM head: estimated, {roof}"]
+        if self.miss_overhead_s > 0:
+            self.labels.append(f"runtime work per fetched expert on the CPU device: "
+                               f"{self.miss_overhead_s * 1e6:.0f} us, measured (model_timings "
+                               f"{self.timings.model}, calibrated cold runs)")
+        if self.host_miss_overhead_s != self.miss_overhead_s:
+            self.labels.append(f"runtime work per host-codec miss on the CPU device beyond the "
+                               f"decode's held share of Python's lock: "
+                               f"{self.host_miss_overhead_s * 1e6:.0f} us, measured (model_timings "
+                               f"{self.timings.model}, a calibrated cold run of a host codec)")
         ffn = self.host.cpu_expert_ffn
         self.labels.append("CPU expert FFN: " + (
             f"{ffn.curve.source}, scaled from a {ffn.hidden_size}x{ffn.intermediate_size} expert by "
@@ -90,7 +110,7 @@ class TimeModel:
         v = self._expert.get(tokens)
         if v is None:
             if self.timings is not None:
-                v = self.timings.expert_ffn.at(tokens)
+                v = self.timings.expert_s(tokens, self.batch)
             else:
                 # read all expert weights once; 2 FLOPs per parameter per token
                 v = self._roofline(self.params * self.wbytes, 2 * self.params * tokens)

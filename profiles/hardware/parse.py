@@ -13,7 +13,8 @@ from typing import Any
 
 from profiles.errors import ProfileError
 from profiles.hardware.schema import (
-    KIND, SCHEMA_VERSION, SOURCES, AttentionTimings, CodecSpeed, CpuExpertFFN, DiskCurve, Figure,
+    KIND, SCHEMA_VERSION, SOURCES, AttentionTimings, BatchTimings, CodecSpeed, CpuExpertFFN,
+    DiskCurve, Figure,
     GpuProfile, HardwareProfile, HostProfile, LevelCurve, LinkFit, ModelTimings, ProfileSource,
     ThreadScaling, TokenCurve)
 
@@ -250,7 +251,26 @@ def _timings(d: Any, at: _At) -> ModelTimings:
                                           at.sub("expert_intermediate_size"), positive=True)),
         expert_ffn=_token_curve(_get(d, "expert_ffn", at), at.sub("expert_ffn")),
         attention_router=_attention(_get(d, "attention_router", at), at.sub("attention_router")),
-        lm_head=None if lm is None else _token_curve(lm, at.sub("lm_head")))
+        lm_head=None if lm is None else _token_curve(lm, at.sub("lm_head")),
+        by_batch=_by_batch(d.get("by_batch") or [], at.sub("by_batch")),
+        host_miss_overhead_s=None if d.get("host_miss_overhead_s") is None else _num(
+            d["host_miss_overhead_s"], at.sub("host_miss_overhead_s"), nonneg=True))
+
+
+def _by_batch(rows: Any, at: _At) -> tuple[BatchTimings, ...]:
+    if not isinstance(rows, list):
+        raise at.fail("must be a list of objects (one per calibrated batch size)")
+    out = []
+    for i, row in enumerate(rows):
+        ra = at.sub(i)
+        row = _obj(row, ra)
+        out.append(BatchTimings(
+            batch=int(_num(_get(row, "batch", ra), ra.sub("batch"), positive=True)),
+            expert_ffn=_token_curve(_get(row, "expert_ffn", ra), ra.sub("expert_ffn")),
+            miss_overhead_s=_num(row.get("miss_overhead_s", 0.0), ra.sub("miss_overhead_s"),
+                                 nonneg=True)))
+    _increasing(tuple(b.batch for b in out), at.sub("batch"))
+    return tuple(out)
 
 
 def profile_from_dict(doc: dict, where: str) -> HardwareProfile:

@@ -288,8 +288,22 @@ class AttentionTimings:
 
 
 @dataclass(frozen=True)
+class BatchTimings:
+    """What the runtime's calibration measured at one batch size on the CPU device: expert FFN
+    seconds by tokens (the same expert runs ~25 % slower inside a batch-1 step than inside a
+    batch-4 one on small experts: the serving loop's other work between experts evicts its
+    caches), and the seconds a fetched expert costs the model's thread beyond its copy and
+    decode (the runtime's own per-miss work)."""
+
+    batch: int
+    expert_ffn: TokenCurve
+    miss_overhead_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class ModelTimings:
-    """Timings of one model's shapes on this machine (measured, or estimated for big ones)."""
+    """Timings of one model's shapes on this machine (measured, or estimated for big ones).
+    `by_batch`: per calibrated batch size, ascending (CPU device calibrations; empty otherwise)."""
 
     model: str
     hidden_size: int
@@ -297,6 +311,35 @@ class ModelTimings:
     expert_ffn: TokenCurve
     attention_router: AttentionTimings
     lm_head: TokenCurve | None = None
+    by_batch: tuple[BatchTimings, ...] = ()
+    # the CPU device's seconds per host-codec miss beyond its decode's held share of Python's
+    # lock (calibrated at batch 1 on cold runs of a host codec; None: not calibrated)
+    host_miss_overhead_s: float | None = None
+
+    def _between(self, batch: float):
+        """(lower, upper, weight of upper) of the calibrated batches around `batch`, clamped."""
+        bt = self.by_batch
+        if batch <= bt[0].batch:
+            return bt[0], bt[0], 0.0
+        for lo, hi in zip(bt, bt[1:]):
+            if batch <= hi.batch:
+                return lo, hi, (batch - lo.batch) / (hi.batch - lo.batch)
+        return bt[-1], bt[-1], 0.0
+
+    def expert_s(self, tokens: float, batch: float | None = None) -> float:
+        """One expert's FFN seconds for `tokens` tokens inside a step of `batch` sequences
+        (interpolated between calibrated batches; the all-batch curve without them)."""
+        if batch is None or not self.by_batch:
+            return self.expert_ffn.at(tokens)
+        lo, hi, w = self._between(batch)
+        return (1 - w) * lo.expert_ffn.at(tokens) + w * hi.expert_ffn.at(tokens)
+
+    def miss_overhead_s(self, batch: float | None = None) -> float:
+        """The runtime's own seconds per fetched expert at `batch` (0 where not calibrated)."""
+        if not self.by_batch:
+            return 0.0
+        lo, hi, w = self._between(batch if batch is not None else self.by_batch[0].batch)
+        return (1 - w) * lo.miss_overhead_s + w * hi.miss_overhead_s
 
     def matches(self, geometry: Any) -> bool:
         return (self.model == getattr(geometry, "name", None)

@@ -24,8 +24,8 @@ import statistics
 from dataclasses import replace
 from typing import Sequence
 
-from profiles.hardware import (AttentionTimings, HardwareProfile, LevelCurve, LinkFit, ModelTimings,
-                               ProfileSource, TokenCurve)
+from profiles.hardware import (AttentionTimings, BatchTimings, HardwareProfile, LevelCurve,
+                               LinkFit, ModelTimings, ProfileSource, TokenCurve)
 from profiles.runtime.results import RunResult
 from profiles.runtime.timeline import Computed, Job
 
@@ -211,7 +211,9 @@ def runtime_calibration(model, base: HardwareProfile, *, device: str = "cpu", to
     all-hit run (every expert kept on the device after the warm-up: it times attention, router,
     LM head and everything else a step pays besides the experts, per layer) and one cold run of
     raw experts under a 25 % GPU budget (its copies give the link fit as the runtime performs
-    them, its expert spans the FFN time by tokens). Returns the profile and raw samples.
+    them, its expert spans the FFN time by tokens); on the CPU device, with a host codec in the
+    profile and the model in memory, also cold runs of that codec's experts at the first batch
+    size (`host_miss_overhead_s`). Returns the profile and raw samples.
 
     Args:
         model: a model spec the runtime opens (`builtin`, a checkpoint or packed directory,
@@ -238,9 +240,11 @@ def runtime_calibration(model, base: HardwareProfile, *, device: str = "cpu", to
     raw: dict = {}
     if not isinstance(loaded, str):
         base = expert_decode_rates(loaded, base, raw)
-    per_batch, runs_all = [], []
+    pairs, runs_all = [], []
     repeats = max(1, int(repeats))
-    total, done = 2 * len(batches) * repeats, 0
+    codec = (_host_codec(base) if not isinstance(loaded, str) and base.gpu is not None
+             and base.gpu.serial else None)
+    total, done = (2 * len(batches) + (codec is not None)) * repeats, 0
 
     def median_run(measure, label: str):
         nonlocal done
@@ -262,32 +266,87 @@ def runtime_calibration(model, base: HardwareProfile, *, device: str = "cpu", to
         cold, colds = median_run(lambda: measure_throughput(
             loaded, None, replace(sv, gpu_mem_fraction=0.25), device=device, store=store),
             f"calibration run, batch {b}, 25% GPU budget")
-        per_batch.append((b, model_timings_from_runs([warm, cold], "")))
+        pairs.append((b, warm, cold))
         runs_all += [warm, cold]
         raw[f"batch {b}"] = {"all_hits_tokens_per_s": warm.tokens_per_s,
                              "cold_tokens_per_s": cold.tokens_per_s, "steps": warm.steps,
                              "all_hits_runs_tokens_per_s": [r.tokens_per_s for r in warms],
                              "cold_runs_tokens_per_s": [r.tokens_per_s for r in colds]}
-    label = ", ".join(f"batch {b}" for b in batches)
-    note = (f"from moesz runtime runs of {runs_all[0].model} on {device} ({label}; the median "
-            f"of {repeats} all-hit runs and of {repeats} 25% GPU budget runs each, {tokens} "
-            f"decode steps)")
+    host_cold = None
+    if codec is not None:
+        # a host codec's misses cost the CPU device more than their decodes (see
+        # `host_miss_overhead_s`): cold runs of one at batch 1 measure it
+        from profiles.policy import Policy
+
+        name, mode, level = codec
+        pol = Policy.uniform(name, mode, level, loaded.fingerprint)
+        host_store = open_model(loaded, pol, torch_device(device))[3]
+        sv = ServingConfig(batch_size=batches[0], prompt_tokens=prompt, generated_tokens=tokens,
+                           gpu_mem_fraction=0.25)
+        host_cold, hosts = median_run(lambda: measure_throughput(
+            loaded, None, sv, device=device, store=host_store),
+            f"calibration run, batch {batches[0]}, {name} experts, 25% GPU budget")
+        raw["host_codec_cold"] = {"policy": host_cold.policy,
+                                  "tokens_per_s": [r.tokens_per_s for r in hosts]}
+    note = (f"from moesz runtime runs of {runs_all[0].model} on {device} (the median of "
+            f"{repeats} all-hit runs and of {repeats} 25% GPU budget runs each, {tokens} decode "
+            f"steps)")
+    prof = calibrated_on_runs(base, pairs, note, host_cold)
+    if host_cold is not None:
+        raw["host_codec_cold"]["host_miss_overhead_s"] = prof.timings_for(
+            runs_all[0].geometry).host_miss_overhead_s
+    for bt in prof.timings_for(runs_all[0].geometry).by_batch:
+        raw[f"batch {bt.batch}"]["per_miss_overhead_s"] = bt.miss_overhead_s
+    return prof, raw
+
+
+def _host_codec(profile: HardwareProfile) -> tuple[str, str | None, float | None] | None:
+    """(codec, mode, level) of the host codec whose misses the calibration times: `sz3` if the
+    profile has it, else its first host codec; the middle of its measured levels."""
+    from profiles.codecs import get_codec
+
+    codecs = profile.host.codecs
+    name = "sz3" if "sz3" in codecs else next(iter(codecs), None)
+    if name is None:
+        return None
+    curve = codecs[name].decode
+    if not get_codec(name).error_bounded:
+        return name, None, None
+    return name, curve.mode or "meanabs", curve.levels[len(curve.levels) // 2]
+
+
+def calibrated_on_runs(base: HardwareProfile, pairs: Sequence[tuple[int, RunResult, RunResult]],
+                       note: str, host_cold: RunResult | None = None) -> HardwareProfile:
+    """`base` calibrated on runtime runs of one model: per batch size `(batch, all-hit run, cold
+    run)` (see `runtime_calibration`). On the CPU device the model timings also get, per batch,
+    the expert FFN curve of the all-hit run and the runtime's seconds per fetched expert
+    (`BatchTimings`): the cold run's step time not covered by its copies, decodes, experts (at
+    the all-hit curve), LM head and the all-hit run's per-layer time, over its fetches; with
+    `host_cold` (a cold run of host-codec experts at the first batch size), the seconds per
+    host-codec miss beyond its decode's held lock share (`host_miss_overhead_s`)."""
+    runs_all = [r for _, warm, cold in pairs for r in (warm, cold)]
+    label = ", ".join(f"batch {b}" for b, _, _ in pairs)
+    note = f"{note} ({label})"
     prof = calibrate_profile(base, runs_all[1::2], date=base.source.date, name=base.name)
+    per_batch = [(b, model_timings_from_runs([warm, cold], "")) for b, warm, cold in pairs]
     mt = _merge_batches(per_batch, model_timings_from_runs(runs_all, note), note)
-    others = tuple(t for t in prof.model_timings if t.model != mt.model)
     gpu = prof.gpu
     if gpu is not None and gpu.serial:   # one copy for every direction on the CPU device
+        by_batch = []
+        for b, warm, cold in pairs:
+            hits = model_timings_from_runs([warm], "")
+            per_miss = miss_overhead_s([cold], hits)
+            ffn = replace(hits.expert_ffn, note=f"expert spans of the all-hit run at batch {b} "
+                                                f"{note}")
+            by_batch.append(BatchTimings(b, ffn, per_miss))
+        mt = replace(mt, by_batch=tuple(by_batch))
+        if host_cold is not None:
+            first = model_timings_from_runs([pairs[0][1]], "")
+            mt = replace(mt, host_miss_overhead_s=host_miss_overhead_s([host_cold], first, prof))
         link = gpu.h2d_pinned if runs_all[1].config.get("pinned", True) else gpu.h2d_pageable
-        per_miss = miss_overhead_s(runs_all[1::2], mt)
-        raw["per_miss_overhead_s"] = per_miss
-        if per_miss > 0:
-            link = replace(link, latency_s=link.latency_s + per_miss,
-                           note=f"{link.note}; latency includes {per_miss * 1e6:.0f} us of the "
-                                f"runtime's own work per miss (cache, bookkeeping), the cold "
-                                f"calibration runs' step time not covered by copies, decodes, "
-                                f"experts and the all-hit runs' per-layer time")
         gpu = replace(gpu, h2d_pinned=link, h2d_pageable=link, d2h_pinned=link, d2h_pageable=link)
-    return replace(prof, gpu=gpu, model_timings=(mt,) + others), raw
+    others = tuple(t for t in prof.model_timings if t.model != mt.model)
+    return replace(prof, gpu=gpu, model_timings=(mt,) + others)
 
 
 def miss_overhead_s(cold_runs: Sequence[RunResult], mt: ModelTimings) -> float:
@@ -320,6 +379,48 @@ def miss_overhead_s(cold_runs: Sequence[RunResult], mt: ModelTimings) -> float:
                 continue
             rest = g.num_layers * mt.attention_router.at(B, P + k)
             total += (b - a) - charged[k] - rest
+            misses += fetched[k]
+    return max(0.0, total / misses) if misses else 0.0
+
+
+def host_miss_overhead_s(cold_runs: Sequence[RunResult], mt: ModelTimings,
+                         hardware: HardwareProfile) -> float:
+    """Seconds per host-codec miss on the CPU device beyond what the simulator books for it in
+    the model's thread (the decode's share of Python's lock, `sim.costs.gil_share`): handing the
+    record to a worker and back, the lock's convoy, the copy and the expert's compute slowed by
+    the decoding threads on shared cores. From cold runs of a host codec: each decode step's
+    time less its experts (all-hit curve), LM head, the all-hit per-layer time and the held
+    shares of its decodes, over its fetches."""
+    from sim.costs import gil_share
+
+    share = gil_share(hardware)
+    total, misses = 0.0, 0
+    for r in cold_runs:
+        g = r.geometry
+        bf16 = 2.0 * sum(math.prod(s) for _, s in g.expert_tensor_shapes)
+        steps = sorted((a, b, item[1]) for track, item, a, b in r.spans if track == "steps")
+        starts = [s[0] for s in steps]
+        charged = [0.0] * len(steps)
+        fetched = [0] * len(steps)
+        for track, item, a, b in r.spans:
+            k = bisect.bisect_right(starts, a) - 1
+            if k < 0 or track == "steps":
+                continue
+            if track == "GPU compute" and isinstance(item, Computed):
+                charged[k] += mt.expert_ffn.at(item.tokens)
+            elif track == "GPU compute" and isinstance(item, tuple) and item[0] == "lm_head":
+                charged[k] += b - a
+            elif track == "H2D link" and isinstance(item, Job):
+                spec = r.storage_policy.expert_specs(*item.key).uniform
+                speed = hardware.host.codecs.get(spec.codec) if spec is not None else None
+                if speed is not None:
+                    charged[k] += share * bf16 / (speed.decode.at(spec.level) * 1e9)
+                fetched[k] += 1
+        B, P = r.batch_size, r.prompt_tokens
+        for k, (a, b, phase) in enumerate(steps):
+            if phase != "decode" or not fetched[k]:
+                continue
+            total += (b - a) - charged[k] - g.num_layers * mt.attention_router.at(B, P + k)
             misses += fetched[k]
     return max(0.0, total / misses) if misses else 0.0
 

@@ -312,8 +312,9 @@ def test_the_disk_tier_plans_with_the_records_own_decode_place(tiny_loaded, tmp_
 
 def test_runtime_calibration_of_the_cpu_device(tiny_loaded):
     """The CPU device calibrated on the model's own runs: decode speeds re-timed on a real
-    expert, attention per batch from all-hit runs, the copy fit from the cold runs' copies with
-    the runtime's per-miss work in its latency; all labelled measured."""
+    expert, attention per batch from all-hit runs, the copy fit from the cold runs' copies, and
+    per batch the all-hit FFN curve and the runtime's per-miss work, and the extra work of a
+    host-codec miss from cold runs of `sz3` experts; all labelled measured and saved."""
     import copy
 
     from profiles.hardware import profile_from_dict
@@ -329,7 +330,8 @@ def test_runtime_calibration_of_the_cpu_device(tiny_loaded):
     dev = prof.gpu
     assert dev.serial and dev.h2d_pinned == dev.h2d_pageable == dev.d2h_pinned
     assert dev.h2d_pinned.source == "measured" and "copies" in dev.h2d_pinned.note
-    assert raw["per_miss_overhead_s"] >= 0
+    assert raw["batch 1"]["per_miss_overhead_s"] >= 0 and raw["batch 2"]["per_miss_overhead_s"] >= 0
+    assert raw["host_codec_cold"]["policy"].startswith("sz3")
     assert dev.decode["szp"].source == "measured" and "experts of" in dev.decode["szp"].note
     assert prof.host.codecs["sz3"].decode.source == "measured"
     mt = prof.timings_for(lm.geometry)
@@ -337,6 +339,12 @@ def test_runtime_calibration_of_the_cpu_device(tiny_loaded):
     assert set(mt.attention_router.batch) >= {1, 2}        # a row per calibrated batch
     assert mt.attention_router.source == "measured" and min(min(r) for r in
                                                             mt.attention_router.seconds) > 0
+    assert [b.batch for b in mt.by_batch] == [1, 2]
+    assert all(b.expert_ffn.source == "measured" and b.miss_overhead_s >= 0 for b in mt.by_batch)
+    assert mt.host_miss_overhead_s is not None and mt.host_miss_overhead_s >= 0
+    again = profile_from_dict(prof.to_dict(), "again")       # the new figures survive a save
+    assert again.timings_for(lm.geometry).by_batch == mt.by_batch
+    assert again.timings_for(lm.geometry).host_miss_overhead_s == mt.host_miss_overhead_s
 
 
 def test_the_disk_tier_counts_a_read_when_it_is_requested(tiny_loaded, tmp_path):
