@@ -17,8 +17,8 @@ Grid, per model: policies raw / szp / sz3 / gq (4 bit, group 64) at GPU budgets 
 50 % of the routed-expert bytes; at 25 %, host budgets that force disk reads (10 % of the
 original expert bytes) with 1 read in flight and the measured best depth; static-hot instead
 of LRU; oracle prefetch; batch 4. Calibration runs (raw, 25 %, batch 1 and 4, all-hit and cold;
-`sz3` meanabs 1, 25 %, batch 1, cold) overlap those grid rows, which are therefore in-sample;
-every other row is out of sample.
+`sz3` and `szp` meanabs 1, 25 %, batch 1, cold; raw from disk, host 10 %, the best depth) overlap
+those grid rows, which are therefore in-sample; every other row is out of sample.
 
 Writes OUT/fidelity.json (every row with measured and predicted figures) and prints the markdown
 table and summary for benchmarks/RESULTS.md. Each row's error is (predicted - measured) /
@@ -70,6 +70,18 @@ def grid(best_depth: int, quick: bool) -> list[dict]:
             rows.append({"policy": pol, "gpu": 0.25, "prefetch": "oracle"})
             rows.append({"policy": pol, "gpu": 0.25, "batch": 4})
     return rows
+
+
+def in_sample(cfg: dict, best_depth: int) -> bool:
+    """Whether the calibration ran this configuration itself (`runtime_calibration`: raw at
+    batch 1 and 4, `sz3` and `szp` at batch 1, all at a 25 % GPU budget; raw from disk with a 10 %
+    host budget at the best depth)."""
+    rest = {k: v for k, v in cfg.items() if k not in ("policy", "gpu")}
+    if cfg["gpu"] != 0.25:
+        return False
+    return (not rest and cfg["policy"] in ("raw", "sz3", "szp")
+            or rest == {"batch": 4} and cfg["policy"] == "raw"
+            or rest == {"host": 0.1, "depth": best_depth} and cfg["policy"] == "raw")
 
 
 def describe(cfg: dict) -> str:
@@ -138,7 +150,7 @@ def main() -> int:
                                                         quick=args.quick),))
         hw, _ = runtime_calibration(lm, hw, device=args.device,
                                     tokens=8 if args.quick else args.tokens,
-                                    batches=(1,) if args.quick else (1, 4))
+                                    batches=(1,) if args.quick else (1, 4), disk_dir=out)
         slug = label.split()[0]
         save_hardware(hw, out / f"hardware-{slug}.json")
         packed = {}
@@ -161,9 +173,7 @@ def main() -> int:
             r = runs[len(runs) // 2]
             p = predict_for_run(r, hw).result
             row = {"model": label, "config": describe(cfg), **cfg,
-                   "in_sample": cfg["policy"] in ("raw", "sz3") and cfg["gpu"] == 0.25
-                   and len(cfg) == 2
-                   or (cfg["policy"] == "raw" and cfg.get("batch") == 4 and len(cfg) == 3),
+                   "in_sample": in_sample(cfg, hw.host.disk_depth),
                    "measured_tokens_per_s": r.tokens_per_s,
                    "measured_range": [runs[0].tokens_per_s, runs[-1].tokens_per_s],
                    "predicted_tokens_per_s":

@@ -162,7 +162,8 @@ def this_machine(model: Any, policy: Any, out_dir, *, preset: str = "preset:h200
 
         here = measure_hardware(None, quick=True, gpu=False, disk_dir=out,
                                 command="moesz (this-machine throughput)")
-        here, _ = runtime_calibration(lm, here, tokens=tokens, prompt=prompt, batches=(1,))
+        here, _ = runtime_calibration(lm, here, tokens=tokens, prompt=prompt, batches=(1,),
+                                      disk_dir=out)
         save_hardware(here, out / "hardware.json")
         here = load_hardware(out / "hardware.json")
         how = (f"measured now ({out / 'hardware.json'}: quick host figures, calibrated on the "

@@ -237,6 +237,7 @@ class ClosedFormModel:
             cpu_dec = np.where(cd, cpu_dec * cpu_k / par, 0.0)
         link_s = self.link_latency_s + link_b / self.link_bps
         ssd = ssd_period = None
+        read_over = 0.0   # the CPU device's own work per record read, in the model's thread
         if self.host_budget is not None:
             # SSD reads: misses of experts outside host memory (cold, so nearly always misses),
             # up to `disk_depth` of a step's reads in flight at once
@@ -247,9 +248,10 @@ class ClosedFormModel:
             # reads that fit the depth land together; beyond it they queue, k at a time
             ssd = frac * read
             ssd_period = np.where(want > self.disk_depth, frac * read / k, 0.0)
+            read_over = frac * self.times.disk_read_overhead_s
         if s.on_miss == "cpu":
             cpu_c = self.cpu_expert_s
-            mdec = dec_s  # decoded in the thread that runs the expert, then computed there
+            mdec = dec_s + read_over  # decoded in the thread that runs the expert, then computed
             first = mdec + cpu_c
             period = mdec + cpu_c
             if ssd is not None:
@@ -268,9 +270,10 @@ class ClosedFormModel:
             dec_miss = fetch_dec + hit_dec
             # a host-codec miss holds the model's thread for the decode's share of Python's lock
             # (and the runtime's own work per fetched expert, in the model's thread too)
-            miss = self.times.miss_overhead_s
-            s_work = link_s + dec_miss + miss if cpu_dec is None else np.where(
-                cd, self.gil * dec_s + self.times.host_miss_overhead_s, link_s + dec_miss + miss)
+            miss = self.times.miss_overhead_s + np.where(
+                fetch_dec + hit_dec > 0, self.times.decode_miss_overhead_s, 0.0)
+            s_work = read_over + (link_s + dec_miss + miss if cpu_dec is None else np.where(
+                cd, self.gil * dec_s + self.times.host_miss_overhead_s, link_s + dec_miss + miss))
             p_first, p_period = 0.0, 0.0
             if cpu_dec is not None:
                 # the workers decode (and copy) a step's misses at once when they fit the pool

@@ -205,8 +205,15 @@ class Simulation:
         # in the model's thread: booked with the copy, or with a host-codec miss's lock share
         self._miss_s = self.times.miss_overhead_s if self.serial else 0.0
         self._host_miss_s = self.times.host_miss_overhead_s if self.serial else 0.0
-        if self._miss_s > 0:
-            self._dev_link_s = [[v + self._miss_s for v in row] for row in self._link_s]
+        # and per record read from disk (handed back to it under Python's lock)
+        self._read_s = self.times.disk_read_overhead_s if self.serial else 0.0
+        self._handoff = Track(device, "disk handoff") if self._read_s > 0 else None
+        # (and, for an expert decoded in place after its copy, the extra work of that decode)
+        dmiss = self.times.decode_miss_overhead_s if self.serial else 0.0
+        if self._miss_s > 0 or dmiss > 0:
+            decoded = (c.decode_where == GPU) & (c.gpu_decode_s > 0)
+            self._dev_link_s = [[v + self._miss_s + (dmiss if d else 0.0) for v, d in zip(row, drow)]
+                                for row, drow in zip(self._link_s, decoded.tolist())]
         else:
             self._dev_link_s = self._link_s
         self._gdec = c.gpu_decode_s.tolist()
@@ -298,6 +305,8 @@ class Simulation:
                 # the share of the decode that holds Python's lock, and the runtime's work
                 stages += ((self.cpu_dec_gil, self._gil * self._cdec[li][e] + self._host_miss_s),)
         if self._host_read(li, e):
+            if self._handoff is not None:
+                return ((self.ssd, self._ssd_s(li, e)), (self._handoff, self._read_s)) + stages
             return ((self.ssd, self._ssd_s(li, e)),) + stages
         return stages
 
@@ -395,10 +404,12 @@ class Simulation:
 
     def _cpu_run(self, li: int, e: int, tokens: int, then: Callable) -> None:
         stages = []
+        read = 0.0
         if self._host_read(li, e):
             stages.append((self.ssd, self._ssd_s(li, e)))
+            read = self._read_s
         # decoded and run in the same thread, one after the other
-        stages.append((self.cpu, self._mdec[li][e] + self.times.cpu_expert_s(tokens)))
+        stages.append((self.cpu, read + self._mdec[li][e] + self.times.cpu_expert_s(tokens)))
         self.stats["cpu_runs"] += 1
         self._advance(_Job("cpu", (self.g.moe_layers[li], e), li, e, DEMAND, stages, then))
 

@@ -41,6 +41,12 @@ class TimeModel:
         host = None if self.timings is None else self.timings.host_miss_overhead_s
         self.host_miss_overhead_s = (host if host is not None and hardware.gpu.serial
                                      else self.miss_overhead_s)
+        # and per miss of an expert decoded in place on the device
+        dec = None if self.timings is None else self.timings.decode_miss_overhead_s
+        self.decode_miss_overhead_s = dec if dec is not None and hardware.gpu.serial else 0.0
+        # and per record the disk tier reads
+        read = None if self.timings is None else self.timings.disk_read_overhead_s
+        self.disk_read_overhead_s = read if read is not None and hardware.gpu.serial else 0.0
         self.layer_bytes = non_expert_bytes_per_layer(geometry)
         self.kv_layer_token = kv_bytes_per_token(geometry) / geometry.num_layers
         self._expert: dict[int, float] = {}
@@ -67,6 +73,15 @@ class TimeModel:
                                f"decode's held share of Python's lock: "
                                f"{self.host_miss_overhead_s * 1e6:.0f} us, measured (model_timings "
                                f"{self.timings.model}, a calibrated cold run of a host codec)")
+        if self.decode_miss_overhead_s > 0:
+            self.labels.append(f"runtime work per miss decoded in place on the CPU device beyond "
+                               f"its copy and decode: {self.decode_miss_overhead_s * 1e6:.0f} us, "
+                               f"measured (model_timings {self.timings.model}, a calibrated cold "
+                               f"run of a device codec)")
+        if self.disk_read_overhead_s > 0:
+            self.labels.append(f"runtime work per record read from disk on the CPU device: "
+                               f"{self.disk_read_overhead_s * 1e6:.0f} us, measured (model_timings "
+                               f"{self.timings.model}, a calibrated cold run served from disk)")
         ffn = self.host.cpu_expert_ffn
         self.labels.append("CPU expert FFN: " + (
             f"{ffn.curve.source}, scaled from a {ffn.hidden_size}x{ffn.intermediate_size} expert by "

@@ -175,7 +175,7 @@ def measure_hardware(model: str | None = None, *, name: str | None = None,
 
         prof, samples = runtime_calibration(model, prof, tokens=8 if quick else 32,
                                             batches=(1,) if quick else (1, 4),
-                                            repeats=1 if quick else 3)
+                                            repeats=1 if quick else 3, disk_dir=disk_dir)
         raw["runtime_calibration"] = samples
         prof = dataclasses.replace(prof, raw=raw)
         step("runtime calibration")

@@ -253,8 +253,13 @@ def _timings(d: Any, at: _At) -> ModelTimings:
         attention_router=_attention(_get(d, "attention_router", at), at.sub("attention_router")),
         lm_head=None if lm is None else _token_curve(lm, at.sub("lm_head")),
         by_batch=_by_batch(d.get("by_batch") or [], at.sub("by_batch")),
-        host_miss_overhead_s=None if d.get("host_miss_overhead_s") is None else _num(
-            d["host_miss_overhead_s"], at.sub("host_miss_overhead_s"), nonneg=True))
+        host_miss_overhead_s=_optional_seconds(d, "host_miss_overhead_s", at),
+        decode_miss_overhead_s=_optional_seconds(d, "decode_miss_overhead_s", at),
+        disk_read_overhead_s=_optional_seconds(d, "disk_read_overhead_s", at))
+
+
+def _optional_seconds(d: dict, key: str, at: _At) -> float | None:
+    return None if d.get(key) is None else _num(d[key], at.sub(key), nonneg=True)
 
 
 def _by_batch(rows: Any, at: _At) -> tuple[BatchTimings, ...]:

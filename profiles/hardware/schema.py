@@ -313,8 +313,15 @@ class ModelTimings:
     lm_head: TokenCurve | None = None
     by_batch: tuple[BatchTimings, ...] = ()
     # the CPU device's seconds per host-codec miss beyond its decode's held share of Python's
-    # lock (calibrated at batch 1 on cold runs of a host codec; None: not calibrated)
+    # lock (calibrated at batch 1 on cold runs of `sz3` experts against the simulator, as the
+    # two below; None: not calibrated)
     host_miss_overhead_s: float | None = None
+    # and per miss of an expert decoded in place on the CPU device, beyond its copy and decode
+    # (calibrated on cold runs of `szp` experts)
+    decode_miss_overhead_s: float | None = None
+    # and per record the disk tier reads (handing it back under Python's lock; calibrated on cold
+    # runs of raw experts served from disk)
+    disk_read_overhead_s: float | None = None
 
     def _between(self, batch: float):
         """(lower, upper, weight of upper) of the calibrated batches around `batch`, clamped."""

@@ -203,9 +203,15 @@ CALIBRATION_BATCHES = (1, 4)
 CALIBRATION_REPEATS = 3
 
 
+# the disk tier is calibrated on a raw packed copy of the model written for it: only up to this
+# many bytes of routed experts (a larger model's copy would cost more disk and time than the
+# figure is worth; it is then left uncalibrated and the raw samples say so)
+DISK_CALIBRATION_MAX_BYTES = 4 << 30
+
+
 def runtime_calibration(model, base: HardwareProfile, *, device: str = "cpu", tokens: int = 32,
                         prompt: int = 16, batches: Sequence[int] = CALIBRATION_BATCHES,
-                        repeats: int = CALIBRATION_REPEATS,
+                        repeats: int = CALIBRATION_REPEATS, disk_dir=None,
                         progress=None) -> tuple[HardwareProfile, dict]:
     """`base` calibrated on the runtime's own runs of `model` on `device`: per batch size, one
     all-hit run (every expert kept on the device after the warm-up: it times attention, router,
@@ -213,7 +219,10 @@ def runtime_calibration(model, base: HardwareProfile, *, device: str = "cpu", to
     raw experts under a 25 % GPU budget (its copies give the link fit as the runtime performs
     them, its expert spans the FFN time by tokens); on the CPU device, with a host codec in the
     profile and the model in memory, also cold runs of that codec's experts at the first batch
-    size (`host_miss_overhead_s`). Returns the profile and raw samples.
+    size (`host_miss_overhead_s`), and cold runs of a raw packed copy written under `disk_dir`
+    (default: the system's temporary directory) served from disk with 10 % of its experts in
+    host memory (`disk_read_overhead_s`; models of up to `DISK_CALIBRATION_MAX_BYTES` of routed
+    experts). Returns the profile and raw samples.
 
     Args:
         model: a model spec the runtime opens (`builtin`, a checkpoint or packed directory,
@@ -224,6 +233,7 @@ def runtime_calibration(model, base: HardwareProfile, *, device: str = "cpu", to
         repeats: runs of each kind; the median run by tokens/s is the one calibrated on (one
             run of 32 steps swings by 20 % on a shared machine, and every prediction made with
             the profile inherits its error).
+        disk_dir: where the disk tier's calibration copy is written (and removed afterwards).
         progress: `progress(done, total, label)` after each run.
     """
     from profiles.packed import is_packed
@@ -242,9 +252,17 @@ def runtime_calibration(model, base: HardwareProfile, *, device: str = "cpu", to
         base = expert_decode_rates(loaded, base, raw)
     pairs, runs_all = [], []
     repeats = max(1, int(repeats))
-    codec = (_host_codec(base) if not isinstance(loaded, str) and base.gpu is not None
-             and base.gpu.serial else None)
-    total, done = (2 * len(batches) + (codec is not None)) * repeats, 0
+    # the CPU device with the model in memory: also a miss's extra work per kind of codec, and
+    # a disk-tier read's
+    cpu = not isinstance(loaded, str) and base.gpu is not None and base.gpu.serial
+    codecs = overhead_codecs(base) if cpu else {}
+    disk = cpu and loaded.geometry.routed_expert_bytes <= DISK_CALIBRATION_MAX_BYTES
+    if cpu and not disk:
+        raw["disk_read_overhead_s"] = (
+            f"not calibrated: {loaded.geometry.routed_expert_bytes / 2**30:.1f} GiB of routed "
+            f"experts is more than the {DISK_CALIBRATION_MAX_BYTES / 2**30:.0f} GiB a "
+            f"calibration copy may take")
+    total, done = (2 * len(batches) + len(codecs) + disk) * repeats, 0
 
     def median_run(measure, label: str):
         nonlocal done
@@ -272,58 +290,110 @@ def runtime_calibration(model, base: HardwareProfile, *, device: str = "cpu", to
                              "cold_tokens_per_s": cold.tokens_per_s, "steps": warm.steps,
                              "all_hits_runs_tokens_per_s": [r.tokens_per_s for r in warms],
                              "cold_runs_tokens_per_s": [r.tokens_per_s for r in colds]}
-    host_cold = None
-    if codec is not None:
-        # a host codec's misses cost the CPU device more than their decodes (see
-        # `host_miss_overhead_s`): cold runs of one at batch 1 measure it
-        from profiles.policy import Policy
-
-        name, mode, level = codec
-        pol = Policy.uniform(name, mode, level, loaded.fingerprint)
-        host_store = open_model(loaded, pol, torch_device(device))[3]
-        sv = ServingConfig(batch_size=batches[0], prompt_tokens=prompt, generated_tokens=tokens,
-                           gpu_mem_fraction=0.25)
-        host_cold, hosts = median_run(lambda: measure_throughput(
-            loaded, None, sv, device=device, store=host_store),
-            f"calibration run, batch {batches[0]}, {name} experts, 25% GPU budget")
-        raw["host_codec_cold"] = {"policy": host_cold.policy,
-                                  "tokens_per_s": [r.tokens_per_s for r in hosts]}
     note = (f"from moesz runtime runs of {runs_all[0].model} on {device} (the median of "
             f"{repeats} all-hit runs and of {repeats} 25% GPU budget runs each, {tokens} decode "
             f"steps)")
-    prof = calibrated_on_runs(base, pairs, note, host_cold)
-    if host_cold is not None:
-        raw["host_codec_cold"]["host_miss_overhead_s"] = prof.timings_for(
-            runs_all[0].geometry).host_miss_overhead_s
+    prof = calibrated_on_runs(base, pairs, note)
+    if codecs:
+        # what a miss of experts decoded on the host, or in place on the CPU device, and a read
+        # from disk cost the model's thread beyond the figures above: cold runs at the first
+        # batch size, each fitted against the simulator (`fitted_overhead`)
+        from profiles.policy import Policy
+
+        sv = ServingConfig(batch_size=batches[0], prompt_tokens=prompt, generated_tokens=tokens,
+                           gpu_mem_fraction=0.25)
+        for field, (name, mode, level) in codecs.items():
+            pol = (Policy.uniform(name, mode, level, loaded.fingerprint) if level is not None
+                   else Policy.uniform(name, fingerprint=loaded.fingerprint))
+            st = open_model(loaded, pol, torch_device(device))[3]
+            run, runs = median_run(lambda: measure_throughput(loaded, None, sv, device=device,
+                                                              store=st),
+                                   f"calibration run, batch {batches[0]}, {name} experts, 25% "
+                                   f"GPU budget")
+            prof = fitted_overhead(prof, run, field)
+            raw[field] = {"policy": run.policy, "tokens_per_s": [r.tokens_per_s for r in runs],
+                          "misses": run.transfers,
+                          "seconds": getattr(prof.timings_for(run.geometry), field)}
+    if disk:
+        import tempfile
+
+        from profiles.packed import pack
+        from profiles.policy import Policy
+
+        sv = ServingConfig(batch_size=batches[0], prompt_tokens=prompt, generated_tokens=tokens,
+                           gpu_mem_fraction=0.25, host_mem_fraction=0.1,
+                           disk_depth=base.host.disk_depth)
+        with tempfile.TemporaryDirectory(prefix="moesz-calibration-", dir=disk_dir) as tmp:
+            copy = pack(loaded, Policy.none(loaded.fingerprint), f"{tmp}/raw").path
+            run, runs = median_run(lambda: measure_throughput(copy, None, sv, device=device),
+                                   f"calibration run, batch {batches[0]}, raw experts from disk "
+                                   f"(host 10%)")
+        prof = fitted_overhead(prof, run, "disk_read_overhead_s")
+        raw["disk_read_overhead_s"] = {
+            "tokens_per_s": [r.tokens_per_s for r in runs], "reads": run.disk_reads,
+            "depth": sv.disk_depth,
+            "seconds": prof.timings_for(run.geometry).disk_read_overhead_s}
     for bt in prof.timings_for(runs_all[0].geometry).by_batch:
         raw[f"batch {bt.batch}"]["per_miss_overhead_s"] = bt.miss_overhead_s
     return prof, raw
 
 
-def _host_codec(profile: HardwareProfile) -> tuple[str, str | None, float | None] | None:
-    """(codec, mode, level) of the host codec whose misses the calibration times: `sz3` if the
-    profile has it, else its first host codec; the middle of its measured levels."""
+def overhead_codecs(profile: HardwareProfile) -> dict[str, tuple[str, str | None, float | None]]:
+    """The codec whose cold runs calibrate each per-miss overhead of the CPU device, as
+    `{field: (codec, mode, level)}`: for host codecs `sz3` (else the profile's first host codec),
+    for codecs decoded in place on the device `szp` (else the first error-bounded one), each at
+    the middle of its measured levels."""
     from profiles.codecs import get_codec
 
-    codecs = profile.host.codecs
-    name = "sz3" if "sz3" in codecs else next(iter(codecs), None)
-    if name is None:
-        return None
-    curve = codecs[name].decode
-    if not get_codec(name).error_bounded:
-        return name, None, None
-    return name, curve.mode or "meanabs", curve.levels[len(curve.levels) // 2]
+    def pick(curves: dict, prefer: str):
+        names = [n for n in curves if n != "raw"]
+        bounded = [n for n in names if get_codec(n).error_bounded]
+        name = prefer if prefer in curves else next(iter(bounded or names), None)
+        if name is None:
+            return None
+        curve = curves[name]
+        if not get_codec(name).error_bounded:
+            return name, None, None
+        return name, curve.mode or "meanabs", curve.levels[len(curve.levels) // 2]
+    out = {}
+    host = pick({n: c.decode for n, c in profile.host.codecs.items()}, "sz3")
+    if host is not None:
+        out["host_miss_overhead_s"] = host
+    device = pick(dict(profile.gpu.decode), "szp") if profile.gpu is not None else None
+    if device is not None:
+        out["decode_miss_overhead_s"] = device
+    return out
+
+
+def fitted_overhead(profile: HardwareProfile, run: RunResult, field: str,
+                    rounds: int = 3) -> HardwareProfile:
+    """`profile` with one of the CPU device's overheads in the run's model timings (`field`:
+    `host_miss_overhead_s` or `decode_miss_overhead_s` per miss, `disk_read_overhead_s` per disk
+    read) fitted so that the simulator predicts `run`, a cold run that pays it: each round adds
+    the run's measured time less the predicted, over its misses or reads (secant steps; the
+    overhead is on the critical path, in the model's thread)."""
+    from sim.replay import predict_for_run
+
+    mt = profile.timings_for(run.geometry)
+    count = run.disk_reads if field == "disk_read_overhead_s" else run.transfers
+
+    def at(x: float) -> HardwareProfile:
+        return replace(profile, model_timings=tuple(
+            replace(t, **{field: x}) if t is mt else t for t in profile.model_timings))
+    x = 0.0
+    for _ in range(rounds if count else 0):
+        p = predict_for_run(run, at(x)).result
+        x = max(0.0, x + (run.time_s - p.time_s) / count)
+    return at(x)
 
 
 def calibrated_on_runs(base: HardwareProfile, pairs: Sequence[tuple[int, RunResult, RunResult]],
-                       note: str, host_cold: RunResult | None = None) -> HardwareProfile:
+                       note: str) -> HardwareProfile:
     """`base` calibrated on runtime runs of one model: per batch size `(batch, all-hit run, cold
     run)` (see `runtime_calibration`). On the CPU device the model timings also get, per batch,
     the expert FFN curve of the all-hit run and the runtime's seconds per fetched expert
     (`BatchTimings`): the cold run's step time not covered by its copies, decodes, experts (at
-    the all-hit curve), LM head and the all-hit run's per-layer time, over its fetches; with
-    `host_cold` (a cold run of host-codec experts at the first batch size), the seconds per
-    host-codec miss beyond its decode's held lock share (`host_miss_overhead_s`)."""
+    the all-hit curve), LM head and the all-hit run's per-layer time, over its fetches."""
     runs_all = [r for _, warm, cold in pairs for r in (warm, cold)]
     label = ", ".join(f"batch {b}" for b, _, _ in pairs)
     note = f"{note} ({label})"
@@ -340,9 +410,6 @@ def calibrated_on_runs(base: HardwareProfile, pairs: Sequence[tuple[int, RunResu
                                                 f"{note}")
             by_batch.append(BatchTimings(b, ffn, per_miss))
         mt = replace(mt, by_batch=tuple(by_batch))
-        if host_cold is not None:
-            first = model_timings_from_runs([pairs[0][1]], "")
-            mt = replace(mt, host_miss_overhead_s=host_miss_overhead_s([host_cold], first, prof))
         link = gpu.h2d_pinned if runs_all[1].config.get("pinned", True) else gpu.h2d_pageable
         gpu = replace(gpu, h2d_pinned=link, h2d_pageable=link, d2h_pinned=link, d2h_pageable=link)
     others = tuple(t for t in prof.model_timings if t.model != mt.model)
@@ -379,48 +446,6 @@ def miss_overhead_s(cold_runs: Sequence[RunResult], mt: ModelTimings) -> float:
                 continue
             rest = g.num_layers * mt.attention_router.at(B, P + k)
             total += (b - a) - charged[k] - rest
-            misses += fetched[k]
-    return max(0.0, total / misses) if misses else 0.0
-
-
-def host_miss_overhead_s(cold_runs: Sequence[RunResult], mt: ModelTimings,
-                         hardware: HardwareProfile) -> float:
-    """Seconds per host-codec miss on the CPU device beyond what the simulator books for it in
-    the model's thread (the decode's share of Python's lock, `sim.costs.gil_share`): handing the
-    record to a worker and back, the lock's convoy, the copy and the expert's compute slowed by
-    the decoding threads on shared cores. From cold runs of a host codec: each decode step's
-    time less its experts (all-hit curve), LM head, the all-hit per-layer time and the held
-    shares of its decodes, over its fetches."""
-    from sim.costs import gil_share
-
-    share = gil_share(hardware)
-    total, misses = 0.0, 0
-    for r in cold_runs:
-        g = r.geometry
-        bf16 = 2.0 * sum(math.prod(s) for _, s in g.expert_tensor_shapes)
-        steps = sorted((a, b, item[1]) for track, item, a, b in r.spans if track == "steps")
-        starts = [s[0] for s in steps]
-        charged = [0.0] * len(steps)
-        fetched = [0] * len(steps)
-        for track, item, a, b in r.spans:
-            k = bisect.bisect_right(starts, a) - 1
-            if k < 0 or track == "steps":
-                continue
-            if track == "GPU compute" and isinstance(item, Computed):
-                charged[k] += mt.expert_ffn.at(item.tokens)
-            elif track == "GPU compute" and isinstance(item, tuple) and item[0] == "lm_head":
-                charged[k] += b - a
-            elif track == "H2D link" and isinstance(item, Job):
-                spec = r.storage_policy.expert_specs(*item.key).uniform
-                speed = hardware.host.codecs.get(spec.codec) if spec is not None else None
-                if speed is not None:
-                    charged[k] += share * bf16 / (speed.decode.at(spec.level) * 1e9)
-                fetched[k] += 1
-        B, P = r.batch_size, r.prompt_tokens
-        for k, (a, b, phase) in enumerate(steps):
-            if phase != "decode" or not fetched[k]:
-                continue
-            total += (b - a) - charged[k] - g.num_layers * mt.attention_router.at(B, P + k)
             misses += fetched[k]
     return max(0.0, total / misses) if misses else 0.0
 

@@ -116,6 +116,23 @@ def test_model_timings_parse_and_match():
     bad["model_timings"]["attention_router"]["seconds"] = [[1e-4]]
     with pytest.raises(ProfileError, match=r"model_timings\[0\]\.attention_router\.seconds"):
         profile_from_dict(bad, "x")
+    # the CPU device's calibration: per batch, and its overheads; bad values named in one line
+    row = {"batch": 1, "expert_ffn": {"tokens": [1], "seconds": [2e-4], "source": "measured"},
+           "miss_overhead_s": 1e-4}
+    doc["model_timings"]["by_batch"] = [row, {**row, "batch": 4}]
+    doc["model_timings"]["disk_read_overhead_s"] = 3e-4
+    mt = profile_from_dict(doc, "x").model_timings[0]
+    assert [b.batch for b in mt.by_batch] == [1, 4] and mt.disk_read_overhead_s == 3e-4
+    assert mt.host_miss_overhead_s is None and mt.decode_miss_overhead_s is None
+    for edit, match in [(lambda t: t["by_batch"].reverse(), r"by_batch\.batch' must be strictly"),
+                        (lambda t: t.update(host_miss_overhead_s=-1.0),
+                         r"host_miss_overhead_s' must be >= 0"),
+                        (lambda t: t["by_batch"][0].pop("expert_ffn"),
+                         r"by_batch\[0\]\.expert_ffn' is missing")]:
+        bad = copy.deepcopy(doc)
+        edit(bad["model_timings"])
+        with pytest.raises(ProfileError, match=match):
+            profile_from_dict(bad, "x")
 
 
 def test_curves_interpolate():

@@ -331,7 +331,9 @@ def test_runtime_calibration_of_the_cpu_device(tiny_loaded):
     assert dev.serial and dev.h2d_pinned == dev.h2d_pageable == dev.d2h_pinned
     assert dev.h2d_pinned.source == "measured" and "copies" in dev.h2d_pinned.note
     assert raw["batch 1"]["per_miss_overhead_s"] >= 0 and raw["batch 2"]["per_miss_overhead_s"] >= 0
-    assert raw["host_codec_cold"]["policy"].startswith("sz3")
+    assert raw["host_miss_overhead_s"]["policy"].startswith("sz3")
+    assert raw["decode_miss_overhead_s"]["policy"].startswith("szp")
+    assert raw["disk_read_overhead_s"]["reads"] > 0
     assert dev.decode["szp"].source == "measured" and "experts of" in dev.decode["szp"].note
     assert prof.host.codecs["sz3"].decode.source == "measured"
     mt = prof.timings_for(lm.geometry)
@@ -341,10 +343,44 @@ def test_runtime_calibration_of_the_cpu_device(tiny_loaded):
                                                             mt.attention_router.seconds) > 0
     assert [b.batch for b in mt.by_batch] == [1, 2]
     assert all(b.expert_ffn.source == "measured" and b.miss_overhead_s >= 0 for b in mt.by_batch)
-    assert mt.host_miss_overhead_s is not None and mt.host_miss_overhead_s >= 0
+    for field in ("host_miss_overhead_s", "decode_miss_overhead_s", "disk_read_overhead_s"):
+        assert getattr(mt, field) is not None and getattr(mt, field) >= 0
+        assert raw[field]["seconds"] == getattr(mt, field)
     again = profile_from_dict(prof.to_dict(), "again")       # the new figures survive a save
     assert again.timings_for(lm.geometry).by_batch == mt.by_batch
-    assert again.timings_for(lm.geometry).host_miss_overhead_s == mt.host_miss_overhead_s
+    assert again.timings_for(lm.geometry) == mt
+
+
+def test_an_overhead_is_fitted_until_the_simulator_predicts_its_run(tiny_loaded, tmp_path):
+    """`fitted_overhead` on a cold run served from disk: the per-read work it finds makes the
+    prediction of that run its measured time (or is 0 where the simulator already predicts it
+    slower), and it is never negative."""
+    import copy
+    import dataclasses
+
+    from profiles.hardware import profile_from_dict
+    from profiles.runtime.calibrate import calibrated_on_runs, fitted_overhead
+    from sim.replay import predict_for_run
+    from tests.sim.conftest import HW_DOC
+
+    doc = copy.deepcopy(HW_DOC)
+    doc["gpu"]["device_type"] = "cpu"
+    doc["model_timings"] = []
+    lm = tiny_loaded()
+    sv = ServingConfig(prompt_tokens=4, generated_tokens=6)
+    warm = measure_throughput(lm, None, sv, device="cpu", warm_cache=True)
+    cold = measure_throughput(lm, None, dataclasses.replace(sv, gpu_mem_fraction=0.25),
+                              device="cpu")
+    prof = calibrated_on_runs(profile_from_dict(doc, "base"), [(1, warm, cold)], "test")
+    ckpt = pack(lm, Policy.none(lm.fingerprint), tmp_path / "raw")
+    run = measure_throughput(ckpt.path, None, dataclasses.replace(
+        sv, gpu_mem_fraction=0.25, host_mem_fraction=0.1), device="cpu")
+    assert run.disk_reads > 0
+    fitted = fitted_overhead(prof, run, "disk_read_overhead_s")
+    x = fitted.timings_for(lm.geometry).disk_read_overhead_s
+    p = predict_for_run(run, fitted).result
+    assert x >= 0
+    assert p.time_s == pytest.approx(run.time_s, rel=0.02) or (x == 0 and p.time_s > run.time_s)
 
 
 def test_the_disk_tier_counts_a_read_when_it_is_requested(tiny_loaded, tmp_path):

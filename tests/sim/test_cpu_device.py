@@ -233,3 +233,79 @@ def test_an_expert_run_on_the_cpu_of_a_cpu_device_waits_for_the_model_thread():
         assert cf == pytest.approx(r.tokens_per_s, rel=1e-9), name
     assert out["gpu"] == pytest.approx(6 * 0.002, rel=1e-9)
     assert out["cpu"] == pytest.approx(6 * (0.002 + C_S), rel=1e-9)
+
+
+# the runtime's own work the CPU device's calibration measures (profiles.runtime.calibrate)
+BY_BATCH = [{"batch": 1, "expert_ffn": {"tokens": [1], "seconds": [0.0004], "source": "measured"},
+             "miss_overhead_s": 0.0002},
+            {"batch": 4, "expert_ffn": {"tokens": [1], "seconds": [0.0001], "source": "measured"},
+             "miss_overhead_s": 0.0}]
+
+
+def test_expert_time_and_per_miss_work_are_read_at_the_serving_batch():
+    """Batch 1 reads its own row (0.4 ms compute, 0.2 ms per miss), batch 2 a third of the way
+    to batch 4's, batch 8 batch 4's (no extrapolation): two misses a step at batch 1 cost
+    2 x (copy 1.5 + 0.2 + 0.4) = 4.2 ms."""
+    from profiles.hardware.schema import ModelTimings
+
+    hw = cpu_hardware(**{"model_timings.0.by_batch": BY_BATCH})
+    mt: ModelTimings = hw.model_timings[0]
+    assert mt.expert_s(1, 1) == pytest.approx(0.0004) and mt.expert_s(1, 8) == pytest.approx(0.0001)
+    assert mt.expert_s(1, 2) == pytest.approx(0.0003) and mt.expert_s(1) == 0.00025
+    assert mt.miss_overhead_s(2) == pytest.approx(0.0002 * 2 / 3) and mt.miss_overhead_s(9) == 0.0
+    g = make_geometry()
+    sv = serving_with_cache(g, 0, generated_tokens=5)
+    wl = make_workload(g, sv, traces=trace_df(distinct_steps(5)))
+    costs = uniform_costs(g.moe_layers, 4, original_bytes=MB)
+    r = simulate(geometry=g, hardware=hw, serving=sv, costs=costs, workload=wl).result
+    assert r.decode_s == pytest.approx(5 * 2 * (L_S + 0.0002 + 0.0004), rel=1e-12)
+    assert any("per fetched expert" in lab for lab in r.labels)
+    assert ClosedFormModel(hw, g, sv, wl).tokens_per_s_costs(costs) == pytest.approx(
+        r.tokens_per_s, rel=1e-9)
+    # a GPU profile's copies overlap the model: the CPU device's per-miss work is not charged
+    gpu = make_hardware(**{"model_timings.0.by_batch": BY_BATCH})
+    assert simulate(geometry=g, hardware=gpu, serving=sv, costs=costs,
+                    workload=wl).result.decode_s == pytest.approx(5 * (2 * L_S + 0.0004))
+
+
+def test_a_disk_read_costs_the_model_thread_its_calibrated_handoff():
+    """0.3 ms per record read, in the model's thread after the read: the depth-1 golden case
+    (read0 0-2, copy0 2-2.6; read1 2-4, copy1 4-4.6, compute 4.6-4.85) plus 0.3 ms per read
+    (the second read, beside the first copy and handoff, still ends at 4 ms)."""
+    g = make_geometry()
+    hw = cpu_hardware(**{"host.disk_curve": CURVE, "gpu.h2d_pinned.gbps": 10.0,
+                         "model_timings.0.disk_read_overhead_s": 0.0003})
+    sv = serving_with_cache(g, 0, generated_tokens=4, host_mem_bytes=1, disk_depth=1)
+    wl = make_workload(g, sv, traces=trace_df(distinct_steps(4)))
+    costs = uniform_costs(g.moe_layers, 4, original_bytes=MB)
+    r = simulate(geometry=g, hardware=hw, serving=sv, costs=costs, workload=wl).result
+    assert r.decode_s == pytest.approx(4 * (0.004 + 0.0003 + 0.0006 + C_S), rel=1e-9)
+    assert any("per record read from disk" in lab for lab in r.labels)
+
+
+@pytest.mark.parametrize("field", ["host_miss_overhead_s", "decode_miss_overhead_s",
+                                   "disk_read_overhead_s"])
+@pytest.mark.parametrize("policy", [Policy.uniform("szp", "meanabs", 1.0),
+                                    Policy.uniform("sz3", "meanabs", 1.0), Policy.none()])
+def test_closed_form_and_simulation_agree_with_each_calibrated_overhead(field, policy):
+    """Each overhead slows both alike where it applies (host-codec misses, misses decoded on the
+    device, disk reads), and neither where it does not."""
+    g = make_geometry(num_layers=4, experts=16, top_k=2)
+    threads = {"threads": [1, 2], "speedup": [1.0, 1.25], "source": "measured"}
+    hw0 = cpu_hardware(**{"host.disk_curve": CURVE, "host.codecs.sz3.threads": threads,
+                          "host.codecs.sz3.decode.gbps": [0.5], "gpu.decode.szp.gbps": [0.5],
+                          "model_timings.0.by_batch": BY_BATCH})
+    hw = cpu_hardware(**{"host.disk_curve": CURVE, "host.codecs.sz3.threads": threads,
+                         "host.codecs.sz3.decode.gbps": [0.5], "gpu.decode.szp.gbps": [0.5],
+                         "model_timings.0.by_batch": BY_BATCH, f"model_timings.0.{field}": 0.002})
+    sv = serving_with_cache(g, 8 * MB, generated_tokens=120, host_mem_bytes=4 * MB)
+    wl = make_workload(g, sv, synthetic=SyntheticSpec(0.0, 0.0, 3))
+    costs = build_costs(g, policy, hw, sv, SyntheticRatios())
+    sim = simulate(geometry=g, hardware=hw, serving=sv, costs=costs, workload=wl).result
+    cf = ClosedFormModel(hw, g, sv, wl).tokens_per_s_costs(costs)
+    assert cf == pytest.approx(sim.tokens_per_s, rel=0.10)
+    base = simulate(geometry=g, hardware=hw0, serving=sv, costs=costs, workload=wl).result
+    applies = {"host_miss_overhead_s": policy.spec_for(0, 0).codec == "sz3",
+               "decode_miss_overhead_s": policy.spec_for(0, 0).codec == "szp",
+               "disk_read_overhead_s": True}[field]
+    assert (sim.tokens_per_s < base.tokens_per_s * 0.99) == applies
