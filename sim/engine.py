@@ -212,7 +212,8 @@ class Simulation:
         dmiss = self.times.decode_miss_overhead_s if self.serial else 0.0
         if self._miss_s > 0 or dmiss > 0:
             decoded = (c.decode_where == GPU) & (c.gpu_decode_s > 0)
-            self._dev_link_s = [[v + self._miss_s + (dmiss if d else 0.0) for v, d in zip(row, drow)]
+            self._dev_link_s = [[v + self._miss_s + (dmiss if d else 0.0)
+                                 for v, d in zip(row, drow)]
                                 for row, drow in zip(self._link_s, decoded.tolist())]
         else:
             self._dev_link_s = self._link_s

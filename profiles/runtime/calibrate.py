@@ -217,9 +217,10 @@ def runtime_calibration(model, base: HardwareProfile, *, device: str = "cpu", to
     all-hit run (every expert kept on the device after the warm-up: it times attention, router,
     LM head and everything else a step pays besides the experts, per layer) and one cold run of
     raw experts under a 25 % GPU budget (its copies give the link fit as the runtime performs
-    them, its expert spans the FFN time by tokens); on the CPU device, with a host codec in the
-    profile and the model in memory, also cold runs of that codec's experts at the first batch
-    size (`host_miss_overhead_s`), and cold runs of a raw packed copy written under `disk_dir`
+    them, its expert spans the FFN time by tokens); on the CPU device with the model in memory,
+    also cold runs at the first batch size of a host codec's experts and of a codec's decoded in
+    place (`sz3` and `szp`: `host_miss_overhead_s`, `decode_miss_overhead_s`, each fitted against
+    the simulator by `fitted_overhead`), and cold runs of a raw packed copy written under `disk_dir`
     (default: the system's temporary directory) served from disk with 10 % of its experts in
     host memory (`disk_read_overhead_s`; models of up to `DISK_CALIBRATION_MAX_BYTES` of routed
     experts). Returns the profile and raw samples.
