@@ -148,9 +148,10 @@ def main() -> int:
         g = lm.geometry
         hw = replace(base, model_timings=(model_timings(g, base.host, None, {},
                                                         quick=args.quick),))
-        hw, _ = runtime_calibration(lm, hw, device=args.device,
-                                    tokens=8 if args.quick else args.tokens,
-                                    batches=(1,) if args.quick else (1, 4), disk_dir=out)
+        hw, samples = runtime_calibration(lm, hw, device=args.device,
+                                          tokens=8 if args.quick else args.tokens,
+                                          batches=(1,) if args.quick else (1, 4), disk_dir=out)
+        hw = replace(hw, raw={**hw.raw, "runtime_calibration": samples})
         slug = label.split()[0]
         save_hardware(hw, out / f"hardware-{slug}.json")
         packed = {}
