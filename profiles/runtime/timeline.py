@@ -42,6 +42,9 @@ class Computed(tuple):
         obj.tokens = tokens
         return obj
 
+    def __reduce__(self):   # a run's spans pickle (to predict it again later)
+        return Computed, (tuple(self), self.tokens)
+
 
 class Timeline:
     """Collects spans of one run. `enabled=False` keeps only the bookkeeping the results need."""

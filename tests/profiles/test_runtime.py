@@ -550,3 +550,19 @@ def test_a_failing_drive_is_one_line_and_only_a_refused_o_direct_falls_back(tiny
             files.read(entry)
     finally:
         files.close()
+
+
+def test_a_measured_run_pickles_and_predicts_the_same_afterwards(tiny_loaded):
+    """A `RunResult` survives pickling (its expert spans keep their token counts), so a run can
+    be stored and predicted again with another hardware profile later."""
+    import pickle
+
+    from profiles.runtime.timeline import Computed
+
+    r = measure_throughput(tiny_loaded(), None, ServingConfig(prompt_tokens=4, generated_tokens=3,
+                                                              gpu_mem_fraction=0.25),
+                           device="cpu")
+    back = pickle.loads(pickle.dumps(r))
+    spans = [(s[1], s[1].tokens) for s in r.spans if isinstance(s[1], Computed)]
+    again = [(s[1], s[1].tokens) for s in back.spans if isinstance(s[1], Computed)]
+    assert spans and again == spans and back.tokens_per_s == r.tokens_per_s
