@@ -307,14 +307,17 @@ class ClosedFormModel:
                                                 cpu_decode_by_layer).sum(axis=-1)
 
     def _ssd_fraction(self, b: np.ndarray, m: np.ndarray) -> np.ndarray:
-        """Fraction of misses that must first be read from SSD, [n, L]."""
+        """Fraction of misses that must first be read from SSD, [n, L]. The host tier is an LRU
+        of stored records within the host budget (as the runtime's and the simulation's), so a
+        miss reads the disk when the records used in its reuse window outweigh the budget
+        (characteristic time, as for the device cache's LRU with per-layer sizes)."""
         st = self.stats
         b = np.atleast_2d(b)
-        cum = np.cumsum(b[:, st.hot_layer], axis=1)  # host placement: hottest first
-        k = (cum <= self.host_budget).sum(axis=1)
-        if np.all(k == st.hot_layer.size):
-            return np.zeros(b.shape)
-        outside = (st.accesses[None, :] - st.rank_lt[:, k].T) / st.steps  # [n, L] per step
+        if np.all(b.sum(axis=1) * self.g.experts_per_layer <= self.host_budget):
+            return np.zeros(b.shape)       # every record fits in host memory: no disk tier
+        working = b @ st.distinct          # [n, G] stored bytes used in a window of g steps
+        d = np.maximum((working <= self.host_budget).sum(axis=1) - 1, 0)
+        outside = (st.accesses[None, :] - st.hit_le[:, d].T) / st.steps  # [n, L] per step
         return np.clip(outside / np.maximum(m, 1e-12), 0.0, 1.0)
 
     # -- convenience -------------------------------------------------------------------------

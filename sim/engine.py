@@ -300,14 +300,18 @@ class Simulation:
             if where == GPU and self._hdec[li][e] == 0:
                 st.append((self.gpu_dec, self._gdec[li][e]))
             stages = self._stage_cache[li][e] = tuple(st)
+        read = self._host_read(li, e)
         if where == CPU:
             stages = ((self.cpu_dec, self._cpu_dec_s(li, e)),) + stages
-            if self._gil > 0 or self._host_miss_s > 0:
-                # the share of the decode that holds Python's lock, and the runtime's work
-                stages += ((self.cpu_dec_gil, self._gil * self._cdec[li][e] + self._host_miss_s),)
-        if self._host_read(li, e):
-            if self._handoff is not None:
-                return ((self.ssd, self._ssd_s(li, e)), (self._handoff, self._read_s)) + stages
+            # the share of the decode that holds Python's lock, and the runtime's work (a record
+            # read from disk goes from the reader to a worker; its handoff is booked here too)
+            held = (self._gil * self._cdec[li][e] + self._host_miss_s
+                    + (self._read_s if read else 0.0))
+            if held > 0:
+                stages += ((self.cpu_dec_gil, held),)
+        elif read and self._handoff is not None:
+            stages = ((self._handoff, self._read_s),) + stages
+        if read:
             return ((self.ssd, self._ssd_s(li, e)),) + stages
         return stages
 

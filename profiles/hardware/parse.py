@@ -252,7 +252,7 @@ def _timings(d: Any, at: _At) -> ModelTimings:
         expert_ffn=_token_curve(_get(d, "expert_ffn", at), at.sub("expert_ffn")),
         attention_router=_attention(_get(d, "attention_router", at), at.sub("attention_router")),
         lm_head=None if lm is None else _token_curve(lm, at.sub("lm_head")),
-        by_batch=_by_batch(d.get("by_batch") or [], at.sub("by_batch")),
+        by_batch=_by_batch(d.get("by_batch", []), at.sub("by_batch")),
         host_miss_overhead_s=_optional_seconds(d, "host_miss_overhead_s", at),
         decode_miss_overhead_s=_optional_seconds(d, "decode_miss_overhead_s", at),
         disk_read_overhead_s=_optional_seconds(d, "disk_read_overhead_s", at))
@@ -270,7 +270,7 @@ def _by_batch(rows: Any, at: _At) -> tuple[BatchTimings, ...]:
         ra = at.sub(i)
         row = _obj(row, ra)
         out.append(BatchTimings(
-            batch=int(_num(_get(row, "batch", ra), ra.sub("batch"), positive=True)),
+            batch=_count(_get(row, "batch", ra), ra.sub("batch")),
             expert_ffn=_token_curve(_get(row, "expert_ffn", ra), ra.sub("expert_ffn")),
             miss_overhead_s=_num(row.get("miss_overhead_s", 0.0), ra.sub("miss_overhead_s"),
                                  nonneg=True)))

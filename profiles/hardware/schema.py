@@ -335,10 +335,11 @@ class ModelTimings:
 
     def expert_s(self, tokens: float, batch: float | None = None) -> float:
         """One expert's FFN seconds for `tokens` tokens inside a step of `batch` sequences
-        (interpolated between calibrated batches; the all-batch curve without them)."""
-        if batch is None or not self.by_batch:
+        (interpolated between calibrated batches, the first one without a batch; the all-batch
+        curve where none was calibrated)."""
+        if not self.by_batch:
             return self.expert_ffn.at(tokens)
-        lo, hi, w = self._between(batch)
+        lo, hi, w = self._between(batch if batch is not None else self.by_batch[0].batch)
         return (1 - w) * lo.expert_ffn.at(tokens) + w * hi.expert_ffn.at(tokens)
 
     def miss_overhead_s(self, batch: float | None = None) -> float:

@@ -256,6 +256,10 @@ def runtime_calibration(model, base: HardwareProfile, *, device: str = "cpu", to
     # the CPU device with the model in memory: also a miss's extra work per kind of codec, and
     # a disk-tier read's
     cpu = not isinstance(loaded, str) and base.gpu is not None and base.gpu.serial
+    if isinstance(loaded, str) and base.gpu is not None and base.gpu.serial:
+        raw["overheads"] = ("not calibrated: the model was given as a packed directory; the "
+                            "per-miss overheads of host codecs, of codecs decoded in place and of "
+                            "disk reads need the model in memory (give its spec or checkpoint)")
     codecs = overhead_codecs(base) if cpu else {}
     disk = cpu and loaded.geometry.routed_expert_bytes <= DISK_CALIBRATION_MAX_BYTES
     if cpu and not disk:
@@ -371,8 +375,9 @@ def fitted_overhead(profile: HardwareProfile, run: RunResult, field: str,
     """`profile` with one of the CPU device's overheads in the run's model timings (`field`:
     `host_miss_overhead_s` or `decode_miss_overhead_s` per miss, `disk_read_overhead_s` per disk
     read) fitted so that the simulator predicts `run`, a cold run that pays it: each round adds
-    the run's measured time less the predicted, over its misses or reads (secant steps; the
-    overhead is on the critical path, in the model's thread)."""
+    the run's measured time less the predicted, over its misses or reads (fixed-point steps that
+    take the overhead to lie on the critical path, in the model's thread; where part of it
+    overlaps other work a step undershoots, and the next round adds the rest)."""
     from sim.replay import predict_for_run
 
     mt = profile.timings_for(run.geometry)
@@ -395,6 +400,7 @@ def calibrated_on_runs(base: HardwareProfile, pairs: Sequence[tuple[int, RunResu
     the expert FFN curve of the all-hit run and the runtime's seconds per fetched expert
     (`BatchTimings`): the cold run's step time not covered by its copies, decodes, experts (at
     the all-hit curve), LM head and the all-hit run's per-layer time, over its fetches."""
+    pairs = sorted(pairs, key=lambda p: p[0])
     runs_all = [r for _, warm, cold in pairs for r in (warm, cold)]
     label = ", ".join(f"batch {b}" for b, _, _ in pairs)
     note = f"{note} ({label})"

@@ -128,7 +128,10 @@ def test_model_timings_parse_and_match():
                         (lambda t: t.update(host_miss_overhead_s=-1.0),
                          r"host_miss_overhead_s' must be >= 0"),
                         (lambda t: t["by_batch"][0].pop("expert_ffn"),
-                         r"by_batch\[0\]\.expert_ffn' is missing")]:
+                         r"by_batch\[0\]\.expert_ffn' is missing"),
+                        (lambda t: t["by_batch"][0].update(batch=0.5),
+                         r"by_batch\[0\]\.batch' must be a whole number >= 1"),
+                        (lambda t: t.update(by_batch={}), r"by_batch' must be a list")]:
         bad = copy.deepcopy(doc)
         edit(bad["model_timings"])
         with pytest.raises(ProfileError, match=match):

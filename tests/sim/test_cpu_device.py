@@ -244,14 +244,15 @@ BY_BATCH = [{"batch": 1, "expert_ffn": {"tokens": [1], "seconds": [0.0004], "sou
 
 def test_expert_time_and_per_miss_work_are_read_at_the_serving_batch():
     """Batch 1 reads its own row (0.4 ms compute, 0.2 ms per miss), batch 2 a third of the way
-    to batch 4's, batch 8 batch 4's (no extrapolation): two misses a step at batch 1 cost
+    to batch 4's, batch 8 batch 4's (no extrapolation), no batch the first calibrated one (as
+    its per-miss work): two misses a step at batch 1 cost
     2 x (copy 1.5 + 0.2 + 0.4) = 4.2 ms."""
     from profiles.hardware.schema import ModelTimings
 
     hw = cpu_hardware(**{"model_timings.0.by_batch": BY_BATCH})
     mt: ModelTimings = hw.model_timings[0]
     assert mt.expert_s(1, 1) == pytest.approx(0.0004) and mt.expert_s(1, 8) == pytest.approx(0.0001)
-    assert mt.expert_s(1, 2) == pytest.approx(0.0003) and mt.expert_s(1) == 0.00025
+    assert mt.expert_s(1, 2) == pytest.approx(0.0003) and mt.expert_s(1) == 0.0004
     assert mt.miss_overhead_s(2) == pytest.approx(0.0002 * 2 / 3) and mt.miss_overhead_s(9) == 0.0
     g = make_geometry()
     sv = serving_with_cache(g, 0, generated_tokens=5)
@@ -309,3 +310,25 @@ def test_closed_form_and_simulation_agree_with_each_calibrated_overhead(field, p
                "decode_miss_overhead_s": policy.spec_for(0, 0).codec == "szp",
                "disk_read_overhead_s": True}[field]
     assert (sim.tokens_per_s < base.tokens_per_s * 0.99) == applies
+
+
+@pytest.mark.parametrize("overhead", [0.0, 1e-12, 0.0003])
+def test_a_host_codec_record_from_disk_goes_from_the_reader_to_a_worker(overhead):
+    """As the runtime hands a host-codec record read from disk straight to a worker, the
+    simulation books the read's handoff in the model's thread after the worker's part, not
+    before it: the simulation and the closed form agree exactly on a golden case (two `sz3`
+    misses a step, read one at a time), and a vanishing handoff changes nothing."""
+    g = make_geometry()
+    threads = {"threads": [1, 2], "speedup": [1.0, 1.25], "source": "measured"}
+    hw = cpu_hardware(**{"host.disk_curve": CURVE, "host.codecs.sz3.threads": threads,
+                         "model_timings.0.disk_read_overhead_s": overhead})
+    sv = serving_with_cache(g, 0, generated_tokens=4, host_mem_bytes=1, disk_depth=1)
+    wl = make_workload(g, sv, traces=trace_df(distinct_steps(4)))
+    costs = uniform_costs(g.moe_layers, 4, original_bytes=MB, stored_bytes=MB // 2,
+                          cpu_decode_s=0.001)
+    sim = simulate(geometry=g, hardware=hw, serving=sv, costs=costs, workload=wl).result
+    cf = ClosedFormModel(hw, g, sv, wl).tokens_per_s_costs(costs)
+    assert cf == pytest.approx(sim.tokens_per_s, rel=1e-9)
+    none = cpu_hardware(**{"host.disk_curve": CURVE, "host.codecs.sz3.threads": threads})
+    plain = simulate(geometry=g, hardware=none, serving=sv, costs=costs, workload=wl).result
+    assert (sim.decode_s == pytest.approx(plain.decode_s, rel=1e-9)) == (overhead < 1e-9)
