@@ -15,9 +15,8 @@ from profiles.fileio import atomic_write_json, read_versioned_json
 from profiles.hardware.parse import profile_from_dict, profile_to_dict
 from profiles.hardware.schema import (
     KIND, SCHEMA_VERSION, SOURCES, AttentionTimings, BatchTimings, CodecSpeed, CpuExpertFFN,
-    DiskCurve, Figure,
-    GpuProfile, HardwareProfile, HostProfile, LevelCurve, LinkFit, ModelTimings, ProfileSource,
-    ThreadScaling, TokenCurve)
+    DiskCurve, Figure, GpuProfile, HardwareProfile, HostProfile, LevelCurve, LinkFit, ModelTimings,
+    ProfileSource, ThreadScaling, TokenCurve)
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 
@@ -63,8 +62,7 @@ def save_hardware(profile: HardwareProfile, path: str | os.PathLike) -> None:
 
 __all__ = [
     "KIND", "SCHEMA_VERSION", "SOURCES", "AttentionTimings", "BatchTimings", "CodecSpeed",
-    "CpuExpertFFN",
-    "DiskCurve", "ThreadScaling", "Figure", "GpuProfile", "HardwareProfile", "HostProfile", "LevelCurve", "LinkFit",
+    "CpuExpertFFN", "DiskCurve", "ThreadScaling", "Figure", "GpuProfile", "HardwareProfile", "HostProfile", "LevelCurve", "LinkFit",
     "ModelTimings", "ProfileError", "ProfileSource", "TokenCurve", "list_presets",
     "load_hardware", "profile_from_dict", "profile_to_dict", "save_hardware",
 ]

@@ -14,9 +14,8 @@ from typing import Any
 from profiles.errors import ProfileError
 from profiles.hardware.schema import (
     KIND, SCHEMA_VERSION, SOURCES, AttentionTimings, BatchTimings, CodecSpeed, CpuExpertFFN,
-    DiskCurve, Figure,
-    GpuProfile, HardwareProfile, HostProfile, LevelCurve, LinkFit, ModelTimings, ProfileSource,
-    ThreadScaling, TokenCurve)
+    DiskCurve, Figure, GpuProfile, HardwareProfile, HostProfile, LevelCurve, LinkFit, ModelTimings,
+    ProfileSource, ThreadScaling, TokenCurve)
 
 
 class _At:
